@@ -1,0 +1,114 @@
+"""Batching examples: dynamic padding, and MLM masking that is the same on any rank layout.
+
+MLM masking draws from a generator seeded per example (from the run seed, the epoch and
+the example index) rather than from the global RNG. The same example therefore gets the
+same mask whether it is processed by rank 0 of 1 or rank 1 of 2, and again after a
+resume, while it still changes every epoch (dynamic masking, as in RoBERTa).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from trainer.config import MlmConfig
+from trainer.preprocess import IGNORE_INDEX
+
+Example = dict[str, list]
+Batch = dict[str, torch.Tensor]
+
+
+def example_seed(run_seed: int, epoch: int, index: int) -> int:
+    """A distinct 63-bit seed per (run, epoch, example), stable across processes."""
+    mixed = (run_seed * 1_000_003 + epoch) * 2_147_483_647 + index
+    return mixed % (2**63 - 1)
+
+
+def _pad(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(seq) for seq in sequences)
+    return torch.tensor([seq + [value] * (width - len(seq)) for seq in sequences])
+
+
+@dataclass
+class PaddingCollator:
+    """Pad to the longest example in the micro-batch (classification and NER)."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        batch = {"input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id)}
+        batch["attention_mask"] = _pad([[1] * len(e["input_ids"]) for e in examples], 0)
+        if "token_type_ids" in examples[0]:
+            batch["token_type_ids"] = _pad([e["token_type_ids"] for e in examples], 0)
+        labels = [e["labels"] for e in examples]
+        batch["labels"] = (
+            _pad(labels, IGNORE_INDEX) if isinstance(labels[0], list) else torch.tensor(labels)
+        )
+        return batch
+
+
+@dataclass
+class CausalLMCollator:
+    """Packed blocks need no padding; the targets are the inputs (shifted in the loss)."""
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        input_ids = torch.tensor([e["input_ids"] for e in examples])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": input_ids.clone(),
+        }
+
+
+@dataclass
+class MaskedLMCollator:
+    """BERT masking: select `mask_probability` of the tokens (or of the words), then replace
+    `mask_token_fraction` of them by the mask token, `random_token_fraction` by a random
+    token, and keep the rest. Only selected positions carry a label."""
+
+    tokenizer: PreTrainedTokenizerBase
+    settings: MlmConfig
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        rows = [self.mask(example) for example in examples]
+        input_ids = torch.stack([ids for ids, _ in rows])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones_like(input_ids),
+            "labels": torch.stack([labels for _, labels in rows]),
+        }
+
+    def mask(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask one packed block with its own seeded generator."""
+        generator = torch.Generator().manual_seed(example["seed"])
+        input_ids = torch.tensor(example["input_ids"])
+        special = torch.tensor(example["special_tokens_mask"], dtype=torch.bool)
+        selected = self._select(example, special, generator)
+        labels = torch.where(selected, input_ids, IGNORE_INDEX)
+        draw = torch.rand(input_ids.shape, generator=generator)
+        to_mask = selected & (draw < self.settings.mask_token_fraction)
+        random_limit = self.settings.mask_token_fraction + self.settings.random_token_fraction
+        to_random = selected & ~to_mask & (draw < random_limit)
+        random_ids = torch.randint(len(self.tokenizer), input_ids.shape, generator=generator)
+        input_ids = torch.where(to_mask, self.tokenizer.mask_token_id, input_ids)
+        return torch.where(to_random, random_ids, input_ids), labels
+
+    def _select(
+        self, example: Example, special: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        draw = torch.rand(special.shape, generator=generator)
+        if not self.settings.whole_word_masking:
+            return (draw < self.settings.mask_probability) & ~special
+        # A word is a start token plus the non-start, non-special tokens after it; it is
+        # selected (all of its tokens) when the draw at its start token falls under p.
+        starts = torch.tensor(example["word_start"], dtype=torch.bool) & ~special
+        word_index = torch.cumsum(starts.long(), dim=0) - 1
+        word_selected = (draw < self.settings.mask_probability) & starts
+        selected_words = word_selected[starts]
+        inside_word = (word_index >= 0) & ~special
+        if selected_words.numel() == 0:
+            return torch.zeros_like(special)
+        chosen = selected_words[word_index.clamp(min=0)]
+        return chosen & inside_word

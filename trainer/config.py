@@ -1,0 +1,358 @@
+"""The run config: what to train, as grouped dataclasses, loaded from YAML plus overrides.
+
+This module imports nothing heavy (no torch, no transformers) so that a bad config is
+rejected in well under a second, before any model or data is touched. Every problem is
+collected and reported together, each naming its dotted key; unknown keys come with the
+closest valid name. The field `help` strings are the config reference (`trainer keys`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import UserError
+
+TASKS = ("mlm", "clm", "classification", "token-classification")
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+TRACKERS = ("tensorboard",)
+
+# Metrics each task reports at evaluation; the first is the default `eval.metric`.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "mlm": ("perplexity", "loss"),
+    "clm": ("perplexity", "loss"),
+    "classification": ("f1", "accuracy", "precision", "recall", "loss"),
+    "token-classification": ("f1", "precision", "recall", "accuracy", "loss"),
+}
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+def _field(default: Any, help: str) -> Any:
+    """A dataclass field carrying its documentation (mutable defaults are copied)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _field("", "Hub id or local folder of the model (and its tokenizer).")
+    from_scratch: bool = _field(False, "Random weights from the model's config, not its weights.")
+    config_overrides: dict = _field({}, "Applied to the model config, e.g. {dropout: 0.0}.")
+    trust_remote_code: bool = _field(False, "Allow model code from the hub (off: safer).")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _field(None, "File (.csv .tsv .json .jsonl .parquet .txt) or hub dataset.")
+    validation: str | None = _field(None, "Validation file or hub dataset; see validation_split.")
+    validation_split: float = _field(0.0, "Seeded fraction of train held out when no validation.")
+    hub_config: str | None = _field(None, "Subset name for hub datasets (e.g. sst2 of glue).")
+    text_column: str = _field("text", "Column holding the text.")
+    label_column: str = _field("label", "Column holding the class (int or string).")
+    tokens_column: str = _field("tokens", "token-classification: column of word lists.")
+    tags_column: str = _field("tags", "token-classification: column of tag lists.")
+    max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
+
+
+@dataclass
+class MlmConfig:
+    mask_probability: float = _field(0.15, "Share of tokens selected for prediction.")
+    mask_token_fraction: float = _field(0.8, "Of the selected, share replaced by the mask token.")
+    random_token_fraction: float = _field(0.1, "Of the selected, share replaced by a random token.")
+    whole_word_masking: bool = _field(False, "Select whole words rather than single sub-tokens.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _field(3, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _field(0, "Optimizer steps to run; 0 means use epochs.")
+    global_batch_size: int = _field(32, "Examples per optimizer step, over all processes.")
+    micro_batch_size: int = _field(8, "Examples per forward pass on one process.")
+    lr: float = _field(5e-5, "Peak learning rate.")
+    weight_decay: float = _field(0.01, "AdamW weight decay (never on biases and norm weights).")
+    warmup_ratio: float = _field(0.1, "Share of the steps spent warming the LR up from 0.")
+    scheduler: str = _field("linear", "LR decay after warmup: linear | cosine | constant.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 turns clipping off.")
+    precision: str = _field("no", "Mixed precision: no | bf16 | fp16 (fp16 needs CUDA).")
+    gradient_checkpointing: bool = _field(False, "Recompute activations to save memory.")
+    layerwise_lr_decay: float = _field(1.0, "LR factor per layer below the top (1.0: off).")
+    seed: int = _field(42, "Seed for weights init, data order, masking and splits.")
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _field(0, "Evaluate every N optimizer steps; 0: at each epoch end.")
+    early_stopping_patience: int = _field(0, "Stop after N evaluations without improvement.")
+    metric: str | None = _field(None, "Metric that picks the best model (task default if unset).")
+    batch_size: int = _field(32, "Examples per evaluation forward pass on one process.")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = _field(10, "Write a metrics.jsonl line every N optimizer steps.")
+    trackers: list = _field(["tensorboard"], "Experiment trackers (offline): tensorboard, or [].")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _field(0, "Save the full training state every N steps; 0: off.")
+
+
+@dataclass
+class RunConfig:
+    task: str = _field("", "mlm | clm | classification | token-classification.")
+    output_dir: str = _field("runs/run", "Run directory: config, metrics, checkpoints, final/.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def eval_metric(self) -> str:
+        """The metric that selects the best model: the configured one or the task default."""
+        return self.eval.metric or TASK_METRICS[self.task][0]
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per process per optimizer step (validated to divide exactly)."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+
+SECTIONS: dict[str, type] = {
+    name: hint
+    for name, hint in typing.get_type_hints(RunConfig).items()
+    if dataclasses.is_dataclass(hint)
+}
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Every valid dotted key with its field, in declaration order."""
+    keys: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in SECTIONS:
+            for sub in dataclasses.fields(SECTIONS[f.name]):
+                keys[f"{f.name}.{sub.name}"] = sub
+        else:
+            keys[f.name] = f
+    return keys
+
+
+def _closest(name: str) -> str:
+    matches = difflib.get_close_matches(name, list(all_keys()) + list(SECTIONS), n=1, cutoff=0.6)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+# --- reading YAML and overrides ----------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning a missing file or bad YAML into a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: must be a mapping of keys to values")
+    return data
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides (values parsed as YAML) onto a nested dict copy."""
+    merged = yaml.safe_load(yaml.safe_dump(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}': expected key=value, e.g. train.lr=3e-5")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+# --- validation ---------------------------------------------------------------------------
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    names |= {dict: "a mapping", list: "a list", type(None): "null"}
+    args = typing.get_args(annotation) or (annotation,)
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def _yaml11_float(value: Any) -> Any:
+    """PyYAML reads `1e-3` (no dot) as a string; accept it where a number is expected."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _build_section(cls: type, values: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(values, dict):
+        errors.append(f"{prefix}: must be a mapping of keys to values")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            errors.append(f"unknown key '{dotted}'{_closest(dotted)}")
+            continue
+        if key in SECTIONS and not prefix:
+            kwargs[key] = _build_section(SECTIONS[key], value, key, errors)
+            continue
+        if hints[key] is float:
+            value = _yaml11_float(value)
+        if not _type_ok(value, hints[key]):
+            errors.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if hints[key] is float else value
+    return cls(**kwargs)
+
+
+def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        errors.append(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+
+
+def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
+    """Value checks that do not depend on what the config is used for."""
+    _choice(errors, "task", cfg.task, TASKS)
+    _choice(errors, "train.scheduler", cfg.train.scheduler, SCHEDULERS)
+    _choice(errors, "train.precision", cfg.train.precision, PRECISIONS)
+    for tracker in cfg.log.trackers:
+        _choice(errors, "log.trackers", tracker, TRACKERS)
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.lr": cfg.train.lr,
+        "eval.batch_size": cfg.eval.batch_size,
+        "log.every_steps": cfg.log.every_steps,
+    }
+    non_negative = {
+        "train.epochs": cfg.train.epochs,
+        "train.max_steps": cfg.train.max_steps,
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.max_grad_norm": cfg.train.max_grad_norm,
+        "eval.every_steps": cfg.eval.every_steps,
+        "eval.early_stopping_patience": cfg.eval.early_stopping_patience,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+    }
+    errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
+    errors += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    bounded = [  # key, value, low, high, is the low end open, is the high end open
+        ("data.validation_split", cfg.data.validation_split, 0, 1, False, True),
+        ("train.warmup_ratio", cfg.train.warmup_ratio, 0, 1, False, True),
+        ("train.layerwise_lr_decay", cfg.train.layerwise_lr_decay, 0, 1, True, False),
+        ("mlm.mask_probability", cfg.mlm.mask_probability, 0, 1, True, True),
+        ("mlm.mask_token_fraction", cfg.mlm.mask_token_fraction, 0, 1, False, False),
+        ("mlm.random_token_fraction", cfg.mlm.random_token_fraction, 0, 1, False, False),
+    ]
+    for key, value, low, high, low_open, high_open in bounded:
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):
+            span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            errors.append(f"{key}: must be in {span}, got {value}")
+    if cfg.mlm.mask_token_fraction + cfg.mlm.random_token_fraction > 1:
+        errors.append("mlm.random_token_fraction: mask_token_fraction + random_token_fraction > 1")
+
+
+def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, errors: list[str]):
+    """Checks across keys; the training-only ones are skipped for `trainer evaluate`."""
+    if not cfg.model.name_or_path:
+        errors.append("model.name_or_path: required (a hub id or a local model folder)")
+    if cfg.task in TASK_METRICS and cfg.eval.metric is not None:
+        _choice(errors, "eval.metric", cfg.eval.metric, TASK_METRICS[cfg.task])
+    if not for_training:
+        return
+    if not cfg.data.train:
+        errors.append("data.train: required (a data file or a hub dataset name)")
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        errors.append("train.epochs: set train.epochs or train.max_steps above 0")
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        errors.append(
+            f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {world_size}"
+        )
+    if cfg.data.validation and cfg.data.validation_split:
+        errors.append("data.validation_split: can't use both data.validation and a split")
+    has_validation = bool(cfg.data.validation or cfg.data.validation_split)
+    if cfg.eval.early_stopping_patience and not has_validation:
+        errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
+
+
+def world_size_from_env() -> int:
+    """Processes in this job as set by torchrun / accelerate launch (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def build_config(raw: dict, for_training: bool = True, world_size: int | None = None) -> RunConfig:
+    """Turn a raw mapping into a validated RunConfig, or raise one UserError listing it all."""
+    errors: list[str] = []
+    cfg = _build_section(RunConfig, raw, "", errors)
+    _check_ranges(cfg, errors)  # fields that failed their type check hold defaults here
+    _check_consistency(cfg, world_size or world_size_from_env(), for_training, errors)
+    if errors:
+        raise UserError("; ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config file, apply command-line overrides, validate for training."""
+    return build_config(apply_overrides(read_yaml(path), overrides or []))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain nested dict of a config, as written to RUN_DIR/config.yaml."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text (sections in declaration order)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

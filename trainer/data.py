@@ -1,0 +1,251 @@
+"""Reading raw examples: files or hub datasets into checked rows, labels into ids.
+
+Files are read with our own small readers rather than `datasets.load_dataset` so that a
+bad row is reported as `file line N: ...` instead of a pyarrow traceback. Hub datasets go
+through `datasets.load_dataset` (users have the hub; this machine does not).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import DataConfig
+from trainer.errors import UserError
+
+FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".conll")
+LM_TASKS = ("mlm", "clm")
+
+
+@dataclass
+class Split:
+    """Rows of one split plus where each came from, so later checks can name the row."""
+
+    key: str  # the config key that named it, e.g. "data.validation"
+    rows: list[dict]
+    where: list[str]  # "train.csv row 12" for each row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+# --- readers: each yields (where, row) --------------------------------------------------
+
+
+def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        for number, row in enumerate(reader, start=1):
+            if None in row:  # more fields than the header names
+                raise UserError(f"{path.name} row {number}: more fields than the header has")
+            yield f"{path.name} row {number}", row
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path.name} line {number}: expected a JSON object")
+            yield f"{path.name} line {number}", row
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        yield from _read_jsonl(path)  # .json files holding JSON lines are common
+        return
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise UserError(f"{path.name}: expected a list of JSON objects (or JSON lines)")
+    for number, row in enumerate(data, start=1):
+        yield f"{path.name} row {number}", row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise UserError(f"{path.name}: not a readable parquet file ({err})") from None
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"{path.name} row {number}", row
+
+
+def _read_text_lines(path: Path, column: str) -> Iterator[tuple[str, dict]]:
+    """One document per non-blank line (blank lines separate paragraphs, so they are skipped)."""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield f"{path.name} line {number}", {column: line.rstrip("\n")}
+
+
+def _read_conll(path: Path, tokens_col: str, tags_col: str) -> Iterator[tuple[str, dict]]:
+    """CoNLL column format: `token ... tag` per line, blank line between sentences."""
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 1
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.split()
+            if fields and fields[0] == "-DOCSTART-":
+                continue
+            if fields and len(fields) < 2:
+                raise UserError(f"{path.name} line {number}: expected 'TOKEN ... TAG' columns")
+            if fields:
+                if not tokens:
+                    start = number
+                tokens.append(fields[0])
+                tags.append(fields[-1])
+            elif tokens:
+                yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
+                tokens, tags = [], []
+    if tokens:
+        yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
+
+
+def _read_file(path: Path, task: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".conll") and task == "token-classification":
+        return _read_conll(path, cfg.tokens_column, cfg.tags_column)
+    if suffix == ".txt" and task in LM_TASKS:
+        return _read_text_lines(path, cfg.text_column)
+    readers = {
+        ".csv": lambda: _read_delimited(path, ","),
+        ".tsv": lambda: _read_delimited(path, "\t"),
+        ".jsonl": lambda: _read_jsonl(path),
+        ".json": lambda: _read_json(path),
+        ".parquet": lambda: _read_parquet(path),
+    }
+    if suffix not in readers:
+        raise UserError(f"{path.name}: a {suffix} file has no labels for task '{task}'")
+    return readers[suffix]()
+
+
+def _read_hub(name: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    """`NAME` or `NAME:SPLIT` from the Hugging Face hub (default split: train)."""
+    import datasets
+
+    dataset_name, _, split = name.partition(":")
+    try:
+        dataset = datasets.load_dataset(dataset_name, cfg.hub_config, split=split or "train")
+    except Exception as err:  # offline, unknown name, unknown split: all user-fixable
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load hub dataset '{name}': {first_line}") from None
+    for number, row in enumerate(dataset, start=1):
+        yield f"{name} row {number}", row
+
+
+def looks_like_file(source: str) -> bool:
+    """A source naming a file we can read, or a path, rather than a hub dataset id."""
+    return source.lower().endswith(FILE_SUFFIXES) or source.startswith(("/", ".", "~"))
+
+
+def read_split(source: str, key: str, task: str, cfg: DataConfig) -> Split:
+    """Read and check every row of one split; errors name `key`, the file and the row."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        records = _read_file(path, task, cfg)
+    elif looks_like_file(source):
+        raise UserError(f"{key}: file not found: {source}")
+    else:
+        records = _read_hub(source, cfg)
+    split = Split(key, [], [])
+    try:
+        for where, row in records:
+            split.rows.append(_check_row(row, where, task, cfg))
+            split.where.append(where)
+    except UserError as err:
+        raise UserError(f"{key}: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{key}: {source} is not UTF-8 text") from None
+    if not split.rows:
+        raise UserError(f"{key}: {source} holds no examples")
+    return split
+
+
+def _check_row(row: dict, where: str, task: str, cfg: DataConfig) -> dict:
+    """Keep the columns the task needs, rejecting missing columns and empty values."""
+    if task == "token-classification":
+        tokens, tags = _column(row, cfg.tokens_column, where), _column(row, cfg.tags_column, where)
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise UserError(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
+        if not isinstance(tags, list) or len(tags) != len(tokens):
+            raise UserError(f"{where}: '{cfg.tags_column}' must be a list as long as the tokens")
+        return {"tokens": tokens, "tags": [str(tag) for tag in tags]}
+    text = _column(row, cfg.text_column, where)
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{where}: empty text in column '{cfg.text_column}'")
+    if task in LM_TASKS:
+        return {"text": text}
+    label = _column(row, cfg.label_column, where)
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise UserError(f"{where}: empty label in column '{cfg.label_column}'")
+    if not isinstance(label, (str, int)) or isinstance(label, bool):
+        raise UserError(f"{where}: label {label!r} must be a string or an integer")
+    return {"text": text, "label": str(label).strip()}
+
+
+def _column(row: dict, column: str, where: str):
+    if column not in row:
+        raise UserError(f"{where}: missing column '{column}' (columns: {', '.join(map(str, row))})")
+    return row[column]
+
+
+def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out a seeded `fraction` of train (at least one row) as the validation split."""
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    count = max(1, round(len(order) * fraction))
+    if count >= len(order):
+        raise UserError(f"data.validation_split: {fraction} leaves no training rows")
+    held, kept = sorted(order[:count]), sorted(order[count:])
+
+    def pick(indices: list[int], key: str) -> Split:
+        return Split(key, [train.rows[i] for i in indices], [train.where[i] for i in indices])
+
+    return pick(kept, "data.train"), pick(held, "data.validation_split")
+
+
+# --- labels ------------------------------------------------------------------------------
+
+
+def _sorted_names(values: set[str]) -> list[str]:
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+def label_names_from(split: Split, task: str) -> list[str]:
+    """Class names in id order: numeric labels by value, others alphabetically ('O' first)."""
+    if task == "token-classification":
+        names = {tag for row in split.rows for tag in row["tags"]}
+        rest = sorted(names - {"O"}, key=lambda tag: (tag[2:], tag))
+        return (["O"] if "O" in names else []) + rest
+    return _sorted_names({row["label"] for row in split.rows})
+
+
+def check_labels(split: Split, names: list[str], task: str) -> None:
+    """Reject a row whose label the model does not know, naming the row."""
+    known = set(names)
+    for row, where in zip(split.rows, split.where, strict=True):
+        labels = row["tags"] if task == "token-classification" else [row["label"]]
+        for label in labels:
+            if label not in known:
+                raise UserError(
+                    f"{split.key}: {where}: unknown label '{label}' "
+                    f"(known: {', '.join(names[:20])})"
+                )

@@ -1,0 +1,13 @@
+"""The one exception type that reaches the user as a single line.
+
+Anything the user can fix (a config key, a data file, a row, a model folder) raises
+`UserError`; the CLI prints its message on stderr and exits with code 2, without a
+traceback. Every other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line naming the key, file or row."""
+
+
+EXIT_USER_ERROR = 2

@@ -1,0 +1,54 @@
+"""Scoring a model on a dataset: the same code after training steps and in `trainer evaluate`."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from accelerate import Accelerator
+
+from trainer.metrics import LossMetrics
+from trainer.sampling import KeyedDataset, evaluation_batches
+from trainer.tasks import TaskSpec
+
+EVAL_EPOCH = -1  # MLM masks for evaluation come from this fixed "epoch": the same every time
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the forward pass gets: no labels, so the model computes no loss of its own."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a collated batch to the device without blocking on pinned memory."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    examples: datasets.Dataset,
+    collator,
+    spec: TaskSpec,
+    metrics: LossMetrics,
+    accelerator: Accelerator,
+    batch_size: int,
+    seed: int,
+) -> dict:
+    """Metrics over all of `examples`, each counted once across all processes."""
+    was_training = model.training
+    model.eval()
+    keyed = KeyedDataset(examples, seed)
+    batches = evaluation_batches(
+        len(examples), batch_size, accelerator.num_processes, accelerator.process_index
+    )
+    for indices, is_real in batches:
+        batch = to_device(collator([keyed[(EVAL_EPOCH, i)] for i in indices]), accelerator.device)
+        with accelerator.autocast():
+            logits = model(**model_inputs(batch)).logits
+        if is_real:
+            loss_sum, count = spec.loss(logits, batch["labels"])
+            metrics.update(logits.float(), batch["labels"], loss_sum, count)
+    model.train(was_training)
+    device = accelerator.device
+    return metrics.compute(lambda t: accelerator.reduce(t.to(device), "sum").cpu())

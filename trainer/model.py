@@ -1,0 +1,144 @@
+"""Loading the tokenizer and the model with the head the task needs.
+
+Loading errors that the user can fix (a missing folder, a hub id that cannot be reached, a
+config override the model does not have) become one-line `UserError`s naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from trainer.config import ModelConfig
+from trainer.errors import UserError
+
+AUTO_CLASSES = {
+    "mlm": "AutoModelForMaskedLM",
+    "clm": "AutoModelForCausalLM",
+    "classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+}
+# Architecture name endings, to tell which task a saved model was trained for.
+HEAD_SUFFIXES = {
+    "ForMaskedLM": "mlm",
+    "ForPreTraining": "mlm",
+    "ForCausalLM": "clm",
+    "LMHeadModel": "clm",
+    "ForSequenceClassification": "classification",
+    "ForTokenClassification": "token-classification",
+}
+
+
+def _source(cfg: ModelConfig) -> str:
+    """The folder or hub id to load; a path-like name must exist locally."""
+    name = cfg.name_or_path
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model.name_or_path: {name} has no config.json (not a model folder)")
+        return str(path)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise UserError(f"model.name_or_path: folder not found: {name}")
+    return name
+
+
+def _loading(what: str, name: str, load):
+    try:
+        return load()
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model.name_or_path: could not load the {what} of '{name}': {first}") from None
+
+
+def load_tokenizer(cfg: ModelConfig, task: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (EOS for GPT-style models that lack one)."""
+    source = _source(cfg)
+    tokenizer = _loading(
+        "tokenizer",
+        cfg.name_or_path,
+        lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code),
+    )
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if task == "mlm" and tokenizer.mask_token is None:
+        raise UserError("model.name_or_path: the tokenizer has no mask token, which MLM needs")
+    if tokenizer.pad_token is None and task in ("classification", "token-classification"):
+        raise UserError("model.name_or_path: the tokenizer has neither a pad nor an EOS token")
+    return tokenizer
+
+
+def load_model_config(cfg: ModelConfig, label_names: list[str] | None) -> PretrainedConfig:
+    """The model config with label names and the user's overrides applied."""
+    source = _source(cfg)
+    config = _loading(
+        "config",
+        cfg.name_or_path,
+        lambda: AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code),
+    )
+    unknown = [key for key in cfg.config_overrides if not hasattr(config, key)]
+    if unknown:
+        raise UserError(
+            f"model.config_overrides: {type(config).__name__} has no field "
+            + ", ".join(f"'{key}'" for key in unknown)
+        )
+    for key, value in cfg.config_overrides.items():
+        setattr(config, key, value)
+    if label_names is not None:
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+    return config
+
+
+def saved_label_names(config: PretrainedConfig) -> list[str] | None:
+    """Label names of a fine-tuned head, or None for a base model's placeholder names."""
+    names = [config.id2label[i] for i in sorted(config.id2label)]
+    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return None
+    return names
+
+
+def load_model(
+    cfg: ModelConfig,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str] | None = None,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """The model with the task's head: pretrained weights, or random ones (`from_scratch`).
+
+    A head whose size differs from the saved one (new labels) is re-initialised."""
+    config = load_model_config(cfg, label_names)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    torch.manual_seed(seed)  # the same random head / random init on every process
+    if cfg.from_scratch:
+        model = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = _loading(
+            "weights",
+            cfg.name_or_path,
+            lambda: auto_class.from_pretrained(
+                _source(cfg),
+                config=config,
+                trust_remote_code=cfg.trust_remote_code,
+                ignore_mismatched_sizes=label_names is not None,
+            ),
+        )
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def task_of_saved_model(path: str) -> str | None:
+    """Which task a saved model's head serves, from its config's architectures."""
+    config = AutoConfig.from_pretrained(path)
+    for architecture in config.architectures or []:
+        for suffix, task in HEAD_SUFFIXES.items():
+            if architecture.endswith(suffix):
+                return task
+    return None

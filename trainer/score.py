@@ -1,0 +1,63 @@
+"""`trainer evaluate`: score any saved model folder on a data file.
+
+A run's `final/` carries the config it was trained with (columns, max_length, task), so
+it needs no options; a plain Hugging Face folder needs at least `task=...` when its
+architecture does not say (e.g. a base `BertModel` scored with `task=mlm`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from trainer.checkpoint import RUN_CONFIG_NAME
+from trainer.config import RunConfig, apply_overrides, build_config, read_yaml
+from trainer.data import check_labels, read_split
+from trainer.errors import UserError
+from trainer.evaluation import evaluate
+from trainer.model import load_model, load_model_config, load_tokenizer, saved_label_names
+from trainer.model import task_of_saved_model
+from trainer.tasks import TASKS
+
+
+def scoring_config(model_dir: str, data: str, overrides: list[str]) -> RunConfig:
+    """The saved run config (if any) with the model, data and overrides put in."""
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"MODEL_DIR: {model_dir} is not a model folder (no config.json)")
+    saved = folder / RUN_CONFIG_NAME
+    raw = read_yaml(saved) if saved.is_file() else {}
+    raw = apply_overrides(raw, overrides)
+    raw.setdefault("model", {}).update(name_or_path=str(folder), from_scratch=False)
+    raw.setdefault("data", {}).update(validation=data, train=None, validation_split=0.0)
+    if not raw.get("task"):
+        raw["task"] = task_of_saved_model(str(folder))
+        if raw["task"] is None:
+            raise UserError(
+                f"task: can't tell which task {model_dir} serves; pass task=mlm, clm, "
+                "classification or token-classification"
+            )
+    return build_config(raw, for_training=False)
+
+
+def score(model_dir: str, data: str, overrides: list[str]) -> dict:
+    """Metrics of the model in `model_dir` on `data`, computed like validation in training."""
+    cfg = scoring_config(model_dir, data, overrides)
+    spec = TASKS[cfg.task]
+    accelerator = Accelerator(mixed_precision=cfg.train.precision)
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    label_names = None
+    if spec.has_labels:
+        label_names = saved_label_names(load_model_config(cfg.model, None))
+        if label_names is None:
+            raise UserError(f"MODEL_DIR: {model_dir} has no trained {cfg.task} head to score")
+    split = read_split(data, "--data", cfg.task, cfg.data)
+    if label_names is not None:
+        check_labels(split, label_names, cfg.task)
+    examples = spec.encode(split, tokenizer, label_names, cfg.data.max_length)
+    model = accelerator.prepare(load_model(cfg.model, cfg.task, tokenizer, None, cfg.train.seed))
+    results = evaluate(model, examples, spec.make_collator(tokenizer, cfg), spec,
+                       spec.make_metrics(label_names), accelerator, cfg.eval.batch_size,
+                       cfg.train.seed)
+    return {"task": cfg.task, "examples": len(examples), **results}

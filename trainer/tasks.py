@@ -1,0 +1,100 @@
+"""The task table: what differs between MLM, CLM, classification and NER.
+
+The training loop never asks which task it runs; it calls the entries of a `TaskSpec`:
+how to encode a split, how to batch it, how to compute the loss, which metrics to keep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from trainer import collators, metrics, preprocess
+from trainer.config import RunConfig
+from trainer.data import Split
+from trainer.preprocess import IGNORE_INDEX
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over labelled positions, and how many there were.
+
+    Returning the sum (not the mean) lets the loop divide by the number of targets in the
+    whole accumulation window on all processes, so every target weighs the same."""
+    flat_labels = labels.reshape(-1)
+    loss_sum = F.cross_entropy(
+        logits.reshape(flat_labels.numel(), -1).float(),
+        flat_labels,
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss_sum, (flat_labels != IGNORE_INDEX).sum()
+
+
+def next_token_loss(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal LM: position t predicts token t+1."""
+    return token_loss(logits[:, :-1], labels[:, 1:])
+
+
+def count_targets(labels: torch.Tensor, shifted: bool) -> torch.Tensor:
+    """Targets in a batch before the forward pass (for the accumulation-window total)."""
+    return ((labels[:, 1:] if shifted else labels) != IGNORE_INDEX).sum()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything task-specific, as plain functions."""
+
+    encode: Callable[[Split, PreTrainedTokenizerBase, list[str] | None, int], datasets.Dataset]
+    make_collator: Callable[[PreTrainedTokenizerBase, RunConfig], Callable]
+    loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    make_metrics: Callable[[list[str] | None], metrics.LossMetrics]
+    has_labels: bool  # label names come from the data (classification, NER)
+    shifted_targets: bool = False
+
+
+def _label_ids(names: list[str] | None) -> dict[str, int]:
+    return {name: i for i, name in enumerate(names or [])}
+
+
+TASKS: dict[str, TaskSpec] = {
+    "mlm": TaskSpec(
+        encode=lambda split, tok, names, length: preprocess.pack_for_mlm(split, tok, length),
+        make_collator=lambda tok, cfg: collators.MaskedLMCollator(tok, cfg.mlm),
+        loss=token_loss,
+        make_metrics=lambda names: metrics.LossMetrics(),
+        has_labels=False,
+    ),
+    "clm": TaskSpec(
+        encode=lambda split, tok, names, length: preprocess.pack_for_clm(split, tok, length),
+        make_collator=lambda tok, cfg: collators.CausalLMCollator(),
+        loss=next_token_loss,
+        make_metrics=lambda names: metrics.LossMetrics(),
+        has_labels=False,
+        shifted_targets=True,
+    ),
+    "classification": TaskSpec(
+        encode=lambda split, tok, names, length: preprocess.encode_classification(
+            split, tok, _label_ids(names), length
+        ),
+        make_collator=lambda tok, cfg: collators.PaddingCollator(tok.pad_token_id),
+        loss=token_loss,
+        make_metrics=lambda names: metrics.ClassificationMetrics(names),
+        has_labels=True,
+    ),
+    "token-classification": TaskSpec(
+        encode=lambda split, tok, names, length: preprocess.encode_token_classification(
+            split, tok, _label_ids(names), length
+        ),
+        make_collator=lambda tok, cfg: collators.PaddingCollator(tok.pad_token_id),
+        loss=token_loss,
+        make_metrics=lambda names: metrics.EntityMetrics(names),
+        has_labels=True,
+    ),
+}

@@ -1,0 +1,93 @@
+"""Where training numbers go: RUN_DIR/metrics.jsonl, the trackers, the progress bar.
+
+Only the main process writes. Values arrive already reduced over all processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from trainer.config import RunConfig, to_dict
+
+
+def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
+    """Flatten nested numbers to `a/b` keys (trackers take scalars only)."""
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _hyperparameters(cfg: RunConfig) -> dict:
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if isinstance(value, (int, float, str, bool)):
+                    flat[f"{section}.{key}"] = value
+        else:
+            flat[section] = values
+    return flat
+
+
+class RunLog:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to trackers."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, cfg: RunConfig, total_steps: int):
+        self.accelerator = accelerator
+        self.path = run_dir / "metrics.jsonl"
+        self.started = time.perf_counter()
+        self.paused_s = 0.0
+        if cfg.log.trackers:
+            accelerator.init_trackers("tensorboard", config=_hyperparameters(cfg))
+        self.progress = tqdm(
+            total=total_steps,
+            disable=not accelerator.is_main_process,
+            dynamic_ncols=True,
+            desc="train",
+        )
+
+    def elapsed(self) -> float:
+        """Seconds spent training so far (evaluation and saving excluded)."""
+        return time.perf_counter() - self.started - self.paused_s
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the enclosed work (evaluation, saving) out of the training clock."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
+
+    def write(self, record: dict) -> None:
+        """Log one record (it must hold `step`) to every sink."""
+        if not self.accelerator.is_main_process:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+        self.accelerator.log(_scalars({k: v for k, v in record.items() if k != "step"}),
+                             step=record["step"])
+
+    def show(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Move the progress bar to `step` with the latest numbers."""
+        self.progress.update(step - self.progress.n)
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def close(self) -> None:
+        """Flush the trackers and the progress bar."""
+        self.progress.close()
+        self.accelerator.end_training()
