@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from trainer.checkpoint import RUN_CONFIG_NAME
@@ -45,7 +46,7 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     """Metrics of the model in `model_dir` on `data`, computed like validation in training."""
     cfg = scoring_config(model_dir, data, overrides)
     spec = TASKS[cfg.task]
-    accelerator = Accelerator(mixed_precision=cfg.train.precision)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     label_names = None
     if spec.has_labels:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +68,19 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
     """Accelerate owns devices, processes, precision, accumulation and trackers."""
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    return Accelerator(
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that torchrun on CPU gives gloo DDP
         mixed_precision=cfg.train.precision,
         gradient_accumulation_steps=accumulation_steps,
         log_with=list(cfg.log.trackers) or None,
         project_dir=str(run_dir),
     )
+    if accelerator.num_processes != world_size_from_env():
+        raise RuntimeError(  # ranks would overwrite each other's files: a launch bug
+            f"WORLD_SIZE={world_size_from_env()} but Accelerate runs "
+            f"{accelerator.num_processes} process(es)"
+        )
+    return accelerator
 
 
 @dataclass
@@ -141,9 +147,7 @@ def optimizer_step(model, window: list[dict], spec: TaskSpec, accelerator: Accel
 def train(cfg: RunConfig) -> dict:
     """Run training as configured; returns the metrics written to eval_results.json."""
     run_dir = prepare_run_dir(cfg)
-    accelerator = make_accelerator(
-        cfg, run_dir, cfg.gradient_accumulation_steps(world_size_from_env())
-    )
+    accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size_from_env()))
     set_seed(cfg.train.seed)
     spec = TASKS[cfg.task]
 
@@ -267,7 +271,6 @@ def train(cfg: RunConfig) -> dict:
             stop, evaluated_at = run_evaluation(step), step
     if validation_set is not None and evaluated_at != step:
         run_evaluation(step)
-    log.close()
 
     # --- final/: the best model by eval.metric (or the last one without validation)
     if validation_set is not None:
@@ -280,6 +283,6 @@ def train(cfg: RunConfig) -> dict:
     results["steps"] = step
     if accelerator.is_main_process:
         (run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
-        shutil.rmtree(run_dir / "best.old", ignore_errors=True)
     accelerator.wait_for_everyone()
+    log.close()  # ends the trackers and, under torchrun, the process group: last
     return results
