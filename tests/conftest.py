@@ -39,14 +39,9 @@ ENTITIES = {"Paris": "LOC", "London": "LOC", "Berlin": "LOC", "Alice": "PER", "B
 def _fresh_accelerate_state():
     """`Accelerator(...)` stores its settings in global singletons: reset them around every
     test so that one test's gradient accumulation or precision never leaks into the next."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate()
 
 
 # --- tiny models ------------------------------------------------------------------------
@@ -54,13 +49,20 @@ def _fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer BERT with a MaskedLM head and its WordPiece tokenizer."""
+    """A 2-layer BERT with a MaskedLM head and its WordPiece tokenizer (seeded weights, so
+    that pinned loss values do not depend on what ran before in the session)."""
+    import torch
+
+    torch.manual_seed(0)
     return tiny_models.build_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
-    """A 2-layer GPT-2 with its byte-level BPE tokenizer."""
+    """A 2-layer GPT-2 with its byte-level BPE tokenizer (seeded weights)."""
+    import torch
+
+    torch.manual_seed(0)
     return tiny_models.build_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
@@ -151,47 +153,71 @@ def write_config(path: Path, raw: dict) -> Path:
     return path
 
 
+TASK_FILES = {
+    "mlm": ("text.txt", "text_validation.txt"),
+    "clm": ("text.txt", "text_validation.txt"),
+    "classification": ("sentiment_train.csv", "sentiment_validation.csv"),
+    "token-classification": ("ner_train.jsonl", "ner_validation.jsonl"),
+}
+
+
+def make_run_config(
+    folder: Path, task: str, models: dict[str, Path], data_folder: Path, **sections
+) -> Path:
+    """Write a small, fast run config for `task` on the tiny models into `folder` (the run
+    goes to folder/run); `sections` update the defaults, e.g. train={"lr": 0.01}."""
+    train_file, validation_file = TASK_FILES[task]
+    raw = {
+        "task": task,
+        "output_dir": str(folder / "run"),
+        "model": {"name_or_path": str(models["clm" if task == "clm" else "bert"])},
+        "data": {
+            "train": str(data_folder / train_file),
+            "validation": str(data_folder / validation_file),
+            "max_length": 32,
+        },
+        "train": {
+            "epochs": 1,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "warmup_ratio": 0.0,
+            "seed": 0,
+        },
+        "eval": {"batch_size": 16},
+        "log": {"every_steps": 1, "trackers": []},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return write_config(folder / f"{task}.yaml", raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_models_by_task(tiny_bert, tiny_gpt2) -> dict[str, Path]:
+    return {"bert": tiny_bert, "clm": tiny_gpt2}
+
+
 @pytest.fixture
-def run_config(tmp_path, tiny_bert, tiny_gpt2, data_dir):
-    """`run_config(task, **section_updates)` writes a small, fast run config for a task on
-    the tiny models and returns its path; the run goes to tmp_path/run."""
+def run_config(tmp_path, tiny_models_by_task, data_dir):
+    """`run_config(task, **section_updates)`: see make_run_config; the run goes to
+    tmp_path/run."""
 
     def make(task: str, **sections) -> Path:
-        model = tiny_gpt2 if task == "clm" else tiny_bert
-        files = {
-            "mlm": ("text.txt", "text_validation.txt"),
-            "clm": ("text.txt", "text_validation.txt"),
-            "classification": ("sentiment_train.csv", "sentiment_validation.csv"),
-            "token-classification": ("ner_train.jsonl", "ner_validation.jsonl"),
-        }[task]
-        raw = {
-            "task": task,
-            "output_dir": str(tmp_path / "run"),
-            "model": {"name_or_path": str(model)},
-            "data": {
-                "train": str(data_dir / files[0]),
-                "validation": str(data_dir / files[1]),
-                "max_length": 32,
-            },
-            "train": {
-                "epochs": 1,
-                "global_batch_size": 8,
-                "micro_batch_size": 4,
-                "lr": 1e-3,
-                "warmup_ratio": 0.0,
-                "seed": 0,
-            },
-            "eval": {"batch_size": 16},
-            "log": {"every_steps": 1, "trackers": []},
-        }
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                raw.setdefault(section, {}).update(values)
-            else:
-                raw[section] = values
-        return write_config(tmp_path / f"{task}.yaml", raw)
+        return make_run_config(tmp_path, task, tiny_models_by_task, data_dir, **sections)
 
     return make
+
+
+def reset_accelerate() -> None:
+    """Forget the settings of earlier `Accelerator`s (they live in process-wide singletons)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -181,7 +181,11 @@ def _check_row(row: dict, where: str, task: str, cfg: DataConfig) -> dict:
     """Keep the columns the task needs, rejecting missing columns and empty values."""
     if task == "token-classification":
         tokens, tags = _column(row, cfg.tokens_column, where), _column(row, cfg.tags_column, where)
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        if (
+            not isinstance(tokens, list)
+            or not tokens
+            or not all(isinstance(t, str) for t in tokens)
+        ):
             raise UserError(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
         if not isinstance(tags, list) or len(tags) != len(tokens):
             raise UserError(f"{where}: '{cfg.tags_column}' must be a list as long as the tokens")

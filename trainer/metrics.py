@@ -99,7 +99,8 @@ class EntityMetrics(LossMetrics):
             keep = label_row != IGNORE_INDEX
             gold = [self.label_names[i] for i in label_row[keep].tolist()]
             guess = [self.label_names[i] for i in predicted_row[keep].tolist()]
-            self.tokens += torch.tensor([sum(g == p for g, p in zip(gold, guess)), len(gold)])
+            correct = sum(g == p for g, p in zip(gold, guess, strict=True))
+            self.tokens += torch.tensor([correct, len(gold)])
             true_set, pred_set = set(get_entities(gold)), set(get_entities(guess))
             for kind in {entity[0] for entity in true_set | pred_set}:
                 if kind not in self.types:

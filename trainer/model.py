@@ -50,7 +50,9 @@ def _loading(what: str, name: str, load):
         return load()
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model.name_or_path: could not load the {what} of '{name}': {first}") from None
+        raise UserError(
+            f"model.name_or_path: could not load the {what} of '{name}': {first}"
+        ) from None
 
 
 def load_tokenizer(cfg: ModelConfig, task: str) -> PreTrainedTokenizerBase:

@@ -24,9 +24,7 @@ def encode_classification(
     split: Split, tokenizer: PreTrainedTokenizerBase, label_ids: dict[str, int], max_length: int
 ) -> datasets.Dataset:
     """Tokenize texts (truncated to max_length) and map labels to ids."""
-    encoded = tokenizer(
-        [row["text"] for row in split.rows], truncation=True, max_length=max_length
-    )
+    encoded = tokenizer([row["text"] for row in split.rows], truncation=True, max_length=max_length)
     columns = {key: list(values) for key, values in encoded.items()}
     columns["labels"] = [label_ids[row["label"]] for row in split.rows]
     return datasets.Dataset.from_dict(columns)
@@ -92,7 +90,7 @@ def pack_for_clm(
 
     def tokenize_and_pack(batch: dict) -> dict:
         encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)
-        ids = [doc + [tokenizer.eos_token_id] for doc in encoded["input_ids"]]
+        ids = [[*doc, tokenizer.eos_token_id] for doc in encoded["input_ids"]]
         return _cut_blocks({"input_ids": ids}, max_length)
 
     return _pack(split, tokenize_and_pack, max_length)

@@ -17,8 +17,13 @@ from trainer.config import RunConfig, apply_overrides, build_config, read_yaml
 from trainer.data import check_labels, read_split
 from trainer.errors import UserError
 from trainer.evaluation import evaluate
-from trainer.model import load_model, load_model_config, load_tokenizer, saved_label_names
-from trainer.model import task_of_saved_model
+from trainer.model import (
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    saved_label_names,
+    task_of_saved_model,
+)
 from trainer.tasks import TASKS
 
 
@@ -46,7 +51,9 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     """Metrics of the model in `model_dir` on `data`, computed like validation in training."""
     cfg = scoring_config(model_dir, data, overrides)
     spec = TASKS[cfg.task]
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision
+    )
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     label_names = None
     if spec.has_labels:
@@ -58,7 +65,14 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
         check_labels(split, label_names, cfg.task)
     examples = spec.encode(split, tokenizer, label_names, cfg.data.max_length)
     model = accelerator.prepare(load_model(cfg.model, cfg.task, tokenizer, None, cfg.train.seed))
-    results = evaluate(model, examples, spec.make_collator(tokenizer, cfg), spec,
-                       spec.make_metrics(label_names), accelerator, cfg.eval.batch_size,
-                       cfg.train.seed)
+    results = evaluate(
+        model,
+        examples,
+        spec.make_collator(tokenizer, cfg),
+        spec,
+        spec.make_metrics(label_names),
+        accelerator,
+        cfg.eval.batch_size,
+        cfg.train.seed,
+    )
     return {"task": cfg.task, "examples": len(examples), **results}

@@ -75,12 +75,15 @@ class RunLog:
         """Log one record (it must hold `step`) to every sink."""
         if not self.accelerator.is_main_process:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                 for k, v in record.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in record.items()
+        }
         with self.path.open("a") as handle:
             handle.write(json.dumps(clean) + "\n")
-        self.accelerator.log(_scalars({k: v for k, v in record.items() if k != "step"}),
-                             step=record["step"])
+        self.accelerator.log(
+            _scalars({k: v for k, v in record.items() if k != "step"}), step=record["step"]
+        )
 
     def show(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         """Move the progress bar to `step` with the latest numbers."""

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
 from trainer.checkpoint import save_model, save_training_state
 from trainer.config import LOWER_IS_BETTER, RunConfig, dump_yaml, world_size_from_env
@@ -58,8 +61,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         raise RunFinished(f"run already finished: {run_dir / 'final'} exists; nothing to do")
     if (run_dir / "metrics.jsonl").exists():
         raise UserError(
-            f"output_dir: {run_dir} holds an unfinished run; choose another output_dir "
-            "or remove it"
+            f"output_dir: {run_dir} holds an unfinished run; choose another output_dir or remove it"
         )
     return run_dir
 
@@ -109,8 +111,15 @@ class Best:
 # --- one optimizer step ------------------------------------------------------------------
 
 
-def optimizer_step(model, window: list[dict], spec: TaskSpec, accelerator: Accelerator,
-                   optimizer, scheduler, max_grad_norm: float) -> torch.Tensor:
+def optimizer_step(
+    model,
+    window: list[dict],
+    spec: TaskSpec,
+    accelerator: Accelerator,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+) -> torch.Tensor:
     """Forward/backward over the accumulation window, then clip and step.
 
     The loss is normalised by the number of targets in the whole window on all processes:
@@ -144,32 +153,73 @@ def optimizer_step(model, window: list[dict], spec: TaskSpec, accelerator: Accel
 # --- the run -----------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run training as configured; returns the metrics written to eval_results.json."""
+@dataclass
+class Run:
+    """Everything the loop works with, built by `set_up`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+    spec: TaskSpec
+    tokenizer: PreTrainedTokenizerBase
+    label_names: list[str] | None
+    train_set: datasets.Dataset
+    validation_set: datasets.Dataset | None
+    plan: BatchPlan
+    total_steps: int
+    collator: Callable
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def summary(self) -> dict:
+        """What this run will do, printed at start and kept in run_summary.json."""
+        parameters = list(self.model.parameters())
+        return {
+            "task": self.cfg.task,
+            "processes": self.accelerator.num_processes,
+            "train_examples": len(self.train_set),
+            "validation_examples": len(self.validation_set or []),
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "micro_batch_size": self.cfg.train.micro_batch_size,
+            "accumulation_steps": self.plan.accumulation_steps,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "parameters": sum(p.numel() for p in parameters),
+            "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
+            "labels": self.label_names,
+        }
+
+
+def set_up(cfg: RunConfig) -> Run:
+    """Read and check the data before loading the model (a bad row costs seconds, not a
+    model download), then the model, optimizer and schedule, prepared by Accelerate."""
     run_dir = prepare_run_dir(cfg)
-    accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size_from_env()))
+    world_size = world_size_from_env()
+    accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size))
     set_seed(cfg.train.seed)
     spec = TASKS[cfg.task]
-
-    # --- data: read and check everything before the model is loaded
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     train_rows, validation_rows, label_names = read_splits(cfg)
     train_set = spec.encode(train_rows, tokenizer, label_names, cfg.data.max_length)
-    validation_set = (
-        spec.encode(validation_rows, tokenizer, label_names, cfg.data.max_length)
-        if validation_rows is not None else None
+    validation_set = None
+    if validation_rows is not None:
+        validation_set = spec.encode(validation_rows, tokenizer, label_names, cfg.data.max_length)
+    plan = BatchPlan(
+        len(train_set),
+        cfg.train.global_batch_size,
+        cfg.train.micro_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.train.seed,
     )
-    plan = BatchPlan(len(train_set), cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                     accelerator.num_processes, accelerator.process_index, cfg.train.seed)
     if plan.steps_per_epoch == 0:
         raise UserError(
             f"train.global_batch_size: {cfg.train.global_batch_size} is more than the "
             f"{len(train_set)} training examples; lower it or add data"
         )
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
-    collator = spec.make_collator(tokenizer, cfg)
 
-    # --- model and optimizer
     model = load_model(cfg.model, cfg.task, tokenizer, label_names, cfg.train.seed)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -177,112 +227,142 @@ def train(cfg: RunConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    return Run(
+        cfg,
+        run_dir,
+        accelerator,
+        spec,
+        tokenizer,
+        label_names,
+        train_set,
+        validation_set,
+        plan,
+        total_steps,
+        spec.make_collator(tokenizer, cfg),
+        model,
+        optimizer,
+        scheduler,
+    )
 
-    # --- run directory
-    summary = {
-        "task": cfg.task,
-        "processes": accelerator.num_processes,
-        "train_examples": len(train_set),
-        "validation_examples": len(validation_set) if validation_set is not None else 0,
-        "global_batch_size": cfg.train.global_batch_size,
-        "micro_batch_size": cfg.train.micro_batch_size,
-        "accumulation_steps": plan.accumulation_steps,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "total_steps": total_steps,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "labels": label_names,
+
+def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> dict:
+    """One metrics.jsonl record from the sums since the last log (one all-reduce)."""
+    loss_sum, targets, tokens = run.accelerator.reduce(since_log[:3].clone(), "sum")
+    steps = step % run.cfg.log.every_steps or run.cfg.log.every_steps
+    return {
+        "step": step,
+        "epoch": round(step / run.plan.steps_per_epoch, 4),
+        "loss": (loss_sum / targets.clamp(min=1)).item(),
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": since_log[3].item() / steps,
+        "tokens_per_s": tokens.item() / max(seconds, 1e-9),
     }
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run training as configured; returns the metrics written to eval_results.json."""
+    run = set_up(cfg)
+    accelerator, model = run.accelerator, run.model
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-        (run_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(json.dumps(summary))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        (run.run_dir / "run_summary.json").write_text(json.dumps(run.summary(), indent=2))
+        accelerator.print(json.dumps(run.summary()))
     accelerator.wait_for_everyone()
-    log = RunLog(accelerator, run_dir, cfg, total_steps)
+    log = RunLog(accelerator, run.run_dir, cfg, run.total_steps)
     best = Best(cfg.eval_metric)
 
-    def run_evaluation(step: int) -> bool:
-        """Evaluate, keep the best model; True when early stopping says stop."""
+    def evaluate_and_keep_best(step: int) -> bool:
+        """Evaluate, save the model when it is the best; True when early stopping says stop."""
         with log.paused():
-            results = evaluate(model, validation_set, collator, spec,
-                               spec.make_metrics(label_names), accelerator,
-                               cfg.eval.batch_size, cfg.train.seed)
-            log.write({"step": step, **{f"eval_{k}": v for k, v in results.items()
-                                        if isinstance(v, float)}})
+            results = evaluate(
+                model,
+                run.validation_set,
+                run.collator,
+                run.spec,
+                run.spec.make_metrics(run.label_names),
+                accelerator,
+                cfg.eval.batch_size,
+                cfg.train.seed,
+            )
+            log.write(
+                {
+                    "step": step,
+                    **{f"eval_{k}": v for k, v in results.items() if isinstance(v, float)},
+                }
+            )
             if best.update(results, step):
-                save_model(accelerator, model, tokenizer, run_dir / "best", cfg)
+                save_model(accelerator, model, run.tokenizer, run.run_dir / "best", cfg)
         patience = cfg.eval.early_stopping_patience
         return bool(patience) and best.stale >= patience
 
-    # --- train
-    step, epoch, stop = 0, 0, False
-    since_log = torch.zeros(4, device=accelerator.device)
-    last_log_time, evaluated_at = 0.0, -1
+    step, epoch, stop, evaluated_at = 0, 0, False, -1
+    since_log = torch.zeros(4, device=accelerator.device)  # loss sum, targets, tokens, norm
+    last_record, last_log_s = {}, 0.0
+    has_validation = run.validation_set is not None
     model.train()
-    while step < total_steps and not stop:
+    while step < run.total_steps and not stop:
         loader = DataLoader(
-            KeyedDataset(train_set, cfg.train.seed),
-            batch_sampler=list(plan.micro_batches(epoch)),
-            collate_fn=collator,
+            KeyedDataset(run.train_set, cfg.train.seed),
+            batch_sampler=list(run.plan.micro_batches(epoch)),
+            collate_fn=run.collator,
             pin_memory=accelerator.device.type == "cuda",
         )
         batches = iter(loader)
-        for _ in range(plan.steps_per_epoch):
-            window = [to_device(next(batches), accelerator.device)
-                      for _ in range(plan.accumulation_steps)]
-            since_log += optimizer_step(model, window, spec, accelerator, optimizer, scheduler,
-                                        cfg.train.max_grad_norm)
+        for _ in range(run.plan.steps_per_epoch):
+            window = [
+                to_device(next(batches), accelerator.device)
+                for _ in range(run.plan.accumulation_steps)
+            ]
+            since_log += optimizer_step(
+                model,
+                window,
+                run.spec,
+                accelerator,
+                run.optimizer,
+                run.scheduler,
+                cfg.train.max_grad_norm,
+            )
             step += 1
 
-            # --- log: one all-reduce, one host sync, every log.every_steps steps
-            if step % cfg.log.every_steps == 0 or step == total_steps:
-                loss_sum, targets, tokens = accelerator.reduce(since_log[:3].clone(), "sum")
-                steps_logged = step % cfg.log.every_steps or cfg.log.every_steps
-                grad_norm = since_log[3].item() / steps_logged
+            # --- log: one all-reduce and one host sync every log.every_steps steps
+            if step % cfg.log.every_steps == 0 or step == run.total_steps:
                 now = log.elapsed()
-                record = {
-                    "step": step,
-                    "epoch": round(epoch + (step - epoch * plan.steps_per_epoch)
-                                   / plan.steps_per_epoch, 4),
-                    "loss": (loss_sum / targets.clamp(min=1)).item(),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens.item() / max(now - last_log_time, 1e-9),
-                    "elapsed_s": round(now, 3),
-                }
-                log.write(record)
-                log.show(step, record["loss"], record["lr"], record["tokens_per_s"])
+                last_record = log_record(run, step, since_log, now - last_log_s)
+                log.write({**last_record, "elapsed_s": round(now, 3)})
+                log.show(step, last_record["loss"], last_record["lr"], last_record["tokens_per_s"])
                 since_log.zero_()
-                last_log_time = now
+                last_log_s = now
 
-            # --- evaluate / checkpoint
-            if validation_set is not None and cfg.eval.every_steps and \
-                    step % cfg.eval.every_steps == 0:
-                stop, evaluated_at = run_evaluation(step), step
+            # --- evaluate every eval.every_steps; save the full state every checkpoint
+            if has_validation and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                stop, evaluated_at = evaluate_and_keep_best(step), step
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 with log.paused():
-                    save_training_state(accelerator, run_dir / "checkpoints" / f"step-{step}",
-                                        {"step": step, "epoch": epoch})
-            if stop or step >= total_steps:
+                    save_training_state(
+                        accelerator,
+                        run.run_dir / "checkpoints" / f"step-{step}",
+                        {"step": step, "epoch": epoch},
+                    )
+            if stop or step >= run.total_steps:
                 break
         epoch += 1
-        if validation_set is not None and not cfg.eval.every_steps and evaluated_at != step:
-            stop, evaluated_at = run_evaluation(step), step
-    if validation_set is not None and evaluated_at != step:
-        run_evaluation(step)
+        if has_validation and not cfg.eval.every_steps and evaluated_at != step:
+            stop, evaluated_at = evaluate_and_keep_best(step), step
+    if has_validation and evaluated_at != step:
+        evaluate_and_keep_best(step)
 
-    # --- final/: the best model by eval.metric (or the last one without validation)
-    if validation_set is not None:
+    # --- final/: the best model by eval.metric (the last one without validation)
+    if has_validation:
         if accelerator.is_main_process:
-            (run_dir / "best").rename(run_dir / "final")
+            (run.run_dir / "best").rename(run.run_dir / "final")
         results = {**best.results, "best_step": best.step, "metric": best.metric}
     else:
-        save_model(accelerator, model, tokenizer, run_dir / "final", cfg)
-        results = {"step": step}
+        save_model(accelerator, model, run.tokenizer, run.run_dir / "final", cfg)
+        results = {"train_loss": last_record["loss"]}
     results["steps"] = step
     if accelerator.is_main_process:
-        (run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        (run.run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     log.close()  # ends the trackers and, under torchrun, the process group: last
     return results
