@@ -470,7 +470,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
         f"datasets {m['datasets']}, accelerate {m['accelerate']}",
         f"- Shared settings: {json.dumps(report['hyper'])}, fp32, linear schedule, "
-        "AdamW, eval once at the end, partial last batch dropped",
+        "AdamW, eval once at the end; our engine drops each epoch's partial last batch, "
+        "Trainer keeps it",
     ]
     for result in report["jobs"]:
         job = result["job"]

@@ -20,6 +20,13 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses some tests start
+
+import torch
+
+# The models here are tiny: one thread is as fast as several on an idle machine, and many
+# times faster on a busy one, where intra-op threads oversubscribe the cores.
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
@@ -60,8 +67,6 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 with its byte-level BPE tokenizer (seeded weights)."""
-    import torch
-
     torch.manual_seed(0)
     return tiny_models.build_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 

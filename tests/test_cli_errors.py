@@ -38,8 +38,12 @@ def expect_user_error(capsys, argv, *fragments: str) -> str:
 
 def test_misspelled_key(capsys, run_config):
     config = run_config("classification")
-    expect_user_error(capsys, ["train", config, "train.learning_rate=1e-3"],
-                      "unknown key 'train.learning_rate'", "did you mean")
+    expect_user_error(
+        capsys,
+        ["train", config, "train.learning_rate=1e-3"],
+        "unknown key 'train.learning_rate'",
+        "did you mean",
+    )
 
 
 def test_misspelled_key_in_the_file(capsys, run_config):
@@ -49,8 +53,11 @@ def test_misspelled_key_in_the_file(capsys, run_config):
 
 def test_wrong_type(capsys, run_config):
     config = run_config("classification")
-    expect_user_error(capsys, ["train", config, "train.epochs=two"],
-                      "train.epochs: expected an integer, got 'two'")
+    expect_user_error(
+        capsys,
+        ["train", config, "train.epochs=two"],
+        "train.epochs: expected an integer, got 'two'",
+    )
 
 
 def test_several_problems_in_one_line(capsys, run_config):
@@ -62,8 +69,9 @@ def test_several_problems_in_one_line(capsys, run_config):
 
 
 def test_missing_config_file(capsys, tmp_path):
-    expect_user_error(capsys, ["train", tmp_path / "nope.yaml"], "config file not found",
-                      "nope.yaml")
+    expect_user_error(
+        capsys, ["train", tmp_path / "nope.yaml"], "config file not found", "nope.yaml"
+    )
 
 
 def test_global_batch_that_does_not_divide(capsys, run_config):
@@ -77,8 +85,9 @@ def test_global_batch_that_does_not_divide(capsys, run_config):
 
 def test_zero_micro_batch_is_a_user_error(capsys, run_config):
     config = run_config("classification")
-    expect_user_error(capsys, ["train", config, "train.micro_batch_size=0"],
-                      "train.micro_batch_size: must be > 0")
+    expect_user_error(
+        capsys, ["train", config, "train.micro_batch_size=0"], "train.micro_batch_size: must be > 0"
+    )
 
 
 # --- data and model problems ---------------------------------------------------------------
@@ -93,10 +102,11 @@ def test_missing_data_file(capsys, run_config, tmp_path):
 def test_unreadable_jsonl_row(capsys, run_config, tmp_path):
     path = tmp_path / "broken.jsonl"
     good = json.dumps({"tokens": ["Alice", "visited", "Paris"], "tags": ["B-PER", "O", "B-LOC"]})
-    path.write_text(f"{good}\n{good}\n{good}\n{{\"tokens\": [\"Bob\"\n{good}\n")
+    path.write_text(f'{good}\n{good}\n{good}\n{{"tokens": ["Bob"\n{good}\n')
     config = run_config("token-classification", data={"train": str(path)})
-    expect_user_error(capsys, ["train", config], "data.train", "broken.jsonl line 4",
-                      "not valid JSON")
+    expect_user_error(
+        capsys, ["train", config], "data.train", "broken.jsonl line 4", "not valid JSON"
+    )
 
 
 def test_empty_text_names_the_row(capsys, run_config, tmp_path):
@@ -108,27 +118,39 @@ def test_empty_text_names_the_row(capsys, run_config, tmp_path):
 
 
 def test_unknown_label_in_validation(capsys, run_config, tmp_path):
-    rows = [{"text": "good film .", "label": "positive"},
-            {"text": "meh film .", "label": "neutral"}]
+    rows = [
+        {"text": "good film .", "label": "positive"},
+        {"text": "meh film .", "label": "neutral"},
+    ]
     path = write_csv(tmp_path / "val.csv", rows)
     config = run_config("classification", data={"validation": str(path)})
-    expect_user_error(capsys, ["train", config], "data.validation", "val.csv row 2",
-                      "unknown label 'neutral'")
+    expect_user_error(
+        capsys, ["train", config], "data.validation", "val.csv row 2", "unknown label 'neutral'"
+    )
 
 
 def test_unknown_tag_in_ner_validation(capsys, run_config, tmp_path):
-    path = write_jsonl(tmp_path / "val.jsonl", [
-        {"tokens": ["Alice"], "tags": ["B-PER"]},
-        {"tokens": ["the", "Moon"], "tags": ["O", "B-SPACE"]},
-    ])
+    path = write_jsonl(
+        tmp_path / "val.jsonl",
+        [
+            {"tokens": ["Alice"], "tags": ["B-PER"]},
+            {"tokens": ["the", "Moon"], "tags": ["O", "B-SPACE"]},
+        ],
+    )
     config = run_config("token-classification", data={"validation": str(path)})
     expect_user_error(capsys, ["train", config], "val.jsonl line 2", "unknown label 'B-SPACE'")
 
 
 def test_missing_column(capsys, run_config):
     config = run_config("classification", data={"text_column": "review"})
-    expect_user_error(capsys, ["train", config], "data.train", "row 1",
-                      "missing column 'review'", "columns: text, label")
+    expect_user_error(
+        capsys,
+        ["train", config],
+        "data.train",
+        "row 1",
+        "missing column 'review'",
+        "columns: text, label",
+    )
 
 
 def test_model_folder_that_does_not_exist(capsys, run_config, tmp_path):
@@ -150,8 +172,7 @@ def test_unknown_config_override(capsys, run_config):
 
 
 def test_global_batch_larger_than_the_data(capsys, run_config):
-    config = run_config("classification",
-                        train={"global_batch_size": 512, "micro_batch_size": 4})
+    config = run_config("classification", train={"global_batch_size": 512, "micro_batch_size": 4})
     expect_user_error(capsys, ["train", config], "train.global_batch_size: 512 is more than")
 
 
@@ -175,7 +196,8 @@ def test_evaluate_without_a_model_folder(capsys, tmp_path, data_dir):
 def snapshot(folder) -> dict:
     return {
         path.relative_to(folder): (path.read_bytes(), path.stat().st_mtime_ns)
-        for path in sorted(folder.rglob("*")) if path.is_file()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
     }
 
 
@@ -197,8 +219,7 @@ def test_unfinished_run_is_not_overwritten(capsys, run_config, tmp_path):
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n')
     before = snapshot(run_dir)
-    expect_user_error(capsys, ["train", run_config("classification")], "output_dir",
-                      str(run_dir))
+    expect_user_error(capsys, ["train", run_config("classification")], "output_dir", str(run_dir))
     assert snapshot(run_dir) == before
 
 
@@ -209,13 +230,14 @@ def test_console_entry_point_exits_2_without_traceback(run_config):
     config = run_config("classification")
     result = subprocess.run(
         [sys.executable, "-m", "trainer", "train", str(config), "trian.lr=1"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         timeout=120,
     )
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "error: unknown key 'trian' (did you mean 'train'?)"
-    ]
+    assert result.stderr.splitlines() == ["error: unknown key 'trian' (did you mean 'train'?)"]
     assert result.stdout == ""
 
 
@@ -223,14 +245,26 @@ def test_console_entry_point_exits_2_without_traceback(run_config):
 def test_console_entry_point_data_error_in_its_own_process(run_config, tmp_path):
     # Imports torch, transformers and accelerate first (about 10 s), so marked slow.
     rows = [{"text": "fine .", "label": "positive"}, {"text": " ", "label": "negative"}]
-    config = run_config("classification",
-                        data={"train": str(write_csv(tmp_path / "t.csv", rows))})
+    config = run_config("classification", data={"train": str(write_csv(tmp_path / "t.csv", rows))})
     result = subprocess.run(
         [sys.executable, "-m", "trainer", "train", str(config)],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: data.train: t.csv row 2: empty text in column 'text'"
     ]
+
+
+def test_keys_lists_every_config_key(capsys):
+    from trainer.config import all_keys
+
+    code, out, _ = run_cli(capsys, "keys")
+    assert code == 0
+    listed = [line.split()[0] for line in out.splitlines()]
+    assert listed == list(all_keys())
+    assert "train.global_batch_size" in listed

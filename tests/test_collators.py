@@ -65,7 +65,7 @@ def test_bert_masking_statistics(blocks, bert_tokenizer):
 
 def test_masking_fractions_follow_the_config(blocks, bert_tokenizer):
     settings = MlmConfig(mask_probability=0.3, mask_token_fraction=1.0, random_token_fraction=0.0)
-    batch, original, special = masked(blocks, bert_tokenizer, settings)
+    batch, _, special = masked(blocks, bert_tokenizer, settings)
     selected = batch["labels"] != IGNORE_INDEX
     assert selected.sum().item() / (~special).sum().item() == pytest.approx(0.3, abs=0.01)
     assert (batch["input_ids"][selected] == bert_tokenizer.mask_token_id).all()
@@ -124,8 +124,12 @@ def test_mask_of_an_example_does_not_depend_on_its_batch(blocks, bert_tokenizer)
 
 
 def test_example_seeds_differ_by_run_epoch_and_index():
-    seeds = {example_seed(run, epoch, index)
-             for run in (0, 42) for epoch in (-1, 0, 1, 2) for index in range(500)}
+    seeds = {
+        example_seed(run, epoch, index)
+        for run in (0, 42)
+        for epoch in (-1, 0, 1, 2)
+        for index in range(500)
+    }
     assert len(seeds) == 2 * 4 * 500
     assert all(0 <= seed < 2**63 - 1 for seed in seeds)
 
@@ -140,7 +144,9 @@ def test_padding_collator_pads_inputs_masks_and_token_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["token_type_ids"].tolist() == [[0, 0, 0], [0, 0, 0]]
     assert batch["labels"].tolist() == [[1, -100, 2], [3, -100, -100]]
-    classes = PaddingCollator(0)([{"input_ids": [1, 2], "labels": 1}, {"input_ids": [3], "labels": 0}])
+    classes = PaddingCollator(0)(
+        [{"input_ids": [1, 2], "labels": 1}, {"input_ids": [3], "labels": 0}]
+    )
     assert classes["labels"].tolist() == [1, 0]
     assert "token_type_ids" not in classes
 

@@ -185,8 +185,9 @@ def test_global_batch_must_divide_by_micro_batch_times_processes():
 
 
 def test_gradient_accumulation_is_derived_from_the_global_batch():
-    cfg = build_config(minimal(train={"global_batch_size": 32, "micro_batch_size": 4}),
-                       world_size=2)
+    cfg = build_config(
+        minimal(train={"global_batch_size": 32, "micro_batch_size": 4}), world_size=2
+    )
     assert cfg.gradient_accumulation_steps(1) == 8
     assert cfg.gradient_accumulation_steps(2) == 4
     assert cfg.gradient_accumulation_steps(8) == 1
@@ -258,7 +259,7 @@ def test_override_creates_missing_sections():
 
 
 def test_override_without_equals_sign_is_an_error():
-    with pytest.raises(UserError, match="override 'train.lr': expected key=value"):
+    with pytest.raises(UserError, match=r"override 'train\.lr': expected key=value"):
         apply_overrides({}, ["train.lr"])
 
 

@@ -20,10 +20,13 @@ from trainer.errors import UserError
 
 
 def test_csv_rows_are_checked_and_located(tmp_path):
-    path = write_csv(tmp_path / "reviews.csv", [
-        {"text": "good film", "label": "positive", "extra": "x"},
-        {"text": "bad film", "label": "negative", "extra": "y"},
-    ])
+    path = write_csv(
+        tmp_path / "reviews.csv",
+        [
+            {"text": "good film", "label": "positive", "extra": "x"},
+            {"text": "bad film", "label": "negative", "extra": "y"},
+        ],
+    )
     split = read_split(str(path), "data.train", "classification", DataConfig())
     assert split.rows == [
         {"text": "good film", "label": "positive"},
@@ -65,10 +68,13 @@ def test_bad_jsonl_line_is_named(tmp_path):
 
 
 def test_empty_text_names_the_row(tmp_path):
-    path = write_csv(tmp_path / "t.csv", [
-        {"text": "fine", "label": "a"},
-        {"text": "   ", "label": "b"},
-    ])
+    path = write_csv(
+        tmp_path / "t.csv",
+        [
+            {"text": "fine", "label": "a"},
+            {"text": "   ", "label": "b"},
+        ],
+    )
     with pytest.raises(UserError, match=r"t.csv row 2: empty text in column 'text'"):
         read_split(str(path), "data.validation", "classification", DataConfig())
 
@@ -82,20 +88,23 @@ def test_missing_column_lists_the_columns(tmp_path):
 def test_short_and_long_csv_rows(tmp_path):
     long_row = tmp_path / "long.csv"
     long_row.write_text("text,label\ngood,pos\nbad,neg,extra\n")
-    with pytest.raises(UserError, match="long.csv row 2: more fields than the header"):
+    with pytest.raises(UserError, match=r"long\.csv row 2: more fields than the header"):
         read_split(str(long_row), "data.train", "classification", DataConfig())
     short_row = tmp_path / "short.csv"
     short_row.write_text("text,label\ngood,pos\nbad\n")
-    with pytest.raises(UserError, match="short.csv row 2: empty label"):
+    with pytest.raises(UserError, match=r"short\.csv row 2: empty label"):
         read_split(str(short_row), "data.train", "classification", DataConfig())
 
 
 def test_token_classification_rows_must_align(tmp_path):
-    path = write_jsonl(tmp_path / "n.jsonl", [
-        {"tokens": ["Alice", "visited", "Paris"], "tags": ["B-PER", "O", "B-LOC"]},
-        {"tokens": ["Bob", "left"], "tags": ["B-PER"]},
-    ])
-    with pytest.raises(UserError, match="n.jsonl line 2: 'tags' must be a list as long"):
+    path = write_jsonl(
+        tmp_path / "n.jsonl",
+        [
+            {"tokens": ["Alice", "visited", "Paris"], "tags": ["B-PER", "O", "B-LOC"]},
+            {"tokens": ["Bob", "left"], "tags": ["B-PER"]},
+        ],
+    )
+    with pytest.raises(UserError, match=r"n\.jsonl line 2: 'tags' must be a list as long"):
         read_split(str(path), "data.train", "token-classification", DataConfig())
 
 

@@ -73,8 +73,7 @@ def test_three_classes_use_the_macro_average():
     results = fill(ClassificationMetrics(["a", "b", "c"]), logits, labels).compute(alone)
     predicted, truth = logits.argmax(-1).numpy(), labels.numpy()
     assert results["accuracy"] == pytest.approx(accuracy_score(truth, predicted), abs=1e-9)
-    for name, score in (("f1", f1_score), ("precision", precision_score),
-                        ("recall", recall_score)):
+    for name, score in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score)):
         assert results[name] == pytest.approx(score(truth, predicted, average="macro"), abs=1e-9)
     per_class = f1_score(truth, predicted, average=None)
     assert list(results["f1_per_class"].values()) == pytest.approx(list(per_class), abs=1e-9)
@@ -129,10 +128,10 @@ GOLD = [
     ["B-ORG", "O", "B-PER", "I-PER", "I-PER"],
 ]
 PREDICTED = [
-    ["B-PER", "I-PER", "O", "O", "B-PER"],   # one right, one wrong type
+    ["B-PER", "I-PER", "O", "O", "B-PER"],  # one right, one wrong type
     ["O", "B-ORG", "I-ORG", "O", "O", "B-PER"],  # span cut short, PER right
-    ["B-LOC", "O", "I-LOC", "I-LOC"],        # I- without B- starts an entity
-    ["O", "B-PER", "O"],                     # spurious entity
+    ["B-LOC", "O", "I-LOC", "I-LOC"],  # I- without B- starts an entity
+    ["O", "B-PER", "O"],  # spurious entity
     ["B-ORG", "O", "B-PER", "I-PER", "I-PER"],
 ]
 
@@ -159,8 +158,9 @@ def test_entity_scores_match_seqeval():
     per_type = seq_f1(GOLD, PREDICTED, average=None)
     assert list(results["f1_per_type"]) == ["LOC", "ORG", "PER"]
     assert list(results["f1_per_type"].values()) == pytest.approx(list(per_type), abs=1e-9)
-    tokens = [(g, p) for gs, ps in zip(GOLD, PREDICTED, strict=True)
-              for g, p in zip(gs, ps, strict=True)]
+    tokens = [
+        (g, p) for gs, ps in zip(GOLD, PREDICTED, strict=True) for g, p in zip(gs, ps, strict=True)
+    ]
     assert results["accuracy"] == pytest.approx(sum(g == p for g, p in tokens) / len(tokens))
 
 

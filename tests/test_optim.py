@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -117,4 +119,4 @@ def test_warmup_then_decay(bert_classifier, scheduler):
         assert lrs[99] == pytest.approx(LR)
     else:
         assert lrs[99] < LR * 0.05
-        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+        assert all(a >= b for a, b in pairwise(lrs[10:]))

@@ -70,7 +70,7 @@ def test_clm_documents_are_joined_by_eos(gpt2_tokenizer):
     packed = pack_for_clm(split, gpt2_tokenizer, MAX_LENGTH)
     eos = gpt2_tokenizer.eos_token_id
     documents = gpt2_tokenizer([r["text"] for r in split.rows], add_special_tokens=False)
-    stream = list(chain.from_iterable(doc + [eos] for doc in documents["input_ids"]))
+    stream = list(chain.from_iterable([*doc, eos] for doc in documents["input_ids"]))
     joined = list(chain.from_iterable(packed["input_ids"]))
     assert all(len(block) == MAX_LENGTH for block in packed["input_ids"])
     assert joined == stream[: len(stream) // MAX_LENGTH * MAX_LENGTH]

@@ -87,8 +87,9 @@ def test_keyed_dataset_attaches_epoch_dependent_seed():
 def test_evaluation_covers_every_example_once_with_equal_batch_counts(
     num_examples, batch_size, world_size
 ):
-    per_rank = [evaluation_batches(num_examples, batch_size, world_size, rank)
-                for rank in range(world_size)]
+    per_rank = [
+        evaluation_batches(num_examples, batch_size, world_size, rank) for rank in range(world_size)
+    ]
     assert len({len(batches) for batches in per_rank}) == 1, "ranks must run equal batches"
     real = [i for batches in per_rank for indices, is_real in batches if is_real for i in indices]
     assert sorted(real) == list(range(num_examples))

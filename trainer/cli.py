@@ -100,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `trainer` console script and `python -m trainer`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`evaluate DIR --data F task=mlm`): collect them.
+    args, extra = parser.parse_known_args(argv)
+    strays = [item for item in extra if item.startswith("-") or "=" not in item]
+    if strays or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return args.run(args)
     except UserError as err:

@@ -282,8 +282,9 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "eval.early_stopping_patience": cfg.eval.early_stopping_patience,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
     }
-    errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if v <= 0]
-    errors += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+    # written as "not (v > 0)" so that NaN fails too
+    errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if not v > 0]
+    errors += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if not v >= 0]
     bounded = [  # key, value, low, high, is the low end open, is the high end open
         ("data.validation_split", cfg.data.validation_split, 0, 1, False, True),
         ("train.warmup_ratio", cfg.train.warmup_ratio, 0, 1, False, True),
@@ -315,7 +316,7 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         errors.append("train.epochs: set train.epochs or train.max_steps above 0")
     per_step = cfg.train.micro_batch_size * world_size
-    if cfg.train.global_batch_size % per_step:
+    if per_step > 0 and cfg.train.global_batch_size % per_step:
         errors.append(
             f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
             f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {world_size}"
