@@ -454,6 +454,19 @@ def job_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def load_warning(report: dict[str, Any]) -> list[str]:
+    """A warning when another process was using the CPU as a run started."""
+    loads = [r[e]["load_before"] for r in report["jobs"] for e in ("ours", "hf")]
+    if max(loads) < 0.5 * report["machine"]["cpu_cores"]:
+        return []
+    return [
+        "",
+        f"**Warning: the machine was busy (load average up to {max(loads):.1f} on "
+        f"{report['machine']['cpu_cores']} cores when a run started), so the times and "
+        "their ratios are dominated by other processes, not by the engines.**",
+    ]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The results file: machine, settings, then one table per job."""
     m = report["machine"]
@@ -473,6 +486,7 @@ def markdown(report: dict[str, Any]) -> str:
         "AdamW, eval once at the end; our engine drops each epoch's partial last batch, "
         "Trainer keeps it",
     ]
+    lines += load_warning(report)
     for result in report["jobs"]:
         job = result["job"]
         lines += [

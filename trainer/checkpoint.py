@@ -6,11 +6,13 @@ save never leaves a half-written `best/` or `final/` behind, and the previous on
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from trainer.config import RunConfig, dump_yaml
@@ -40,13 +42,24 @@ def save_model(
     if accelerator.is_main_process:
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(
-            tmp, state_dict=state_dict, safe_serialization=True
-        )
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if isinstance(unwrapped, PeftModel):
+            _save_base_config(unwrapped.get_base_model(), tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
         _replace(tmp, target)
     accelerator.wait_for_everyone()
+
+
+def _save_base_config(base, folder: Path) -> None:
+    """Next to an adapter: the base's config with the label names and the head class, so
+    that the task and labels of the folder are known without loading the base."""
+    config = copy.deepcopy(base.config)
+    config.architectures = [type(base).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the base is quantized again when loaded
+    config.save_pretrained(folder)
 
 
 def copy_model(source: Path, target: Path) -> None:

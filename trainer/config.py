@@ -24,6 +24,7 @@ from trainer.errors import UserError
 TASKS = ("mlm", "clm", "classification", "token-classification")
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+PEFT_METHODS = ("none", "lora", "qlora")
 TRACKERS = ("tensorboard",)
 
 # Metrics each task reports at evaluation; the first is the default `eval.metric`.
@@ -73,6 +74,18 @@ class MlmConfig:
 
 
 @dataclass
+class PeftConfig:
+    method: str = _field("none", "none (full fine-tuning) | lora | qlora (LoRA on a 4-bit base).")
+    r: int = _field(8, "LoRA rank.")
+    alpha: float = _field(16.0, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = _field(0.05, "Dropout on the LoRA branch.")
+    target_modules: list | str | None = _field(
+        None, "Modules to adapt: a list, 'all-linear', or null for the architecture default."
+    )
+    options: dict = _field({}, "More peft.LoraConfig fields, e.g. {use_rslora: true}.")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = _field(3, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _field(0, "Optimizer steps to run; 0 means use epochs.")
@@ -115,6 +128,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -246,6 +260,8 @@ def _build_section(cls: type, values: Any, prefix: str, errors: list[str]) -> An
             continue
         if hints[key] is float:
             value = _yaml11_float(value)
+        if dotted == "train.precision" and value is False:
+            value = "no"  # YAML 1.1 reads a bare `no` as false
         if not _type_ok(value, hints[key]):
             errors.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
         else:
@@ -263,6 +279,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     _choice(errors, "task", cfg.task, TASKS)
     _choice(errors, "train.scheduler", cfg.train.scheduler, SCHEDULERS)
     _choice(errors, "train.precision", cfg.train.precision, PRECISIONS)
+    _choice(errors, "peft.method", cfg.peft.method, PEFT_METHODS)
     for tracker in cfg.log.trackers:
         _choice(errors, "log.trackers", tracker, TRACKERS)
     positive = {
@@ -272,6 +289,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "train.lr": cfg.train.lr,
         "eval.batch_size": cfg.eval.batch_size,
         "log.every_steps": cfg.log.every_steps,
+        "peft.r": cfg.peft.r,
+        "peft.alpha": cfg.peft.alpha,
     }
     non_negative = {
         "train.epochs": cfg.train.epochs,
@@ -287,6 +306,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     errors += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if not v >= 0]
     bounded = [  # key, value, low, high, is the low end open, is the high end open
         ("data.validation_split", cfg.data.validation_split, 0, 1, False, True),
+        ("peft.dropout", cfg.peft.dropout, 0, 1, False, True),
         ("train.warmup_ratio", cfg.train.warmup_ratio, 0, 1, False, True),
         ("train.layerwise_lr_decay", cfg.train.layerwise_lr_decay, 0, 1, True, False),
         ("mlm.mask_probability", cfg.mlm.mask_probability, 0, 1, True, True),
@@ -321,6 +341,8 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
             f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
             f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {world_size}"
         )
+    if cfg.peft.method == "qlora" and cfg.model.from_scratch:
+        errors.append("peft.method: qlora quantizes pretrained weights; not with from_scratch")
     if cfg.data.validation and cfg.data.validation_split:
         errors.append("data.validation_split: can't use both data.validation and a split")
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)

@@ -10,9 +10,17 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from accelerate import PartialState
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
-from trainer.config import ModelConfig
+from trainer import adapters
+from trainer.config import ModelConfig, PeftConfig
 from trainer.errors import UserError
 
 AUTO_CLASSES = {
@@ -39,7 +47,7 @@ def _source(cfg: ModelConfig) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path: {name} has no config.json (not a model folder)")
-        return str(path)
+        return str(path.resolve())  # absolute: an adapter saved from it must find it again
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise UserError(f"model.name_or_path: folder not found: {name}")
     return name
@@ -109,10 +117,11 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase,
     label_names: list[str] | None = None,
     seed: int = 0,
+    quantization: BitsAndBytesConfig | None = None,
 ) -> torch.nn.Module:
-    """The model with the task's head: pretrained weights, or random ones (`from_scratch`).
-
-    A head whose size differs from the saved one (new labels) is re-initialised."""
+    """The model with the task's head: pretrained weights, or random ones (`from_scratch`),
+    optionally quantized on load (QLoRA). A head whose size differs from the saved one
+    (new labels) is re-initialised."""
     config = load_model_config(cfg, label_names)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
@@ -129,11 +138,38 @@ def load_model(
                 config=config,
                 trust_remote_code=cfg.trust_remote_code,
                 ignore_mismatched_sizes=label_names is not None,
+                **_quantized_loading(quantization),
             ),
         )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:
+    if quantization is None:
+        return {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    index = PartialState().local_process_index if device == "cuda" else None
+    return {
+        "quantization_config": quantization,
+        "device_map": {"": index if index is not None else device},
+        "dtype": quantization.bnb_4bit_compute_dtype,
+    }
+
+
+def load_trained(
+    folder: str, task: str, tokenizer: PreTrainedTokenizerBase, peft: PeftConfig, precision: str
+) -> torch.nn.Module:
+    """A model saved by a run: a full model, or an adapter folder whose base is loaded (and
+    quantized again for QLoRA) and then given the adapter and the heads saved with it."""
+    if not adapters.is_adapter_folder(folder):
+        return load_model(ModelConfig(name_or_path=folder), task, tokenizer)
+    label_names = saved_label_names(load_model_config(ModelConfig(name_or_path=folder), None))
+    base = ModelConfig(name_or_path=adapters.base_of(folder))
+    quantization = adapters.quantization_config(precision) if peft.method == "qlora" else None
+    model = load_model(base, task, tokenizer, label_names, quantization=quantization)
+    return adapters.load_adapter(model, folder)
 
 
 def task_of_saved_model(path: str) -> str | None:

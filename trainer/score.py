@@ -18,9 +18,9 @@ from trainer.data import check_labels, read_split
 from trainer.errors import UserError
 from trainer.evaluation import evaluate
 from trainer.model import (
-    load_model,
     load_model_config,
     load_tokenizer,
+    load_trained,
     saved_label_names,
     task_of_saved_model,
 )
@@ -64,7 +64,8 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     if label_names is not None:
         check_labels(split, label_names, cfg.task)
     examples = spec.encode(split, tokenizer, label_names, cfg.data.max_length)
-    model = accelerator.prepare(load_model(cfg.model, cfg.task, tokenizer, None, cfg.train.seed))
+    model = load_trained(cfg.model.name_or_path, cfg.task, tokenizer, cfg.peft, cfg.train.precision)
+    model = accelerator.prepare(model)
     results = evaluate(
         model,
         examples,

@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from trainer.adapters import attach_adapter, quantization_config
 from trainer.checkpoint import save_model, save_training_state
 from trainer.config import LOWER_IS_BETTER, RunConfig, dump_yaml, world_size_from_env
 from trainer.data import Split, carve_validation, check_labels, label_names_from, read_split
@@ -108,6 +109,18 @@ class Best:
         return better
 
 
+def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names) -> torch.nn.Module:
+    """The model to train: full, or the base (4-bit for QLoRA) wrapped with a LoRA adapter."""
+    quantization = quantization_config(cfg.train.precision) if cfg.peft.method == "qlora" else None
+    model = load_model(cfg.model, cfg.task, tokenizer, label_names, cfg.train.seed, quantization)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    if cfg.peft.method != "none":
+        model = attach_adapter(model, cfg.peft, cfg.task, cfg.train.gradient_checkpointing)
+    return model
+
+
 # --- one optimizer step ------------------------------------------------------------------
 
 
@@ -175,6 +188,8 @@ class Run:
     def summary(self) -> dict:
         """What this run will do, printed at start and kept in run_summary.json."""
         parameters = list(self.model.parameters())
+        total = sum(p.numel() for p in parameters)
+        trainable = sum(p.numel() for p in parameters if p.requires_grad)
         return {
             "task": self.cfg.task,
             "processes": self.accelerator.num_processes,
@@ -185,8 +200,10 @@ class Run:
             "accumulation_steps": self.plan.accumulation_steps,
             "steps_per_epoch": self.plan.steps_per_epoch,
             "total_steps": self.total_steps,
-            "parameters": sum(p.numel() for p in parameters),
-            "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
+            "parameters": total,
+            "trainable_parameters": trainable,
+            "trainable_share": round(trainable / total, 6),
+            "peft": self.cfg.peft.method,
             "labels": self.label_names,
         }
 
@@ -220,9 +237,7 @@ def set_up(cfg: RunConfig) -> Run:
         )
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
 
-    model = load_model(cfg.model, cfg.task, tokenizer, label_names, cfg.train.seed)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = build_model(cfg, tokenizer, label_names)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)

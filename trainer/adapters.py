@@ -1,0 +1,98 @@
+"""LoRA and QLoRA through `peft` and `bitsandbytes`: what to quantize, what to adapt, how a
+saved adapter finds its base again.
+
+The task heads (classifier, LM head) stay out of quantization and are trained in full and
+saved with the adapter (`modules_to_save`), so a 2 MB adapter folder is a complete model
+once its base is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from transformers import BitsAndBytesConfig
+
+from trainer.config import PeftConfig
+from trainer.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+TASK_TYPES = {
+    "classification": TaskType.SEQ_CLS,
+    "token-classification": TaskType.TOKEN_CLS,
+    "clm": TaskType.CAUSAL_LM,
+    "mlm": None,  # peft has no masked-LM task type; the generic PeftModel serves
+}
+# Heads trained in full next to the adapter: BERT/RoBERTa `classifier`, GPT/Llama `score`.
+HEADS = {"classification": ["classifier", "score"], "token-classification": ["classifier", "score"]}
+# Never quantized: the heads above, LM heads and BERT's pooler (it feeds the classifier, and
+# a base saved without one gets it newly initialised, which 4-bit layers cannot be).
+# Transformers matches these as prefixes/suffixes of module names (recent releases) or as
+# substrings (older ones): ".*pooler" covers `bert.pooler.dense` under the first rule.
+NOT_QUANTIZED = ["classifier", "score", "lm_head", "cls", "pooler", ".*pooler"]
+COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def quantization_config(precision: str) -> BitsAndBytesConfig:
+    """4-bit NF4 with double quantization, computing in the run's precision."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision],
+        llm_int8_skip_modules=NOT_QUANTIZED,
+    )
+
+
+def default_target_modules(model: torch.nn.Module) -> list[str] | str:
+    """peft's per-architecture default (BERT query/value, GPT-2 c_attn, Llama q/v_proj),
+    or every linear layer for architectures peft does not list."""
+    targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
+    return list(targets) if targets else "all-linear"
+
+
+def attach_adapter(
+    model: torch.nn.Module, cfg: PeftConfig, task: str, gradient_checkpointing: bool
+) -> PeftModel:
+    """Wrap `model` with a fresh LoRA adapter (after k-bit preparation for QLoRA)."""
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    targets = cfg.target_modules or default_target_modules(model)
+    try:
+        lora = LoraConfig(
+            task_type=TASK_TYPES[task],
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=targets,
+            modules_to_save=HEADS.get(task),
+            **cfg.options,
+        )
+    except TypeError as err:
+        raise UserError(f"peft.options: {err}") from None
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"peft.target_modules: {str(err).splitlines()[0]}") from None
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A saved LoRA/QLoRA run rather than a full model."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def base_of(path: str | Path) -> str:
+    """The base model an adapter folder was trained on (hub id or folder)."""
+    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+
+
+def load_adapter(base: torch.nn.Module, path: str | Path, name: str = "default") -> PeftModel:
+    """Attach a saved adapter (and the heads saved with it) to its loaded base."""
+    return PeftModel.from_pretrained(base, str(path), adapter_name=name)
