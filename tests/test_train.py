@@ -227,16 +227,17 @@ def test_evaluate_base_model_as_classifier_is_refused(tiny_bert, data_dir, capsy
 # --- pinned first-step losses --------------------------------------------------------------
 
 # The loss of the very first step with seed 0 on the session's tiny models and data. It
-# depends only on the initial weights, the data order, the masking and the loss
-# normalisation -- not on the learning rate. A change in one of these numbers means that a
+# depends only on the initial weights, the data order, the masking, the dropout draws and
+# the loss normalisation -- not on the learning rate. (Re-pinned once when the training
+# DataLoader got its own generator and stopped drawing from the global RNG.) A change in one of these numbers means that a
 # change in trainer/ altered one of them (e.g. a different permutation, a different masking
 # draw, a loss averaged per micro-batch instead of per target): investigate before
 # re-pinning.
 PINNED_FIRST_LOSS = {
-    "mlm": 4.883495807647705,
-    "clm": 5.709911346435547,
-    "classification": 0.6970828771591187,
-    "token-classification": 1.6246399879455566,
+    "mlm": 4.874603271484375,
+    "clm": 5.708502769470215,
+    "classification": 0.6935287714004517,
+    "token-classification": 1.635804533958435,
 }
 
 
@@ -280,7 +281,7 @@ def sgd_step(model_dir: Path, window: list[dict], accumulation: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    stats = optimizer_step(model, window, TASKS["mlm"], accelerator, optimizer, scheduler, 0.0)
+    stats = optimizer_step(model, window, TASKS["mlm"], accelerator, optimizer, scheduler, 0.0).sums
     state = accelerator.unwrap_model(model).state_dict()
     return {k: v.detach().clone() for k, v in state.items()}, stats
 
@@ -419,10 +420,10 @@ def test_checkpoints_and_tensorboard(run_config, tmp_path):
     assert cli("train", config) == 0
     run_dir = tmp_path / "run"
     for step in (2, 4):
-        state = json.loads(
-            (run_dir / "checkpoints" / f"step-{step}" / "trainer_state.json").read_text()
-        )
-        assert state["step"] == step
+        folder = run_dir / "checkpoints" / f"step-{step:08d}"
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert state["loop"]["step"] == step
+        assert (folder / "COMMIT.json").is_file()
     assert [r["step"] for r in read_metrics(run_dir)] == [2, 4]
     assert list(run_dir.rglob("events.out.tfevents.*")), "tensorboard should log offline"
     assert (run_dir / "final" / "model.safetensors").is_file()

@@ -1,4 +1,5 @@
-"""Saving: the model in Hugging Face format (best/, final/) and the full training state.
+"""Saving: the model in Hugging Face format (best/, final/) and the full training state
+(checkpoints/step-N/), and loading the latter back.
 
 Folders are written under a temporary name and renamed into place, so a crash during a
 save never leaves a half-written `best/` or `final/` behind, and the previous one stays.
@@ -11,13 +12,17 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from trainer.config import RunConfig, dump_yaml
+from trainer.resume import write_commit
 
 RUN_CONFIG_NAME = "trainer_config.yaml"  # inside a saved model: how it was trained
+TRAINER_STATE_NAME = "trainer_state.json"
+SCHEDULER_NAME = "scheduler.pt"
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -62,17 +67,38 @@ def _save_base_config(base, folder: Path) -> None:
     config.save_pretrained(folder)
 
 
-def copy_model(source: Path, target: Path) -> None:
-    """Copy a saved model folder (best/ to final/) with the same all-or-nothing rename."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    _replace(tmp, target)
-
-
-def save_training_state(accelerator: Accelerator, target: Path, counters: dict) -> None:
-    """Model, optimizer, scheduler and RNG states via Accelerate, plus the step counters."""
-    accelerator.save_state(str(target), safe_serialization=True)
+def save_checkpoint(
+    accelerator: Accelerator, folder: Path, scheduler, state: dict, rank_state: dict
+) -> None:
+    """Everything needed to continue exactly: model (or adapter), optimizer, grad scaler and
+    per-process RNG states through Accelerate (weights as safetensors), the LR scheduler,
+    the loop's counters (`state`, the same on every process) and this process's unlogged
+    sums (`rank_state`). Written to `step-N.partial`, committed (manifest last, after every
+    process finished), then renamed: a crash at any point leaves no folder that resume
+    would trust, and the previous checkpoint untouched."""
+    partial = folder.with_name(folder.name + ".partial")
     if accelerator.is_main_process:
-        (target / "trainer_state.json").write_text(json.dumps(counters, indent=2))
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial), safe_serialization=True)
+    rank = accelerator.process_index
+    (partial / f"trainer_rank_{rank}.json").write_text(json.dumps(rank_state))
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), partial / SCHEDULER_NAME)
+        (partial / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_commit(partial)
+        partial.rename(folder)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, scheduler) -> tuple[dict, dict]:
+    """Restore what `save_checkpoint` wrote; returns (loop state, this process's state).
+    Every tensor file is read with `weights_only=True` (Accelerate's default, and ours)."""
+    accelerator.load_state(str(folder))
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    rank_file = folder / f"trainer_rank_{accelerator.process_index}.json"
+    return state, json.loads(rank_file.read_text())

@@ -1,4 +1,4 @@
-"""The `trainer` command: train, evaluate, keys.
+"""The `trainer` command: train, evaluate, predict, keys.
 
 Config problems are found before torch or transformers are imported, so `trainer train`
 with a typo answers at once. Whatever the user can fix ends as one line on stderr and exit
@@ -14,7 +14,7 @@ import sys
 from dataclasses import MISSING
 
 from trainer.config import all_keys, load_config
-from trainer.errors import EXIT_USER_ERROR, UserError
+from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
 
 
 def _quiet_libraries() -> None:
@@ -51,13 +51,20 @@ def format_results(results: dict) -> str:
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from trainer.train import RunFinished, train
+    from trainer.preemption import EXIT_PREEMPTED, Preempted
+    from trainer.train import RunFinished, TrainingFailed, train
 
     try:
         results = train(cfg)
     except RunFinished as done:
         print(done)
         return 0
+    except Preempted as stopped:
+        print(stopped, file=sys.stderr)
+        return EXIT_PREEMPTED
+    except TrainingFailed as failed:
+        print(f"error: {failed}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
     return 0
@@ -71,6 +78,60 @@ def _evaluate(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from trainer.export import export
+
+    print(json.dumps(export(args.run_dir, args.out, args.merge)))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from trainer.inference import PredictOptions, predict_file
+
+    options = PredictOptions(
+        batch_size=args.batch_size,
+        precision=args.precision,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
+    stats = predict_file(
+        args.model_dir, args.input, args.output, args.overrides, options, args.adapter, args.use
+    )
+    print(
+        f"{stats['rows']} rows in {stats['seconds']:.2f} s "
+        f"({stats['rows_per_s']:.1f} rows/s) -> {args.output}"
+    )
+    print(json.dumps(stats))
+    return 0
+
+
+def _add_predict_parser(commands) -> None:
+    predict = commands.add_parser("predict", help="predict on new texts with a model folder")
+    predict.add_argument("model_dir", help="a run's final/ (full or adapter) or a model folder")
+    predict.add_argument("--input", required=True, help="csv, tsv, jsonl (text column) or txt")
+    predict.add_argument("--output", required=True, help="jsonl file, one row per input")
+    predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
+    predict.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
+    predict.add_argument("--top-k", type=int, default=5, help="mlm: fills per mask token")
+    predict.add_argument("--max-new-tokens", type=int, default=32, help="clm: tokens to add")
+    predict.add_argument("--temperature", type=float, default=0.0, help="clm: 0 is greedy")
+    predict.add_argument("--top-p", type=float, default=1.0, help="clm: nucleus sampling")
+    predict.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another LoRA adapter on the same base (repeatable)",
+    )
+    predict.add_argument("--use", metavar="NAME", help="the adapter that serves this run")
+    predict.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=mlm")
+    predict.set_defaults(run=_predict)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -93,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="data file to score on")
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=mlm")
     evaluate.set_defaults(run=_evaluate)
+    _add_predict_parser(commands)
+    export = commands.add_parser("export", help="export a LoRA/QLoRA run: adapter or merged")
+    export.add_argument("run_dir", help="a run directory or its final/ adapter folder")
+    export.add_argument("--out", required=True, help="folder to write (must not exist)")
+    export.add_argument("--merge", action="store_true", help="merge into a standalone model")
+    export.set_defaults(run=_export)
     keys = commands.add_parser("keys", help="list every run config key with its meaning")
     keys.set_defaults(run=_keys)
     return parser

@@ -25,6 +25,7 @@ TASKS = ("mlm", "clm", "classification", "token-classification")
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 PEFT_METHODS = ("none", "lora", "qlora")
+ON_NONFINITE = ("skip", "stop")
 TRACKERS = ("tensorboard",)
 
 # Metrics each task reports at evaluation; the first is the default `eval.metric`.
@@ -100,6 +101,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _field(False, "Recompute activations to save memory.")
     layerwise_lr_decay: float = _field(1.0, "LR factor per layer below the top (1.0: off).")
     seed: int = _field(42, "Seed for weights init, data order, masking and splits.")
+    resume: str = _field("auto", "auto (newest complete checkpoint) | never | a checkpoint path.")
+    max_time: str | int | None = _field(
+        None, "Wall-time budget [[D-]HH:]MM:SS; save and exit before."
+    )
+    on_nonfinite: str = _field("skip", "Non-finite loss/grad norm: skip the step | stop.")
+    max_nonfinite_in_a_row: int = _field(5, "With skip: stop after this many skipped in a row.")
 
 
 @dataclass
@@ -119,6 +126,8 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = _field(0, "Save the full training state every N steps; 0: off.")
+    every_minutes: float = _field(0.0, "Also save when this many minutes passed; 0: off.")
+    keep_last: int = _field(2, "Complete checkpoints kept (the best one is kept as well).")
 
 
 @dataclass
@@ -280,6 +289,9 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     _choice(errors, "train.scheduler", cfg.train.scheduler, SCHEDULERS)
     _choice(errors, "train.precision", cfg.train.precision, PRECISIONS)
     _choice(errors, "peft.method", cfg.peft.method, PEFT_METHODS)
+    _choice(errors, "train.on_nonfinite", cfg.train.on_nonfinite, ON_NONFINITE)
+    if cfg.train.max_time is not None and parse_duration(cfg.train.max_time) is None:
+        errors.append(f"train.max_time: '{cfg.train.max_time}' is not [[D-]HH:]MM:SS")
     for tracker in cfg.log.trackers:
         _choice(errors, "log.trackers", tracker, TRACKERS)
     positive = {
@@ -289,6 +301,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "train.lr": cfg.train.lr,
         "eval.batch_size": cfg.eval.batch_size,
         "log.every_steps": cfg.log.every_steps,
+        "train.max_nonfinite_in_a_row": cfg.train.max_nonfinite_in_a_row,
         "peft.r": cfg.peft.r,
         "peft.alpha": cfg.peft.alpha,
     }
@@ -300,6 +313,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "eval.every_steps": cfg.eval.every_steps,
         "eval.early_stopping_patience": cfg.eval.early_stopping_patience,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
     }
     # written as "not (v > 0)" so that NaN fails too
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if not v > 0]
@@ -348,6 +363,19 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
     if cfg.eval.early_stopping_patience and not has_validation:
         errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
+
+
+def parse_duration(text: str | int) -> float | None:
+    """Seconds in `[[D-]HH:]MM:SS` (SLURM's --time format) or a plain number of seconds."""
+    text = str(text).strip()
+    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+    parts = clock.split(":")
+    if not days.isdigit() or len(parts) > 3 or not all(p.isdigit() for p in parts):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return int(days) * 86400 + seconds
 
 
 def world_size_from_env() -> int:

@@ -11,3 +11,4 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+EXIT_TRAINING_FAILED = 3  # non-finite values it could not skip, or a checkpoint it could not write

@@ -159,17 +159,27 @@ def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:
 
 
 def load_trained(
-    folder: str, task: str, tokenizer: PreTrainedTokenizerBase, peft: PeftConfig, precision: str
+    folder: str,
+    task: str,
+    tokenizer: PreTrainedTokenizerBase,
+    peft: PeftConfig,
+    precision: str,
+    seed: int,
+    base: str | None = None,
+    adapter_name: str = "default",
 ) -> torch.nn.Module:
-    """A model saved by a run: a full model, or an adapter folder whose base is loaded (and
-    quantized again for QLoRA) and then given the adapter and the heads saved with it."""
+    """A model saved by a run: a full model, or an adapter folder whose base (`base`, or the
+    one recorded in the folder) is loaded, quantized again for QLoRA, and given the adapter
+    and the heads saved with it. Base weights missing from the base checkpoint (e.g. the
+    pooler of an MLM-only BERT) are frozen under LoRA and not saved: `seed`, the run's,
+    draws them again exactly as in training."""
     if not adapters.is_adapter_folder(folder):
         return load_model(ModelConfig(name_or_path=folder), task, tokenizer)
     label_names = saved_label_names(load_model_config(ModelConfig(name_or_path=folder), None))
-    base = ModelConfig(name_or_path=adapters.base_of(folder))
+    base_cfg = ModelConfig(name_or_path=base or adapters.base_of(folder))
     quantization = adapters.quantization_config(precision) if peft.method == "qlora" else None
-    model = load_model(base, task, tokenizer, label_names, quantization=quantization)
-    return adapters.load_adapter(model, folder)
+    model = load_model(base_cfg, task, tokenizer, label_names, seed, quantization)
+    return adapters.load_adapter(model, folder, adapter_name)
 
 
 def task_of_saved_model(path: str) -> str | None:

@@ -64,7 +64,9 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     if label_names is not None:
         check_labels(split, label_names, cfg.task)
     examples = spec.encode(split, tokenizer, label_names, cfg.data.max_length)
-    model = load_trained(cfg.model.name_or_path, cfg.task, tokenizer, cfg.peft, cfg.train.precision)
+    model = load_trained(
+        cfg.model.name_or_path, cfg.task, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed
+    )
     model = accelerator.prepare(model)
     results = evaluate(
         model,

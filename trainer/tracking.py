@@ -44,7 +44,14 @@ def _hyperparameters(cfg: RunConfig) -> dict:
 class RunLog:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors it to trackers."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, cfg: RunConfig, total_steps: int):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        run_dir: Path,
+        cfg: RunConfig,
+        total_steps: int,
+        start_step: int = 0,
+    ):
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
         self.started = time.perf_counter()
@@ -53,6 +60,7 @@ class RunLog:
             accelerator.init_trackers("tensorboard", config=_hyperparameters(cfg))
         self.progress = tqdm(
             total=total_steps,
+            initial=start_step,
             disable=not accelerator.is_main_process,
             dynamic_ncols=True,
             desc="train",

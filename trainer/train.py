@@ -8,10 +8,15 @@ evaluates, keeps the best model, and leaves `final/`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import shutil
+import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -22,13 +27,22 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from trainer.adapters import attach_adapter, quantization_config
-from trainer.checkpoint import save_model, save_training_state
-from trainer.config import LOWER_IS_BETTER, RunConfig, dump_yaml, world_size_from_env
+from trainer.checkpoint import TRAINER_STATE_NAME, load_checkpoint, save_checkpoint, save_model
+from trainer.config import (
+    LOWER_IS_BETTER,
+    RunConfig,
+    dump_yaml,
+    parse_duration,
+    to_dict,
+    world_size_from_env,
+)
 from trainer.data import Split, carve_validation, check_labels, label_names_from, read_split
 from trainer.errors import UserError
 from trainer.evaluation import evaluate, model_inputs, to_device
 from trainer.model import load_model, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.preemption import Preempted, StopFlag, requeue, slurm_job_to_requeue
+from trainer.resume import changed_keys, checkpoint_dir, rotate, select_checkpoint, truncate_metrics
 from trainer.sampling import BatchPlan, KeyedDataset
 from trainer.tasks import TASKS, TaskSpec, count_targets
 from trainer.tracking import RunLog
@@ -55,16 +69,41 @@ def read_splits(cfg: RunConfig) -> tuple[Split, Split | None, list[str] | None]:
     return train, validation, label_names
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """The run directory, refusing to overwrite an earlier run's results."""
+def _report(message: str) -> None:
+    """A note from the main process before Accelerate is up (all ranks run the same checks)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
+
+
+def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None: start fresh); refuses
+    to overwrite an earlier run's results or to resume under a changed run config."""
     run_dir = Path(cfg.output_dir).expanduser().resolve()
     if (run_dir / "final").is_dir():
         raise RunFinished(f"run already finished: {run_dir / 'final'} exists; nothing to do")
-    if (run_dir / "metrics.jsonl").exists():
+    checkpoint = select_checkpoint(run_dir, cfg.train.resume, _report)
+    if checkpoint is None and cfg.train.resume == "auto" and (run_dir / "metrics.jsonl").exists():
         raise UserError(
-            f"output_dir: {run_dir} holds an unfinished run; choose another output_dir or remove it"
+            f"output_dir: {run_dir} holds an unfinished run without a complete checkpoint; "
+            "train.resume=never starts over (its files are kept aside)"
         )
-    return run_dir
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
+        changed = changed_keys(saved, to_dict(cfg))
+        if changed:
+            raise UserError(
+                f"train.resume: the run config differs from checkpoint {checkpoint.name} in "
+                f"{', '.join(changed)}; restore them or use another output_dir"
+            )
+    return run_dir, checkpoint
+
+
+def _set_aside_previous(run_dir: Path) -> None:
+    """train.resume=never over an earlier run: keep its log and checkpoints, renamed."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("metrics.jsonl", "checkpoints", "eval_results.json", "best"):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(run_dir / f"{name}.previous-{stamp}")
 
 
 def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> Accelerator:
@@ -124,6 +163,16 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names)
 # --- one optimizer step ------------------------------------------------------------------
 
 
+@dataclass
+class StepResult:
+    """What one optimizer step reports: this process's sums [loss, targets, tokens, grad
+    norm] (on the device), and decisions every process agreed on in one all-reduce."""
+
+    sums: torch.Tensor
+    skipped: bool  # non-finite loss or gradient norm on some process: no update
+    requests: list[bool]  # the callers' flags, true when any process raised them
+
+
 def optimizer_step(
     model,
     window: list[dict],
@@ -132,19 +181,21 @@ def optimizer_step(
     optimizer,
     scheduler,
     max_grad_norm: float,
-) -> torch.Tensor:
+    requests: tuple[bool, ...] = (),
+) -> StepResult:
     """Forward/backward over the accumulation window, then clip and step.
 
     The loss is normalised by the number of targets in the whole window on all processes:
     each micro-batch's summed loss is scaled so that, after Accelerate divides by the
     accumulation steps and DDP averages over processes, the gradient is that of
-    sum(all target losses) / (all targets). Returns [loss sum, targets, tokens, grad norm]
-    of this process (kept on the device: no host sync here)."""
+    sum(all target losses) / (all targets). Before the update one all-reduce tells every
+    process whether any saw a non-finite loss or gradient norm (then nobody steps) and
+    whether any raised one of `requests` (stop, save)."""
+    device = accelerator.device
     targets = sum(count_targets(b["labels"], spec.shifted_targets) for b in window)
     all_targets = accelerator.reduce(targets.clone(), "sum").clamp(min=1)
     scale = accelerator.num_processes * len(window) / all_targets
-    loss_total = torch.zeros((), device=accelerator.device)
-    grad_norm = torch.zeros((), device=accelerator.device)
+    loss_total = torch.zeros((), device=device)
     for batch in window:
         with accelerator.accumulate(model):
             with accelerator.autocast():
@@ -152,15 +203,22 @@ def optimizer_step(
             loss_sum, _ = spec.loss(logits, batch["labels"])
             accelerator.backward(loss_sum * scale)
             loss_total += loss_sum.detach()
-            if accelerator.sync_gradients:
-                norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-                grad_norm = norm.detach() if norm is not None else grad_norm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    if not accelerator.optimizer_step_was_skipped:
-        scheduler.step()
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    grad_norm = norm.detach().float() if norm is not None else torch.zeros((), device=device)
+    # fp16: the grad scaler handles inf gradients itself; only the loss counts then
+    bad = ~torch.isfinite(loss_total)
+    if accelerator.scaler is None:
+        bad |= ~torch.isfinite(grad_norm)
+    flags = torch.tensor([float(bad), *map(float, requests)], device=device)
+    skipped, *raised = (accelerator.reduce(flags, "sum") > 0).tolist()
+    if not skipped:
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["attention_mask"].sum() for b in window)
-    return torch.stack([loss_total, targets.float(), tokens.float(), grad_norm.float()])
+    sums = torch.stack([loss_total, targets.float(), tokens.float(), grad_norm])
+    return StepResult(torch.nan_to_num(sums) if skipped else sums, skipped, raised)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -171,6 +229,7 @@ class Run:
     """Everything the loop works with, built by `set_up`."""
 
     cfg: RunConfig
+    resume_from: Path | None
     run_dir: Path
     accelerator: Accelerator
     spec: TaskSpec
@@ -211,9 +270,11 @@ class Run:
 def set_up(cfg: RunConfig) -> Run:
     """Read and check the data before loading the model (a bad row costs seconds, not a
     model download), then the model, optimizer and schedule, prepared by Accelerate."""
-    run_dir = prepare_run_dir(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg)
     world_size = world_size_from_env()
     accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size))
+    if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
+        _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)
     spec = TASKS[cfg.task]
     tokenizer = load_tokenizer(cfg.model, cfg.task)
@@ -241,9 +302,9 @@ def set_up(cfg: RunConfig) -> Run:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     return Run(
         cfg,
+        resume_from,
         run_dir,
         accelerator,
         spec,
@@ -274,6 +335,61 @@ def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> 
     }
 
 
+class TrainingFailed(Exception):
+    """Training stopped on a fault it cannot train through (non-finite values, a failed save)."""
+
+
+@dataclass
+class LoopState:
+    """The loop's position and memory: saved in every checkpoint, the same on all ranks."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    evaluated_at: int = -1
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    train_loss: float | None = None
+    best: dict = field(default_factory=dict)
+
+
+def _start(run: Run) -> tuple[LoopState, Best, torch.Tensor]:
+    """Fresh state, or the state of the checkpoint being resumed (metrics.jsonl is cut
+    back to that step, so the continued log has no duplicated or missing steps)."""
+    state, best = LoopState(), Best(run.cfg.eval_metric)
+    since_log = torch.zeros(4, device=run.accelerator.device)
+    if run.resume_from is None:
+        return state, best, since_log
+    saved, mine = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
+    state = LoopState(**saved["loop"])
+    best = Best(**state.best) if state.best else best
+    since_log = torch.tensor(mine["since_log"], device=run.accelerator.device)
+    if run.accelerator.is_main_process:
+        truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
+        print(f"resuming from {run.resume_from} (step {state.step})", file=sys.stderr)
+    return state, best, since_log
+
+
+def _checkpoint(run: Run, state: LoopState, best: Best, since_log: torch.Tensor) -> None:
+    """Save a checkpoint of this step, then drop the ones beyond checkpoint.keep_last."""
+    state.best = dataclasses.asdict(best)
+    folder = checkpoint_dir(run.run_dir, state.step)
+    loop = {"loop": dataclasses.asdict(state), "config": to_dict(run.cfg)}
+    try:
+        save_checkpoint(
+            run.accelerator, folder, run.scheduler, loop, {"since_log": since_log.tolist()}
+        )
+    except OSError as err:
+        raise TrainingFailed(
+            f"could not write checkpoint {folder}: {err.strerror or err}; "
+            "the previous checkpoint is intact"
+        ) from None
+    if run.accelerator.is_main_process:
+        keep = {checkpoint_dir(run.run_dir, best.step).resolve()}
+        for old in rotate(run.run_dir, run.cfg.checkpoint.keep_last, keep):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def train(cfg: RunConfig) -> dict:
     """Run training as configured; returns the metrics written to eval_results.json."""
     run = set_up(cfg)
@@ -284,11 +400,16 @@ def train(cfg: RunConfig) -> dict:
         (run.run_dir / "run_summary.json").write_text(json.dumps(run.summary(), indent=2))
         accelerator.print(json.dumps(run.summary()))
     accelerator.wait_for_everyone()
-    log = RunLog(accelerator, run.run_dir, cfg, run.total_steps)
-    best = Best(cfg.eval_metric)
+    state, best, since_log = _start(run)
+    log = RunLog(accelerator, run.run_dir, cfg, run.total_steps, state.step)
+    stop_flag = StopFlag(parse_duration(cfg.train.max_time) if cfg.train.max_time else None)
+    stop_flag.install()
+    last_save, last_log_s = time.monotonic(), 0.0
+    has_validation = run.validation_set is not None
 
-    def evaluate_and_keep_best(step: int) -> bool:
+    def evaluate_and_keep_best() -> bool:
         """Evaluate, save the model when it is the best; True when early stopping says stop."""
+        state.evaluated_at = state.step
         with log.paused():
             results = evaluate(
                 model,
@@ -302,34 +423,36 @@ def train(cfg: RunConfig) -> dict:
             )
             log.write(
                 {
-                    "step": step,
+                    "step": state.step,
                     **{f"eval_{k}": v for k, v in results.items() if isinstance(v, float)},
                 }
             )
-            if best.update(results, step):
+            if best.update(results, state.step):
                 save_model(accelerator, model, run.tokenizer, run.run_dir / "best", cfg)
         patience = cfg.eval.early_stopping_patience
         return bool(patience) and best.stale >= patience
 
-    step, epoch, stop, evaluated_at = 0, 0, False, -1
-    since_log = torch.zeros(4, device=accelerator.device)  # loss sum, targets, tokens, norm
-    last_record, last_log_s = {}, 0.0
-    has_validation = run.validation_set is not None
+    early_stop = False
     model.train()
-    while step < run.total_steps and not stop:
+    while state.step < run.total_steps and not early_stop:
         loader = DataLoader(
             KeyedDataset(run.train_set, cfg.train.seed),
-            batch_sampler=list(run.plan.micro_batches(epoch)),
+            batch_sampler=list(run.plan.micro_batches(state.epoch, state.step_in_epoch)),
             collate_fn=run.collator,
             pin_memory=accelerator.device.type == "cuda",
+            # its own generator: a DataLoader iterator otherwise draws its base seed from the
+            # global RNG, and a run resumed mid-epoch would then see other dropout masks
+            generator=torch.Generator(),
         )
         batches = iter(loader)
-        for _ in range(run.plan.steps_per_epoch):
+        while state.step_in_epoch < run.plan.steps_per_epoch:
             window = [
                 to_device(next(batches), accelerator.device)
                 for _ in range(run.plan.accumulation_steps)
             ]
-            since_log += optimizer_step(
+            minutes = cfg.checkpoint.every_minutes
+            save_due_by_time = bool(minutes) and time.monotonic() - last_save > 60 * minutes
+            result = optimizer_step(
                 model,
                 window,
                 run.spec,
@@ -337,47 +460,86 @@ def train(cfg: RunConfig) -> dict:
                 run.optimizer,
                 run.scheduler,
                 cfg.train.max_grad_norm,
+                (stop_flag.requested(), save_due_by_time),
             )
-            step += 1
+            stop_requested, save_due_by_time = result.requests
+            since_log += result.sums
+            state.step += 1
+            state.step_in_epoch += 1
+
+            # --- faults: a non-finite step was skipped on every process
+            if result.skipped:
+                state.skipped_steps += 1
+                state.nonfinite_in_a_row += 1
+                if (
+                    cfg.train.on_nonfinite == "stop"
+                    or state.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row
+                ):
+                    _checkpoint(run, state, best, since_log)
+                    raise TrainingFailed(
+                        f"non-finite loss or gradient norm at step {state.step} "
+                        f"({state.nonfinite_in_a_row} in a row, train.on_nonfinite="
+                        f"{cfg.train.on_nonfinite}); checkpoint saved"
+                    )
+            else:
+                state.nonfinite_in_a_row = 0
 
             # --- log: one all-reduce and one host sync every log.every_steps steps
-            if step % cfg.log.every_steps == 0 or step == run.total_steps:
+            if state.step % cfg.log.every_steps == 0 or state.step == run.total_steps:
                 now = log.elapsed()
-                last_record = log_record(run, step, since_log, now - last_log_s)
-                log.write({**last_record, "elapsed_s": round(now, 3)})
-                log.show(step, last_record["loss"], last_record["lr"], last_record["tokens_per_s"])
+                record = log_record(run, state.step, since_log, now - last_log_s)
+                record["skipped_steps"] = state.skipped_steps
+                state.train_loss = record["loss"]
+                log.write({**record, "elapsed_s": round(now, 3)})
+                log.show(state.step, record["loss"], record["lr"], record["tokens_per_s"])
                 since_log.zero_()
                 last_log_s = now
 
-            # --- evaluate every eval.every_steps; save the full state every checkpoint
-            if has_validation and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
-                stop, evaluated_at = evaluate_and_keep_best(step), step
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            # --- evaluate; checkpoint on schedule, on request, and before stopping
+            every = cfg.eval.every_steps
+            if has_validation and every and state.step % every == 0:
+                early_stop = evaluate_and_keep_best()
+            every = cfg.checkpoint.every_steps
+            if (every and state.step % every == 0) or save_due_by_time or stop_requested:
                 with log.paused():
-                    save_training_state(
-                        accelerator,
-                        run.run_dir / "checkpoints" / f"step-{step}",
-                        {"step": step, "epoch": epoch},
-                    )
-            if stop or step >= run.total_steps:
+                    _checkpoint(run, state, best, since_log)
+                last_save = time.monotonic()
+            if stop_requested:
+                _leave_for_requeue(run, stop_flag.reason or "a signal on another process")
+            if early_stop or state.step >= run.total_steps:
                 break
-        epoch += 1
-        if has_validation and not cfg.eval.every_steps and evaluated_at != step:
-            stop, evaluated_at = evaluate_and_keep_best(step), step
-    if has_validation and evaluated_at != step:
-        evaluate_and_keep_best(step)
+        if state.step_in_epoch >= run.plan.steps_per_epoch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            if has_validation and not cfg.eval.every_steps and state.evaluated_at != state.step:
+                early_stop = evaluate_and_keep_best()
+    if has_validation and state.evaluated_at != state.step:
+        evaluate_and_keep_best()
+    results = _finish(run, best, state)
+    log.close()  # ends the trackers and, under torchrun, the process group: last
+    return results
 
-    # --- final/: the best model by eval.metric (the last one without validation)
-    if has_validation:
+
+def _leave_for_requeue(run: Run, reason: str) -> None:
+    """After the checkpoint: ask SLURM to requeue the job (when it is ours), then stop."""
+    job = slurm_job_to_requeue()
+    requeued = run.accelerator.is_main_process and job is not None and requeue(job)
+    run.accelerator.end_training()
+    suffix = f"; requeued SLURM job {job}" if requeued else "; run the same command to resume"
+    raise Preempted(f"stopped by {reason} at a saved checkpoint{suffix}")
+
+
+def _finish(run: Run, best: Best, state: LoopState) -> dict:
+    """final/: the best model by eval.metric (the last one without validation)."""
+    accelerator = run.accelerator
+    if run.validation_set is not None:
         if accelerator.is_main_process:
             (run.run_dir / "best").rename(run.run_dir / "final")
         results = {**best.results, "best_step": best.step, "metric": best.metric}
     else:
-        save_model(accelerator, model, run.tokenizer, run.run_dir / "final", cfg)
-        results = {"train_loss": last_record["loss"]}
-    results["steps"] = step
+        save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
+        results = {"train_loss": state.train_loss}
+    results |= {"steps": state.step, "skipped_steps": state.skipped_steps}
     if accelerator.is_main_process:
         (run.run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
-    log.close()  # ends the trackers and, under torchrun, the process group: last
     return results

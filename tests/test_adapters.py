@@ -1,0 +1,206 @@
+"""LoRA / QLoRA: parameter arithmetic, small adapters that reload exactly, merges that match,
+QLoRA steps on CPU, and every task with every method through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import TASK_FILES, make_run_config, read_metrics, reset_accelerate
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from trainer.adapters import attach_adapter, quantization_config
+from trainer.checkpoint import save_model
+from trainer.cli import main
+from trainer.config import ModelConfig, PeftConfig, build_config
+from trainer.export import max_logit_difference
+from trainer.model import load_model, load_trained
+
+TASKS = ("mlm", "clm", "classification", "token-classification")
+RANDOM_B = {"init_lora_weights": False}  # a non-zero adapter from the start: merges must matter
+
+
+def cli(*argv) -> int:
+    reset_accelerate()
+    return main([str(a) for a in argv])
+
+
+def tiny_classifier(tiny_bert: Path, tokenizer, quantized: bool = False):
+    quantization = quantization_config("no") if quantized else None
+    return load_model(
+        ModelConfig(name_or_path=str(tiny_bert)),
+        "classification",
+        tokenizer,
+        ["negative", "positive"],
+        seed=0,
+        quantization=quantization,
+    )
+
+
+def sample_batch(tokenizer) -> dict[str, torch.Tensor]:
+    texts = ["the film was great", "awful service and bad food in London", "a"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    return {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
+def test_lora_parameter_count_is_r_times_d_plus_k(tiny_bert, bert_tokenizer):
+    """BERT default targets are query and value (32x32 in the tiny model, 2 layers): each
+    adds r*(d+k) = 8*(32+32); the classifier (32*2 + 2) trains in full next to them."""
+    model = tiny_classifier(tiny_bert, bert_tokenizer)
+    model = attach_adapter(model, PeftConfig(method="lora", r=8), "classification", False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2)
+
+
+def test_all_linear_targets_every_linear_layer(tiny_bert, bert_tokenizer):
+    model = tiny_classifier(tiny_bert, bert_tokenizer)
+    cfg = PeftConfig(method="lora", r=4, target_modules="all-linear")
+    model = attach_adapter(model, cfg, "classification", False)
+    # per layer: q, k, v, attention output (32x32 each), intermediate 32->64, output 64->32
+    per_layer = 4 * 4 * (32 + 32) + 4 * (32 + 64) * 2
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora == 2 * per_layer + 4 * (32 + 32)  # and BERT's pooler (32x32)
+
+
+def test_unknown_lora_option_is_a_user_error(tiny_bert, bert_tokenizer):
+    from trainer.errors import UserError
+
+    model = tiny_classifier(tiny_bert, bert_tokenizer)
+    with pytest.raises(UserError, match=r"peft\.options"):
+        attach_adapter(
+            model, PeftConfig(method="lora", options={"use_dorra": True}), "classification", False
+        )
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_saved_adapter_reloads_with_identical_predictions(method, tiny_bert, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = tiny_classifier(tiny_bert, tokenizer, quantized=method == "qlora")
+    peft = PeftConfig(method=method, options=RANDOM_B)
+    model = attach_adapter(model, peft, "classification", False).eval()
+    cfg = build_config(
+        {
+            "task": "classification",
+            "model": {"name_or_path": str(tiny_bert)},
+            "peft": {"method": method},
+        },
+        for_training=False,
+    )
+    save_model(Accelerator(cpu=True), model, tokenizer, tmp_path / "final", cfg)
+    files = {p.name: p.stat().st_size for p in (tmp_path / "final").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    reloaded = load_trained(str(tmp_path / "final"), "classification", tokenizer, peft, "no", 0)
+    batch = sample_batch(tokenizer)
+    with torch.no_grad():
+        expected, got = model(**batch).logits, reloaded.eval()(**batch).logits
+    assert torch.allclose(expected, got, atol=1e-6)
+
+
+def test_adapter_folder_is_a_small_fraction_of_the_model(tmp_path, tiny_models_by_task, data_dir):
+    config = make_run_config(
+        tmp_path, "classification", tiny_models_by_task, data_dir, peft={"method": "lora"}
+    )
+    assert cli("train", config) == 0
+    adapter = (tmp_path / "run" / "final" / "adapter_model.safetensors").stat().st_size
+    full = (tiny_models_by_task["bert"] / "model.safetensors").stat().st_size
+    assert adapter < 0.1 * full
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["peft"] == "lora"
+    assert 0 < summary["trainable_share"] < 0.1
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merged_model_matches_the_adapter(method, tmp_path, tiny_models_by_task, data_dir):
+    config = make_run_config(
+        tmp_path,
+        "classification",
+        tiny_models_by_task,
+        data_dir,
+        peft={"method": method, "options": RANDOM_B},
+        train={"max_steps": 3},
+    )
+    assert cli("train", config) == 0
+    final, merged_dir = tmp_path / "run" / "final", tmp_path / "merged"
+    assert cli("export", tmp_path / "run", "--merge", "--out", merged_dir) == 0
+    assert (merged_dir / "model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    peft = PeftConfig(method=method)
+    adapted = load_trained(str(final), "classification", tokenizer, peft, "no", seed=0)
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    batch = sample_batch(tokenizer)
+    assert max_logit_difference(adapted, merged, batch) < 1e-4
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models_by_task["bert"])
+    assert max_logit_difference(base, merged, batch) > 1e-3  # the adapter did something
+    assert merged.config.id2label == {0: "negative", 1: "positive"}
+
+
+def test_export_without_merge_copies_a_clean_adapter(tmp_path, tiny_models_by_task, data_dir):
+    config = make_run_config(
+        tmp_path,
+        "mlm",
+        tiny_models_by_task,
+        data_dir,
+        peft={"method": "lora"},
+        train={"max_steps": 2},
+    )
+    assert cli("train", config) == 0
+    assert cli("export", tmp_path / "run", "--out", tmp_path / "adapter") == 0
+    names = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_config.yaml"} <= names
+    assert "README.md" not in names
+
+
+def test_export_refuses_a_full_model_and_a_non_empty_target(
+    tmp_path, tiny_models_by_task, data_dir, capsys
+):
+    config = make_run_config(tmp_path, "mlm", tiny_models_by_task, data_dir, train={"max_steps": 1})
+    assert cli("train", config) == 0
+    assert cli("export", tmp_path / "run", "--merge", "--out", tmp_path / "out") == 2
+    assert "holds no LoRA/QLoRA adapter" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert cli("export", tmp_path / "run", "--out", tmp_path / "full") == 2
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_qlora_steps_reduce_the_loss_on_cpu(tmp_path, tiny_models_by_task, data_dir):
+    config = make_run_config(
+        tmp_path,
+        "classification",
+        tiny_models_by_task,
+        data_dir,
+        peft={"method": "qlora", "r": 16},
+        train={"epochs": 3, "lr": 5e-3},
+    )
+    assert cli("train", config) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_trains_and_scores_with_every_method(
+    task, method, tmp_path, tiny_models_by_task, data_dir, capsys
+):
+    config = make_run_config(
+        tmp_path,
+        task,
+        tiny_models_by_task,
+        data_dir,
+        peft={"method": method},
+        train={"max_steps": 2},
+    )
+    assert cli("train", config) == 0
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    _, validation = TASK_FILES[task]
+    capsys.readouterr()
+    assert cli("evaluate", final, "--data", data_dir / validation) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert scored["loss"] == pytest.approx(expected["loss"], rel=1e-5)

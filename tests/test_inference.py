@@ -1,0 +1,318 @@
+"""`trainer predict` and the `Predictor` API on tiny models: every task's rows (one per input,
+in input order, the right keys), length-sorted batches equal to one input at a time, a LoRA
+final/ equal to the in-memory model after training, adapters switched on one base equal to
+each adapter loaded alone, and bad input rejected in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_run_config, reset_accelerate, write_csv, write_jsonl
+from peft import PeftModel
+
+from trainer.cli import main
+from trainer.inference import PredictOptions, Predictor, WordTag, merge_entities
+
+SENTENCES = [
+    "the film was really good .",
+    "bad",
+    "Alice visited Paris and London with Bob after the treatment .",
+    "terrible service , the staff at Acme Corp were boring and the room awful .",
+    "the doctor reported mild fever",
+    "amazing",
+]
+# LoRA classification runs: no validation, so final/ is the model as training left it.
+LORA = {"peft": {"method": "lora"}, "data": {"validation": None}}
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    reset_accelerate()
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def train_run(folder: Path, task: str, models: dict, data_dir: Path, **sections) -> Path:
+    """Train a tiny run through the CLI; returns its final/."""
+    folder.mkdir(parents=True, exist_ok=True)
+    reset_accelerate()
+    config = make_run_config(folder, task, models, data_dir, **sections)
+    assert main(["train", str(config)]) == 0
+    return folder / "run" / "final"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_models_by_task, data_dir):
+    """Tiny trained runs shared by the module: an NER model and two LoRA classifiers on the
+    tiny BERT (same seed: the BERT pooler, missing from the MLM base, is drawn from it), the
+    first with the in-memory model that its final/ was saved from."""
+    root = tmp_path_factory.mktemp("predict-runs")
+    models = tiny_models_by_task
+    saved: list[PeftModel] = []
+    real_save = PeftModel.save_pretrained
+
+    def keep(model: PeftModel, *args, **kwargs):
+        saved.append(model)
+        return real_save(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PeftModel, "save_pretrained", keep)
+        lora_a = train_run(
+            root / "lora_a",
+            "classification",
+            models,
+            data_dir,
+            train={"epochs": 2, "lr": 2e-2, "seed": 42},
+            **LORA,
+        )
+    lora_b = train_run(
+        root / "lora_b",
+        "classification",
+        models,
+        data_dir,
+        train={"epochs": 1, "lr": 5e-3, "seed": 42, "max_steps": 6},
+        **LORA,
+    )
+    ner = train_run(
+        root / "ner", "token-classification", models, data_dir, train={"epochs": 2, "lr": 5e-3}
+    )
+    return {"final": {"lora_a": lora_a, "lora_b": lora_b, "ner": ner}, "in_memory": saved[-1]}
+
+
+@pytest.fixture
+def sentences_csv(tmp_path) -> Path:
+    rows = [{"id": i, "text": text} for i, text in enumerate(SENTENCES)]
+    return write_csv(tmp_path / "inputs.csv", rows)
+
+
+# --- one test per task ------------------------------------------------------------------------
+
+
+def test_classification_rows(runs, sentences_csv, tmp_path, capsys):
+    output = tmp_path / "out" / "predictions.jsonl"
+    code, out, err = cli(
+        capsys, "predict", runs["final"]["lora_a"], "--input", sentences_csv, "--output", output
+    )
+    assert code == 0, err
+    assert "rows/s" in out and json.loads(out.splitlines()[-1])["rows"] == len(SENTENCES)
+    rows = read_rows(output)
+    assert len(rows) == len(SENTENCES)
+    for row in rows:
+        assert set(row) == {"label", "score", "probabilities"}
+        assert set(row["probabilities"]) == {"negative", "positive"}
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert row["score"] == max(row["probabilities"].values())
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+    # input order: each row is what the text alone gets
+    alone = Predictor.load(str(runs["final"]["lora_a"])).predict(SENTENCES[2:3])[0]
+    assert rows[2]["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-5)
+
+
+def test_ner_entities_index_the_text(runs, tmp_path, capsys):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in SENTENCES])
+    output = tmp_path / "ner.jsonl"
+    code, _, err = cli(
+        capsys, "predict", runs["final"]["ner"], "--input", source, "--output", output
+    )
+    assert code == 0, err
+    rows = read_rows(output)
+    assert len(rows) == len(SENTENCES)
+    found = [entity for row in rows for entity in row["entities"]]
+    assert found, "the trained tagger finds entities"
+    for text, row in zip(SENTENCES, rows, strict=True):
+        for entity in row["entities"]:
+            assert set(entity) == {"type", "text", "start", "end", "score"}
+            assert text[entity["start"] : entity["end"]] == entity["text"]
+            assert entity["type"] in ("PER", "LOC", "ORG") and 0 < entity["score"] <= 1
+    assert {"type": "LOC", "text": "Paris"} in [
+        {"type": e["type"], "text": e["text"]} for e in rows[2]["entities"]
+    ]
+
+
+def test_merge_entities_follows_iob2():
+    text = "Alice Smith met Bob in New York Paris"
+    spans = [(0, 5), (6, 11), (12, 15), (16, 19), (20, 22), (23, 26), (27, 31), (32, 37)]
+    tags = ["B-PER", "I-PER", "O", "B-PER", "O", "B-LOC", "I-LOC", "B-LOC"]
+    scores = [0.9, 0.7, 0.99, 0.8, 0.9, 0.6, 0.4, 0.5]
+    words = [WordTag(t, p, s, e) for t, p, (s, e) in zip(tags, scores, spans, strict=True)]
+    entities = merge_entities(words, text)
+    assert [(e["type"], e["text"]) for e in entities] == [
+        ("PER", "Alice Smith"),
+        ("PER", "Bob"),
+        ("LOC", "New York"),
+        ("LOC", "Paris"),
+    ]
+    assert entities[0]["score"] == pytest.approx(0.8)
+    assert entities[2]["score"] == pytest.approx(0.5)
+    # an I- tag after O or another type starts an entity
+    stray = merge_entities([WordTag("I-ORG", 0.5, 0, 4), WordTag("I-LOC", 0.5, 5, 8)], "Acme Ulm")
+    assert [e["text"] for e in stray] == ["Acme", "Ulm"]
+
+
+def test_mlm_fills_each_mask(tiny_bert, tmp_path, capsys):
+    texts = ["the [MASK] was good .", "[MASK] visited [MASK] with Bob", "no mask here"]
+    source = tmp_path / "masked.txt"
+    source.write_text("\n".join(texts) + "\n")
+    output = tmp_path / "fills.jsonl"
+    argv = ["predict", tiny_bert, "--input", source, "--output", output, "--top-k", "3"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    rows = read_rows(output)
+    assert [len(row["fills"]) for row in rows] == [1, 2, 0]
+    for fills in rows[1]["fills"]:
+        assert len(fills) == 3 and set(fills[0]) == {"token", "token_id", "score"}
+        scores = [fill["score"] for fill in fills]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1
+
+
+def test_clm_generates_greedily(tiny_gpt2, tmp_path, capsys):
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(SENTENCES) + "\n")
+    output = tmp_path / "gen.jsonl"
+    argv = ["predict", tiny_gpt2, "--input", source, "--output", output, "--max-new-tokens", "6"]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    rows = read_rows(output)
+    assert len(rows) == len(SENTENCES) and all(set(row) == {"generated"} for row in rows)
+    # the continuation of a prompt is model.generate's on that prompt alone
+    predictor = Predictor.load(str(tiny_gpt2))
+    ids = predictor.tokenizer(SENTENCES[1], return_tensors="pt")["input_ids"]
+    expected = predictor.model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert rows[1]["generated"] == predictor.tokenizer.decode(expected[0, ids.shape[1] :])
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+
+def _flatten(row: dict) -> list[float]:
+    """Every number a row holds, to compare rows to a tolerance."""
+    if "probabilities" in row:
+        return list(row["probabilities"].values())
+    if "entities" in row:
+        return [v for e in row["entities"] for v in (e["start"], e["end"], e["score"])]
+    return [fill["score"] for fills in row["fills"] for fill in fills]
+
+
+@pytest.mark.parametrize("which", ["lora_a", "ner", "mlm"])
+def test_sorted_batches_match_one_at_a_time(runs, tiny_bert, which):
+    folder = tiny_bert if which == "mlm" else runs["final"][which]
+    texts = [t.replace("the", "[MASK]", 1) for t in SENTENCES] if which == "mlm" else SENTENCES
+    predictor = Predictor.load(str(folder))
+    batched = predictor.predict(texts, PredictOptions(batch_size=4))
+    single = predictor.predict(texts, PredictOptions(batch_size=1))
+    for many, one in zip(batched, single, strict=True):
+        assert many.keys() == one.keys()
+        assert _flatten(many) == pytest.approx(_flatten(one), abs=1e-5)
+        assert many.get("label") == one.get("label")
+
+
+def test_clm_batches_match_one_at_a_time(tiny_gpt2):
+    predictor = Predictor.load(str(tiny_gpt2))
+    options = {"max_new_tokens": 5}
+    batched = predictor.predict(SENTENCES, PredictOptions(batch_size=3, **options))
+    single = predictor.predict(SENTENCES, PredictOptions(batch_size=1, **options))
+    assert batched == single
+
+
+# --- LoRA adapters -----------------------------------------------------------------------------
+
+
+def test_lora_final_predicts_like_the_trained_model(runs):
+    predictor = Predictor.load(str(runs["final"]["lora_a"]))
+    in_memory = runs["in_memory"].eval()
+    encoded = predictor.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = in_memory(**encoded).logits.softmax(-1)
+        loaded = predictor.model(**encoded).logits.softmax(-1)
+    torch.testing.assert_close(loaded, expected, atol=1e-6, rtol=0)
+    rows = predictor.predict(SENTENCES)
+    got = torch.tensor([list(row["probabilities"].values()) for row in rows])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_switching_adapters_equals_loading_each_alone(runs):
+    a, b = str(runs["final"]["lora_a"]), str(runs["final"]["lora_b"])
+    alone_a = Predictor.load(a).predict(SENTENCES)
+    alone_b = Predictor.load(b).predict(SENTENCES)
+    assert alone_a != alone_b
+    shared = Predictor.load(a)
+    base = shared.model.get_base_model()
+    shared.add_adapter("b", b)
+    assert shared.adapter_names == ["default", "b"]
+    for name, expected in [("b", alone_b), ("default", alone_a), ("b", alone_b)]:
+        shared.use(name)
+        got = shared.predict(SENTENCES)
+        for row, want in zip(got, expected, strict=True):
+            assert row["label"] == want["label"]
+            assert list(row["probabilities"].values()) == pytest.approx(
+                list(want["probabilities"].values()), abs=1e-6
+            )
+    assert shared.model.get_base_model() is base  # one base, never reloaded
+
+
+def test_cli_adapters_on_a_plain_base(runs, tiny_bert, sentences_csv, tmp_path, capsys):
+    a, b = runs["final"]["lora_a"], runs["final"]["lora_b"]
+    alone = tmp_path / "alone.jsonl"
+    assert cli(capsys, "predict", b, "--input", sentences_csv, "--output", alone)[0] == 0
+    for model_dir, extra in [
+        (a, ["--adapter", f"b={b}", "--use", "b"]),
+        (tiny_bert, ["--adapter", f"a={a}", "--adapter", f"b={b}", "--use", "b"]),
+    ]:
+        output = tmp_path / "shared.jsonl"
+        argv = ["predict", model_dir, "--input", sentences_csv, "--output", output, *extra]
+        code, _, err = cli(capsys, *argv)
+        assert code == 0, err
+        for row, want in zip(read_rows(output), read_rows(alone), strict=True):
+            assert list(row["probabilities"].values()) == pytest.approx(
+                list(want["probabilities"].values()), abs=1e-6
+            )
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def expect_user_error(capsys, argv, fragment: str) -> None:
+    code, _, err = cli(capsys, *argv)
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert fragment in err, err
+
+
+def test_bad_inputs_are_one_line_errors(runs, sentences_csv, tmp_path, capsys):
+    final = runs["final"]["lora_a"]
+    out = ["--output", tmp_path / "out.jsonl"]
+    expect_user_error(
+        capsys,
+        ["predict", final, "--input", tmp_path / "nope.csv", *out],
+        "--input: file not found",
+    )
+    wrong = write_csv(tmp_path / "wrong.csv", [{"sentence": "good film"}])
+    expect_user_error(capsys, ["predict", final, "--input", wrong, *out], "missing column 'text'")
+    expect_user_error(
+        capsys,
+        ["predict", final, "--input", sentences_csv, *out, "--use", "nope"],
+        "--use: no adapter named 'nope' (loaded: default)",
+    )
+    expect_user_error(
+        capsys,
+        ["predict", final, "--input", sentences_csv, *out, "--adapter", f"x={tmp_path}"],
+        "not an adapter folder",
+    )
+    expect_user_error(
+        capsys,
+        ["predict", final, "--input", sentences_csv, *out, "--batch-size", "0"],
+        "--batch-size: must be > 0",
+    )
+    expect_user_error(
+        capsys,
+        ["predict", runs["final"]["ner"], "--input", sentences_csv, *out, "task=classification"],
+        "has a token-classification head",
+    )
+    assert not (tmp_path / "out.jsonl").exists()

@@ -1,0 +1,121 @@
+"""`trainer export`: an adapter run as a clean adapter folder, or merged into a standalone model.
+
+Merging checks itself: the merged model's logits on sample inputs must match those of the
+base + adapter it came from, or nothing is written. For QLoRA the adapter is merged into
+the *dequantized* 4-bit base (in the compute dtype), which is the model that was trained,
+rather than into the original full-precision weights, which it never saw.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainer import adapters
+from trainer.checkpoint import RUN_CONFIG_NAME
+from trainer.config import RunConfig, apply_overrides, build_config, dump_yaml, read_yaml
+from trainer.errors import UserError
+from trainer.model import (
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    load_trained,
+    saved_label_names,
+)
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json")
+SAMPLE_TEXTS = (
+    "The results were better than anyone expected.",
+    "She moved to Berlin in 2019 to work for a small startup.",
+    "Patients received 50 mg daily for two weeks.",
+    "Honestly, the second half of the film drags.",
+)
+TOLERANCE = {"no": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
+
+
+def _adapter_folder(run_or_model_dir: str) -> Path:
+    folder = Path(run_or_model_dir)
+    if (folder / "final").is_dir():
+        folder = folder / "final"
+    if not adapters.is_adapter_folder(folder):
+        raise UserError(f"RUN_DIR: {run_or_model_dir} holds no LoRA/QLoRA adapter to export")
+    return folder
+
+
+def _run_config(folder: Path) -> RunConfig:
+    raw = apply_overrides(read_yaml(folder / RUN_CONFIG_NAME), [])
+    raw["model"]["name_or_path"] = str(folder)
+    return build_config(raw, for_training=False)
+
+
+def _sample_batch(tokenizer) -> dict[str, torch.Tensor]:
+    texts = [text.replace("better", tokenizer.mask_token or "better") for text in SAMPLE_TEXTS]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+@torch.no_grad()
+def max_logit_difference(first: torch.nn.Module, second: torch.nn.Module, batch: dict) -> float:
+    """Largest absolute logit difference on the batch's real (non-padding) positions."""
+    first.eval()
+    second.eval()
+    a, b = first(**batch).logits.float(), second(**batch).logits.float()
+    if a.dim() == 3:  # per-token logits: ignore padding positions
+        keep = batch["attention_mask"].bool()
+        a, b = a[keep], b[keep]
+    return (a - b).abs().max().item()
+
+
+def _merged(folder: Path, cfg: RunConfig, tokenizer) -> torch.nn.Module:
+    """Base (dequantized for QLoRA) + adapter, merged into plain layers."""
+    label_names = saved_label_names(load_model_config(cfg.model, None))
+    base_cfg = type(cfg.model)(name_or_path=adapters.base_of(folder))
+    if cfg.peft.method == "qlora":
+        quantization = adapters.quantization_config(cfg.train.precision)
+        base = load_model(base_cfg, cfg.task, tokenizer, label_names, cfg.train.seed, quantization)
+        base = base.dequantize()
+    else:
+        base = load_model(base_cfg, cfg.task, tokenizer, label_names, cfg.train.seed)
+    return adapters.load_adapter(base, folder).merge_and_unload()
+
+
+def export(run_or_model_dir: str, out: str, merge: bool) -> dict:
+    """Write the adapter (clean copy) or the merged model to `out`; returns a summary."""
+    folder = _adapter_folder(run_or_model_dir)
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise UserError(f"--out: {out} exists and is not empty")
+    cfg = _run_config(folder)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    summary = {"source": str(folder), "out": str(target), "merged": merge}
+    if merge:
+        adapted = load_trained(
+            str(folder), cfg.task, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed
+        )
+        merged = _merged(folder, cfg, tokenizer)
+        difference = max_logit_difference(adapted, merged, _sample_batch(tokenizer))
+        tolerance = TOLERANCE[cfg.train.precision]
+        if not difference <= tolerance:
+            shutil.rmtree(tmp)
+            raise UserError(
+                f"merge check failed: max |logit difference| {difference:.3g} > {tolerance:g}"
+            )
+        merged.save_pretrained(tmp, safe_serialization=True)
+        cfg.peft.method = "none"
+        summary["max_logit_difference"] = difference
+    else:
+        for name in ADAPTER_FILES:
+            shutil.copy2(folder / name, tmp / name)
+    tokenizer.save_pretrained(tmp)
+    cfg.model.name_or_path = str(target.resolve())
+    (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
+    if target.exists():
+        target.rmdir()
+    tmp.rename(target)
+    summary["task"] = cfg.task
+    return summary

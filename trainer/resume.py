@@ -1,0 +1,160 @@
+"""Which checkpoint a run continues from, and whether it may.
+
+A checkpoint folder counts only once its commit marker (`COMMIT.json`, a manifest of every
+file's size and SHA-256) exists; the marker is written last, after every process finished
+writing, and the folder is renamed from `step-N.partial` to `step-N` after it. Resume
+checks the manifest again, so a truncated or missing file sends it to the previous
+complete checkpoint instead of crashing the restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from trainer.errors import UserError
+
+COMMIT_NAME = "COMMIT.json"
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Keys that may change between the interrupted run and its continuation.
+SAFE_TO_CHANGE = frozenset(
+    {
+        "output_dir",
+        "train.max_steps",
+        "train.epochs",
+        "train.resume",
+        "train.max_time",
+        "train.on_nonfinite",
+        "train.max_nonfinite_in_a_row",
+        "log.every_steps",
+        "log.trackers",
+        "eval.every_steps",
+        "eval.batch_size",
+        "eval.early_stopping_patience",
+        "checkpoint.every_steps",
+        "checkpoint.every_minutes",
+        "checkpoint.keep_last",
+    }
+)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step `step` lives."""
+    return run_dir / CHECKPOINTS / f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_commit(folder: Path) -> None:
+    """Write the manifest of every file in `folder`, atomically, as its last file."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_NAME)
+    manifest = {
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+    }
+    tmp = folder / (COMMIT_NAME + ".tmp")
+    with tmp.open("w") as handle:
+        json.dump({"files": manifest}, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.rename(folder / COMMIT_NAME)
+
+
+def problem_with(folder: Path) -> str | None:
+    """Why `folder` cannot be resumed from (None when its files match the manifest)."""
+    marker = folder / COMMIT_NAME
+    if not marker.is_file():
+        return "incomplete (no commit marker)"
+    try:
+        manifest = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "its commit marker is damaged"
+    for name, expected in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def step_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoint folders by step, newest first (complete or not)."""
+    found = []
+    for path in (run_dir / CHECKPOINTS).glob("step-*"):
+        match = _STEP_DIR.match(path.name.removesuffix(".partial"))
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def select_checkpoint(run_dir: Path, resume: str, report: Callable[[str], None]) -> Path | None:
+    """The checkpoint to continue from: `auto` the newest valid one in the run, `never`
+    none, otherwise the given folder, which must be valid."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        folder = Path(resume).expanduser()
+        problem = problem_with(folder) if folder.is_dir() else "not found"
+        if problem:
+            raise UserError(f"train.resume: checkpoint {resume}: {problem}")
+        return folder
+    for _, folder in step_folders(run_dir):
+        problem = problem_with(folder)
+        if problem is None:
+            return folder
+        report(f"skipping checkpoint {folder}: {problem}")
+    return None
+
+
+def rotate(run_dir: Path, keep_last: int, keep: set[Path]) -> list[Path]:
+    """Paths of checkpoints beyond the newest `keep_last` complete ones, except `keep`
+    (the best one); called only after a new checkpoint is complete."""
+    complete = [f for _, f in step_folders(run_dir) if (f / COMMIT_NAME).is_file()]
+    return [f for f in complete[keep_last:] if f.resolve() not in keep] if keep_last else []
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key not in ("config_overrides", "options"):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """Config keys whose values differ and that are not safe to change on resume."""
+    old, new = _flatten(saved), _flatten(current)
+    return sorted(
+        key
+        for key in old.keys() | new.keys()
+        if key not in SAFE_TO_CHANGE and old.get(key) != new.get(key)
+    )
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records logged after the checkpoint, so the resumed log has no duplicates."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["step"] <= step
+    ]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.rename(path)
