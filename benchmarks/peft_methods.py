@@ -47,11 +47,14 @@ Results go to benchmarks/results/<YYYY-MM-DD>-peft-methods.{md,json}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +126,8 @@ class Result:
     steps: int
     train_samples: int
     train_s: float  # the training loop alone
-    step_s: float
+    step_s: float  # train_s / steps
+    step_s_median: float  # the median of the per-step times: robust to bursts of other load
     samples_per_s: float
     parameters: int
     trainable_parameters: int
@@ -135,7 +139,13 @@ class Result:
 
 
 def make_result(
-    measured: Measured, steps: int, samples: int, train_s: float, final_dir: Path, **fields
+    measured: Measured,
+    steps: int,
+    samples: int,
+    train_s: float,
+    step_times: list[float],
+    final_dir: Path,
+    **fields,
 ) -> Result:
     """Collect one run's numbers; sizes are read from its saved folder."""
     weights = sum(f.stat().st_size for f in final_dir.glob("*.safetensors"))
@@ -148,6 +158,7 @@ def make_result(
         samples,
         train_s,
         train_s / steps,
+        statistics.median(step_times),
         samples / train_s,
         final_dir_bytes=folder_size(final_dir),
         weights_bytes=weights,
@@ -161,6 +172,7 @@ def make_result(
 def method_overrides(method: Method, steps: int) -> list[str]:
     """What each method changes on top of the comparison's pinned settings."""
     overrides = [f"train.max_steps={steps}", f"train.lr={method.lr}", f"peft.method={method.peft}"]
+    overrides.append("log.every_steps=1")  # a record (and elapsed_s) per step: step times
     if method.peft != "none":
         overrides += [
             f"peft.r={LORA.r}",
@@ -186,11 +198,13 @@ def run_ours(method: Method, steps: int, model: str, work_dir: Path) -> Result:
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert final["steps"] == last_eval["step"] == steps, "expected one final evaluation"
     metrics = {k.removeprefix("eval_"): v for k, v in last_eval.items() if k != "step"}
+    elapsed = [0.0] + [r["elapsed_s"] for r in records if "loss" in r]
     return make_result(
         measured,
         steps,
         steps * HYPER.batch_size,  # each epoch's partial last batch is dropped
         last_train["elapsed_s"],
+        [b - a for a, b in itertools.pairwise(elapsed)],
         run_dir / "final",
         parameters=summary["parameters"],
         trainable_parameters=summary["trainable_parameters"],
@@ -245,7 +259,25 @@ def hf_worker(method: Method, steps: int, model: str, out_dir: Path) -> dict:
     import torch
     import transformers
     from datasets import load_dataset
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    class StepTimes(TrainerCallback):
+        """perf_counter at the start of training and at the end of each step."""
+
+        def __init__(self):
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append(time.perf_counter())
 
     transformers.logging.set_verbosity_error()
     transformers.set_seed(HYPER.seed)  # the new head's and the adapter's init
@@ -274,7 +306,7 @@ def hf_worker(method: Method, steps: int, model: str, out_dir: Path) -> dict:
         seed=h.seed,
         eval_strategy="no",  # evaluated once, after training
         save_strategy="no",
-        logging_steps=h.log_every_steps,
+        logging_steps=1,  # as our side here: the last logged loss is the last step's
         label_names=["labels"],
         report_to="none",
         disable_tqdm=True,
@@ -287,6 +319,8 @@ def hf_worker(method: Method, steps: int, model: str, out_dir: Path) -> dict:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=classification_metrics,
     )
+    step_times = StepTimes()
+    trainer.add_callback(step_times)
     output = trainer.train()
     evaluation = trainer.evaluate()
     final_dir = out_dir / "final"
@@ -304,6 +338,7 @@ def hf_worker(method: Method, steps: int, model: str, out_dir: Path) -> dict:
         "steps": output.global_step,
         "samples": epochs * n_train + rest * h.batch_size,
         "train_s": output.metrics["train_runtime"],
+        "step_times": [b - a for a, b in itertools.pairwise(step_times.marks)],
         "final_dir": str(final_dir),
         "parameters": sum(p.numel() for p in parameters),
         "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
@@ -333,6 +368,7 @@ def run_hf(method: Method, steps: int, work_dir: Path) -> Result:
         found["steps"],
         found["samples"],
         found["train_s"],
+        found["step_times"],
         Path(found["final_dir"]),
         parameters=found["parameters"],
         trainable_parameters=found["trainable_parameters"],
@@ -344,7 +380,15 @@ def run_hf(method: Method, steps: int, work_dir: Path) -> Result:
 
 # --- comparing and reporting ---------------------------------------------------------------
 
-COMPARED = ("wall_s", "train_s", "step_s", "samples_per_s", "peak_rss_mb", "final_dir_bytes")
+COMPARED = (
+    "wall_s",
+    "train_s",
+    "step_s",
+    "step_s_median",
+    "samples_per_s",
+    "peak_rss_mb",
+    "final_dir_bytes",
+)
 
 
 def compare(ours: Result, hf: Result) -> dict[str, float | None]:
@@ -366,7 +410,8 @@ ROWS = [
     ("load average before / after", None, None),
     ("wall time of the whole job (s)", lambda r: r["wall_s"], 1),
     ("training loop time (s)", lambda r: r["train_s"], 1),
-    ("step time (s)", lambda r: r["step_s"], 3),
+    ("step time, mean (s)", lambda r: r["step_s"], 3),
+    ("step time, median (s)", lambda r: r["step_s_median"], 3),
     ("train samples/s", lambda r: r["samples_per_s"], 2),
     ("peak RSS (MB)", lambda r: r["peak_rss_mb"], 0),
     ("parameters (as counted by torch)", lambda r: r["parameters"], 0),
@@ -382,7 +427,8 @@ ROWS = [
 RATIO_KEYS = {
     "wall time of the whole job (s)": "wall_s",
     "training loop time (s)": "train_s",
-    "step time (s)": "step_s",
+    "step time, mean (s)": "step_s",
+    "step time, median (s)": "step_s_median",
     "train samples/s": "samples_per_s",
     "peak RSS (MB)": "peak_rss_mb",
     "final/ on disk (MB)": "final_dir_bytes",
@@ -455,7 +501,8 @@ def markdown(report: dict[str, Any]) -> str:
         + (f" --steps {s['steps']}" if s["steps"] != DEFAULT_STEPS else "")
         + "`. Every run is a fresh process; wall time covers start-up, imports, data",
         "preparation, model loading (and quantization), training, the final evaluation and "
-        "saving; step time and samples/s cover the training loop alone.",
+        "saving; step times and samples/s cover the training loop alone (mean: loop time / "
+        "steps; median: of the per-step times, less sensitive to bursts of other load).",
         "",
         f"- Machine: {m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads)"
         + f", GPU: {m['gpu'] or 'none'}",

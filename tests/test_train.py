@@ -229,10 +229,10 @@ def test_evaluate_base_model_as_classifier_is_refused(tiny_bert, data_dir, capsy
 # The loss of the very first step with seed 0 on the session's tiny models and data. It
 # depends only on the initial weights, the data order, the masking, the dropout draws and
 # the loss normalisation -- not on the learning rate. (Re-pinned once when the training
-# DataLoader got its own generator and stopped drawing from the global RNG.) A change in one of these numbers means that a
-# change in trainer/ altered one of them (e.g. a different permutation, a different masking
-# draw, a loss averaged per micro-batch instead of per target): investigate before
-# re-pinning.
+# DataLoader got its own generator and stopped drawing from the global RNG.) A change in one
+# of these numbers means that a change in trainer/ altered one of them (e.g. a different
+# permutation, a different masking draw, a loss averaged per micro-batch instead of per
+# target): investigate before re-pinning.
 PINNED_FIRST_LOSS = {
     "mlm": 4.874603271484375,
     "clm": 5.708502769470215,

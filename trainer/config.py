@@ -399,11 +399,27 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return build_config(apply_overrides(read_yaml(path), overrides or []))
 
 
+SECRET_SUFFIXES = ("_token", "_key", "_secret", "_password")
+
+
+def redact(values: Any) -> Any:
+    """A copy with the value of every key named like a secret (`hub_token`, `api_key`, ...)
+    replaced, at any depth: what goes to files, logs and trackers never holds one."""
+    if isinstance(values, dict):
+        return {
+            key: "<redacted>" if str(key).lower().endswith(SECRET_SUFFIXES) else redact(value)
+            for key, value in values.items()
+        }
+    if isinstance(values, list):
+        return [redact(value) for value in values]
+    return values
+
+
 def to_dict(cfg: RunConfig) -> dict:
-    """Plain nested dict of a config, as written to RUN_DIR/config.yaml."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config, secrets redacted: what is written and logged."""
+    return redact(dataclasses.asdict(cfg))
 
 
 def dump_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML text (sections in declaration order)."""
+    """The resolved config as YAML text (sections in declaration order, secrets redacted)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

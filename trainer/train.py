@@ -247,7 +247,7 @@ class Run:
     def summary(self) -> dict:
         """What this run will do, printed at start and kept in run_summary.json."""
         parameters = list(self.model.parameters())
-        total = sum(p.numel() for p in parameters)
+        total = sum(_logical_numel(p) for p in parameters)
         trainable = sum(p.numel() for p in parameters if p.requires_grad)
         return {
             "task": self.cfg.task,
@@ -265,6 +265,12 @@ class Run:
             "peft": self.cfg.peft.method,
             "labels": self.label_names,
         }
+
+
+def _logical_numel(param: torch.nn.Parameter) -> int:
+    """Parameters a tensor stands for: a 4-bit tensor packs two per stored byte."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
 
 
 def set_up(cfg: RunConfig) -> Run:
@@ -399,6 +405,11 @@ def train(cfg: RunConfig) -> dict:
         (run.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         (run.run_dir / "run_summary.json").write_text(json.dumps(run.summary(), indent=2))
         accelerator.print(json.dumps(run.summary()))
+        if cfg.model.trust_remote_code:
+            print(
+                "warning: model.trust_remote_code is on: code from the model repo runs here",
+                file=sys.stderr,
+            )
     accelerator.wait_for_everyone()
     state, best, since_log = _start(run)
     log = RunLog(accelerator, run.run_dir, cfg, run.total_steps, state.step)
