@@ -13,6 +13,7 @@ import os
 import sys
 from dataclasses import MISSING
 
+from launch.cli import add_commands as add_launch_commands
 from trainer.config import all_keys, load_config
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (must not exist)")
     export.add_argument("--merge", action="store_true", help="merge into a standalone model")
     export.set_defaults(run=_export)
+    add_launch_commands(commands)
     keys = commands.add_parser("keys", help="list every run config key with its meaning")
     keys.set_defaults(run=_keys)
     return parser

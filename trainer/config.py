@@ -172,8 +172,18 @@ def all_keys() -> dict[str, dataclasses.Field]:
     return keys
 
 
-def _closest(name: str) -> str:
-    matches = difflib.get_close_matches(name, list(all_keys()) + list(SECTIONS), n=1, cutoff=0.6)
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of a (nested) config dataclass, sections included, as dotted names."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys += dotted_keys(hint, f"{prefix}{name}.")
+    return keys
+
+
+def _closest(name: str, root: type) -> str:
+    matches = difflib.get_close_matches(name, dotted_keys(root), n=1, cutoff=0.6)
     return f" (did you mean '{matches[0]}'?)" if matches else ""
 
 
@@ -252,24 +262,28 @@ def _yaml11_float(value: Any) -> Any:
     return value
 
 
-def _build_section(cls: type, values: Any, prefix: str, errors: list[str]) -> Any:
+def build_section(
+    cls: type, values: Any, prefix: str, errors: list[str], root: type | None = None
+) -> Any:
+    """Build the dataclass `cls` (nested ones too) from a mapping, appending every unknown
+    key and wrong type to `errors` (with the closest valid key) instead of stopping."""
+    root = root or cls
     if not isinstance(values, dict):
         errors.append(f"{prefix}: must be a mapping of keys to values")
         return cls()
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in known:
-            errors.append(f"unknown key '{dotted}'{_closest(dotted)}")
+        if key not in hints:
+            errors.append(f"unknown key '{dotted}'{_closest(dotted, root)}")
             continue
-        if key in SECTIONS and not prefix:
-            kwargs[key] = _build_section(SECTIONS[key], value, key, errors)
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = build_section(hints[key], value, dotted, errors, root)
             continue
         if hints[key] is float:
             value = _yaml11_float(value)
-        if dotted == "train.precision" and value is False:
+        if key == "precision" and value is False:
             value = "no"  # YAML 1.1 reads a bare `no` as false
         if not _type_ok(value, hints[key]):
             errors.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
@@ -386,7 +400,7 @@ def world_size_from_env() -> int:
 def build_config(raw: dict, for_training: bool = True, world_size: int | None = None) -> RunConfig:
     """Turn a raw mapping into a validated RunConfig, or raise one UserError listing it all."""
     errors: list[str] = []
-    cfg = _build_section(RunConfig, raw, "", errors)
+    cfg = build_section(RunConfig, raw, "", errors)
     _check_ranges(cfg, errors)  # fields that failed their type check hold defaults here
     _check_consistency(cfg, world_size or world_size_from_env(), for_training, errors)
     if errors:

@@ -1,0 +1,105 @@
+"""A job: one run config on one cluster profile, checked together before anything starts.
+
+The run config is validated with the profile's world size, so a global batch that the
+profile's processes cannot divide is rejected here, on the login node, not after the
+allocation. The files a launch needs are written into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from launch.accelerate_config import accelerate_config, deepspeed_config, effective_precision
+from launch.profiles import ClusterProfile, load_profile
+from trainer.config import RunConfig, apply_overrides, build_config, read_yaml
+from trainer.errors import UserError
+
+
+@dataclass
+class Job:
+    """A run config (path, overrides, parsed) on a profile, with the precision resolved."""
+
+    config_path: Path
+    overrides: list[str]
+    cfg: RunConfig
+    profile: ClusterProfile
+    precision: str
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's output_dir, absolute (every node must find the same one)."""
+        return Path(self.cfg.output_dir).expanduser().resolve()
+
+    def train_arguments(self) -> list[str]:
+        """`trainer train` arguments that reproduce this run config on every node."""
+        return ["train", str(self.config_path.resolve()), *self.overrides]
+
+
+def resolve_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
+    """Load and check the profile and the run config together."""
+    profile = load_profile(cluster)
+    path = Path(config_path)
+    raw = apply_overrides(read_yaml(path), overrides)
+    explicit = any(item.startswith("train.precision=") for item in overrides)
+    cfg = build_config(raw, world_size=profile.world_size)
+    precision = effective_precision(cfg, profile, explicit)
+    if precision != cfg.train.precision:
+        overrides = [*overrides, f"train.precision={precision}"]
+        cfg.train.precision = precision
+    return Job(path, list(overrides), cfg, profile, precision)
+
+
+def write_launch_files(job: Job) -> tuple[Path, Path | None]:
+    """accelerate_config.yaml (and deepspeed.json) in RUN_DIR/launch/; returns their paths."""
+    folder = job.run_dir / "launch"
+    folder.mkdir(parents=True, exist_ok=True)
+    deepspeed_file = None
+    if job.profile.backend == "deepspeed":
+        deepspeed_file = folder / "deepspeed.json"
+        settings = deepspeed_config(job.cfg, job.profile, job.precision)
+        deepspeed_file.write_text(json.dumps(settings, indent=2))
+    config_file = folder / "accelerate_config.yaml"
+    settings = accelerate_config(
+        job.cfg, job.profile, job.precision, str(deepspeed_file) if deepspeed_file else None
+    )
+    config_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return config_file, deepspeed_file
+
+
+def accelerate_command(
+    job: Job, config_file: Path, machine_rank: str, main_address: str, main_port: str
+) -> list[str]:
+    """`accelerate launch` for one node. machine_rank / address / port may be shell
+    variables (`$SLURM_NODEID`) that the node expands, never the submitting shell."""
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        "--num_machines",
+        str(job.profile.nodes),
+        "--num_processes",
+        str(job.profile.world_size),
+        "--machine_rank",
+        machine_rank,
+        "--main_process_ip",
+        main_address,
+        "--main_process_port",
+        main_port,
+        "-m",
+        "trainer",
+    ]
+    return command + job.train_arguments()
+
+
+def check_cli_overrides(overrides: list[str]) -> None:
+    """Overrides must look like key=value (options go before CONFIG)."""
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            raise UserError(f"override '{item}': expected key=value, e.g. train.lr=3e-5")

@@ -1,0 +1,105 @@
+"""Cluster profiles: where and how a run config trains (configs/clusters/NAME.yaml).
+
+A profile never changes what is trained: the same run config keeps its global batch and
+learning-rate schedule on every profile, and only the per-process accumulation changes.
+Profiles are validated like run configs: every problem at once, each naming its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.config import PRECISIONS, build_section, read_yaml
+from trainer.errors import UserError
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "clusters"
+BACKENDS = ("ddp", "deepspeed", "fsdp")
+DEVICES = ("cpu", "gpu")
+SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+AUTO_WRAP = ("transformer", "none")
+
+
+@dataclass
+class FsdpOptions:
+    sharding_strategy: str = "FULL_SHARD"
+    auto_wrap: str = "transformer"  # wrap each transformer block (the model's _no_split_modules)
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class SlurmOptions:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "24:00:00"
+    constraint: str | None = None
+    gres: str | None = None  # e.g. gpu:8
+    cpus_per_task: int = 8
+    signal_grace_s: int = 300  # SIGUSR1 this long before the time limit, to save and requeue
+    extra: list = field(default_factory=list)  # more "#SBATCH ..." lines, e.g. ["--exclusive"]
+
+
+@dataclass
+class ClusterProfile:
+    name: str = ""
+    device: str = "cpu"
+    nodes: int = 1
+    processes_per_node: int = 1
+    backend: str = "ddp"
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    precision: str | None = None  # default train.precision on this hardware
+    fsdp: FsdpOptions = field(default_factory=FsdpOptions)
+    env: dict = field(default_factory=dict)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole job."""
+        return self.nodes * self.processes_per_node
+
+
+def _check(profile: ClusterProfile, errors: list[str]) -> None:
+    choices = {
+        "device": (profile.device, DEVICES),
+        "backend": (profile.backend, BACKENDS),
+        "fsdp.sharding_strategy": (profile.fsdp.sharding_strategy, SHARDING),
+        "fsdp.auto_wrap": (profile.fsdp.auto_wrap, AUTO_WRAP),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            errors.append(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    if profile.precision is not None and profile.precision not in PRECISIONS:
+        errors.append(f"precision: '{profile.precision}' is not one of {', '.join(PRECISIONS)}")
+    for key in ("nodes", "processes_per_node", "slurm.cpus_per_task"):
+        value = profile.slurm.cpus_per_task if key.startswith("slurm") else getattr(profile, key)
+        if value < 1:
+            errors.append(f"{key}: must be >= 1, got {value}")
+    if profile.backend == "deepspeed" and profile.zero_stage not in (1, 2, 3):
+        errors.append(f"zero_stage: DeepSpeed needs 1, 2 or 3, got {profile.zero_stage}")
+    if profile.backend != "deepspeed" and profile.zero_stage:
+        errors.append(f"zero_stage: only with backend deepspeed (backend is {profile.backend})")
+    if (profile.offload_optimizer or profile.offload_params) and profile.backend != "deepspeed":
+        errors.append("offload_optimizer: offloading needs backend deepspeed")
+    if profile.offload_params and profile.zero_stage != 3:
+        errors.append("offload_params: parameter offload needs zero_stage 3")
+
+
+def load_profile(name_or_path: str) -> ClusterProfile:
+    """A profile by name (configs/clusters/NAME.yaml) or path, validated."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise UserError(f"--cluster: no profile '{name_or_path}' (known: {known})")
+    raw = read_yaml(path)
+    raw.setdefault("name", path.stem)
+    errors: list[str] = []
+    profile = build_section(ClusterProfile, raw, "", errors)
+    _check(profile, errors)
+    if errors:
+        raise UserError(f"cluster profile {path.name}: " + "; ".join(errors))
+    return profile
