@@ -91,6 +91,7 @@ def accelerate_config(
         "downcast_bf16": "no",
     }
     if profile.backend == "deepspeed":
+        del settings["mixed_precision"]  # DeepSpeed's JSON holds it; Accelerate refuses both
         settings["deepspeed_config"] = {
             "deepspeed_config_file": deepspeed_file,
             "zero3_init_flag": profile.zero_stage == 3,

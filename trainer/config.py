@@ -103,7 +103,7 @@ class TrainConfig:
     seed: int = _field(42, "Seed for weights init, data order, masking and splits.")
     resume: str = _field("auto", "auto (newest complete checkpoint) | never | a checkpoint path.")
     max_time: str | int | None = _field(
-        None, "Wall-time budget [[D-]HH:]MM:SS; save and exit before."
+        None, "Wall time [[D-]HH:]MM:SS; save and exit at the next step past it."
     )
     on_nonfinite: str = _field("skip", "Non-finite loss/grad norm: skip the step | stop.")
     max_nonfinite_in_a_row: int = _field(5, "With skip: stop after this many skipped in a row.")

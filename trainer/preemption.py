@@ -13,7 +13,7 @@ import time
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again
 REQUEUE_ENV = "TRAINER_SLURM_REQUEUE"  # set by `trainer submit` and the slurm/ templates
-_JOB_ID = re.compile(r"^\d+(_\d+)?$")
+_JOB_ID = re.compile(r"\d+(_\d+)?")
 
 
 class Preempted(Exception):
@@ -49,10 +49,15 @@ def slurm_job_to_requeue() -> str | None:
         return None
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     job_id = f"{array_job}_{task}" if array_job and task else os.environ["SLURM_JOB_ID"]
-    return job_id if _JOB_ID.match(job_id) else None
+    return job_id if _JOB_ID.fullmatch(job_id) else None
 
 
 def requeue(job_id: str) -> bool:
-    """`scontrol requeue JOB` (an argument list, no shell); True when scontrol accepted it."""
-    result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True)
+    """`scontrol requeue JOB` (an argument list, no shell); True when scontrol accepted it.
+    A missing scontrol (e.g. inside a container) is a refusal, not a crash: the checkpoint
+    is saved either way."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True)
+    except OSError:
+        return False
     return result.returncode == 0

@@ -218,7 +218,7 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["attention_mask"].sum() for b in window)
     sums = torch.stack([loss_total, targets.float(), tokens.float(), grad_norm])
-    return StepResult(torch.nan_to_num(sums) if skipped else sums, skipped, raised)
+    return StepResult(torch.zeros_like(sums) if skipped else sums, skipped, raised)
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -334,7 +334,8 @@ def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> 
     return {
         "step": step,
         "epoch": round(step / run.plan.steps_per_epoch, 4),
-        "loss": (loss_sum / targets.clamp(min=1)).item(),
+        # no targets: every step since the last log was skipped as non-finite
+        "loss": (loss_sum / targets).item() if targets > 0 else float("nan"),
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": since_log[3].item() / steps,
         "tokens_per_s": tokens.item() / max(seconds, 1e-9),

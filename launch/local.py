@@ -1,0 +1,122 @@
+"""`trainer launch`: start one job on this machine, with the processes its profile asks for.
+
+The run config and the profile are checked together first (`resolve_job`), the Accelerate
+config and DeepSpeed JSON are written into RUN_DIR/launch/, then one launcher process starts
+the training processes. Its exit code is ours, except that a preempted run (every training
+process saved and exited with 75) gives 75 even though the launcher reports a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.job import Job, accelerate_command, check_cli_overrides, resolve_job, write_launch_files
+from trainer.errors import UserError
+from trainer.preemption import EXIT_PREEMPTED
+
+# How the launchers report their children's exit codes on stderr: torch.distributed.run
+# (also under `accelerate launch`) lists "exitcode  : 75 (pid: ...)" per failed rank;
+# accelerate's one-process launcher raises "... returned non-zero exit status 75."
+_EXIT_CODE_REPORTS = (
+    re.compile(rb"exitcode\s*:\s*(-?\d+)"),
+    re.compile(rb"returned non-zero exit status (-?\d+)"),
+)
+_STDERR_TAIL = 1 << 16  # the failure report is at the end of the launcher's stderr
+
+
+def node_command(job: Job, config_file: Path, node_rank: str, address: str, port: str) -> list[str]:
+    """The command that starts this job's processes on one node (node_rank, address and port
+    may be shell variables that the node expands).
+
+    CPU profiles use torch.distributed.run, not `accelerate launch`: Accelerate's MULTI_CPU
+    path starts ONE process (without RANK / WORLD_SIZE) unless it is given an MPI hostfile
+    and mpirun, and the CPU parity tests and SLURM simulation must not need MPI. torchrun
+    starts the processes itself and the training code's `Accelerator(cpu=True)` picks up
+    gloo DDP from its environment (the same launcher accelerate uses for GPUs).
+    """
+    if job.profile.device == "cpu":
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(job.profile.processes_per_node),
+            "--nnodes",
+            str(job.profile.nodes),
+            "--node_rank",
+            node_rank,
+            "--master_addr",
+            address,
+            "--master_port",
+            port,
+            "-m",
+            "trainer",
+            *job.train_arguments(),
+        ]
+    command = accelerate_command(job, config_file, node_rank, address, port)
+    if job.profile.backend == "deepspeed" and job.profile.nodes > 1:
+        # One launcher per node (SLURM starts them): without this Accelerate would start
+        # every node itself over pdsh.
+        script = command.index("-m", 3)
+        command[script:script] = ["--deepspeed_multinode_launcher", "standard"]
+    return command
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the rendezvous binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def profile_environment(job: Job) -> dict[str, str]:
+    """This process's environment plus the profile's `env` block."""
+    return {**os.environ, **{key: str(value) for key, value in job.profile.env.items()}}
+
+
+def children_exit_code(launcher_code: int, stderr_tail: bytes) -> int:
+    """75 when the launcher failed only because training processes exited with 75 (or were
+    stopped by a signal after one did); otherwise the launcher's own code."""
+    if launcher_code == 0:
+        return 0
+    reported = [int(m) for pattern in _EXIT_CODE_REPORTS for m in pattern.findall(stderr_tail)]
+    preempted = EXIT_PREEMPTED in reported
+    if preempted and all(code == EXIT_PREEMPTED or code < 0 for code in reported):
+        return EXIT_PREEMPTED
+    return launcher_code
+
+
+def run_streaming(command: list[str], env: dict[str, str]) -> int:
+    """Run `command`, passing its stderr through unchanged (progress bars included) while
+    keeping the tail to read the children's exit codes from; returns the exit code."""
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    tail = b""
+    try:
+        while chunk := os.read(process.stderr.fileno(), 8192):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail = (tail + chunk)[-_STDERR_TAIL:]
+    finally:
+        code = process.wait()
+    return children_exit_code(code, tail)
+
+
+def launch(config: str, cluster: str, overrides: list[str]) -> int:
+    """`trainer launch`: the job's processes on this machine; returns their exit code."""
+    check_cli_overrides(overrides)
+    job = resolve_job(config, cluster, overrides)
+    if job.profile.nodes > 1:
+        raise UserError(
+            f"--cluster: {job.profile.name} spans {job.profile.nodes} nodes and `trainer launch` "
+            "starts only this machine; use `trainer submit` (SLURM)"
+        )
+    config_file, _ = write_launch_files(job)
+    command = node_command(job, config_file, "0", "127.0.0.1", str(free_port()))
+    print(f"launch: {job.profile.world_size} process(es) on this machine", file=sys.stderr)
+    return run_streaming(command, profile_environment(job))

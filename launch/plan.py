@@ -1,0 +1,548 @@
+"""`trainer plan`: what a run config does on a cluster profile, before anything is started.
+
+It prints the batch arithmetic, the number of optimizer steps (the train split is read and
+encoded with the model's tokenizer; no weights are loaded), the exact DeepSpeed JSON or FSDP
+settings `trainer launch` writes (from launch.accelerate_config), and an estimate of the
+memory each device needs, for the chosen strategy and its alternatives side by side.
+
+Parameters are counted on the meta device (`AutoModelFor*.from_config` under
+`torch.device("meta")`: shapes, no storage); LoRA adapters are attached there with peft, as
+training attaches them, so the trainable count is peft's own.
+
+Bytes per parameter (mixed-precision AdamW, the ZeRO paper's accounting, Rajbhandari et al.
+2020), with w = 2 for bf16/fp16 and 4 for fp32 (train.precision `no`):
+
+- weights    w x every parameter; under QLoRA the quantized Linear weights take
+             0.5 + 0.0159 bytes (NF4 plus double-quantized absmax: an 8-bit constant per 64
+             weights and an fp32 one per 256 such blocks), the rest w.
+- gradients  w x trainable parameters (all of them for full fine-tuning; LoRA: the adapters
+             and the heads trained in full).
+- optimizer  (4 fp32 master copy, with mixed precision only + 8 Adam m and v) x trainable.
+
+Sharding divides by the world size: ZeRO-1 the optimizer states, ZeRO-2 also gradients,
+ZeRO-3 also weights; FSDP FULL_SHARD is ZeRO-3, SHARD_GRAD_OP ZeRO-2, NO_SHARD DDP and
+HYBRID_SHARD ZeRO-3 within one node (divides by processes_per_node). Offload puts the
+optimizer states (offload_optimizer) and the weights (offload_params) in CPU memory: 0 on the
+device. Not counted: the CUDA context, communication buckets, ZeRO-3's gathered layers in
+flight, allocator fragmentation. Under torch autocast (ddp, fsdp) weights stay fp32 and the
+master copy is the weights themselves: the same 16 bytes per trained parameter, split 4 + 4 +
+8, but a frozen LoRA base takes 4 bytes per parameter there, not 2.
+
+Activations per device (Korthikanti et al. 2022, "Reducing Activation Recomputation in
+Large Transformer Models", 16-bit activations, no sequence parallelism), with micro batch b,
+sequence s = data.max_length, hidden h, heads a, layers L:
+
+- one layer      s·b·h·34 + 5·a·s²·b bytes (the second term: attention scores, softmax and
+                 its dropout mask, which fused SDPA / flash attention kernels do not store:
+                 an upper bound).
+- the model      L x one layer; with gradient checkpointing (train.gradient_checkpointing or
+                 the profile's fsdp.activation_checkpointing) each layer keeps only its input,
+                 2·s·b·h bytes, and one layer is recomputed at a time: L·2·s·b·h + one layer.
+- fp32           twice the above when train.precision is `no`.
+- LM logits      mlm / clm add s·b·V·4 bytes (V the vocabulary) for the fp32 logits the loss
+                 reads.
+
+The same activations stand in every row: sharding does not change them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.accelerate_config import (
+    accelerate_config,
+    deepspeed_config,
+    effective_precision,
+    fsdp_settings,
+)
+from launch.job import Job, check_cli_overrides, resolve_job
+from launch.profiles import ClusterProfile, load_profile
+from trainer.config import RunConfig, apply_overrides, build_section, read_yaml
+from trainer.errors import UserError
+
+ADAM_STATE_BYTES = 8  # Adam m and v, fp32
+MASTER_COPY_BYTES = 4  # fp32 weights kept by the optimizer under mixed precision
+QLORA_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # NF4 + double-quantized absmax
+LAYER_BYTES_PER_TOKEN_AND_WIDTH = 34  # Korthikanti et al., 16-bit activations
+ATTENTION_BYTES = 5  # x heads x seq² x micro batch, per layer
+PACKED_TASKS = ("mlm", "clm")
+
+
+# --- combinations a profile can not run ---------------------------------------------------
+
+
+def combination_errors(cfg: RunConfig, profile: ClusterProfile, precision: str) -> list[str]:
+    """Run config x profile pairs that would fail after the allocation, each naming its key.
+    (Offload without DeepSpeed is rejected by the profile itself, a global batch the
+    processes can not divide by the run config check.)"""
+    errors = []
+    sharded = profile.backend == "fsdp" or profile.zero_stage == 3
+    if cfg.peft.method == "qlora" and sharded:
+        errors.append(
+            f"peft.method: qlora can't run on profile {profile.name} "
+            f"({'FSDP' if profile.backend == 'fsdp' else 'ZeRO-3'}): its 4-bit base "
+            "(bitsandbytes, uint8 storage) can't be sharded; use lora, or a ddp / ZeRO-1/2 profile"
+        )
+    if precision == "fp16" and profile.device == "cpu":
+        errors.append(
+            f"train.precision: fp16 needs CUDA, profile {profile.name} runs on cpu (DeepSpeed's "
+            "CPU accelerator guarantees bf16 only); use bf16 or no"
+        )
+    if cfg.train.gradient_checkpointing and (
+        profile.backend == "fsdp" and profile.fsdp.activation_checkpointing
+    ):
+        errors.append(
+            "train.gradient_checkpointing: profile "
+            f"{profile.name} already sets fsdp.activation_checkpointing; checkpointing twice "
+            "recomputes every layer twice, turn one off"
+        )
+    return errors
+
+
+def _errors_beside(config_path: str, cluster: str, overrides: list[str]) -> list[str]:
+    """The combination errors of a run config that failed its own checks (best effort),
+    so that one message lists everything."""
+    try:
+        profile = load_profile(cluster)
+        cfg = build_section(RunConfig, apply_overrides(read_yaml(config_path), overrides), "", [])
+    except UserError:
+        return []
+    explicit = any(item.startswith("train.precision=") for item in overrides)
+    return combination_errors(cfg, profile, effective_precision(cfg, profile, explicit))
+
+
+def checked_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
+    """The job, with every run config, profile and combination problem in one UserError."""
+    check_cli_overrides(overrides)
+    try:
+        job = resolve_job(config_path, cluster, overrides)
+    except UserError as err:
+        raise UserError(
+            "; ".join([str(err), *_errors_beside(config_path, cluster, overrides)])
+        ) from None
+    errors = combination_errors(job.cfg, job.profile, job.precision)
+    if errors:
+        raise UserError("; ".join(errors))
+    return job
+
+
+# --- the training examples and the parameters ----------------------------------------------
+
+
+@dataclass
+class DataCount:
+    """Training examples after encoding, or why they are unknown."""
+
+    examples: int | None
+    label_names: list[str] | None = None
+    tokenizer_size: int | None = None
+    unknown: str = ""
+
+
+def count_examples(cfg: RunConfig) -> DataCount:
+    """Read and encode the train split as training does (after any validation_split)."""
+    import datasets
+
+    from trainer.data import carve_validation, label_names_from, read_split
+    from trainer.model import load_tokenizer
+    from trainer.tasks import TASKS
+
+    spec = TASKS[cfg.task]
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # stdout is the plan; no "Map: 100%" lines on stderr
+    try:
+        tokenizer = load_tokenizer(cfg.model, cfg.task)
+        train = read_split(cfg.data.train, "data.train", cfg.task, cfg.data)
+        if cfg.data.validation_split and not cfg.data.validation:
+            train, _ = carve_validation(train, cfg.data.validation_split, cfg.train.seed)
+        names = label_names_from(train, cfg.task) if spec.has_labels else None
+        encoded = spec.encode(train, tokenizer, names, cfg.data.max_length)
+    except (UserError, OSError) as err:
+        return DataCount(None, unknown=str(err))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    return DataCount(len(encoded), names, len(tokenizer))
+
+
+@dataclass
+class ParamCount:
+    """Parameters of the model as trained: all, trainable, and the frozen ones split into
+    4-bit (QLoRA's quantized Linear weights) and the rest."""
+
+    total: int
+    trainable: int
+    frozen_quantized: int = 0
+    frozen_other: int = 0
+    hidden: int = 0
+    layers: int = 0
+    heads: int = 0
+    vocab: int = 0
+    model_class: str = ""
+
+
+def _meta_model(cfg: RunConfig, data: DataCount):
+    """The task's model on the meta device (shapes only) and its config."""
+    import torch
+    import transformers
+
+    from trainer.model import AUTO_CLASSES, load_model_config
+
+    config = load_model_config(cfg.model, data.label_names)
+    if data.tokenizer_size and data.tokenizer_size > config.vocab_size:
+        config.vocab_size = data.tokenizer_size  # training resizes the embeddings to fit
+    auto_class = getattr(transformers, AUTO_CLASSES[cfg.task])
+    with torch.device("meta"):
+        model = auto_class.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return model, config
+
+
+def _quantized_weights(model) -> int:
+    """Weights bitsandbytes stores in 4 bits: Linear (and GPT-2 Conv1D) layers outside the
+    modules training keeps in full precision."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from trainer.adapters import NOT_QUANTIZED
+
+    kept = [name for name in NOT_QUANTIZED if not name.startswith(".")]
+    return sum(
+        module.weight.numel()
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D))
+        and not any(part in kept for part in name.split("."))
+    )
+
+
+def _lora_by_shapes(model, cfg: RunConfig) -> int:
+    """Adapter parameters r·(d_in + d_out) per targeted Linear, when peft can't attach on
+    the meta device."""
+    import torch
+
+    from trainer.adapters import default_target_modules
+
+    targets = cfg.peft.target_modules or default_target_modules(model)
+    if isinstance(targets, str):
+        targets = [targets] if targets != "all-linear" else None
+    return sum(
+        cfg.peft.r * (module.in_features + module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and (targets is None or name.split(".")[-1] in targets)
+    )
+
+
+def count_parameters(cfg: RunConfig, data: DataCount) -> ParamCount:
+    """Count the parameters without loading weights (see the module docstring)."""
+    import torch
+
+    from trainer.adapters import attach_adapter
+
+    model, config = _meta_model(cfg, data)
+    total = sum(p.numel() for p in model.parameters())
+    dims = {
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "heads": config.num_attention_heads,
+        "vocab": config.vocab_size,
+        "model_class": type(model).__name__,
+    }
+    if cfg.peft.method == "none":
+        return ParamCount(total, total, **dims)
+    quantized = _quantized_weights(model) if cfg.peft.method == "qlora" else 0
+    try:  # counting only: the adapter shapes do not depend on quantization
+        with torch.device("meta"):
+            adapted = attach_adapter(
+                model, dataclasses.replace(cfg.peft, method="lora"), cfg.task, False
+            )
+        trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in adapted.parameters() if not p.requires_grad)
+    except (RuntimeError, NotImplementedError, TypeError):
+        trainable, frozen = _lora_by_shapes(model, cfg), total
+    return ParamCount(total, trainable, quantized, frozen - quantized, **dims)
+
+
+# --- memory per device ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one backend spreads the training state: by how many processes the weights,
+    gradients and optimizer states are divided, and what lives in CPU memory."""
+
+    name: str
+    weight_shards: int = 1
+    grad_shards: int = 1
+    optimizer_shards: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+def _fsdp_strategy(profile: ClusterProfile) -> Strategy:
+    sharding = profile.fsdp.sharding_strategy if profile.backend == "fsdp" else "FULL_SHARD"
+    world, node = profile.world_size, profile.processes_per_node
+    shards = {
+        "FULL_SHARD": (world, world, world),
+        "SHARD_GRAD_OP": (1, world, world),
+        "NO_SHARD": (1, 1, 1),
+        "HYBRID_SHARD": (node, node, node),
+    }[sharding]
+    name = "fsdp" if sharding == "FULL_SHARD" else f"fsdp {sharding}"
+    return Strategy(name, *shards)
+
+
+def alternative_strategies(profile: ClusterProfile) -> list[Strategy]:
+    """The rows of the memory table, for this profile's number of processes."""
+    world = profile.world_size
+    return [
+        Strategy("ddp"),
+        Strategy("zero1", 1, 1, world),
+        Strategy("zero2", 1, world, world),
+        Strategy("zero3", world, world, world),
+        Strategy("zero3+offload", world, world, world, True, True),
+        _fsdp_strategy(profile),
+    ]
+
+
+def chosen_strategy(profile: ClusterProfile) -> Strategy:
+    """The strategy this profile runs."""
+    if profile.backend == "fsdp":
+        return _fsdp_strategy(profile)
+    if profile.backend == "ddp":
+        return Strategy("ddp")
+    stage, world = profile.zero_stage, profile.world_size
+    shards = (world if stage == 3 else 1, world if stage >= 2 else 1, world)
+    if profile.offload_optimizer and profile.offload_params:
+        suffix = "+offload"
+    elif profile.offload_optimizer or profile.offload_params:
+        suffix = "+offload_optimizer" if profile.offload_optimizer else "+offload_params"
+    else:
+        suffix = ""
+    return Strategy(
+        f"zero{stage}{suffix}", *shards, profile.offload_optimizer, profile.offload_params
+    )
+
+
+@dataclass
+class MemoryRow:
+    """Estimated bytes on one device."""
+
+    strategy: str
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+def state_bytes(params: ParamCount, strategy: Strategy, precision: str) -> tuple[float, ...]:
+    """(weights, gradients, optimizer states) per device, by the module docstring's rules."""
+    width = 4 if precision == "no" else 2
+    optimizer_width = ADAM_STATE_BYTES + (MASTER_COPY_BYTES if precision != "no" else 0)
+    weights = (params.trainable + params.frozen_other) * width
+    weights += params.frozen_quantized * QLORA_BYTES
+    grads = params.trainable * width / strategy.grad_shards
+    optimizer = params.trainable * optimizer_width / strategy.optimizer_shards
+    return (
+        0.0 if strategy.offload_params else weights / strategy.weight_shards,
+        grads,
+        0.0 if strategy.offload_optimizer else optimizer,
+    )
+
+
+def activation_bytes(params: ParamCount, cfg: RunConfig, precision: str, recompute: bool) -> float:
+    """Activations kept for the backward pass of one micro batch (module docstring)."""
+    b, s = cfg.train.micro_batch_size, cfg.data.max_length
+    h, a, layers = params.hidden, params.heads, params.layers
+    one_layer = s * b * h * LAYER_BYTES_PER_TOKEN_AND_WIDTH + ATTENTION_BYTES * a * s * s * b
+    kept = layers * 2 * s * b * h + one_layer if recompute else layers * one_layer
+    if precision == "no":
+        kept *= 2
+    logits = s * b * params.vocab * 4 if cfg.task in PACKED_TASKS else 0
+    return float(kept + logits)
+
+
+def memory_rows(job: Job, params: ParamCount) -> tuple[list[MemoryRow], str]:
+    """The memory table and the name of the chosen row (added when it is not an
+    alternative, e.g. ZeRO-2 with optimizer offload)."""
+    profile, cfg = job.profile, job.cfg
+    recompute = cfg.train.gradient_checkpointing or (
+        profile.backend == "fsdp" and profile.fsdp.activation_checkpointing
+    )
+    activations = activation_bytes(params, cfg, job.precision, recompute)
+    chosen = chosen_strategy(profile)
+    strategies = alternative_strategies(profile)
+    if chosen.name not in [s.name for s in strategies]:
+        strategies.append(chosen)
+    rows = [
+        MemoryRow(s.name, *state_bytes(params, s, job.precision), activations) for s in strategies
+    ]
+    return rows, chosen.name
+
+
+# --- the plan ------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Everything `trainer plan` prints, as numbers (the tests read these)."""
+
+    job: Job
+    accumulation: int
+    tokens_per_step: int
+    data: DataCount
+    steps_per_epoch: int | None
+    total_steps: int | None
+    params: ParamCount | None
+    params_unknown: str
+    memory: list[MemoryRow]
+    chosen: str
+    backend_settings: dict | None
+
+
+def make_plan(config_path: str, cluster: str, overrides: list[str]) -> Plan:
+    """Check the job, count examples and parameters, estimate memory."""
+    job = checked_job(config_path, cluster, overrides)
+    cfg = job.cfg
+    data = count_examples(cfg)
+    steps_per_epoch = total = None
+    if data.examples is not None:
+        steps_per_epoch = data.examples // cfg.train.global_batch_size
+        if steps_per_epoch == 0:
+            raise UserError(
+                f"train.global_batch_size: {cfg.train.global_batch_size} is more than the "
+                f"{data.examples} training examples; lower it or add data"
+            )
+        total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    params, unknown, memory, chosen = None, "", [], chosen_strategy(job.profile).name
+    try:
+        params = count_parameters(cfg, data)
+        memory, chosen = memory_rows(job, params)
+    except Exception as err:  # an estimate never stops the plan; the reason is printed
+        unknown = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    settings = None
+    if job.profile.backend == "deepspeed":
+        settings = deepspeed_config(cfg, job.profile, job.precision)
+    elif job.profile.backend == "fsdp":
+        settings = fsdp_settings(job.profile)
+    return Plan(
+        job,
+        cfg.gradient_accumulation_steps(job.profile.world_size),
+        cfg.train.global_batch_size * cfg.data.max_length,
+        data,
+        steps_per_epoch,
+        total,
+        params,
+        unknown,
+        memory,
+        chosen,
+        settings,
+    )
+
+
+# --- printing ------------------------------------------------------------------------------
+
+
+def human_bytes(count: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    if count == 0:
+        return "0"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def _batch_lines(plan: Plan) -> list[str]:
+    job, cfg = plan.job, plan.job.cfg
+    profile = job.profile
+    exactness = (
+        "exact: packed blocks"
+        if cfg.task in PACKED_TASKS
+        else "an upper bound: examples are padded to the longest in a micro batch"
+    )
+    if plan.data.examples is None:
+        examples = steps = f"unknown ({plan.data.unknown})"
+    else:
+        examples = f"{plan.data.examples:,} after encoding"
+        source = (
+            f"train.max_steps; {plan.steps_per_epoch:,} per epoch"
+            if cfg.train.max_steps
+            else f"{cfg.train.epochs} epochs x {plan.steps_per_epoch:,} per epoch"
+        )
+        steps = f"{plan.total_steps:,} ({source})"
+    return [
+        f"world size          {profile.world_size} ({profile.nodes} node(s) x "
+        f"{profile.processes_per_node} processes, {profile.device}, {profile.backend})",
+        f"precision           {job.precision}",
+        f"micro batch         {cfg.train.micro_batch_size} per process",
+        f"accumulation steps  {plan.accumulation}",
+        f"global batch        {cfg.train.global_batch_size} (= {cfg.train.micro_batch_size} x "
+        f"{plan.accumulation} x {profile.world_size})",
+        f"tokens per step     {plan.tokens_per_step:,} (global batch x data.max_length "
+        f"{cfg.data.max_length}; {exactness})",
+        f"training examples   {examples}",
+        f"total steps         {steps}",
+    ]
+
+
+def _backend_lines(plan: Plan) -> list[str]:
+    job = plan.job
+    settings = accelerate_config(job.cfg, job.profile, job.precision, None)
+    lines = [
+        f"accelerate: distributed_type {settings['distributed_type']}, num_processes "
+        f"{settings['num_processes']}, num_machines {settings['num_machines']}, "
+        f"mixed_precision {settings.get('mixed_precision', job.precision)}"
+    ]
+    if job.profile.backend == "deepspeed":
+        where = Path(job.run_dir) / "launch" / "deepspeed.json"
+        lines += ["", f"DeepSpeed config ({where}):", json.dumps(plan.backend_settings, indent=2)]
+    elif job.profile.backend == "fsdp":
+        lines += ["", "FSDP settings (accelerate fsdp_config):"]
+        lines.append(json.dumps(plan.backend_settings, indent=2))
+    return lines
+
+
+def _memory_lines(plan: Plan) -> list[str]:
+    if plan.params is None:
+        return [f"memory per device   unknown ({plan.params_unknown})"]
+    params, cfg = plan.params, plan.job.cfg
+    lines = [
+        f"parameters          {params.total:,} ({params.model_class}); trainable "
+        f"{params.trainable:,} (peft.method {cfg.peft.method})",
+        "",
+        f"memory per device (estimate; micro batch {cfg.train.micro_batch_size} x "
+        f"{cfg.data.max_length} tokens; formulas: launch/plan.py)",
+        f"  {'strategy':<22}{'weights':>12}{'grads':>12}{'optimizer':>12}"
+        f"{'activations':>13}{'total':>12}",
+    ]
+    for row in plan.memory:
+        mark = "*" if row.strategy == plan.chosen else " "
+        cells = (row.weights, row.grads, row.optimizer)
+        lines.append(
+            f"{mark} {row.strategy:<22}"
+            + "".join(f"{human_bytes(c):>12}" for c in cells)
+            + f"{human_bytes(row.activations):>13}{human_bytes(row.total):>12}"
+        )
+    lines.append(f"* this profile ({plan.chosen}); offload rows hold the rest in CPU memory")
+    return lines
+
+
+def render(plan: Plan) -> str:
+    """The text `trainer plan` prints."""
+    job = plan.job
+    head = f"plan: {job.config_path} on cluster profile {job.profile.name} (task {job.cfg.task})"
+    sections = [[head, *_batch_lines(plan)], _backend_lines(plan), _memory_lines(plan)]
+    return "\n\n".join("\n".join(section) for section in sections)
+
+
+def plan(config_path: str, cluster: str, overrides: list[str]) -> str:
+    """`trainer plan CONFIG --cluster PROFILE [key=value ...]`: the printed plan."""
+    return render(make_plan(config_path, cluster, overrides))
