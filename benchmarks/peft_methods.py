@@ -18,7 +18,7 @@ quantization, computing in fp32, with the classifier and the pooler left unquant
 peft's prepare_model_for_kbit_training (without gradient checkpointing: our engine only
 turns it on with train.gradient_checkpointing, off here).
 
-1. ``ours``: the ``trainer train`` CLI, once per method (full, lora, qlora), each in a fresh
+1. ``ours``: the ``trainer train`` CLI (as ``python -m trainer``), once per method (full, lora, qlora), each in a fresh
    process. Per method: step time (training-loop seconds from metrics.jsonl / steps, so
    start-up and evaluation are left out), train samples/s, wall time of the whole job, peak
    memory (the process's peak RSS, ru_maxrss via wait4), trainable parameters and share
@@ -188,7 +188,9 @@ def run_ours(method: Method, steps: int, model: str, work_dir: Path) -> Result:
     run_dir = work_dir / f"ours-{method.name}"
     if run_dir.exists():
         raise RuntimeError(f"{run_dir} exists (from an earlier run?); use another --work-dir")
-    command = [str(Path(sys.executable).parent / "trainer"), "train", str(CONFIG)]
+    # `python -m trainer` from the repository root: the same CLI as the `trainer` script,
+    # and it still finds a package added to the repository since the editable install
+    command = [sys.executable, "-m", "trainer", "train", str(CONFIG)]
     command += our_overrides(JOB, 1, model, run_dir) + method_overrides(method, steps)
     measured = run_measured(command, work_dir / f"ours-{method.name}.log")
     records = read_jsonl(run_dir / "metrics.jsonl")
@@ -340,7 +342,7 @@ def hf_worker(method: Method, steps: int, model: str, out_dir: Path) -> dict:
         "train_s": output.metrics["train_runtime"],
         "step_times": [b - a for a, b in itertools.pairwise(step_times.marks)],
         "final_dir": str(final_dir),
-        "parameters": sum(p.numel() for p in parameters),
+        "parameters": sum(p.numel() for p in parameters),  # packed 4-bit: 2 weights count 1
         "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
         "metrics": metrics,
         "extra": {
@@ -349,6 +351,7 @@ def hf_worker(method: Method, steps: int, model: str, out_dir: Path) -> dict:
             # peft counts a packed 4-bit parameter as the 2 weights it holds
             "peft_trainable_parameters": trainable,
             "peft_all_parameters": with_4bit_unpacked,
+            "torch_parameters": sum(p.numel() for p in parameters),
             "linear_4bit_layers": sum(isinstance(m, bnb.nn.Linear4bit) for m in net.modules()),
             "torch_threads": torch.get_num_threads(),
         },
@@ -370,9 +373,12 @@ def run_hf(method: Method, steps: int, work_dir: Path) -> Result:
         found["train_s"],
         found["step_times"],
         Path(found["final_dir"]),
-        parameters=found["parameters"],
+        # peft's count, which unpacks 4-bit tensors, as our run_summary.json counts
+        parameters=found["extra"]["peft_all_parameters"],
         trainable_parameters=found["trainable_parameters"],
-        trainable_share=round(found["trainable_parameters"] / found["parameters"], 6),
+        trainable_share=round(
+            found["trainable_parameters"] / found["extra"]["peft_all_parameters"], 6
+        ),
         metrics=found["metrics"],
         extra=found["extra"],
     )
@@ -414,7 +420,7 @@ ROWS = [
     ("step time, median (s)", lambda r: r["step_s_median"], 3),
     ("train samples/s", lambda r: r["samples_per_s"], 2),
     ("peak RSS (MB)", lambda r: r["peak_rss_mb"], 0),
-    ("parameters (as counted by torch)", lambda r: r["parameters"], 0),
+    ("parameters (4-bit unpacked)", lambda r: r["parameters"], 0),
     ("trainable parameters", lambda r: r["trainable_parameters"], 0),
     ("trainable share", lambda r: r["trainable_share"], 6),
     ("final/ on disk (MB)", lambda r: mb(r["final_dir_bytes"]), 2),
@@ -606,12 +612,13 @@ def notes(report: dict[str, Any]) -> list[str]:
     qlora = report["side_by_side"].get("qlora")
     if qlora:
         hf = qlora["hf"]
+        torch_count = hf["extra"].get("torch_parameters")
         found.append(
-            "QLoRA's parameter count (and so its trainable share) is torch's count, as in our "
-            "run_summary.json: a packed 4-bit weight tensor holds 2 weights per element, so "
-            f"the total reads {hf['parameters']:,}; peft's own count, which unpacks them, is "
-            f"{hf['extra']['peft_all_parameters']:,} (trainable share "
-            f"{hf['extra']['peft_trainable_parameters'] / hf['extra']['peft_all_parameters']:.6f})."
+            "Parameter counts unpack 4-bit tensors (our run_summary.json; peft's "
+            "get_nb_trainable_parameters on the HF side): torch's numel() of a packed 4-bit "
+            "tensor counts 2 weights as 1"
+            + (f", so torch's total for the QLoRA model reads {torch_count:,}" if torch_count else "")
+            + "."
         )
     steps = report["settings"]["steps"]
     if steps > 360 // HYPER.batch_size:

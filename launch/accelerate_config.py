@@ -95,6 +95,8 @@ def accelerate_config(
         settings["deepspeed_config"] = {
             "deepspeed_config_file": deepspeed_file,
             "zero3_init_flag": profile.zero_stage == 3,
+            # one launcher per node, started by srun, rather than accelerate's pdsh fan-out
+            "deepspeed_multinode_launcher": "standard",
         }
     if profile.backend == "fsdp":
         settings["fsdp_config"] = fsdp_settings(profile)

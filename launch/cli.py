@@ -39,7 +39,9 @@ def add_commands(commands) -> None:
     plan = commands.add_parser("plan", help="batch, steps, backend settings, memory per device")
     _job_arguments(plan)
     plan.set_defaults(run=_plan)
-    launch = commands.add_parser("launch", help="accelerate launch on this machine")
+    launch = commands.add_parser(
+        "launch", help="start the processes on this machine (torchrun on CPU, accelerate on GPU)"
+    )
     _job_arguments(launch)
     launch.set_defaults(run=_launch)
     submit = commands.add_parser("submit", help="render an sbatch script and submit it")

@@ -16,7 +16,7 @@ import yaml
 
 from launch.accelerate_config import accelerate_config, deepspeed_config, effective_precision
 from launch.profiles import ClusterProfile, load_profile
-from trainer.config import RunConfig, apply_overrides, build_config, read_yaml
+from trainer.config import RunConfig, apply_overrides, build_config, build_section, read_yaml
 from trainer.errors import UserError
 
 
@@ -103,3 +103,58 @@ def check_cli_overrides(overrides: list[str]) -> None:
     for item in overrides:
         if "=" not in item or item.startswith("-"):
             raise UserError(f"override '{item}': expected key=value, e.g. train.lr=3e-5")
+
+
+def combination_errors(cfg: RunConfig, profile: ClusterProfile, precision: str) -> list[str]:
+    """Run config x profile pairs that would fail after the allocation, each naming its key.
+    (Offload without DeepSpeed is rejected by the profile itself, a global batch the
+    processes can not divide by the run config check.)"""
+    errors = []
+    sharded = profile.backend == "fsdp" or profile.zero_stage == 3
+    if cfg.peft.method == "qlora" and sharded:
+        errors.append(
+            f"peft.method: qlora can't run on profile {profile.name} "
+            f"({'FSDP' if profile.backend == 'fsdp' else 'ZeRO-3'}): its 4-bit base "
+            "(bitsandbytes, uint8 storage) can't be sharded; use lora, or a ddp / ZeRO-1/2 profile"
+        )
+    if precision == "fp16" and profile.device == "cpu":
+        errors.append(
+            f"train.precision: fp16 needs CUDA, profile {profile.name} runs on cpu (DeepSpeed's "
+            "CPU accelerator guarantees bf16 only); use bf16 or no"
+        )
+    if cfg.train.gradient_checkpointing and (
+        profile.backend == "fsdp" and profile.fsdp.activation_checkpointing
+    ):
+        errors.append(
+            "train.gradient_checkpointing: profile "
+            f"{profile.name} already sets fsdp.activation_checkpointing; checkpointing twice "
+            "recomputes every layer twice, turn one off"
+        )
+    return errors
+
+
+def _errors_beside(config_path: str, cluster: str, overrides: list[str]) -> list[str]:
+    """The combination errors of a run config that failed its own checks (best effort),
+    so that one message lists everything."""
+    try:
+        profile = load_profile(cluster)
+        cfg = build_section(RunConfig, apply_overrides(read_yaml(config_path), overrides), "", [])
+    except UserError:
+        return []
+    explicit = any(item.startswith("train.precision=") for item in overrides)
+    return combination_errors(cfg, profile, effective_precision(cfg, profile, explicit))
+
+
+def checked_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
+    """The job, with every run config, profile and combination problem in one UserError."""
+    check_cli_overrides(overrides)
+    try:
+        job = resolve_job(config_path, cluster, overrides)
+    except UserError as err:
+        raise UserError(
+            "; ".join([str(err), *_errors_beside(config_path, cluster, overrides)])
+        ) from None
+    errors = combination_errors(job.cfg, job.profile, job.precision)
+    if errors:
+        raise UserError("; ".join(errors))
+    return job

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.job import Job, accelerate_command, check_cli_overrides, resolve_job, write_launch_files
+from launch.job import Job, accelerate_command, checked_job, write_launch_files
 from trainer.errors import UserError
 from trainer.preemption import EXIT_PREEMPTED
 
@@ -109,8 +109,7 @@ def run_streaming(command: list[str], env: dict[str, str]) -> int:
 
 def launch(config: str, cluster: str, overrides: list[str]) -> int:
     """`trainer launch`: the job's processes on this machine; returns their exit code."""
-    check_cli_overrides(overrides)
-    job = resolve_job(config, cluster, overrides)
+    job = checked_job(config, cluster, overrides)
     if job.profile.nodes > 1:
         raise UserError(
             f"--cluster: {job.profile.name} spans {job.profile.nodes} nodes and `trainer launch` "

@@ -49,18 +49,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from launch.accelerate_config import (
     accelerate_config,
     deepspeed_config,
-    effective_precision,
     fsdp_settings,
 )
-from launch.job import Job, check_cli_overrides, resolve_job
-from launch.profiles import ClusterProfile, load_profile
-from trainer.config import RunConfig, apply_overrides, build_section, read_yaml
+from launch.job import Job, checked_job
+from launch.profiles import ClusterProfile
+from trainer.config import RunConfig
 from trainer.errors import UserError
 
 ADAM_STATE_BYTES = 8  # Adam m and v, fp32
@@ -72,61 +72,6 @@ PACKED_TASKS = ("mlm", "clm")
 
 
 # --- combinations a profile can not run ---------------------------------------------------
-
-
-def combination_errors(cfg: RunConfig, profile: ClusterProfile, precision: str) -> list[str]:
-    """Run config x profile pairs that would fail after the allocation, each naming its key.
-    (Offload without DeepSpeed is rejected by the profile itself, a global batch the
-    processes can not divide by the run config check.)"""
-    errors = []
-    sharded = profile.backend == "fsdp" or profile.zero_stage == 3
-    if cfg.peft.method == "qlora" and sharded:
-        errors.append(
-            f"peft.method: qlora can't run on profile {profile.name} "
-            f"({'FSDP' if profile.backend == 'fsdp' else 'ZeRO-3'}): its 4-bit base "
-            "(bitsandbytes, uint8 storage) can't be sharded; use lora, or a ddp / ZeRO-1/2 profile"
-        )
-    if precision == "fp16" and profile.device == "cpu":
-        errors.append(
-            f"train.precision: fp16 needs CUDA, profile {profile.name} runs on cpu (DeepSpeed's "
-            "CPU accelerator guarantees bf16 only); use bf16 or no"
-        )
-    if cfg.train.gradient_checkpointing and (
-        profile.backend == "fsdp" and profile.fsdp.activation_checkpointing
-    ):
-        errors.append(
-            "train.gradient_checkpointing: profile "
-            f"{profile.name} already sets fsdp.activation_checkpointing; checkpointing twice "
-            "recomputes every layer twice, turn one off"
-        )
-    return errors
-
-
-def _errors_beside(config_path: str, cluster: str, overrides: list[str]) -> list[str]:
-    """The combination errors of a run config that failed its own checks (best effort),
-    so that one message lists everything."""
-    try:
-        profile = load_profile(cluster)
-        cfg = build_section(RunConfig, apply_overrides(read_yaml(config_path), overrides), "", [])
-    except UserError:
-        return []
-    explicit = any(item.startswith("train.precision=") for item in overrides)
-    return combination_errors(cfg, profile, effective_precision(cfg, profile, explicit))
-
-
-def checked_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
-    """The job, with every run config, profile and combination problem in one UserError."""
-    check_cli_overrides(overrides)
-    try:
-        job = resolve_job(config_path, cluster, overrides)
-    except UserError as err:
-        raise UserError(
-            "; ".join([str(err), *_errors_beside(config_path, cluster, overrides)])
-        ) from None
-    errors = combination_errors(job.cfg, job.profile, job.precision)
-    if errors:
-        raise UserError("; ".join(errors))
-    return job
 
 
 # --- the training examples and the parameters ----------------------------------------------
@@ -143,7 +88,9 @@ class DataCount:
 
 
 def count_examples(cfg: RunConfig) -> DataCount:
-    """Read and encode the train split as training does (after any validation_split)."""
+    """Read and encode the train split as training does (after any validation_split).
+    Fine-tuning data has one example per row, so its count survives a tokenizer that can't
+    be loaded; packed MLM/CLM blocks need the tokenizer."""
     import datasets
 
     from trainer.data import carve_validation, label_names_from, read_split
@@ -151,17 +98,22 @@ def count_examples(cfg: RunConfig) -> DataCount:
     from trainer.tasks import TASKS
 
     spec = TASKS[cfg.task]
+    try:
+        train = read_split(cfg.data.train, "data.train", cfg.task, cfg.data)
+        if cfg.data.validation_split and not cfg.data.validation:
+            train, _ = carve_validation(train, cfg.data.validation_split, cfg.train.seed)
+    except (UserError, OSError) as err:
+        return DataCount(None, unknown=str(err))
+    names = label_names_from(train, cfg.task) if spec.has_labels else None
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # stdout is the plan; no "Map: 100%" lines on stderr
     try:
         tokenizer = load_tokenizer(cfg.model, cfg.task)
-        train = read_split(cfg.data.train, "data.train", cfg.task, cfg.data)
-        if cfg.data.validation_split and not cfg.data.validation:
-            train, _ = carve_validation(train, cfg.data.validation_split, cfg.train.seed)
-        names = label_names_from(train, cfg.task) if spec.has_labels else None
         encoded = spec.encode(train, tokenizer, names, cfg.data.max_length)
     except (UserError, OSError) as err:
-        return DataCount(None, unknown=str(err))
+        if cfg.task in PACKED_TASKS:
+            return DataCount(None, names, unknown=str(err))
+        return DataCount(len(train), names)
     finally:
         if bars:
             datasets.enable_progress_bars()
@@ -219,7 +171,7 @@ def _quantized_weights(model) -> int:
 
 def _lora_by_shapes(model, cfg: RunConfig) -> int:
     """Adapter parameters r·(d_in + d_out) per targeted Linear, when peft can't attach on
-    the meta device."""
+    the meta device (the heads trained in full are not counted then)."""
     import torch
 
     from trainer.adapters import default_target_modules
@@ -254,7 +206,8 @@ def count_parameters(cfg: RunConfig, data: DataCount) -> ParamCount:
         return ParamCount(total, total, **dims)
     quantized = _quantized_weights(model) if cfg.peft.method == "qlora" else 0
     try:  # counting only: the adapter shapes do not depend on quantization
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # peft's deprecation notes are not the plan's
             adapted = attach_adapter(
                 model, dataclasses.replace(cfg.peft, method="lora"), cfg.task, False
             )
@@ -469,7 +422,8 @@ def _batch_lines(plan: Plan) -> list[str]:
         else "an upper bound: examples are padded to the longest in a micro batch"
     )
     if plan.data.examples is None:
-        examples = steps = f"unknown ({plan.data.unknown})"
+        examples = f"unknown ({plan.data.unknown})"
+        steps = "unknown (the number of training examples is unknown)"
     else:
         examples = f"{plan.data.examples:,} after encoding"
         source = (

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launch.job import Job, check_cli_overrides, resolve_job, write_launch_files
+from launch.job import Job, checked_job, write_launch_files
 from launch.local import node_command
 from launch.profiles import ClusterProfile
 from trainer.errors import UserError
@@ -37,6 +37,7 @@ export {requeue_env}=1
 MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 MAIN_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export MAIN_ADDR MAIN_PORT
+echo "rendezvous at $MAIN_ADDR:$MAIN_PORT"
 
 # --signal=B:USR1 warns only this batch shell, and bash runs a trap only once the foreground
 # command ends: so srun runs in the background and the trap passes USR1 on to it (srun
@@ -135,8 +136,7 @@ def render_script(job: Job, config_file: Path) -> str:
 def submit(config: str, cluster: str, overrides: list[str], dry_run: bool = False) -> int:
     """`trainer submit`: write RUN_DIR/launch/ (script, Accelerate config, DeepSpeed JSON)
     and pass the script to sbatch, or print it with --dry-run."""
-    check_cli_overrides(overrides)
-    job = resolve_job(config, cluster, overrides)
+    job = checked_job(config, cluster, overrides)
     if not dry_run and shutil.which("sbatch") is None:
         raise UserError(
             "sbatch: not found on PATH; submit from a SLURM login node, or use --dry-run"

@@ -1,0 +1,332 @@
+"""`trainer plan`: the batch arithmetic, the steps, the exact DeepSpeed / FSDP settings, and
+the memory estimate checked against hand arithmetic on the tiny BERT; bad run config x
+profile combinations rejected in one line naming each key."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from launch.accelerate_config import deepspeed_config, fsdp_settings
+from launch.job import resolve_job
+from launch.plan import QLORA_BYTES, make_plan
+from trainer.cli import main
+
+WORLD = 8  # the 8gpu-* profiles
+BATCH_32 = {"global_batch_size": 32}  # micro batch 4 x 8 processes
+# The tiny BERT (tests/tiny_models.py): hidden 32, 2 layers, 2 heads, intermediate 64.
+HIDDEN, LAYERS, HEADS, INTERMEDIATE = 32, 2, 2, 64
+
+
+def safetensors_parameters(folder) -> int:
+    """Parameters stored in a model folder (tied weights are stored once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        names = handle.keys()
+        return sum(math.prod(handle.get_slice(name).get_shape()) for name in names)
+
+
+def run_plan(capsys, *argv) -> str:
+    code = main(["plan", *(str(a) for a in argv)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def expect_user_error_line(capsys, argv, *fragments: str) -> str:
+    """Exit code 2 and one `error:` line holding every fragment; returns the line."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err.strip()
+
+
+def json_after(text: str, header: str) -> dict:
+    """The JSON object printed after the line starting with `header`."""
+    start = text.index("{", text.index(header))
+    return json.JSONDecoder().raw_decode(text[start:])[0]
+
+
+def rows_by_name(plan) -> dict:
+    return {row.strategy: row for row in plan.memory}
+
+
+# --- batch and steps --------------------------------------------------------------------
+
+
+def test_batch_arithmetic_and_steps_of_a_classification_run(capsys, run_config):
+    config = run_config("classification", train={"global_batch_size": 32, "micro_batch_size": 2})
+    plan = make_plan(str(config), "8gpu-zero2", [])
+    assert plan.accumulation == 2  # 32 / (2 x 8)
+    assert plan.tokens_per_step == 32 * 32  # global batch x data.max_length
+    assert plan.data.examples == 192  # one per row of sentiment_train.csv
+    assert (plan.steps_per_epoch, plan.total_steps) == (6, 6)  # 192 // 32, 1 epoch
+    out = run_plan(capsys, config, "--cluster", "8gpu-zero2", "train.epochs=3")
+    assert "world size          8 (1 node(s) x 8 processes, gpu, deepspeed)" in out
+    assert "accumulation steps  2" in out
+    assert "global batch        32 (= 2 x 2 x 8)" in out
+    assert "tokens per step     1,024" in out and "an upper bound" in out
+    assert "total steps         18 (3 epochs x 6 per epoch)" in out
+
+
+def test_validation_split_and_max_steps_change_the_steps(run_config):
+    config = run_config("classification")
+    overrides = ["data.validation=null", "data.validation_split=0.25", "train.max_steps=5"]
+    plan = make_plan(str(config), "cpu-debug", overrides)
+    assert plan.data.examples == 144  # 192 - round(0.25 x 192)
+    assert (plan.steps_per_epoch, plan.total_steps) == (18, 5)
+
+
+def test_packed_lm_examples_are_the_encoded_blocks(run_config, bert_tokenizer):
+    from trainer.config import DataConfig
+    from trainer.data import read_split
+    from trainer.preprocess import pack_for_mlm
+
+    config = run_config("mlm", train=BATCH_32)
+    plan = make_plan(str(config), "cpu-2proc", [])
+    raw = yaml.safe_load(config.read_text())
+    split = read_split(raw["data"]["train"], "data.train", "mlm", DataConfig(max_length=32))
+    blocks = len(pack_for_mlm(split, bert_tokenizer, 32))
+    assert plan.data.examples == blocks
+    assert plan.total_steps == blocks // 32
+
+
+def test_a_model_or_data_that_cannot_be_read_is_unknown(capsys, run_config):
+    config = run_config("mlm", train=BATCH_32)
+    out = run_plan(capsys, config, "--cluster", "1gpu", "model.name_or_path=no-org/no-model")
+    assert "training examples   unknown (model.name_or_path: could not load the tokenizer" in out
+    assert "total steps         unknown" in out
+    assert "memory per device   unknown (model.name_or_path: could not load the config" in out
+
+
+def test_fine_tuning_rows_are_counted_without_the_tokenizer(run_config):
+    config = run_config("classification")
+    plan = make_plan(str(config), "1gpu", ["model.name_or_path=no-org/no-model"])
+    assert (plan.data.examples, plan.total_steps) == (192, 24)
+    assert plan.params is None and "could not load the config" in plan.params_unknown
+
+
+# --- backend settings: exactly what `trainer launch` writes ----------------------------------
+
+
+def test_printed_deepspeed_json_is_the_launch_one(capsys, run_config):
+    config = run_config("mlm", train={"global_batch_size": 64, "micro_batch_size": 2})
+    for profile in ("8gpu-zero2", "8gpu-zero3-offload"):
+        out = run_plan(capsys, config, "--cluster", profile)
+        printed = json_after(out, "DeepSpeed config")
+        job = resolve_job(str(config), profile, [])
+        assert printed == deepspeed_config(job.cfg, job.profile, job.precision)
+        micro = printed["train_micro_batch_size_per_gpu"]
+        assert printed["train_batch_size"] == micro * printed["gradient_accumulation_steps"] * 8
+        assert printed["gradient_accumulation_steps"] == 4
+
+
+def test_printed_fsdp_settings_are_the_launch_ones(capsys, run_config):
+    config = run_config("mlm", train=BATCH_32)
+    out = run_plan(capsys, config, "--cluster", "8gpu-fsdp")
+    assert json_after(out, "FSDP settings") == fsdp_settings(
+        resolve_job(str(config), "8gpu-fsdp", []).profile
+    )
+    assert "DeepSpeed config" not in out
+
+
+# --- memory: bytes per parameter -----------------------------------------------------------
+
+
+def test_parameter_count_matches_the_weights_file(run_config, tiny_bert):
+    plan = make_plan(str(run_config("mlm", train=BATCH_32)), "8gpu-ddp", [])
+    assert plan.params.total == plan.params.trainable == safetensors_parameters(tiny_bert)
+    assert (plan.params.hidden, plan.params.layers, plan.params.heads) == (HIDDEN, LAYERS, HEADS)
+
+
+@pytest.mark.parametrize("profile", ["8gpu-ddp", "8gpu-zero2", "8gpu-zero3-offload"])
+def test_full_fine_tuning_bytes_per_parameter(run_config, tiny_bert, profile):
+    n = safetensors_parameters(tiny_bert)
+    plan = make_plan(str(run_config("mlm", train=BATCH_32)), profile, [])  # bf16 on these profiles
+    expected = {  # weights 2, grads 2, optimizer 4 master + 8 Adam, sharded over 8
+        "ddp": (2 * n, 2 * n, 12 * n),
+        "zero1": (2 * n, 2 * n, 12 * n / WORLD),
+        "zero2": (2 * n, 2 * n / WORLD, 12 * n / WORLD),
+        "zero3": (2 * n / WORLD, 2 * n / WORLD, 12 * n / WORLD),
+        "zero3+offload": (0, 2 * n / WORLD, 0),
+        "fsdp": (2 * n / WORLD, 2 * n / WORLD, 12 * n / WORLD),
+    }
+    rows = rows_by_name(plan)
+    assert list(rows) == list(expected)
+    for name, (weights, grads, optimizer) in expected.items():
+        assert (rows[name].weights, rows[name].grads, rows[name].optimizer) == (
+            weights,
+            grads,
+            optimizer,
+        ), name
+    assert plan.chosen == {"8gpu-ddp": "ddp", "8gpu-zero2": "zero2"}.get(profile, "zero3+offload")
+
+
+def test_fp32_has_no_master_copy(run_config, tiny_bert):
+    n = safetensors_parameters(tiny_bert)
+    plan = make_plan(str(run_config("mlm", train=BATCH_32)), "8gpu-ddp", ["train.precision=no"])
+    ddp = rows_by_name(plan)["ddp"]
+    assert (ddp.weights, ddp.grads, ddp.optimizer) == (4 * n, 4 * n, 8 * n)
+
+
+def test_lora_trains_only_the_adapters(run_config, tiny_bert):
+    n = safetensors_parameters(tiny_bert)
+    adapters = LAYERS * 2 * 8 * (HIDDEN + HIDDEN)  # query and value, r=8, r*(d_in + d_out)
+    plan = make_plan(str(run_config("mlm", train=BATCH_32)), "8gpu-zero2", ["peft.method=lora"])
+    assert (plan.params.total, plan.params.trainable) == (n, adapters)
+    rows = rows_by_name(plan)
+    assert (rows["ddp"].weights, rows["ddp"].grads, rows["ddp"].optimizer) == (
+        2 * (n + adapters),
+        2 * adapters,
+        12 * adapters,
+    )
+    assert rows["zero3"].weights == 2 * (n + adapters) / WORLD
+
+
+def test_qlora_stores_the_linear_weights_in_4_bits(run_config, tiny_bert):
+    n = safetensors_parameters(tiny_bert)
+    adapters = LAYERS * 2 * 8 * (HIDDEN + HIDDEN)
+    # per layer: query, key, value, attention output (h x h), intermediate and output (h x 4h);
+    # the MLM head (`cls.*`) stays in full precision
+    quantized = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
+    plan = make_plan(str(run_config("mlm", train=BATCH_32)), "8gpu-zero2", ["peft.method=qlora"])
+    assert plan.params.frozen_quantized == quantized
+    zero2 = rows_by_name(plan)["zero2"]
+    assert zero2.weights == 2 * (n + adapters - quantized) + QLORA_BYTES * quantized
+    assert (zero2.grads, zero2.optimizer) == (2 * adapters / WORLD, 12 * adapters / WORLD)
+
+
+def test_activations_follow_the_documented_formula(run_config):
+    plan = make_plan(
+        str(run_config("mlm", train=BATCH_32)), "8gpu-ddp", ["train.micro_batch_size=1"]
+    )
+    b, s, vocab = 1, 32, plan.params.vocab
+    layer = 34 * s * b * HIDDEN + 5 * HEADS * s * s * b
+    assert plan.memory[0].activations == LAYERS * layer + s * b * vocab * 4
+    checkpointed = make_plan(
+        str(run_config("mlm", train=BATCH_32)),
+        "8gpu-ddp",
+        ["train.micro_batch_size=1", "train.gradient_checkpointing=true"],
+    )
+    assert (
+        checkpointed.memory[0].activations
+        == LAYERS * 2 * s * b * HIDDEN + layer + s * b * vocab * 4
+    )
+
+
+def test_the_table_marks_the_chosen_strategy(capsys, run_config):
+    out = run_plan(capsys, run_config("mlm", train=BATCH_32), "--cluster", "8gpu-zero3-offload")
+    marked = [
+        line.split()[1] for line in out.splitlines() if line.startswith("* ") and "  " in line
+    ]
+    assert marked[0] == "zero3+offload"
+    assert "parameters          30,752 (BertForMaskedLM)" in out
+
+
+def test_a_strategy_outside_the_alternatives_gets_its_own_row(tmp_path, run_config):
+    profile = tmp_path / "z2off.yaml"
+    profile.write_text(
+        yaml.safe_dump(
+            {
+                "device": "gpu",
+                "processes_per_node": 8,
+                "backend": "deepspeed",
+                "zero_stage": 2,
+                "offload_optimizer": True,
+                "precision": "bf16",
+            }
+        )
+    )
+    plan = make_plan(str(run_config("mlm", train=BATCH_32)), str(profile), [])
+    assert plan.chosen == "zero2+offload_optimizer"
+    assert plan.memory[-1].strategy == plan.chosen and plan.memory[-1].optimizer == 0
+
+
+# --- combinations a profile can't run ---------------------------------------------------------
+
+
+def fsdp_checkpointing_profile(tmp_path) -> str:
+    path = tmp_path / "fsdp-ckpt.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "device": "gpu",
+                "processes_per_node": 8,
+                "backend": "fsdp",
+                "precision": "bf16",
+                "fsdp": {"activation_checkpointing": True},
+            }
+        )
+    )
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("cluster", "overrides", "fragments"),
+    [
+        ("8gpu-zero3-offload", ["peft.method=qlora"], ["peft.method: qlora", "ZeRO-3"]),
+        ("8gpu-fsdp", ["peft.method=qlora"], ["peft.method: qlora", "(FSDP)", "sharded"]),
+        ("cpu-debug", ["train.precision=fp16"], ["train.precision: fp16 needs CUDA"]),
+        (
+            "8gpu-ddp",
+            ["train.global_batch_size=12"],
+            ["train.global_batch_size: 12 is not divisible"],
+        ),
+        (
+            "cpu-debug",
+            ["train.global_batch_size=256", "train.micro_batch_size=4"],
+            ["train.global_batch_size: 256 is more than the 192 training examples"],
+        ),
+    ],
+)
+def test_bad_combinations_are_rejected_naming_the_key(
+    capsys, run_config, cluster, overrides, fragments
+):
+    config = run_config("classification", train={"global_batch_size": 32, "micro_batch_size": 4})
+    expect_user_error_line(capsys, ["plan", config, "--cluster", cluster, *overrides], *fragments)
+
+
+def test_double_activation_checkpointing(capsys, run_config, tmp_path):
+    config = run_config("mlm", train={"global_batch_size": 32})
+    argv = ["plan", config, "--cluster", fsdp_checkpointing_profile(tmp_path)]
+    expect_user_error_line(
+        capsys,
+        [*argv, "train.gradient_checkpointing=true"],
+        "train.gradient_checkpointing:",
+        "fsdp.activation_checkpointing",
+    )
+    assert "tokens per step" in run_plan(capsys, *argv[1:])  # either one alone is fine
+
+
+def test_every_problem_in_one_line(capsys, run_config, tmp_path):
+    config = run_config("classification")  # global batch 8: not divisible by 4 x 8
+    line = expect_user_error_line(
+        capsys,
+        [
+            "plan",
+            config,
+            "--cluster",
+            fsdp_checkpointing_profile(tmp_path),
+            "peft.method=qlora",
+            "train.gradient_checkpointing=true",
+        ],
+    )
+    for key in ("train.global_batch_size:", "peft.method:", "train.gradient_checkpointing:"):
+        assert key in line
+
+
+def test_a_bad_profile_is_a_one_line_error(capsys, run_config, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("backend: ddp\noffload_optimizer: true\n")
+    expect_user_error_line(
+        capsys,
+        ["plan", run_config("mlm", train=BATCH_32), "--cluster", path],
+        "offload_optimizer: offloading needs backend deepspeed",
+    )

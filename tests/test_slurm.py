@@ -1,0 +1,213 @@
+"""launch.slurm and `trainer submit`: the rendered sbatch script, its submission, and a
+simulated two-node job on this machine (fake `srun` / `scontrol` / `sbatch` first on PATH)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_run_config, read_metrics, reset_accelerate
+from test_launch import PARITY, assert_same_training
+
+from trainer.cli import main
+
+# Starts the per-node command once per "node", in parallel, as srun does with one task per
+# node; SIGUSR1 goes to every process of the tasks, like slurmstepd's signal to a step.
+FAKE_SRUN = """#!{python}
+import os, signal, subprocess, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+while args[0].startswith("--"):
+    args.pop(0)
+log = Path(os.environ["FAKE_SLURM_LOG"])
+with (log / "srun").open("a") as handle:
+    handle.write(repr(args) + "\\n")
+nodes = int(os.environ.get("FAKE_SRUN_NODES", "2"))
+tasks = []
+for node in range(nodes):
+    env = {{**os.environ, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node),
+           "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": "localhost"}}
+    tasks.append(subprocess.Popen(args, env=env))
+
+def descendants(pid):
+    children = Path(f"/proc/{{pid}}/task/{{pid}}/children")
+    found = [int(p) for p in children.read_text().split()] if children.exists() else []
+    return found + [d for child in found for d in descendants(child)]
+
+def forward(number, _frame):
+    for pid in descendants(os.getpid()):
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
+
+signal.signal(signal.SIGUSR1, forward)
+codes = [task.wait() for task in tasks]
+sys.exit(next((code for code in codes if code), 0))
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1 $2" in
+    "show hostnames") echo localhost ;;
+    requeue*) echo "$2" >> "$FAKE_SLURM_LOG/requeue" ;;
+    *) exit 1 ;;
+esac
+"""
+FAKE_SBATCH = """#!/bin/bash
+printf '%s\\n' "$@" > "$FAKE_SLURM_LOG/sbatch"
+echo "Submitted batch job 4242"
+"""
+
+
+def cli(*argv) -> int:
+    reset_accelerate()
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """A bin/ folder with fake sbatch, srun and scontrol, first on PATH; returns the folder
+    they record into."""
+    bin_dir, log = tmp_path / "fake-bin", tmp_path / "slurm-log"
+    bin_dir.mkdir()
+    log.mkdir()
+    scripts = {
+        "srun": FAKE_SRUN.format(python=sys.executable),
+        "scontrol": FAKE_SCONTROL,
+        "sbatch": FAKE_SBATCH,
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_LOG", str(log))
+    return log
+
+
+@pytest.fixture
+def zero3_config(run_config) -> Path:
+    return run_config("mlm", train={"global_batch_size": 32, "micro_batch_size": 2})
+
+
+# --- the rendered script ----------------------------------------------------------------------
+
+
+def test_dry_run_prints_the_script_and_submits_nothing(zero3_config, fake_slurm, capsys):
+    assert cli("submit", zero3_config, "--cluster", "2node-16gpu-zero3", "--dry-run") == 0
+    script = capsys.readouterr().out
+    run_dir = zero3_config.parent / "run"
+    assert script == (run_dir / "launch" / "job.sbatch").read_text()
+    assert not (fake_slurm / "sbatch").exists()
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --cpus-per-task=64",
+        "#SBATCH --gres=gpu:8",
+        "#SBATCH --time=48:00:00",
+        "#SBATCH --exclusive",
+        f"#SBATCH --output={run_dir}/logs/%j.out",
+        f"#SBATCH --error={run_dir}/logs/%j.out",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "export TRAINER_SLURM_REQUEUE=1",
+        "export NCCL_ASYNC_ERROR_HANDLING=1",
+        'MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+    ):
+        assert line in script.splitlines(), line
+    assert "--partition" not in script, "unset options stay out"
+    assert '--machine_rank "$SLURM_NODEID"' in script
+    assert "--deepspeed_multinode_launcher standard" in script
+    assert (run_dir / "launch" / "deepspeed.json").is_file()
+    assert (run_dir / "launch" / "accelerate_config.yaml").is_file()
+    assert subprocess.run(["bash", "-n", run_dir / "launch" / "job.sbatch"]).returncode == 0
+
+
+def test_sbatch_lines_from_the_profile(zero3_config, tmp_path, capsys):
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text(
+        "device: gpu\nnodes: 1\nprocesses_per_node: 8\nprecision: bf16\n"
+        "slurm: {partition: gpu, account: proj1, qos: high, constraint: a100, gres: 'gpu:8',"
+        " extra: ['--mem=0'], signal_grace_s: 120}\n"
+    )
+    assert cli("submit", zero3_config, "--cluster", profile, "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    for option in ("--partition=gpu", "--account=proj1", "--qos=high", "--constraint=a100"):
+        assert f"#SBATCH {option}" in lines
+    assert "#SBATCH --mem=0" in lines
+    assert "#SBATCH --signal=B:USR1@120" in lines
+
+
+def test_submit_passes_the_script_to_sbatch(zero3_config, fake_slurm, capfd):
+    assert cli("submit", zero3_config, "--cluster", "2node-16gpu-zero3", "data.max_length=16") == 0
+    script = zero3_config.parent / "run" / "launch" / "job.sbatch"
+    assert (fake_slurm / "sbatch").read_text().splitlines() == [str(script)]
+    assert "Submitted batch job 4242" in capfd.readouterr().out
+    assert "data.max_length=16" in script.read_text()
+
+
+def test_submit_without_sbatch_is_one_line_error(zero3_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch anywhere
+    assert cli("submit", zero3_config, "--cluster", "2node-16gpu-zero3") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sbatch: not found") and err.count("\n") == 1
+
+
+def test_paths_with_spaces_and_quotes_survive_the_node_shell(
+    tmp_path, tiny_models_by_task, data_dir, capsys
+):
+    folder = tmp_path / "it's a run"
+    folder.mkdir()
+    config = make_run_config(folder, "mlm", tiny_models_by_task, data_dir, **PARITY)
+    assert cli("submit", config, "--cluster", "2node-cpu-sim", "--dry-run") == 0
+    per_node = next(line for line in capsys.readouterr().out.splitlines() if "bash -c" in line)
+    node_shell = shlex.split(per_node)[-2]  # what `bash -c` gets on each node
+    words = shlex.split(node_shell)
+    assert str(config.resolve()) in words
+    assert "$SLURM_NODEID" in words
+    assert '--node_rank "$SLURM_NODEID"' in node_shell
+
+
+# --- a two-node job, simulated on this machine ------------------------------------------------
+
+
+def run_batch_script(script: Path, job_id: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost"}
+    env.pop("TRAINER_SLURM_REQUEUE", None)
+    return subprocess.run(
+        ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=500
+    )
+
+
+@pytest.mark.slow
+def test_simulated_two_node_job_trains_like_one_process(
+    tmp_path, tiny_models_by_task, data_dir, fake_slurm, capsys
+):
+    configs = {}
+    for name in ("sim", "ref"):
+        (tmp_path / name).mkdir()
+        configs[name] = make_run_config(
+            tmp_path / name, "mlm", tiny_models_by_task, data_dir, **PARITY
+        )
+    assert cli("submit", configs["sim"], "--cluster", "2node-cpu-sim", "--dry-run") == 0
+    run_dir = tmp_path / "sim" / "run"
+    done = run_batch_script(run_dir / "launch" / "job.sbatch", "4242")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "rendezvous at localhost:24242" in done.stdout  # 20000 + job id % 20000
+
+    # Each node got the same, unexpanded command; the nodes expanded their own rank.
+    started = (fake_slurm / "srun").read_text().splitlines()
+    assert len(started) == 1 and "$SLURM_NODEID" in started[0]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
+    assert steps == list(range(1, PARITY["train"]["max_steps"] + 1))
+    assert json.loads((run_dir / "run_summary.json").read_text())["processes"] == 2
+    assert not (fake_slurm / "requeue").exists(), "a finished job is not requeued"
+
+    assert cli("train", configs["ref"]) == 0
+    assert_same_training(run_dir, tmp_path / "ref" / "run")
