@@ -18,9 +18,10 @@ quantization, computing in fp32, with the classifier and the pooler left unquant
 peft's prepare_model_for_kbit_training (without gradient checkpointing: our engine only
 turns it on with train.gradient_checkpointing, off here).
 
-1. ``ours``: the ``trainer train`` CLI (as ``python -m trainer``), once per method (full, lora, qlora), each in a fresh
-   process. Per method: step time (training-loop seconds from metrics.jsonl / steps, so
-   start-up and evaluation are left out), train samples/s, wall time of the whole job, peak
+1. ``ours``: the ``trainer train`` CLI (as ``python -m trainer``), once per method (full,
+   lora, qlora), each in a fresh process. Per method: step time (training-loop seconds from
+   metrics.jsonl / steps, and the median per-step time; start-up and evaluation are left
+   out), train samples/s, wall time of the whole job, peak
    memory (the process's peak RSS, ru_maxrss via wait4), trainable parameters and share
    (run_summary.json), the size on disk of final/ (the whole folder, and the weights file
    alone), accuracy, F1 of "positive" and eval loss.
@@ -617,7 +618,7 @@ def notes(report: dict[str, Any]) -> list[str]:
             "Parameter counts unpack 4-bit tensors (our run_summary.json; peft's "
             "get_nb_trainable_parameters on the HF side): torch's numel() of a packed 4-bit "
             "tensor counts 2 weights as 1"
-            + (f", so torch's total for the QLoRA model reads {torch_count:,}" if torch_count else "")
+            + (f", so torch's QLoRA total reads {torch_count:,}" if torch_count else "")
             + "."
         )
     steps = report["settings"]["steps"]

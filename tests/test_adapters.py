@@ -55,6 +55,15 @@ def test_lora_parameter_count_is_r_times_d_plus_k(tiny_bert, bert_tokenizer):
     assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2)
 
 
+def test_more_modules_to_save_add_to_the_head(tiny_bert, bert_tokenizer):
+    """peft.options.modules_to_save trains BERT's pooler (32x32 + 32) next to the head."""
+    model = tiny_classifier(tiny_bert, bert_tokenizer)
+    cfg = PeftConfig(method="lora", r=8, options={"modules_to_save": ["pooler"]})
+    model = attach_adapter(model, cfg, "classification", False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2) + (32 * 32 + 32)
+
+
 def test_all_linear_targets_every_linear_layer(tiny_bert, bert_tokenizer):
     model = tiny_classifier(tiny_bert, bert_tokenizer)
     cfg = PeftConfig(method="lora", r=4, target_modules="all-linear")

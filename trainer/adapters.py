@@ -65,6 +65,9 @@ def attach_adapter(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     targets = cfg.target_modules or default_target_modules(model)
+    options = dict(cfg.options)
+    # the task head always trains in full; peft.options may add more (e.g. BERT's pooler)
+    to_save = list(HEADS.get(task, [])) + list(options.pop("modules_to_save", None) or [])
     try:
         lora = LoraConfig(
             task_type=TASK_TYPES[task],
@@ -72,8 +75,8 @@ def attach_adapter(
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
             target_modules=targets,
-            modules_to_save=HEADS.get(task),
-            **cfg.options,
+            modules_to_save=to_save or None,
+            **options,
         )
     except TypeError as err:
         raise UserError(f"peft.options: {err}") from None
