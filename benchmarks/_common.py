@@ -145,3 +145,12 @@ def ratio(ours: float | None, hf: float | None) -> float | None:
 def fmt(value: float | None, digits: int = 3) -> str:
     """A number for the tables ('n/a' for None)."""
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def write_results(report: dict[str, Any], name: str, markdown: str) -> Path:
+    """Write results/<date>-<name>.json and .md; returns the .md path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"{report['machine']['date']}-{name}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    return stem.with_suffix(".md")

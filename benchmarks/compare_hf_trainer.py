@@ -60,7 +60,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.p
 from _common import (
     CONFIG,
     LABELS,
-    RESULTS_DIR,
     ROOT,
     classification_metrics,
     fmt,
@@ -69,6 +68,7 @@ from _common import (
     ratio,
     read_jsonl,
     run_measured,
+    write_results,
 )
 
 
@@ -429,11 +429,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any]) -> Path:
     """Write the .json and .md results; returns the .md path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"{report['machine']['date']}-compare-hf-trainer"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    return stem.with_suffix(".md")
+    return write_results(report, "compare-hf-trainer", markdown(report))
 
 
 # --- command line --------------------------------------------------------------------------

@@ -65,7 +65,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.p
 from _common import (
     CONFIG,
     LABELS,
-    RESULTS_DIR,
     ROOT,
     Measured,
     classification_metrics,
@@ -76,6 +75,7 @@ from _common import (
     ratio,
     read_jsonl,
     run_measured,
+    write_results,
 )
 from compare_hf_trainer import HYPER, JOBS, our_overrides
 
@@ -541,11 +541,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any]) -> Path:
     """Write the .json and .md results; returns the .md path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"{report['machine']['date']}-peft-methods"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    return stem.with_suffix(".md")
+    return write_results(report, "peft-methods", markdown(report))
 
 
 # --- command line --------------------------------------------------------------------------
