@@ -93,18 +93,15 @@ def count_examples(cfg: RunConfig) -> DataCount:
     be loaded; packed MLM/CLM blocks need the tokenizer."""
     import datasets
 
-    from trainer.data import carve_validation, label_names_from, read_split
     from trainer.model import load_tokenizer
     from trainer.tasks import TASKS
+    from trainer.train import read_splits
 
     spec = TASKS[cfg.task]
     try:
-        train = read_split(cfg.data.train, "data.train", cfg.task, cfg.data)
-        if cfg.data.validation_split and not cfg.data.validation:
-            train, _ = carve_validation(train, cfg.data.validation_split, cfg.train.seed)
+        train, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
         return DataCount(None, unknown=str(err))
-    names = label_names_from(train, cfg.task) if spec.has_labels else None
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # stdout is the plan; no "Map: 100%" lines on stderr
     try:
