@@ -283,8 +283,8 @@ def set_up(cfg: RunConfig) -> Run:
         _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)
     spec = TASKS[cfg.task]
+    train_rows, validation_rows, label_names = read_splits(cfg)  # bad rows fail before the hub
     tokenizer = load_tokenizer(cfg.model, cfg.task)
-    train_rows, validation_rows, label_names = read_splits(cfg)
     train_set = spec.encode(train_rows, tokenizer, label_names, cfg.data.max_length)
     validation_set = None
     if validation_rows is not None:
