@@ -94,27 +94,29 @@ def count_examples(cfg: RunConfig) -> DataCount:
     import datasets
 
     from trainer.model import load_tokenizer
+    from trainer.prepare import read_splits
     from trainer.tasks import TASKS
-    from trainer.train import read_splits
 
     spec = TASKS[cfg.task]
+    if cfg.data.streaming:
+        return DataCount(None, unknown="data.streaming: a stream's length is not known ahead")
     try:
-        train, _, names = read_splits(cfg)
+        trains, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
         return DataCount(None, unknown=str(err))
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # stdout is the plan; no "Map: 100%" lines on stderr
     try:
         tokenizer = load_tokenizer(cfg.model, cfg.task)
-        encoded = spec.encode(train, tokenizer, names, cfg.data.max_length)
+        encoded = [spec.encode(t, tokenizer, names, cfg.data.max_length) for t in trains]
     except (UserError, OSError) as err:
         if cfg.task in PACKED_TASKS:
             return DataCount(None, names, unknown=str(err))
-        return DataCount(len(train), names)
+        return DataCount(sum(map(len, trains)), names)
     finally:
         if bars:
             datasets.enable_progress_bars()
-    return DataCount(len(encoded), names, len(tokenizer))
+    return DataCount(sum(map(len, encoded)), names, len(tokenizer))
 
 
 @dataclass

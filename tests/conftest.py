@@ -180,6 +180,7 @@ def make_run_config(
             "train": str(data_folder / train_file),
             "validation": str(data_folder / validation_file),
             "max_length": 32,
+            "cache_dir": str(data_folder / "cache"),  # shared by the session's runs
         },
         "train": {
             "epochs": 1,

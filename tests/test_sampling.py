@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import random
 from itertools import chain
 
 import pytest
 
-from trainer.sampling import BatchPlan, KeyedDataset, evaluation_batches
+from trainer.sampling import (
+    BatchPlan,
+    KeyedDataset,
+    LengthGrouped,
+    Mixture,
+    Shuffled,
+    evaluation_batches,
+)
 
 
 def plan(num_examples=103, global_batch=12, micro=3, world_size=1, rank=0, seed=5) -> BatchPlan:
-    return BatchPlan(num_examples, global_batch, micro, world_size, rank, seed)
+    return BatchPlan(Shuffled(num_examples, seed), global_batch, micro, world_size, rank)
 
 
 def steps(batch_plan: BatchPlan, epoch: int, start_step: int = 0) -> list[list[int]]:
@@ -43,15 +51,15 @@ def test_every_example_at_most_once_per_epoch(epoch):
     assert all(e == epoch for e, _ in keys)
     indices = [index for _, index in keys]
     assert len(indices) == len(set(indices)) == one.steps_per_epoch * one.global_batch_size
-    assert set(indices) <= set(range(one.num_examples))
+    assert set(indices) <= set(range(one.ordering.size))
 
 
 def test_epochs_use_different_orders_and_cover_the_leftovers():
     one = plan()
-    assert one.permutation(0) != one.permutation(1)
-    assert one.permutation(0) == plan().permutation(0)
+    assert one.ordering.order(0) != one.ordering.order(1)
+    assert one.ordering.order(0) == plan().ordering.order(0)
     seen = {i for e in range(6) for mb in one.micro_batches(e) for _, i in mb}
-    assert seen == set(range(one.num_examples))
+    assert seen == set(range(one.ordering.size))
 
 
 def test_two_ranks_together_take_the_one_process_step():
@@ -96,3 +104,69 @@ def test_evaluation_covers_every_example_once_with_equal_batch_counts(
     for batches in per_rank:
         assert all(0 < len(indices) <= batch_size for indices, _ in batches)
         assert all(all(0 <= i < num_examples for i in indices) for indices, _ in batches)
+
+
+# --- mixtures of sources -----------------------------------------------------------------
+
+
+def source_of(index: int, sizes: tuple[int, ...]) -> int:
+    for source, size in enumerate(sizes):
+        if index < size:
+            return source
+        index -= size
+    raise AssertionError(index)
+
+
+def test_mixture_gives_each_source_its_weight_of_every_epoch():
+    sizes = (300, 1000)  # a small domain corpus weighted up, a large general one down
+    mixture = Mixture(sizes, (0.7, 0.3), seed=3)
+    assert mixture.counts() == [910, 390]
+    for epoch in range(3):
+        order = mixture.order(epoch)
+        assert len(order) == mixture.epoch_size == 1300
+        shares = [sum(source_of(i, sizes) == s for i in order) / len(order) for s in (0, 1)]
+        assert shares == pytest.approx([0.7, 0.3], abs=0.001)
+
+
+def test_mixture_repeats_a_small_source_only_after_using_all_of_it():
+    mixture = Mixture((10, 90), (0.5, 0.5), seed=1)
+    small = [i for i in mixture.order(0) if i < 10]
+    assert len(small) == 50
+    assert all(small.count(i) == 5 for i in range(10))  # 5 full rounds, none partial
+
+
+def test_mixture_covers_a_down_weighted_source_across_epochs_without_repeats():
+    mixture = Mixture((10, 90), (0.9, 0.1), seed=1)
+    large = [i for epoch in range(9) for i in mixture.order(epoch) if i >= 10]
+    assert len(large) == 90 and sorted(large) == list(range(10, 100))
+
+
+# --- length grouping ---------------------------------------------------------------------
+
+
+def padded_positions(order: list[int], lengths: list[int], batch: int) -> int:
+    batches = [order[i : i + batch] for i in range(0, len(order) // batch * batch, batch)]
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def test_length_grouping_keeps_every_example_once_and_cuts_padding():
+    rng = random.Random(0)
+    lengths = [int(rng.lognormvariate(3.5, 0.7)) + 4 for _ in range(1000)]
+    base = Shuffled(1000, seed=2)
+    grouped = LengthGrouped(base, tuple(lengths), window=8 * 16, batch=16, seed=2)
+    for epoch in range(2):
+        order = grouped.order(epoch)
+        assert sorted(order) == list(range(1000))
+        plain = padded_positions(base.order(epoch), lengths, 16)
+        assert padded_positions(order, lengths, 16) < 0.75 * plain
+    assert grouped.order(0) != grouped.order(1)
+
+
+def test_length_grouping_batches_cut_from_sorted_windows():
+    lengths = list(range(100))
+    grouped = LengthGrouped(Shuffled(100, seed=0), tuple(lengths), window=40, batch=8, seed=0)
+    order = grouped.order(0)
+    assert order[96:] == sorted(order[96:], key=lambda i: -i)  # the remainder stays last
+    for start in range(0, 96, 8):
+        batch = order[start : start + 8]
+        assert batch == sorted(batch, reverse=True)

@@ -71,6 +71,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from trainer.prepare import prepare_command
+
+    stats = prepare_command(cfg)
+    where = stats["folder"] or "memory (data.cache_dir is null)"
+    print(f"tokenized data {stats['status']} in {stats['seconds']:.1f} s: {where}")
+    print(json.dumps(stats))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from trainer.score import score
@@ -150,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="run config YAML")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
     train.set_defaults(run=_train)
+    prepare = commands.add_parser("prepare", help="tokenize a run's data into data.cache_dir")
+    prepare.add_argument("config", help="run config YAML")
+    prepare.add_argument("overrides", nargs="*", help="key=value overrides")
+    prepare.set_defaults(run=_prepare)
     evaluate = commands.add_parser("evaluate", help="score a model folder on a data file")
     evaluate.add_argument("model_dir", help="a run's final/ or any Hugging Face model folder")
     evaluate.add_argument("--data", required=True, help="data file to score on")

@@ -49,36 +49,69 @@ class PaddingCollator:
         return batch
 
 
+def isolate_documents(starts: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
+    """Attention that stays inside each packed document, given where documents start.
+
+    Returns a 4-D additive mask (0 where a token may attend, the float minimum elsewhere;
+    Hugging Face models take it as-is with eager and SDPA attention) that is block-diagonal
+    per document (and causal for CLM), and position ids that restart at 0 in every
+    document, so a packed document is computed as if it were alone in its sequence."""
+    length = starts.shape[-1]
+    document = starts.long().cumsum(-1)
+    allowed = document[:, :, None] == document[:, None, :]
+    if causal:
+        allowed &= torch.ones(length, length, dtype=torch.bool).tril()
+    here = torch.arange(length).expand_as(starts)
+    first = torch.where(starts, here, 0).cummax(-1).values
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return {"attention_mask": mask[:, None], "position_ids": here - first}
+
+
 @dataclass
 class CausalLMCollator:
-    """Packed blocks need no padding; the targets are the inputs (shifted in the loss)."""
+    """Packed blocks need no padding; the targets are the inputs (shifted in the loss).
+    With `eos_token_id` set, each document attends only to itself (a document ends at
+    its EOS token)."""
+
+    eos_token_id: int | None = None
 
     def __call__(self, examples: list[Example]) -> Batch:
         input_ids = torch.tensor([e["input_ids"] for e in examples])
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "labels": input_ids.clone(),
         }
+        if self.eos_token_id is not None:
+            starts = torch.zeros_like(input_ids, dtype=torch.bool)
+            starts[:, 1:] = input_ids[:, :-1] == self.eos_token_id
+            batch |= isolate_documents(starts, causal=True)
+        return batch
 
 
 @dataclass
 class MaskedLMCollator:
     """BERT masking: select `mask_probability` of the tokens (or of the words), then replace
     `mask_token_fraction` of them by the mask token, `random_token_fraction` by a random
-    token, and keep the rest. Only selected positions carry a label."""
+    token, and keep the rest. Only selected positions carry a label. With `isolate`, each
+    packed document (from its [CLS] token on) attends only to itself."""
 
     tokenizer: PreTrainedTokenizerBase
     settings: MlmConfig
+    isolate: bool = False
 
     def __call__(self, examples: list[Example]) -> Batch:
         rows = [self.mask(example) for example in examples]
         input_ids = torch.stack([ids for ids, _ in rows])
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": torch.ones_like(input_ids),
             "labels": torch.stack([labels for _, labels in rows]),
         }
+        if self.isolate:
+            original = torch.tensor([e["input_ids"] for e in examples])  # before masking
+            batch |= isolate_documents(original == self.tokenizer.cls_token_id, causal=False)
+        return batch
 
     def mask(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask one packed block with its own seeded generator."""

@@ -55,7 +55,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = _field(None, "File (.csv .tsv .json .jsonl .parquet .txt) or hub dataset.")
+    train: str | list | None = _field(
+        None,
+        "File (.csv .tsv .json .jsonl .parquet .txt), glob (streaming) or hub dataset; or a "
+        "list of them, each optionally {path: P, weight: W}, mixed by weight.",
+    )
     validation: str | None = _field(None, "Validation file or hub dataset; see validation_split.")
     validation_split: float = _field(0.0, "Seeded fraction of train held out when no validation.")
     hub_config: str | None = _field(None, "Subset name for hub datasets (e.g. sst2 of glue).")
@@ -64,6 +68,56 @@ class DataConfig:
     tokens_column: str = _field("tokens", "token-classification: column of word lists.")
     tags_column: str = _field("tags", "token-classification: column of tag lists.")
     max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
+    streaming: bool = _field(False, "MLM/CLM: read, tokenize and pack train on the fly.")
+    shuffle_buffer: int = _field(1000, "Streaming: packed blocks in the seeded shuffle buffer.")
+    cache_dir: str | None = _field(
+        "~/.cache/trainer/data", "Tokenized-data cache shared by ranks and nodes; null: off."
+    )
+    group_by_length: bool = _field(False, "Fine-tuning: batch texts of similar length.")
+    isolate_documents: bool = _field(False, "MLM/CLM: no attention across packed documents.")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source of `data.train` and its share of the mixture."""
+
+    path: str
+    weight: float = 1.0
+
+
+def train_sources(data: DataConfig, errors: list[str] | None = None) -> list[Source]:
+    """`data.train` as sources with weights summing to 1 (one source: weight 1).
+
+    Accepts a single path, a list of paths (equal weights) or of `{path, weight}` mappings.
+    Problems go to `errors` when given (config validation), else raise one UserError."""
+    found: list[str] = []
+    entries = data.train if isinstance(data.train, list) else [data.train]
+    sources = []
+    for number, entry in enumerate(entries):
+        key = f"data.train[{number}]" if isinstance(data.train, list) else "data.train"
+        if isinstance(entry, str) and entry:
+            sources.append(Source(entry))
+        elif isinstance(entry, dict) and set(entry) <= {"path", "weight"}:
+            path, weight = entry.get("path"), _yaml11_float(entry.get("weight", 1.0))
+            if not isinstance(path, str) or not path:
+                found.append(f"{key}.path: required (a file, glob or hub dataset)")
+            elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+                found.append(f"{key}.weight: must be a number > 0, got {weight!r}")
+            else:
+                sources.append(Source(path, float(weight)))
+        elif isinstance(entry, dict):
+            unknown = ", ".join(sorted(map(str, set(entry) - {"path", "weight"})))
+            found.append(f"{key}: unknown key(s) {unknown} (expected path and weight)")
+        elif entry is not None:
+            found.append(f"{key}: expected a path or {{path: P, weight: W}}, got {entry!r}")
+    if isinstance(data.train, list) and not data.train:
+        found.append("data.train: an empty list; name at least one source")
+    if errors is not None:
+        errors += found
+    elif found:
+        raise UserError("; ".join(found))
+    total = sum(source.weight for source in sources)
+    return [Source(source.path, source.weight / total) for source in sources]
 
 
 @dataclass
@@ -314,6 +368,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.lr": cfg.train.lr,
         "eval.batch_size": cfg.eval.batch_size,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "log.every_steps": cfg.log.every_steps,
         "train.max_nonfinite_in_a_row": cfg.train.max_nonfinite_in_a_row,
         "peft.r": cfg.peft.r,
@@ -374,9 +429,30 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
         errors.append("peft.method: qlora quantizes pretrained weights; not with from_scratch")
     if cfg.data.validation and cfg.data.validation_split:
         errors.append("data.validation_split: can't use both data.validation and a split")
+    train_sources(cfg.data, errors)
+    _check_data_layout(cfg, errors)
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
     if cfg.eval.early_stopping_patience and not has_validation:
         errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
+
+
+def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:
+    """Streaming, packing and batching options that only make sense for some tasks."""
+    language_modeling = cfg.task in ("mlm", "clm")
+    if cfg.data.streaming:
+        if not language_modeling:
+            errors.append("data.streaming: only for mlm and clm (fine-tuning sets fit in memory)")
+        if not cfg.train.max_steps:
+            errors.append("data.streaming: a stream has no known length; set train.max_steps")
+        if cfg.data.validation_split:
+            errors.append("data.validation_split: not with streaming; name data.validation")
+    if cfg.data.group_by_length and language_modeling:
+        errors.append(
+            "data.group_by_length: mlm/clm blocks are packed to max_length already; "
+            "only for classification and token-classification"
+        )
+    if cfg.data.isolate_documents and not language_modeling:
+        errors.append("data.isolate_documents: only for mlm and clm (packed documents)")
 
 
 def parse_duration(text: str | int) -> float | None:

@@ -8,15 +8,18 @@ through `datasets.load_dataset` (users have the hub; this machine does not).
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 from trainer.config import DataConfig
 from trainer.errors import UserError
 
+GLOB_CHARS = "*?["
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".conll")
 LM_TASKS = ("mlm", "clm")
 
@@ -135,34 +138,58 @@ def _read_file(path: Path, task: str, cfg: DataConfig) -> Iterator[tuple[str, di
     return readers[suffix]()
 
 
-def _read_hub(name: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+def load_hub(name: str, cfg: DataConfig, streaming: bool = False):
     """`NAME` or `NAME:SPLIT` from the Hugging Face hub (default split: train)."""
     import datasets
 
     dataset_name, _, split = name.partition(":")
     try:
-        dataset = datasets.load_dataset(dataset_name, cfg.hub_config, split=split or "train")
+        return datasets.load_dataset(
+            dataset_name, cfg.hub_config, split=split or "train", streaming=streaming
+        )
     except Exception as err:  # offline, unknown name, unknown split: all user-fixable
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load hub dataset '{name}': {first_line}") from None
-    for number, row in enumerate(dataset, start=1):
+
+
+def _read_hub(name: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    for number, row in enumerate(load_hub(name, cfg), start=1):
         yield f"{name} row {number}", row
 
 
 def looks_like_file(source: str) -> bool:
     """A source naming a file we can read, or a path, rather than a hub dataset id."""
-    return source.lower().endswith(FILE_SUFFIXES) or source.startswith(("/", ".", "~"))
+    return (
+        source.lower().endswith(FILE_SUFFIXES)
+        or source.startswith(("/", ".", "~"))
+        or any(char in source for char in GLOB_CHARS)
+    )
+
+
+def source_files(source: str, key: str) -> list[Path] | None:
+    """The files a source names, a glob's matches in sorted order; None for a hub dataset."""
+    path = Path(source).expanduser()
+    if any(char in source for char in GLOB_CHARS):
+        files = sorted(Path(name) for name in glob.glob(str(path), recursive=True))
+        files = [file for file in files if file.is_file()]
+        if not files:
+            raise UserError(f"{key}: no file matches {source}")
+        return files
+    if path.is_file():
+        return [path]
+    if looks_like_file(source):
+        raise UserError(f"{key}: file not found: {source}")
+    return None
 
 
 def read_split(source: str, key: str, task: str, cfg: DataConfig) -> Split:
-    """Read and check every row of one split; errors name `key`, the file and the row."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        records = _read_file(path, task, cfg)
-    elif looks_like_file(source):
-        raise UserError(f"{key}: file not found: {source}")
-    else:
+    """Read and check every row of one split (a file, a glob's files in order, or a hub
+    dataset); errors name `key`, the file and the row."""
+    files = source_files(source, key)
+    if files is None:
         records = _read_hub(source, cfg)
+    else:
+        records = chain.from_iterable(_read_file(path, task, cfg) for path in files)
     split = Split(key, [], [])
     try:
         for where, row in records:
@@ -207,6 +234,15 @@ def _column(row: dict, column: str, where: str):
     if column not in row:
         raise UserError(f"{where}: missing column '{column}' (columns: {', '.join(map(str, row))})")
     return row[column]
+
+
+def join_splits(splits: list[Split], key: str) -> Split:
+    """Several splits as one (the rows of mixed sources, for label names and validation)."""
+    return Split(
+        key,
+        [row for split in splits for row in split.rows],
+        [where for split in splits for where in split.where],
+    )
 
 
 def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:

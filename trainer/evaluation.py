@@ -11,7 +11,7 @@ from trainer.sampling import KeyedDataset, evaluation_batches
 from trainer.tasks import TaskSpec
 
 EVAL_EPOCH = -1  # MLM masks for evaluation come from this fixed "epoch": the same every time
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ config override the model does not have) become one-line `UserError`s naming the
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -101,6 +102,23 @@ def load_model_config(cfg: ModelConfig, label_names: list[str] | None) -> Pretra
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
     return config
+
+
+def check_document_isolation(model: torch.nn.Module) -> None:
+    """data.isolate_documents passes a 4-D attention mask and per-document position ids:
+    refuse a model whose forward takes no position ids, or whose attention kernel
+    (flash attention) takes no 4-D mask, rather than train it with the mask ignored."""
+    forward = inspect.signature(model.forward).parameters
+    if "position_ids" not in forward:
+        raise UserError(
+            f"data.isolate_documents: {type(model).__name__} takes no position_ids; "
+            "turn it off for this model"
+        )
+    attention = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attention not in ("eager", "sdpa"):
+        raise UserError(
+            f"data.isolate_documents: needs eager or sdpa attention, the model uses {attention}"
+        )
 
 
 def saved_label_names(config: PretrainedConfig) -> list[str] | None:

@@ -1,9 +1,9 @@
 """Turning checked rows into token ids, one function per task family.
 
 Fine-tuning examples are tokenized one per row and padded later, per micro-batch.
-MLM and CLM texts are packed: concatenated and cut into `max_length` blocks, so no
-block holds padding (the remainder of each group of texts is dropped, as in the
-Hugging Face language-modeling examples).
+MLM and CLM texts are packed: concatenated and cut into `max_length` blocks, so no block
+holds padding; what does not fill the last block of a split is dropped (less than one
+block per split, where the Hugging Face examples drop a remainder per 1000 texts).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from trainer.data import Split
 from trainer.errors import UserError
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, special tokens, sub-words)
-PACK_GROUP = 1000  # texts concatenated together before cutting blocks
+PACK_GROUP = 1000  # texts tokenized per call
 
 
 def encode_classification(
@@ -62,58 +62,90 @@ def _word_starts(word_ids: list[int | None]) -> list[bool]:
     ]
 
 
+Columns = dict[str, list[list]]  # column name -> one list per document (or per block)
+
+
+def mlm_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Columns:
+    """Each text with its special tokens ([CLS] ... [SEP]), and what masking must know:
+    which tokens are special and which start a word (for whole-word masking)."""
+    encoded = tokenizer(texts, return_special_tokens_mask=True, verbose=False)
+    word_start = (
+        [_word_starts(encoded.word_ids(i)) for i in range(len(texts))]
+        if tokenizer.is_fast
+        else [[True] * len(ids) for ids in encoded["input_ids"]]
+    )
+    return {
+        "input_ids": encoded["input_ids"],
+        "special_tokens_mask": encoded["special_tokens_mask"],
+        "word_start": word_start,
+    }
+
+
+def clm_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Columns:
+    """Each text followed by the end-of-sequence token, which separates documents."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("model.name_or_path: the tokenizer has no EOS token to join documents")
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)
+    return {"input_ids": [[*doc, tokenizer.eos_token_id] for doc in encoded["input_ids"]]}
+
+
+class Packer:
+    """Concatenates documents and cuts them into blocks of `length` tokens.
+
+    What does not fill a block is carried into the next call rather than dropped, so a
+    whole corpus loses less than one block and no block holds padding. The carry is part
+    of `state_dict`, which lets a stream stop and resume between any two calls."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.carry: dict[str, list] = {}
+
+    def add(self, documents: Columns) -> Columns:
+        """The full blocks that the carry plus `documents` make."""
+        joined = {
+            key: self.carry.get(key, []) + list(chain.from_iterable(values))
+            for key, values in documents.items()
+        }
+        usable = len(joined["input_ids"]) // self.length * self.length
+        self.carry = {key: values[usable:] for key, values in joined.items()}
+        return {
+            key: [values[i : i + self.length] for i in range(0, usable, self.length)]
+            for key, values in joined.items()
+        }
+
+    def state_dict(self) -> dict:
+        """The carried tokens (JSON-able)."""
+        return {"carry": self.carry}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved carry."""
+        self.carry = state["carry"]
+
+
 def pack_for_mlm(
     split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> datasets.Dataset:
-    """Texts with their special tokens, packed into blocks; keeps what masking must know."""
-
-    def tokenize_and_pack(batch: dict) -> dict:
-        encoded = tokenizer(batch["text"], return_special_tokens_mask=True, verbose=False)
-        columns = {
-            "input_ids": encoded["input_ids"],
-            "special_tokens_mask": encoded["special_tokens_mask"],
-            "word_start": [_word_starts(encoded.word_ids(i)) for i in range(len(batch["text"]))]
-            if tokenizer.is_fast
-            else [[True] * len(ids) for ids in encoded["input_ids"]],
-        }
-        return _cut_blocks(columns, max_length)
-
-    return _pack(split, tokenize_and_pack, max_length)
+    """MLM blocks: texts with their special tokens, packed."""
+    return _pack(split, lambda texts: mlm_documents(tokenizer, texts), max_length)
 
 
 def pack_for_clm(
     split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> datasets.Dataset:
-    """Documents joined with the end-of-sequence token, packed into blocks."""
-    if tokenizer.eos_token_id is None:
-        raise UserError("model.name_or_path: the tokenizer has no EOS token to join documents")
-
-    def tokenize_and_pack(batch: dict) -> dict:
-        encoded = tokenizer(batch["text"], add_special_tokens=False, verbose=False)
-        ids = [[*doc, tokenizer.eos_token_id] for doc in encoded["input_ids"]]
-        return _cut_blocks({"input_ids": ids}, max_length)
-
-    return _pack(split, tokenize_and_pack, max_length)
+    """CLM blocks: documents joined with the end-of-sequence token, packed."""
+    return _pack(split, lambda texts: clm_documents(tokenizer, texts), max_length)
 
 
-def _cut_blocks(columns: dict[str, list[list]], length: int) -> dict[str, list[list]]:
-    """Concatenate each column and cut it into full blocks of `length`, dropping the rest."""
-    joined = {key: list(chain.from_iterable(values)) for key, values in columns.items()}
-    usable = len(joined["input_ids"]) // length * length
-    return {
-        key: [values[i : i + length] for i in range(0, usable, length)]
-        for key, values in joined.items()
-    }
-
-
-def _pack(split: Split, tokenize_and_pack, max_length: int) -> datasets.Dataset:
-    texts = datasets.Dataset.from_dict({"text": [row["text"] for row in split.rows]})
-    packed = texts.map(
-        tokenize_and_pack, batched=True, batch_size=PACK_GROUP, remove_columns=["text"]
-    )
-    if len(packed) == 0:
+def _pack(split: Split, documents, max_length: int) -> datasets.Dataset:
+    packer = Packer(max_length)
+    blocks: Columns = {}
+    texts = [row["text"] for row in split.rows]
+    for start in range(0, len(texts), PACK_GROUP):
+        for key, values in packer.add(documents(texts[start : start + PACK_GROUP])).items():
+            blocks.setdefault(key, []).extend(values)
+    if not blocks.get("input_ids"):
         raise UserError(
             f"{split.key}: the texts hold fewer than data.max_length={max_length} tokens; "
             "lower data.max_length or add text"
         )
-    return packed
+    return datasets.Dataset.from_dict(blocks)

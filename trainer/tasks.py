@@ -57,6 +57,8 @@ class TaskSpec:
     make_metrics: Callable[[list[str] | None], metrics.LossMetrics]
     has_labels: bool  # label names come from the data (classification, NER)
     shifted_targets: bool = False
+    # MLM/CLM: texts to per-document token columns, packed on the fly when streaming
+    documents: Callable[[PreTrainedTokenizerBase, list[str]], preprocess.Columns] | None = None
 
 
 def _label_ids(names: list[str] | None) -> dict[str, int]:
@@ -66,18 +68,24 @@ def _label_ids(names: list[str] | None) -> dict[str, int]:
 TASKS: dict[str, TaskSpec] = {
     "mlm": TaskSpec(
         encode=lambda split, tok, names, length: preprocess.pack_for_mlm(split, tok, length),
-        make_collator=lambda tok, cfg: collators.MaskedLMCollator(tok, cfg.mlm),
+        make_collator=lambda tok, cfg: collators.MaskedLMCollator(
+            tok, cfg.mlm, cfg.data.isolate_documents
+        ),
         loss=token_loss,
         make_metrics=lambda names: metrics.LossMetrics(),
         has_labels=False,
+        documents=preprocess.mlm_documents,
     ),
     "clm": TaskSpec(
         encode=lambda split, tok, names, length: preprocess.pack_for_clm(split, tok, length),
-        make_collator=lambda tok, cfg: collators.CausalLMCollator(),
+        make_collator=lambda tok, cfg: collators.CausalLMCollator(
+            tok.eos_token_id if cfg.data.isolate_documents else None
+        ),
         loss=next_token_loss,
         make_metrics=lambda names: metrics.LossMetrics(),
         has_labels=False,
         shifted_targets=True,
+        documents=preprocess.clm_documents,
     ),
     "classification": TaskSpec(
         encode=lambda split, tok, names, length: preprocess.encode_classification(

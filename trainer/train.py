@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,16 +34,27 @@ from trainer.config import (
     dump_yaml,
     parse_duration,
     to_dict,
+    train_sources,
     world_size_from_env,
 )
-from trainer.data import Split, carve_validation, check_labels, label_names_from, read_split
 from trainer.errors import UserError
 from trainer.evaluation import evaluate, model_inputs, to_device
-from trainer.model import load_model, load_tokenizer
+from trainer.model import check_document_isolation, load_model, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import Preempted, StopFlag, requeue, slurm_job_to_requeue
+from trainer.prepare import PreparedData, prepare_data, source_key
+from trainer.preprocess import Packer
 from trainer.resume import changed_keys, checkpoint_dir, rotate, select_checkpoint, truncate_metrics
-from trainer.sampling import BatchPlan, KeyedDataset
+from trainer.sampling import (
+    LENGTH_WINDOW_BATCHES,
+    BatchPlan,
+    KeyedDataset,
+    LengthGrouped,
+    Mixture,
+    Shuffled,
+    StreamPlan,
+)
+from trainer.streaming import RowStream, SourceBlocks, TrainStream
 from trainer.tasks import TASKS, TaskSpec, count_targets
 from trainer.tracking import RunLog
 
@@ -53,20 +64,6 @@ class RunFinished(Exception):
 
 
 # --- set-up ------------------------------------------------------------------------------
-
-
-def read_splits(cfg: RunConfig) -> tuple[Split, Split | None, list[str] | None]:
-    """Train and validation rows, checked, with the label names the data defines."""
-    train = read_split(cfg.data.train, "data.train", cfg.task, cfg.data)
-    validation = None
-    if cfg.data.validation:
-        validation = read_split(cfg.data.validation, "data.validation", cfg.task, cfg.data)
-    elif cfg.data.validation_split:
-        train, validation = carve_validation(train, cfg.data.validation_split, cfg.train.seed)
-    label_names = label_names_from(train, cfg.task) if TASKS[cfg.task].has_labels else None
-    if validation is not None and label_names is not None:
-        check_labels(validation, label_names, cfg.task)
-    return train, validation, label_names
 
 
 def _report(message: str) -> None:
@@ -152,6 +149,8 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names)
     """The model to train: full, or the base (4-bit for QLoRA) wrapped with a LoRA adapter."""
     quantization = quantization_config(cfg.train.precision) if cfg.peft.method == "qlora" else None
     model = load_model(cfg.model, cfg.task, tokenizer, label_names, cfg.train.seed, quantization)
+    if cfg.data.isolate_documents:
+        check_document_isolation(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
@@ -166,7 +165,8 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names)
 @dataclass
 class StepResult:
     """What one optimizer step reports: this process's sums [loss, targets, tokens, grad
-    norm] (on the device), and decisions every process agreed on in one all-reduce."""
+    norm, positions] (on the device; positions count padding too), and decisions every
+    process agreed on in one all-reduce."""
 
     sums: torch.Tensor
     skipped: bool  # non-finite loss or gradient norm on some process: no update
@@ -216,9 +216,19 @@ def optimizer_step(
         if not accelerator.optimizer_step_was_skipped:
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b["attention_mask"].sum() for b in window)
-    sums = torch.stack([loss_total, targets.float(), tokens.float(), grad_norm])
+    tokens = sum(real_tokens(b) for b in window)
+    positions = sum(b["input_ids"].numel() for b in window)
+    sums = torch.stack(
+        [loss_total, targets.float(), tokens.float(), grad_norm, tokens.new_tensor(positions)]
+    )
     return StepResult(torch.zeros_like(sums) if skipped else sums, skipped, raised)
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens that are not padding: a padded batch's attention mask says which; packed
+    blocks (whose mask may be a 4-D document mask) have no padding."""
+    mask = batch["attention_mask"]
+    return mask.sum() if mask.dim() == 2 else mask.new_tensor(batch["input_ids"].numel())
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -234,26 +244,59 @@ class Run:
     accelerator: Accelerator
     spec: TaskSpec
     tokenizer: PreTrainedTokenizerBase
-    label_names: list[str] | None
-    train_set: datasets.Dataset
-    validation_set: datasets.Dataset | None
-    plan: BatchPlan
+    data: PreparedData
+    train_set: datasets.Dataset | None  # all sources in order; None when streaming
+    stream: TrainStream | None
+    plan: BatchPlan | StreamPlan
     total_steps: int
     collator: Callable
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in id order (classification and NER)."""
+        return self.data.label_names
+
+    @property
+    def validation_set(self) -> datasets.Dataset | None:
+        """Encoded validation examples, if the run has any."""
+        return self.data.validation
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterator[dict]:
+        """This process's micro-batches from (epoch, step) on: from the plan's keys, or
+        from the stream (which continues from its own restored position)."""
+        if self.stream is not None:
+            return self.stream.micro_batches(self.cfg.train.micro_batch_size, self.collator)
+        loader = DataLoader(
+            KeyedDataset(self.train_set, self.cfg.train.seed),
+            batch_sampler=list(self.plan.micro_batches(epoch, start_step)),
+            collate_fn=self.collator,
+            pin_memory=self.accelerator.device.type == "cuda",
+            # its own generator: a DataLoader iterator otherwise draws its base seed from the
+            # global RNG, and a run resumed mid-epoch would then see other dropout masks
+            generator=torch.Generator(),
+        )
+        return iter(loader)
+
     def summary(self) -> dict:
         """What this run will do, printed at start and kept in run_summary.json."""
         parameters = list(self.model.parameters())
         total = sum(_logical_numel(p) for p in parameters)
         trainable = sum(p.numel() for p in parameters if p.requires_grad)
+        sources = train_sources(self.cfg.data)
+        sizes = [len(split) for split in self.data.train] or [None] * len(sources)
         return {
             "task": self.cfg.task,
             "processes": self.accelerator.num_processes,
-            "train_examples": len(self.train_set),
+            "train_examples": len(self.train_set) if self.train_set is not None else None,
+            "train_sources": [
+                {"path": s.path, "weight": round(s.weight, 6), "examples": size}
+                for s, size in zip(sources, sizes, strict=True)
+            ],
             "validation_examples": len(self.validation_set or []),
+            "data_cache": self.data.cache,
             "global_batch_size": self.cfg.train.global_batch_size,
             "micro_batch_size": self.cfg.train.micro_batch_size,
             "accumulation_steps": self.plan.accumulation_steps,
@@ -273,6 +316,49 @@ def _logical_numel(param: torch.nn.Parameter) -> int:
     return quant_state.shape.numel() if quant_state is not None else param.numel()
 
 
+def batch_plan(cfg: RunConfig, data: PreparedData, accelerator: Accelerator) -> BatchPlan:
+    """Global batches over the in-memory train set: one source shuffled, several mixed by
+    weight, either regrouped by length when data.group_by_length is on."""
+    seed, batch = cfg.train.seed, cfg.train.global_batch_size
+    sizes = tuple(len(split) for split in data.train)
+    weights = tuple(source.weight for source in train_sources(cfg.data))
+    ordering = Shuffled(sizes[0], seed) if len(sizes) == 1 else Mixture(sizes, weights, seed)
+    if cfg.data.group_by_length:
+        lengths = tuple(len(ids) for split in data.train for ids in split["input_ids"])
+        ordering = LengthGrouped(ordering, lengths, LENGTH_WINDOW_BATCHES * batch, batch, seed)
+    plan = BatchPlan(
+        ordering,
+        batch,
+        cfg.train.micro_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    if plan.steps_per_epoch == 0:
+        raise UserError(
+            f"train.global_batch_size: {batch} is more than the "
+            f"{ordering.epoch_size} training examples; lower it or add data"
+        )
+    return plan
+
+
+def train_stream(
+    cfg: RunConfig, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
+) -> TrainStream:
+    """The streamed train sources of data.train, this process's share of them."""
+    sources = train_sources(cfg.data)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    blocks = [
+        SourceBlocks(
+            RowStream(s.path, source_key(i, len(sources)), cfg.data, rank, world, cfg.train.seed),
+            lambda texts: spec.documents(tokenizer, texts),
+            Packer(cfg.data.max_length),
+        )
+        for i, s in enumerate(sources)
+    ]
+    weights = [s.weight for s in sources]
+    return TrainStream(blocks, weights, cfg.data.shuffle_buffer, cfg.train.seed, rank)
+
+
 def set_up(cfg: RunConfig) -> Run:
     """Read and check the data before loading the model (a bad row costs seconds, not a
     model download), then the model, optimizer and schedule, prepared by Accelerate."""
@@ -283,28 +369,16 @@ def set_up(cfg: RunConfig) -> Run:
         _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)
     spec = TASKS[cfg.task]
-    train_rows, validation_rows, label_names = read_splits(cfg)  # bad rows fail before the hub
-    tokenizer = load_tokenizer(cfg.model, cfg.task)
-    train_set = spec.encode(train_rows, tokenizer, label_names, cfg.data.max_length)
-    validation_set = None
-    if validation_rows is not None:
-        validation_set = spec.encode(validation_rows, tokenizer, label_names, cfg.data.max_length)
-    plan = BatchPlan(
-        len(train_set),
-        cfg.train.global_batch_size,
-        cfg.train.micro_batch_size,
-        accelerator.num_processes,
-        accelerator.process_index,
-        cfg.train.seed,
-    )
-    if plan.steps_per_epoch == 0:
-        raise UserError(
-            f"train.global_batch_size: {cfg.train.global_batch_size} is more than the "
-            f"{len(train_set)} training examples; lower it or add data"
-        )
+    data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
+    if cfg.data.streaming:
+        stream, train_set = train_stream(cfg, spec, tokenizer, accelerator), None
+        plan = StreamPlan(cfg.gradient_accumulation_steps(world_size), cfg.train.max_steps)
+    else:
+        stream, plan = None, batch_plan(cfg, data, accelerator)
+        train_set = datasets.concatenate_datasets(data.train)
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
 
-    model = build_model(cfg, tokenizer, label_names)
+    model = build_model(cfg, tokenizer, data.label_names)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -315,9 +389,9 @@ def set_up(cfg: RunConfig) -> Run:
         accelerator,
         spec,
         tokenizer,
-        label_names,
+        data,
         train_set,
-        validation_set,
+        stream,
         plan,
         total_steps,
         spec.make_collator(tokenizer, cfg),
@@ -329,16 +403,18 @@ def set_up(cfg: RunConfig) -> Run:
 
 def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> dict:
     """One metrics.jsonl record from the sums since the last log (one all-reduce)."""
-    loss_sum, targets, tokens = run.accelerator.reduce(since_log[:3].clone(), "sum")
+    loss_sum, targets, tokens, _, positions = run.accelerator.reduce(since_log.clone(), "sum")
     steps = step % run.cfg.log.every_steps or run.cfg.log.every_steps
     return {
         "step": step,
-        "epoch": round(step / run.plan.steps_per_epoch, 4),
+        # a stream has no epochs: its passes over each source are per process
+        "epoch": round(step / run.plan.steps_per_epoch, 4) if run.stream is None else None,
         # no targets: every step since the last log was skipped as non-finite
         "loss": (loss_sum / targets).item() if targets > 0 else float("nan"),
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": since_log[3].item() / steps,
         "tokens_per_s": tokens.item() / max(seconds, 1e-9),
+        "pad_fraction": 1 - tokens.item() / positions.item() if positions > 0 else 0.0,
     }
 
 
@@ -364,13 +440,15 @@ def _start(run: Run) -> tuple[LoopState, Best, torch.Tensor]:
     """Fresh state, or the state of the checkpoint being resumed (metrics.jsonl is cut
     back to that step, so the continued log has no duplicated or missing steps)."""
     state, best = LoopState(), Best(run.cfg.eval_metric)
-    since_log = torch.zeros(4, device=run.accelerator.device)
+    since_log = torch.zeros(5, device=run.accelerator.device)
     if run.resume_from is None:
         return state, best, since_log
     saved, mine = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
     state = LoopState(**saved["loop"])
     best = Best(**state.best) if state.best else best
     since_log = torch.tensor(mine["since_log"], device=run.accelerator.device)
+    if run.stream is not None:
+        run.stream.load_state_dict(mine["stream"])
     if run.accelerator.is_main_process:
         truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
         print(f"resuming from {run.resume_from} (step {state.step})", file=sys.stderr)
@@ -382,10 +460,11 @@ def _checkpoint(run: Run, state: LoopState, best: Best, since_log: torch.Tensor)
     state.best = dataclasses.asdict(best)
     folder = checkpoint_dir(run.run_dir, state.step)
     loop = {"loop": dataclasses.asdict(state), "config": to_dict(run.cfg)}
+    mine = {"since_log": since_log.tolist()}
+    if run.stream is not None:
+        mine["stream"] = run.stream.state_dict()  # exact: taken after the step's last batch
     try:
-        save_checkpoint(
-            run.accelerator, folder, run.scheduler, loop, {"since_log": since_log.tolist()}
-        )
+        save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine)
     except OSError as err:
         raise TrainingFailed(
             f"could not write checkpoint {folder}: {err.strerror or err}; "
@@ -447,16 +526,7 @@ def train(cfg: RunConfig) -> dict:
     early_stop = False
     model.train()
     while state.step < run.total_steps and not early_stop:
-        loader = DataLoader(
-            KeyedDataset(run.train_set, cfg.train.seed),
-            batch_sampler=list(run.plan.micro_batches(state.epoch, state.step_in_epoch)),
-            collate_fn=run.collator,
-            pin_memory=accelerator.device.type == "cuda",
-            # its own generator: a DataLoader iterator otherwise draws its base seed from the
-            # global RNG, and a run resumed mid-epoch would then see other dropout masks
-            generator=torch.Generator(),
-        )
-        batches = iter(loader)
+        batches = run.train_batches(state.epoch, state.step_in_epoch)
         while state.step_in_epoch < run.plan.steps_per_epoch:
             window = [
                 to_device(next(batches), accelerator.device)

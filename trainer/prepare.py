@@ -1,0 +1,168 @@
+"""The data a run trains on: read, checked and encoded once, then cached for every rank,
+node and later run (see cache.py for the key and the locking).
+
+`trainer prepare CONFIG` does this ahead of time, without loading the model: a SLURM job
+runs it once before `srun`, so that no rank of a large job sits in set-up tokenizing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from trainer import cache
+from trainer.config import RunConfig, train_sources
+from trainer.data import (
+    Split,
+    carve_validation,
+    check_labels,
+    join_splits,
+    label_names_from,
+    load_hub,
+    read_split,
+    source_files,
+)
+from trainer.tasks import TASKS
+
+
+@dataclass
+class PreparedData:
+    """Encoded splits: one train dataset per `data.train` source (none when streaming)."""
+
+    train: list[datasets.Dataset]
+    validation: datasets.Dataset | None
+    label_names: list[str] | None
+    cache: dict  # status (hit, built, off), folder, seconds
+
+
+def source_key(number: int, count: int) -> str:
+    """The config key that names train source `number` of `count` in messages."""
+    return "data.train" if count == 1 else f"data.train[{number}]"
+
+
+def read_splits(cfg: RunConfig) -> tuple[list[Split], Split | None, list[str] | None]:
+    """Train rows per source and validation rows, checked, with the label names the
+    training data defines (over all sources). A validation_split is carved from each
+    source, so the held-out rows keep the mixture's composition."""
+    sources = [] if cfg.data.streaming else train_sources(cfg.data)
+    trains = [
+        read_split(source.path, source_key(i, len(sources)), cfg.task, cfg.data)
+        for i, source in enumerate(sources)
+    ]
+    validation = None
+    if cfg.data.validation:
+        validation = read_split(cfg.data.validation, "data.validation", cfg.task, cfg.data)
+    elif cfg.data.validation_split:
+        pairs = [carve_validation(t, cfg.data.validation_split, cfg.train.seed) for t in trains]
+        trains = [kept for kept, _ in pairs]
+        validation = join_splits([held for _, held in pairs], "data.validation_split")
+    label_names = None
+    if TASKS[cfg.task].has_labels and trains:
+        label_names = label_names_from(join_splits(trains, "data.train"), cfg.task)
+        if validation is not None:
+            check_labels(validation, label_names, cfg.task)
+    return trains, validation, label_names
+
+
+def _fingerprint(source: str, key: str, cfg: RunConfig) -> list:
+    """What identifies a source's content: each file's SHA-256, or the hub dataset's
+    fingerprint (which `datasets` derives from the downloaded data)."""
+    files = source_files(source, key)
+    if files is None:
+        return [source, cfg.data.hub_config, load_hub(source, cfg.data)._fingerprint]
+    return [[path.name, cache.file_digest(path)] for path in files]
+
+
+def data_key(cfg: RunConfig) -> str:
+    """The part of the cache key that the data and the settings decide."""
+    sources = [] if cfg.data.streaming else train_sources(cfg.data)
+    data = cfg.data
+    split = {"fraction": data.validation_split, "seed": cfg.train.seed}
+    return cache.digest(
+        {
+            "format": cache.FORMAT_VERSION,
+            "task": cfg.task,
+            "train": [
+                _fingerprint(s.path, source_key(i, len(sources)), cfg)
+                for i, s in enumerate(sources)
+            ],
+            "validation": data.validation and _fingerprint(data.validation, "data.validation", cfg),
+            "validation_split": split if data.validation_split else None,
+            "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
+            "max_length": data.max_length,
+        }
+    )[:20]
+
+
+def encode(cfg: RunConfig, splits, tokenizer: PreTrainedTokenizerBase) -> cache.Entry:
+    """Tokenize (and for MLM/CLM pack) every split."""
+    trains, validation, names = splits
+    encoder = TASKS[cfg.task].encode
+    encoded = {
+        f"train-{i}": encoder(split, tokenizer, names, cfg.data.max_length)
+        for i, split in enumerate(trains)
+    }
+    if validation is not None:
+        encoded["validation"] = encoder(validation, tokenizer, names, cfg.data.max_length)
+    rows = {name: len(split) for name, split in zip(encoded, [*trains, validation], strict=False)}
+    return cache.Entry(encoded, {"label_names": names, "rows": rows, "task": cfg.task})
+
+
+def prepare_data(
+    cfg: RunConfig, load_tokenizer: Callable[[], PreTrainedTokenizerBase]
+) -> tuple[PreparedData, PreTrainedTokenizerBase]:
+    """The encoded data and the tokenizer, from the cache when it holds them.
+
+    Rows are read and checked before the tokenizer is loaded (a bad row fails in seconds,
+    before any hub request) unless a cache entry for the same data exists: then they were
+    checked when it was built, and with the same tokenizer they are not read at all."""
+    started = time.monotonic()
+    if cfg.data.cache_dir is None:
+        splits = read_splits(cfg)
+        tokenizer = load_tokenizer()
+        entry, status, folder = encode(cfg, splits, tokenizer), "off", None
+    else:
+        cache_dir = Path(cfg.data.cache_dir).expanduser()
+        prefix = data_key(cfg)
+        with cache.lock(cache_dir, prefix):
+            checked = any(cache_dir.glob(f"{prefix}-*/{cache.META_NAME}"))
+            splits = None if checked else read_splits(cfg)
+            tokenizer = load_tokenizer()
+            folder = cache_dir / f"{prefix}-{cache.tokenizer_fingerprint(tokenizer)[:20]}"
+            status = "hit"
+            if not cache.is_cached(folder):
+                cache.save_entry(encode(cfg, splits or read_splits(cfg), tokenizer), folder)
+                status = "built"
+        entry = cache.load_entry(folder)
+    count = sum(name.startswith("train-") for name in entry.splits)
+    return PreparedData(
+        [entry.splits[f"train-{i}"] for i in range(count)],
+        entry.splits.get("validation"),
+        entry.meta["label_names"],
+        {
+            "status": status,
+            "folder": str(folder) if folder else None,
+            "seconds": round(time.monotonic() - started, 3),
+        },
+    ), tokenizer
+
+
+def prepare_command(cfg: RunConfig) -> dict:
+    """`trainer prepare`: build the cache entry of a run config (or find it built)."""
+    from trainer.model import load_tokenizer
+
+    if cfg.data.cache_dir is None:
+        print("data.cache_dir is null: nothing to prepare (every run tokenizes)", file=sys.stderr)
+    data, _ = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
+    return {
+        **data.cache,
+        "train_examples": [len(split) for split in data.train],
+        "validation_examples": len(data.validation) if data.validation is not None else 0,
+        "streamed": cfg.data.streaming,
+    }

@@ -1,0 +1,256 @@
+"""Streaming a training corpus larger than memory: read, shard, tokenize, pack, mix and
+shuffle on the fly, from a position that every checkpoint saves.
+
+Each rank reads its own share of the rows: row r of a pass (counted over all files, in the
+pass's seeded file order) belongs to rank r mod world size, so the ranks' shares are
+disjoint and together cover every row once per pass. A rank tokenizes only its rows, packs
+them into blocks (carrying what does not fill one), draws blocks from the sources by weight
+and sends them through a seeded shuffle buffer.
+
+The state of all of it is small and JSON-able: per source the file, byte offset (row for
+parquet) and row counter, the packer's carry and the blocks not yet used; then the buffer,
+the random generator and the count of blocks handed out. Saved in a checkpoint after the
+step's last micro-batch, it lets a resumed run continue with exactly the blocks the
+uninterrupted run would have seen, without reading again what was consumed (local files
+are reopened at the saved byte offset; hub datasets are skipped forward by `datasets`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.collators import example_seed
+from trainer.config import DataConfig
+from trainer.data import load_hub, source_files
+from trainer.errors import UserError
+from trainer.preprocess import Columns, Packer
+from trainer.sampling import hash_seed
+
+READ_BATCH = 64  # documents tokenized per tokenizer call
+STREAM_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def _decode(line: bytes, path: Path, offset: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path.name} at byte {offset}: not UTF-8 text") from None
+
+
+def _text_lines(path: Path, offset: int, column: str) -> Iterator[tuple[str | None, int]]:
+    """Non-blank lines from a byte offset, each with the offset after it."""
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        while line := handle.readline():
+            if line.strip():
+                yield _decode(line, path, offset).rstrip("\n"), handle.tell()
+            offset = handle.tell()
+
+
+def _json_lines(path: Path, offset: int, column: str) -> Iterator[tuple[str | None, int]]:
+    """The text column of JSON lines; a line is parsed only when it is this rank's (the
+    caller passes None-texts through untouched), so unowned rows cost no parsing."""
+    for line, after in _text_lines(path, offset, column):
+        yield _JsonText(line, column, path, offset), after
+        offset = after
+
+
+@dataclass
+class _JsonText:
+    """A JSON line whose text is extracted only if the row is kept."""
+
+    line: str
+    column: str
+    path: Path
+    offset: int
+
+    def text(self) -> str:
+        try:
+            row = json.loads(self.line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{self._where()}: not valid JSON ({err.msg})") from None
+        value = row.get(self.column) if isinstance(row, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{self._where()}: no text in column '{self.column}'")
+        return value
+
+    def _where(self) -> str:
+        return f"{self.path.name} at byte {self.offset}"
+
+
+def _parquet_rows(path: Path, offset: int, column: str) -> Iterator[tuple[str | None, int]]:
+    """The text column of a parquet file from row `offset`, one row group at a time."""
+    import pyarrow.parquet as pq
+
+    reader = pq.ParquetFile(path)
+    if column not in reader.schema_arrow.names:
+        raise UserError(f"{path.name}: no column '{column}'")
+    first = 0
+    for group in range(reader.num_row_groups):
+        size = reader.metadata.row_group(group).num_rows
+        if first + size > offset:
+            texts = reader.read_row_group(group, columns=[column]).column(0).to_pylist()
+            for index in range(max(0, offset - first), size):
+                yield texts[index], first + index + 1
+        first += size
+
+
+READERS = {".txt": _text_lines, ".jsonl": _json_lines, ".parquet": _parquet_rows}
+
+
+@dataclass
+class RowStream:
+    """This rank's texts from one source, pass after pass, from a saved position."""
+
+    source: str
+    key: str
+    data: DataConfig
+    rank: int
+    world_size: int
+    seed: int
+    position: dict = field(default_factory=lambda: {"pass": 0, "file": 0, "offset": 0, "row": 0})
+
+    def __post_init__(self) -> None:
+        self.files = source_files(self.source, self.key)
+        for path in self.files or []:
+            if path.suffix.lower() not in STREAM_SUFFIXES:
+                raise UserError(f"{self.key}: {path.name}: streaming reads .txt, .jsonl, .parquet")
+
+    def texts(self) -> Iterator[str]:
+        """Endless: a new pass starts (with a new file order) where the last one ended."""
+        while True:
+            yield from self._hub_pass() if self.files is None else self._file_pass()
+            self.position.update({"pass": self.position["pass"] + 1, "file": 0, "offset": 0})
+            self.position["row"] = 0
+
+    def file_order(self, number: int) -> list[Path]:
+        """The files of pass `number`, in a seeded order (the same on every rank)."""
+        order = list(self.files or [])
+        random.Random(hash_seed(self.seed, number)).shuffle(order)
+        return order
+
+    def _file_pass(self) -> Iterator[str]:
+        position = self.position
+        order = self.file_order(position["pass"])
+        while position["file"] < len(order):
+            path = order[position["file"]]
+            read = READERS[path.suffix.lower()]
+            for text, after in read(path, position["offset"], self.data.text_column):
+                mine = position["row"] % self.world_size == self.rank
+                position["row"] += 1
+                position["offset"] = after
+                if mine:
+                    yield _checked(text.text() if isinstance(text, _JsonText) else text, path)
+            position.update({"file": position["file"] + 1, "offset": 0})
+
+    def _hub_pass(self) -> Iterator[str]:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = load_hub(self.source, self.data, streaming=True)
+        mine = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+        for row in mine.skip(self.position["offset"]):
+            self.position["offset"] += 1
+            yield _checked(row.get(self.data.text_column), Path(self.source))
+
+
+def _checked(text, path: Path) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{path.name}: a row without text in the streamed data")
+    return text
+
+
+@dataclass
+class SourceBlocks:
+    """One source's rows tokenized and packed into blocks, with its position."""
+
+    rows: RowStream
+    documents: Callable[[list[str]], Columns]
+    packer: Packer
+    pending: list[dict] = field(default_factory=list)
+
+    def blocks(self) -> Iterator[dict]:
+        """Endless packed blocks (tokenized READ_BATCH documents at a time)."""
+        texts = self.rows.texts()
+        while True:
+            while not self.pending:
+                batch = [next(texts) for _ in range(READ_BATCH)]
+                packed = self.packer.add(self.documents(batch))
+                columns = list(packed)
+                self.pending = [
+                    dict(zip(columns, values, strict=True))
+                    for values in zip(*packed.values(), strict=True)
+                ]
+            yield self.pending.pop(0)
+
+    def state_dict(self) -> dict:
+        """Position, carry and unused blocks."""
+        return {"position": self.rows.position, **self.packer.state_dict(), "pending": self.pending}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`."""
+        self.rows.position = dict(state["position"])
+        self.packer.load_state_dict(state)
+        self.pending = state["pending"]
+
+
+class TrainStream:
+    """Blocks from weighted sources through a seeded shuffle buffer, collated into
+    micro-batches; each block gets a masking seed from this rank's running count."""
+
+    def __init__(
+        self,
+        sources: list[SourceBlocks],
+        weights: list[float],
+        buffer_size: int,
+        seed: int,
+        rank: int,
+    ) -> None:
+        self.sources, self.weights = sources, weights
+        self.buffer_size, self.seed, self.rank = buffer_size, seed, rank
+        self.rng = random.Random(hash_seed(seed, rank))
+        self.buffer: list[dict] = []
+        self.emitted = 0
+
+    def examples(self) -> Iterator[dict]:
+        """Endless shuffled blocks; the state is exact between any two of them."""
+        streams = [source.blocks() for source in self.sources]
+        picks = range(len(streams))
+        while True:
+            while len(self.buffer) < self.buffer_size:
+                source = self.rng.choices(picks, self.weights)[0]
+                self.buffer.append(next(streams[source]))
+            chosen = self.rng.randrange(len(self.buffer))
+            block = self.buffer[chosen]
+            self.buffer[chosen] = self.buffer[-1]
+            self.buffer.pop()
+            self.emitted += 1
+            yield {**block, "seed": example_seed(self.seed, self.rank, self.emitted)}
+
+    def micro_batches(self, micro_batch_size: int, collate: Callable) -> Iterator[dict]:
+        """Collated micro-batches of `micro_batch_size` blocks, endless."""
+        examples = self.examples()
+        while True:
+            yield collate([next(examples) for _ in range(micro_batch_size)])
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue with the very next block."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "sources": [source.state_dict() for source in self.sources],
+            "buffer": self.buffer,
+            "rng": [version, list(internal), gauss],
+            "emitted": self.emitted,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()` (call before `examples()`)."""
+        for source, saved in zip(self.sources, state["sources"], strict=True):
+            source.load_state_dict(saved)
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.buffer = state["buffer"]
+        self.emitted = state["emitted"]
