@@ -117,9 +117,9 @@ def test_streamed_rows_are_checked_where_they_are_read(tmp_path):
     with pytest.raises(UserError, match=r"bad.jsonl at byte 17: no text in column 'text'"):
         list(islice(rows(tmp_path / "bad.jsonl").texts(), 2))
     (tmp_path / "notes.csv").write_text("text\nhello\n")
-    with pytest.raises(UserError, match="streaming reads .txt, .jsonl, .parquet"):
+    with pytest.raises(UserError, match=r"streaming reads \.txt, \.jsonl, \.parquet"):
         rows(tmp_path / "notes.csv")
-    with pytest.raises(UserError, match="data.train: no file matches"):
+    with pytest.raises(UserError, match=r"data\.train: no file matches"):
         rows(tmp_path / "missing-*.txt")
 
 
