@@ -15,6 +15,7 @@ from trainer.config import (
     dump_yaml,
     load_config,
     read_yaml,
+    train_sources,
 )
 from trainer.errors import UserError
 
@@ -171,6 +172,35 @@ def test_validation_and_split_are_exclusive():
 def test_early_stopping_needs_validation():
     raw = minimal(eval={"early_stopping_patience": 2})
     assert "eval.early_stopping_patience: needs data.validation" in error_of(raw)
+
+
+def test_train_sources_with_weights_are_normalised():
+    raw = minimal(data={"train": [{"path": "a.csv", "weight": 3}, "b.csv"]})
+    sources = train_sources(build_config(raw, world_size=1).data)
+    assert [(s.path, s.weight) for s in sources] == [("a.csv", 0.75), ("b.csv", 0.25)]
+
+
+def test_bad_train_sources_name_their_entry():
+    bad = [{"path": "a.csv", "weight": 0}, {"pth": "b.csv"}, 7, {"weight": 1}]
+    message = error_of(minimal(data={"train": bad}))
+    assert "data.train[0].weight: must be a number > 0, got 0" in message
+    assert "data.train[1]: unknown key(s) pth" in message
+    assert "data.train[2]: expected a path or {path: P, weight: W}, got 7" in message
+    assert "data.train[3].path: required" in message
+    assert "data.train: an empty list" in error_of(minimal(data={"train": []}))
+
+
+def test_data_layout_options_are_checked_against_the_task():
+    message = error_of(
+        minimal(data={"streaming": True, "validation_split": 0.1, "isolate_documents": True})
+    )
+    assert "data.streaming: only for mlm and clm" in message
+    assert "data.streaming: a stream has no known length; set train.max_steps" in message
+    assert "data.validation_split: not with streaming" in message
+    assert "data.isolate_documents: only for mlm and clm" in message
+    message = error_of(minimal(task="mlm", data={"group_by_length": True, "shuffle_buffer": 0}))
+    assert "data.group_by_length: mlm/clm blocks are packed" in message
+    assert "data.shuffle_buffer: must be > 0, got 0" in message
 
 
 # --- global batch and processes ------------------------------------------------------------

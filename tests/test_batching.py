@@ -1,0 +1,99 @@
+"""How examples become batches in real runs: length grouping cuts the logged padding,
+weighted sources set the epoch, packed documents can be kept from attending to each other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import read_metrics, write_csv
+from test_resume import cli
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from trainer.collators import CausalLMCollator, MaskedLMCollator
+from trainer.config import MlmConfig
+
+
+def mean_pad_fraction(run_dir) -> float:
+    records = [r for r in read_metrics(run_dir) if "pad_fraction" in r]
+    return sum(r["pad_fraction"] for r in records) / len(records)
+
+
+def test_group_by_length_logs_less_padding(run_config, tmp_path):
+    plain = run_config("classification", output_dir=str(tmp_path / "plain"))
+    assert cli("train", plain) == 0
+    grouped = run_config(
+        "classification", output_dir=str(tmp_path / "grouped"), data={"group_by_length": True}
+    )
+    assert cli("train", grouped) == 0
+    padded, sorted_ = mean_pad_fraction(tmp_path / "plain"), mean_pad_fraction(tmp_path / "grouped")
+    assert 0.15 < padded and sorted_ < 0.5 * padded  # texts of 4-11 words, batches of 4
+    summary = json.loads((tmp_path / "grouped" / "run_summary.json").read_text())
+    assert summary["steps_per_epoch"] == 192 // 8  # every row once per epoch
+
+
+def test_packed_blocks_log_no_padding(run_config, tmp_path):
+    assert cli("train", run_config("clm", train={"max_steps": 2})) == 0
+    assert mean_pad_fraction(tmp_path / "run") == 0.0
+
+
+def test_two_weighted_sources_make_the_epoch(run_config, tmp_path, data_dir):
+    extra = write_csv(
+        tmp_path / "more.csv",
+        [{"text": f"plain filler {i} .", "label": "positive"} for i in range(64)],
+    )
+    sources = [{"path": str(data_dir / "sentiment_train.csv"), "weight": 4}, str(extra)]
+    assert cli("train", run_config("classification", data={"train": sources})) == 0
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert [s["examples"] for s in summary["train_sources"]] == [192, 64]
+    assert [s["weight"] for s in summary["train_sources"]] == [0.8, 0.2]
+    assert summary["steps_per_epoch"] == (192 + 64) // 8
+
+
+# --- documents isolated inside packed blocks -------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+def test_an_isolated_document_is_computed_as_if_it_were_alone(
+    task, tiny_bert, tiny_gpt2, bert_tokenizer, gpt2_tokenizer
+):
+    tokenizer = bert_tokenizer if task == "mlm" else gpt2_tokenizer
+    folder, auto = (
+        (tiny_bert, AutoModelForMaskedLM) if task == "mlm" else (tiny_gpt2, AutoModelForCausalLM)
+    )
+    model = auto.from_pretrained(folder, attn_implementation="sdpa").eval()
+    first, second = "the film was great and long", "a boring day in Paris"
+    if task == "mlm":
+        docs = [tokenizer(text)["input_ids"] for text in (first, second)]
+        collate = MaskedLMCollator(tokenizer, MlmConfig(mask_probability=1e-9), isolate=True)
+        example = {
+            "input_ids": docs[0] + docs[1],
+            "special_tokens_mask": [0] * (len(docs[0]) + len(docs[1])),
+            "word_start": [1] * (len(docs[0]) + len(docs[1])),
+            "seed": 0,
+        }
+    else:
+        eos = tokenizer.eos_token_id
+        docs = [tokenizer(text)["input_ids"] + [eos] for text in (first, second)]
+        collate = CausalLMCollator(eos)
+        example = {"input_ids": docs[0] + docs[1]}
+    batch = collate([example])
+    with torch.no_grad():
+        packed = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits[0, len(docs[0]) :]
+        alone = model(input_ids=torch.tensor([docs[1]])).logits[0]
+        leaky = model(input_ids=batch["input_ids"]).logits[0, len(docs[0]) :]
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert not torch.allclose(leaky, alone, atol=1e-3)  # without isolation it differs
+
+
+@pytest.mark.parametrize("task", ["mlm", "clm"])
+def test_a_run_with_isolated_documents_trains(run_config, tmp_path, task):
+    config = run_config(task, data={"isolate_documents": True}, train={"max_steps": 4})
+    assert cli("train", config) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r and "step" in r]
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0]

@@ -1,0 +1,125 @@
+"""trainer.cache / trainer.prepare: the tokenization cache hits on equal content and
+settings, misses on any change, skips reading on a hit, and is built by one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_run_config, write_csv
+
+import trainer.prepare
+from trainer.config import load_config
+from trainer.errors import UserError
+from trainer.model import load_tokenizer
+from trainer.prepare import prepare_data
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_models_by_task, data_dir):
+    """A classification config on copies of the data files, with its own cache."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("sentiment_train.csv", "sentiment_validation.csv"):
+        (data / name).write_bytes((data_dir / name).read_bytes())
+    config = make_run_config(tmp_path, "classification", tiny_models_by_task, data)
+    return config, data
+
+
+def prepare(config: Path, *overrides: str):
+    cfg = load_config(config, [f"data.cache_dir={config.parent / 'cache'}", *overrides])
+    data, _ = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
+    return data
+
+
+def test_second_prepare_hits_and_gives_the_same_examples(setup):
+    config, _ = setup
+    built = prepare(config)
+    hit = prepare(config)
+    assert (built.cache["status"], hit.cache["status"]) == ("built", "hit")
+    assert built.cache["folder"] == hit.cache["folder"]
+    assert hit.train[0].to_list() == built.train[0].to_list()
+    assert hit.validation.to_list() == built.validation.to_list()
+    assert hit.label_names == built.label_names == ["negative", "positive"]
+
+
+def test_a_changed_file_or_setting_makes_a_new_key_but_touching_a_file_does_not(setup):
+    config, data = setup
+    original = prepare(config)
+    first = original.cache["folder"]
+    os.utime(data / "sentiment_train.csv", (time.time() + 60, time.time() + 60))
+    touched = prepare(config).cache
+    assert (touched["status"], touched["folder"]) == ("hit", first)
+    changed = prepare(config, "data.max_length=16")
+    assert changed.cache["status"] == "built" and changed.cache["folder"] != first
+    with (data / "sentiment_train.csv").open("a") as handle:
+        handle.write("a new review that changes the content,positive\n")
+    edited = prepare(config)
+    assert edited.cache["status"] == "built"
+    assert len(edited.train[0]) == len(original.train[0]) + 1
+
+
+def test_another_tokenizer_makes_a_new_key(setup, tmp_path, tiny_bert):
+    config, _ = setup
+    first = prepare(config).cache["folder"]
+    other = tmp_path / "other-tokenizer"
+    tokenizer = load_tokenizer(load_config(config).model, "classification")
+    tokenizer.add_tokens(["cinematography"])
+    tokenizer.save_pretrained(other)
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((tiny_bert / name).read_bytes())
+    rebuilt = prepare(config, f"model.name_or_path={other}")
+    assert rebuilt.cache["status"] == "built" and rebuilt.cache["folder"] != first
+
+
+def test_a_hit_reads_no_rows(setup, monkeypatch):
+    config, _ = setup
+    prepare(config)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("rows were read on a cache hit")
+
+    monkeypatch.setattr(trainer.prepare, "read_split", no_reading)
+    assert prepare(config).cache["status"] == "hit"
+
+
+def test_a_bad_row_fails_before_the_tokenizer_is_loaded_and_nothing_is_cached(setup):
+    config, data = setup
+    write_csv(data / "sentiment_train.csv", [{"text": "fine", "label": "positive"}] * 3)
+    with (data / "sentiment_train.csv").open("a") as handle:
+        handle.write(",negative\n")
+    cfg = load_config(config, [f"data.cache_dir={config.parent / 'cache'}"])
+
+    def tokenizer():
+        raise AssertionError("the tokenizer was loaded before the rows were checked")
+
+    with pytest.raises(UserError, match=r"sentiment_train\.csv row 4: empty text"):
+        prepare_data(cfg, tokenizer)
+    assert not list((config.parent / "cache").glob("*/meta.json"))
+
+
+def test_cache_off_tokenizes_in_memory(setup):
+    config, _ = setup
+    data = prepare(config, "data.cache_dir=null")
+    assert (data.cache["status"], data.cache["folder"]) == ("off", None)
+    assert not (config.parent / "cache").exists()
+
+
+@pytest.mark.slow
+def test_concurrent_processes_build_once(setup):
+    """Two `trainer prepare` at once (as two ranks would): one builds, the other waits on
+    the lock and loads what the first built."""
+    config, _ = setup
+    command = [sys.executable, "-m", "trainer", "prepare", str(config)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=REPO, env=env) for _ in "ab"]
+    outputs = [run.communicate(timeout=300)[0].decode().splitlines()[-1] for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    stats = [json.loads(line) for line in outputs]
+    assert sorted(s["status"] for s in stats) == ["built", "hit"]
+    assert stats[0]["folder"] == stats[1]["folder"]
