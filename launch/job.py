@@ -39,6 +39,10 @@ class Job:
         """`trainer train` arguments that reproduce this run config on every node."""
         return ["train", str(self.config_path.resolve()), *self.overrides]
 
+    def prepare_arguments(self) -> list[str]:
+        """`trainer prepare` arguments: tokenize this run's data into its cache."""
+        return ["prepare", str(self.config_path.resolve()), *self.overrides]
+
 
 def resolve_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
     """Load and check the profile and the run config together."""

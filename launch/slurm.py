@@ -39,6 +39,10 @@ MAIN_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export MAIN_ADDR MAIN_PORT
 echo "rendezvous at $MAIN_ADDR:$MAIN_PORT"
 
+# Tokenize the data once, here, before any rank starts; the ranks then load it from
+# data.cache_dir (on a filesystem every node sees) in seconds. Cheap when already built.
+{prepare} || exit $?
+
 # --signal=B:USR1 warns only this batch shell, and bash runs a trap only once the foreground
 # command ends: so srun runs in the background and the trap passes USR1 on to it (srun
 # forwards it to every process of its tasks). Killing srun directly needs no round trip to
@@ -126,6 +130,7 @@ def render_script(job: Job, config_file: Path) -> str:
         "",
     ]
     body = BODY.format(
+        prepare=shlex.join([sys.executable, "-m", "trainer", *job.prepare_arguments()]),
         requeue_env=REQUEUE_ENV,
         exports=exports(job.profile),
         node_command=shlex.quote(per_node),

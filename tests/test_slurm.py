@@ -199,6 +199,9 @@ def test_simulated_two_node_job_trains_like_one_process(
     done = run_batch_script(run_dir / "launch" / "job.sbatch", "4242")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "rendezvous at localhost:24242" in done.stdout  # 20000 + job id % 20000
+    # the batch shell tokenized the data (or found it tokenized) before srun: every rank
+    # then loaded it from the cache (run_summary's data_cache below)
+    assert "tokenized data " in done.stdout
 
     # Each node got the same, unexpanded command; the nodes expanded their own rank.
     started = (fake_slurm / "srun").read_text().splitlines()
@@ -206,7 +209,8 @@ def test_simulated_two_node_job_trains_like_one_process(
     assert (run_dir / "final" / "model.safetensors").is_file()
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, PARITY["train"]["max_steps"] + 1))
-    assert json.loads((run_dir / "run_summary.json").read_text())["processes"] == 2
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["processes"] == 2 and summary["data_cache"]["status"] == "hit"
     assert not (fake_slurm / "requeue").exists(), "a finished job is not requeued"
 
     assert cli("train", configs["ref"]) == 0
