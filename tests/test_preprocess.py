@@ -11,6 +11,7 @@ from trainer.data import Split
 from trainer.errors import UserError
 from trainer.preprocess import (
     IGNORE_INDEX,
+    Packer,
     encode_classification,
     encode_token_classification,
     pack_for_clm,
@@ -85,6 +86,28 @@ def test_clm_documents_are_joined_by_eos(gpt2_tokenizer):
     assert len(pieces) > 10
     assert pieces == documents["input_ids"][: len(pieces)]
     assert set(packed.column_names) == {"input_ids"}
+
+
+def test_packing_carries_across_tokenizer_calls_and_drops_less_than_one_block(gpt2_tokenizer):
+    split = text_split(2500)  # three calls of PACK_GROUP texts
+    packed = pack_for_clm(split, gpt2_tokenizer, MAX_LENGTH)
+    documents = gpt2_tokenizer([r["text"] for r in split.rows], add_special_tokens=False)
+    total = sum(len(doc) + 1 for doc in documents["input_ids"])
+    kept = len(packed) * MAX_LENGTH
+    assert total - MAX_LENGTH < kept <= total
+    assert kept / total > 0.999
+
+
+def test_packer_state_resumes_between_calls():
+    whole, first = Packer(4), Packer(4)
+    docs = [{"input_ids": [[1, 2, 3]]}, {"input_ids": [[4, 5]]}, {"input_ids": [[6, 7, 8, 9]]}]
+    expected = [whole.add(doc)["input_ids"] for doc in docs]
+    assert expected == [[], [[1, 2, 3, 4]], [[5, 6, 7, 8]]]
+    first.add(docs[0])
+    second = Packer(4)
+    second.load_state_dict(first.state_dict())
+    assert [second.add(doc)["input_ids"] for doc in docs[1:]] == expected[1:]
+    assert second.state_dict() == {"carry": {"input_ids": [9]}}
 
 
 def test_too_little_text_for_one_block_is_an_error(bert_tokenizer):
