@@ -4,6 +4,7 @@ and a position that resumes a stream exactly; then a streamed run stopped and re
 from __future__ import annotations
 
 import json
+import subprocess
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -11,12 +12,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_run_config
-from test_resume import assert_same_tensors, cli, comparable, final_weights, stop_in_process
+from conftest import REPO, make_run_config
+from test_resume import (
+    _env,
+    assert_same_tensors,
+    cli,
+    comparable,
+    final_weights,
+    stop_in_process,
+    trainer_command,
+)
 
 from trainer.config import DataConfig
 from trainer.errors import UserError
 from trainer.preprocess import Packer
+from trainer.resume import checkpoint_dir
 from trainer.streaming import RowStream, SourceBlocks, TrainStream
 
 
@@ -163,3 +173,22 @@ def test_a_streamed_run_stopped_and_resumed_equals_the_uninterrupted_one(
     )
     losses = [r["loss"] for r in comparable(tmp_path / "ref" / "run") if "loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_two_processes_stream_disjoint_shares(tmp_path, tiny_models_by_task, data_dir):
+    """Under torchrun each rank streams its own rows: the blocks the two ranks hold in
+    their shuffle buffers at a checkpoint have nothing in common."""
+    config = streamed_config(tmp_path / "two", tiny_models_by_task, data_dir)
+    done = subprocess.run(
+        trainer_command(config, processes=2), cwd=REPO, env=_env(), capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    checkpoint = checkpoint_dir(tmp_path / "two" / "run", 6)
+    buffers = [
+        json.loads((checkpoint / f"trainer_rank_{rank}.json").read_text())["stream"]["buffer"]
+        for rank in (0, 1)
+    ]
+    blocks = [{tuple(block["input_ids"]) for block in buffer} for buffer in buffers]
+    assert len(blocks[0]) == len(blocks[1]) == 7  # 8, less the one just drawn
+    assert not blocks[0] & blocks[1]
