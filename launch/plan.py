@@ -98,6 +98,7 @@ def count_examples(cfg: RunConfig) -> DataCount:
     from trainer.train import read_splits
 
     spec = TASKS[cfg.task]
+    per_row = 1 + cfg.data.augment.copies  # each epoch adds the augmented variants
     try:
         train, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
@@ -110,11 +111,11 @@ def count_examples(cfg: RunConfig) -> DataCount:
     except (UserError, OSError) as err:
         if cfg.task in PACKED_TASKS:
             return DataCount(None, names, unknown=str(err))
-        return DataCount(len(train), names)
+        return DataCount(len(train) * per_row, names)
     finally:
         if bars:
             datasets.enable_progress_bars()
-    return DataCount(len(encoded), names, len(tokenizer))
+    return DataCount(len(encoded) * per_row, names, len(tokenizer))
 
 
 @dataclass

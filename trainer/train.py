@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from trainer.adapters import attach_adapter, quantization_config
+from trainer.augment import training_examples
 from trainer.checkpoint import TRAINER_STATE_NAME, load_checkpoint, save_checkpoint, save_model
+from trainer.class_weights import resolve_class_weights
 from trainer.config import (
     LOWER_IS_BETTER,
     RunConfig,
@@ -182,6 +184,7 @@ def optimizer_step(
     scheduler,
     max_grad_norm: float,
     requests: tuple[bool, ...] = (),
+    class_weights: torch.Tensor | None = None,
 ) -> StepResult:
     """Forward/backward over the accumulation window, then clip and step.
 
@@ -190,9 +193,10 @@ def optimizer_step(
     accumulation steps and DDP averages over processes, the gradient is that of
     sum(all target losses) / (all targets). Before the update one all-reduce tells every
     process whether any saw a non-finite loss or gradient norm (then nobody steps) and
-    whether any raised one of `requests` (stop, save)."""
+    whether any raised one of `requests` (stop, save). With `class_weights` the targets
+    count by their class weight (see class_weights.py)."""
     device = accelerator.device
-    targets = sum(count_targets(b["labels"], spec.shifted_targets) for b in window)
+    targets = sum(count_targets(b["labels"], spec.shifted_targets, class_weights) for b in window)
     all_targets = accelerator.reduce(targets.clone(), "sum").clamp(min=1)
     scale = accelerator.num_processes * len(window) / all_targets
     loss_total = torch.zeros((), device=device)
@@ -200,7 +204,7 @@ def optimizer_step(
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(**model_inputs(batch)).logits
-            loss_sum, _ = spec.loss(logits, batch["labels"])
+            loss_sum, _ = spec.loss(logits, batch["labels"], class_weights)
             accelerator.backward(loss_sum * scale)
             loss_total += loss_sum.detach()
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
@@ -243,6 +247,8 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_examples: KeyedDataset  # by (epoch, index): train_set plus augmented variants
+    class_weights: torch.Tensor | None
 
     def summary(self) -> dict:
         """What this run will do, printed at start and kept in run_summary.json."""
@@ -253,6 +259,7 @@ class Run:
             "task": self.cfg.task,
             "processes": self.accelerator.num_processes,
             "train_examples": len(self.train_set),
+            "examples_per_epoch": len(self.train_examples),
             "validation_examples": len(self.validation_set or []),
             "global_batch_size": self.cfg.train.global_batch_size,
             "micro_batch_size": self.cfg.train.micro_batch_size,
@@ -264,6 +271,9 @@ class Run:
             "trainable_share": round(trainable / total, 6),
             "peft": self.cfg.peft.method,
             "labels": self.label_names,
+            "class_weights": None
+            if self.class_weights is None
+            else dict(zip(self.label_names, self.class_weights.tolist(), strict=True)),
         }
 
 
@@ -284,13 +294,15 @@ def set_up(cfg: RunConfig) -> Run:
     set_seed(cfg.train.seed)
     spec = TASKS[cfg.task]
     train_rows, validation_rows, label_names = read_splits(cfg)  # bad rows fail before the hub
+    weights = resolve_class_weights(cfg.data.class_weights, train_rows, label_names, cfg.task)
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     train_set = spec.encode(train_rows, tokenizer, label_names, cfg.data.max_length)
+    train_examples = training_examples(train_set, train_rows, tokenizer, cfg)
     validation_set = None
     if validation_rows is not None:
         validation_set = spec.encode(validation_rows, tokenizer, label_names, cfg.data.max_length)
     plan = BatchPlan(
-        len(train_set),
+        len(train_examples),
         cfg.train.global_batch_size,
         cfg.train.micro_batch_size,
         accelerator.num_processes,
@@ -300,7 +312,7 @@ def set_up(cfg: RunConfig) -> Run:
     if plan.steps_per_epoch == 0:
         raise UserError(
             f"train.global_batch_size: {cfg.train.global_batch_size} is more than the "
-            f"{len(train_set)} training examples; lower it or add data"
+            f"{len(train_examples)} training examples; lower it or add data"
         )
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
 
@@ -324,6 +336,8 @@ def set_up(cfg: RunConfig) -> Run:
         model,
         optimizer,
         scheduler,
+        train_examples,
+        None if weights is None else torch.tensor(weights, device=accelerator.device),
     )
 
 
@@ -448,7 +462,7 @@ def train(cfg: RunConfig) -> dict:
     model.train()
     while state.step < run.total_steps and not early_stop:
         loader = DataLoader(
-            KeyedDataset(run.train_set, cfg.train.seed),
+            run.train_examples,
             batch_sampler=list(run.plan.micro_batches(state.epoch, state.step_in_epoch)),
             collate_fn=run.collator,
             pin_memory=accelerator.device.type == "cuda",
@@ -473,6 +487,7 @@ def train(cfg: RunConfig) -> dict:
                 run.scheduler,
                 cfg.train.max_grad_norm,
                 (stop_flag.requested(), save_due_by_time),
+                run.class_weights,
             )
             stop_requested, save_due_by_time = result.requests
             since_log += result.sums
