@@ -169,3 +169,9 @@ def test_nearest_rank_percentile_and_the_cap():
     assert suggest_max_length(33, 512) == 40
     assert suggest_max_length(40, 512) == 40
     assert suggest_max_length(700, 512) == 512
+
+
+def test_missing_file_is_one_line(stats_config, tmp_path, capsys):
+    code, _, err = data_stats(capsys, stats_config(train=str(tmp_path / "gone.csv")))
+    assert code == 2
+    assert err == f"error: data.train: file not found: {tmp_path / 'gone.csv'}\n"

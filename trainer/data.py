@@ -191,9 +191,10 @@ def read_split_keeping_going(
     """Like read_split, but a row with an empty value is set aside rather than rejected:
     the checked rows, and where the empty ones were. For reports on the data; training
     stays strict. Other problems (a missing column, bad JSON) still stop the read."""
+    records = _open_source(source, key, task, cfg)
     split, empty = Split(key, [], []), []
     try:
-        for where, row in _open_source(source, key, task, cfg):
+        for where, row in records:
             try:
                 split.rows.append(_check_row(row, where, task, cfg))
                 split.where.append(where)

@@ -131,7 +131,9 @@ def label_balance(split: Split, task: str) -> dict[str, dict]:
     }
 
 
-def split_stats(split: Split, empty: list[str], lengths: list[int], cfg: RunConfig, cap) -> dict:
+def split_stats(
+    split: Split, empty: list[str], lengths: list[int], cfg: RunConfig, cap: int | None
+) -> dict:
     """Every figure of one split (see the module docstring for the definitions)."""
     stats = {"key": split.key, "rows": len(split), "tokens": length_stats(lengths)}
     stats |= {"empty_rows": len(empty), "empty_where": empty[:EXAMPLES_SHOWN]}
@@ -180,7 +182,7 @@ def data_stats(cfg: RunConfig) -> dict:
     splits = read_for_stats(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     cap = None if cfg.task in LM_TASKS else max_positions(cfg)
-    report = {
+    return {
         "task": cfg.task,
         "tokenizer": cfg.model.name_or_path,
         "max_length": cfg.data.max_length,
@@ -191,7 +193,6 @@ def data_stats(cfg: RunConfig) -> dict:
         },
         "overlap": overlap(splits[0][1], splits[1][1]) if len(splits) == 2 else None,
     }
-    return report
 
 
 def _count_share(count: int, share: float) -> str:
