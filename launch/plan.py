@@ -100,6 +100,7 @@ def count_examples(cfg: RunConfig) -> DataCount:
     spec = TASKS[cfg.task]
     if cfg.data.streaming:
         return DataCount(None, unknown="data.streaming: a stream's length is not known ahead")
+    per_row = 1 + cfg.data.augment.copies  # each epoch adds the augmented variants
     try:
         trains, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
@@ -112,11 +113,11 @@ def count_examples(cfg: RunConfig) -> DataCount:
     except (UserError, OSError) as err:
         if cfg.task in PACKED_TASKS:
             return DataCount(None, names, unknown=str(err))
-        return DataCount(sum(map(len, trains)), names)
+        return DataCount(sum(map(len, trains)) * per_row, names)
     finally:
         if bars:
             datasets.enable_progress_bars()
-    return DataCount(sum(map(len, encoded)), names, len(tokenizer))
+    return DataCount(sum(map(len, encoded)) * per_row, names, len(tokenizer))
 
 
 @dataclass

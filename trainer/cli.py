@@ -1,4 +1,4 @@
-"""The `trainer` command: train, evaluate, predict, keys.
+"""The `trainer` command: train, evaluate, predict, data-stats, keys.
 
 Config problems are found before torch or transformers are imported, so `trainer train`
 with a typo answers at once. Whatever the user can fix ends as one line on stderr and exit
@@ -124,6 +124,17 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_stats(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from trainer.datastats import data_stats, format_report, write_report
+
+    report = data_stats(cfg)
+    print(format_report(report))
+    print(f"wrote {write_report(report, args.json)}")
+    return 0
+
+
 def _add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="predict on new texts with a model folder")
     predict.add_argument("model_dir", help="a run's final/ (full or adapter) or a model folder")
@@ -150,7 +161,7 @@ def _add_predict_parser(commands) -> None:
 def _keys(args: argparse.Namespace) -> int:
     for key, field in all_keys().items():
         default = field.default if field.default is not MISSING else field.default_factory()
-        print(f"{key:30} {json.dumps(default):14} {field.metadata['help']}")
+        print(f"{key:34} {json.dumps(default):14} {field.metadata['help']}")
     return 0
 
 
@@ -172,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=mlm")
     evaluate.set_defaults(run=_evaluate)
     _add_predict_parser(commands)
+    stats = commands.add_parser("data-stats", help="lengths, labels, duplicates of a run's data")
+    stats.add_argument("config", help="run config YAML")
+    stats.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_length=64")
+    stats.add_argument("--json", default="data-stats.json", help="report file (data-stats.json)")
+    stats.set_defaults(run=_data_stats)
     export = commands.add_parser("export", help="export a LoRA/QLoRA run: adapter or merged")
     export.add_argument("run_dir", help="a run directory or its final/ adapter folder")
     export.add_argument("--out", required=True, help="folder to write (must not exist)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -26,6 +27,9 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 PEFT_METHODS = ("none", "lora", "qlora")
 ON_NONFINITE = ("skip", "stop")
+CLASS_WEIGHTS = ("none", "auto")
+LABELLED_TASKS = ("classification", "token-classification")
+AUGMENT_OPERATIONS = ("deletion", "swap", "insertion", "synonym_replacement")
 TRACKERS = ("tensorboard",)
 
 # Metrics each task reports at evaluation; the first is the default `eval.metric`.
@@ -54,6 +58,16 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    copies: int = _field(0, "Augmented variants of each training row per epoch; 0: off.")
+    deletion: float = _field(0.1, "EDA random deletion: probability of dropping each word.")
+    swap: float = _field(0.1, "EDA random swap: alpha; max(1, round(alpha x words)) swaps.")
+    insertion: float = _field(0.1, "EDA random insertion of synonyms: alpha, as for swap.")
+    synonym_replacement: float = _field(0.1, "EDA synonym replacement: alpha, as for swap.")
+    synonyms: str | None = _field(None, "Synonym table: TSV, `word<TAB>syn1,syn2` per line.")
+
+
+@dataclass
 class DataConfig:
     train: str | list | None = _field(
         None,
@@ -75,6 +89,16 @@ class DataConfig:
     )
     group_by_length: bool = _field(False, "Fine-tuning: batch texts of similar length.")
     isolate_documents: bool = _field(False, "MLM/CLM: no attention across packed documents.")
+
+    class_weights: str | dict = _field(
+        "none", "Loss weight per class: none | auto (inverse frequency) | {label: weight}."
+    )
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        # Labels are read as strings (data.py); YAML reads `0: 2.0` with an integer key.
+        if isinstance(self.class_weights, dict):
+            self.class_weights = {str(k): v for k, v in self.class_weights.items()}
 
 
 @dataclass(frozen=True)
@@ -207,22 +231,16 @@ class RunConfig:
         return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
 
 
-SECTIONS: dict[str, type] = {
-    name: hint
-    for name, hint in typing.get_type_hints(RunConfig).items()
-    if dataclasses.is_dataclass(hint)
-}
-
-
-def all_keys() -> dict[str, dataclasses.Field]:
-    """Every valid dotted key with its field, in declaration order."""
+def all_keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every valid dotted key with its field, in declaration order; sections (at any depth,
+    e.g. `data.augment`) are not keys themselves but lead to theirs."""
     keys: dict[str, dataclasses.Field] = {}
-    for f in dataclasses.fields(RunConfig):
-        if f.name in SECTIONS:
-            for sub in dataclasses.fields(SECTIONS[f.name]):
-                keys[f"{f.name}.{sub.name}"] = sub
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= all_keys(hints[f.name], f"{prefix}{f.name}.")
         else:
-            keys[f.name] = f
+            keys[f"{prefix}{f.name}"] = f
     return keys
 
 
@@ -384,6 +402,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "data.augment.copies": cfg.data.augment.copies,
     }
     # written as "not (v > 0)" so that NaN fails too
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if not v > 0]
@@ -396,6 +415,10 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         ("mlm.mask_probability", cfg.mlm.mask_probability, 0, 1, True, True),
         ("mlm.mask_token_fraction", cfg.mlm.mask_token_fraction, 0, 1, False, False),
         ("mlm.random_token_fraction", cfg.mlm.random_token_fraction, 0, 1, False, False),
+        *[
+            (f"data.augment.{op}", getattr(cfg.data.augment, op), 0, 1, False, False)
+            for op in AUGMENT_OPERATIONS
+        ],
     ]
     for key, value, low, high, low_open, high_open in bounded:
         above = value > low if low_open else value >= low
@@ -405,6 +428,46 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(f"{key}: must be in {span}, got {value}")
     if cfg.mlm.mask_token_fraction + cfg.mlm.random_token_fraction > 1:
         errors.append("mlm.random_token_fraction: mask_token_fraction + random_token_fraction > 1")
+    _check_class_weights(cfg.data.class_weights, errors)
+
+
+def _check_class_weights(value: str | dict, errors: list[str]) -> None:
+    """`none`, `auto`, or positive finite weights (which labels exist is known only once
+    the data is read: train.py checks the keys then)."""
+    if isinstance(value, str):
+        _choice(errors, "data.class_weights", value, CLASS_WEIGHTS)
+        return
+    for label, weight in value.items():
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not (number and 0 < weight < math.inf):
+            errors.append(f"data.class_weights.{label}: must be a number > 0, got {weight!r}")
+
+
+def _check_data_extras(cfg: RunConfig, errors: list[str]) -> None:
+    """Class weights need classes; augmentation edits whole texts, so classification only."""
+    if cfg.data.class_weights != "none" and cfg.task not in LABELLED_TASKS:
+        errors.append(
+            f"data.class_weights: only for task classification or token-classification, "
+            f"not '{cfg.task}'"
+        )
+    augment = cfg.data.augment
+    if not augment.copies:
+        return
+    if cfg.task != "classification":
+        errors.append(f"data.augment.copies: only for task classification, not '{cfg.task}'")
+    if isinstance(cfg.data.train, list) and len(cfg.data.train) > 1:
+        errors.append("data.augment.copies: with one data.train source, not a mixture")
+    if not any(getattr(augment, op) > 0 for op in AUGMENT_OPERATIONS):
+        errors.append(
+            f"data.augment.copies: every operation ({', '.join(AUGMENT_OPERATIONS)}) is 0"
+        )
+    if (augment.insertion > 0 or augment.synonym_replacement > 0) and not augment.synonyms:
+        errors.append(
+            "data.augment.synonyms: insertion and synonym_replacement need a synonym table "
+            "(or set them to 0)"
+        )
+    elif augment.synonyms and not Path(augment.synonyms).expanduser().is_file():
+        errors.append(f"data.augment.synonyms: file not found: {augment.synonyms}")
 
 
 def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, errors: list[str]):
@@ -434,6 +497,7 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
     if cfg.eval.early_stopping_patience and not has_validation:
         errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
+    _check_data_extras(cfg, errors)
 
 
 def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:

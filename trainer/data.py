@@ -182,14 +182,22 @@ def source_files(source: str, key: str) -> list[Path] | None:
     return None
 
 
+class EmptyValue(UserError):
+    """A row whose text, label or word list is empty: training rejects it, while
+    `trainer data-stats` counts it (read_split_keeping_going)."""
+
+
+def _open_source(source: str, key: str, task: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    files = source_files(source, key)
+    if files is None:
+        return _read_hub(source, cfg)
+    return chain.from_iterable(_read_file(path, task, cfg) for path in files)
+
+
 def read_split(source: str, key: str, task: str, cfg: DataConfig) -> Split:
     """Read and check every row of one split (a file, a glob's files in order, or a hub
     dataset); errors name `key`, the file and the row."""
-    files = source_files(source, key)
-    if files is None:
-        records = _read_hub(source, cfg)
-    else:
-        records = chain.from_iterable(_read_file(path, task, cfg) for path in files)
+    records = _open_source(source, key, task, cfg)
     split = Split(key, [], [])
     try:
         for where, row in records:
@@ -204,10 +212,34 @@ def read_split(source: str, key: str, task: str, cfg: DataConfig) -> Split:
     return split
 
 
+def read_split_keeping_going(
+    source: str, key: str, task: str, cfg: DataConfig
+) -> tuple[Split, list[str]]:
+    """Like read_split, but a row with an empty value is set aside rather than rejected:
+    the checked rows, and where the empty ones were. For reports on the data; training
+    stays strict. Other problems (a missing column, bad JSON) still stop the read."""
+    records = _open_source(source, key, task, cfg)
+    split, empty = Split(key, [], []), []
+    try:
+        for where, row in records:
+            try:
+                split.rows.append(_check_row(row, where, task, cfg))
+                split.where.append(where)
+            except EmptyValue:
+                empty.append(where)
+    except UserError as err:
+        raise UserError(f"{key}: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{key}: {source} is not UTF-8 text") from None
+    return split, empty
+
+
 def _check_row(row: dict, where: str, task: str, cfg: DataConfig) -> dict:
     """Keep the columns the task needs, rejecting missing columns and empty values."""
     if task == "token-classification":
         tokens, tags = _column(row, cfg.tokens_column, where), _column(row, cfg.tags_column, where)
+        if tokens == []:
+            raise EmptyValue(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
         if (
             not isinstance(tokens, list)
             or not tokens
@@ -219,12 +251,12 @@ def _check_row(row: dict, where: str, task: str, cfg: DataConfig) -> dict:
         return {"tokens": tokens, "tags": [str(tag) for tag in tags]}
     text = _column(row, cfg.text_column, where)
     if not isinstance(text, str) or not text.strip():
-        raise UserError(f"{where}: empty text in column '{cfg.text_column}'")
+        raise EmptyValue(f"{where}: empty text in column '{cfg.text_column}'")
     if task in LM_TASKS:
         return {"text": text}
     label = _column(row, cfg.label_column, where)
     if label is None or (isinstance(label, str) and not label.strip()):
-        raise UserError(f"{where}: empty label in column '{cfg.label_column}'")
+        raise EmptyValue(f"{where}: empty label in column '{cfg.label_column}'")
     if not isinstance(label, (str, int)) or isinstance(label, bool):
         raise UserError(f"{where}: label {label!r} must be a string or an integer")
     return {"text": text, "label": str(label).strip()}

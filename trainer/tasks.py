@@ -20,31 +20,45 @@ from trainer.data import Split
 from trainer.preprocess import IGNORE_INDEX
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over labelled positions, and how many there were.
 
     Returning the sum (not the mean) lets the loop divide by the number of targets in the
-    whole accumulation window on all processes, so every target weighs the same."""
+    whole accumulation window on all processes, so every target weighs the same. With class
+    weights (see class_weights.py) each target's loss is multiplied by its class weight and
+    the count becomes the sum of those weights."""
     flat_labels = labels.reshape(-1)
     loss_sum = F.cross_entropy(
         logits.reshape(flat_labels.numel(), -1).float(),
         flat_labels,
+        weight=weight,
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return loss_sum, (flat_labels != IGNORE_INDEX).sum()
+    return loss_sum, target_weight(flat_labels, weight)
 
 
 def next_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal LM: position t predicts token t+1."""
-    return token_loss(logits[:, :-1], labels[:, 1:])
+    return token_loss(logits[:, :-1], labels[:, 1:], weight)
 
 
-def count_targets(labels: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """Targets in a batch before the forward pass (for the accumulation-window total)."""
-    return ((labels[:, 1:] if shifted else labels) != IGNORE_INDEX).sum()
+def target_weight(labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The number of labelled positions, or with class weights the sum of their weights."""
+    labelled = labels != IGNORE_INDEX
+    return labelled.sum() if weight is None else weight[labels[labelled]].sum()
+
+
+def count_targets(
+    labels: torch.Tensor, shifted: bool, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Targets (or their class weight) in a batch before the forward pass, for the
+    accumulation-window total."""
+    return target_weight(labels[:, 1:] if shifted else labels, weight)
 
 
 @dataclass(frozen=True)
@@ -53,7 +67,7 @@ class TaskSpec:
 
     encode: Callable[[Split, PreTrainedTokenizerBase, list[str] | None, int], datasets.Dataset]
     make_collator: Callable[[PreTrainedTokenizerBase, RunConfig], Callable]
-    loss: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (logits, labels[, weight])
     make_metrics: Callable[[list[str] | None], metrics.LossMetrics]
     has_labels: bool  # label names come from the data (classification, NER)
     shifted_targets: bool = False

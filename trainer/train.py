@@ -27,7 +27,9 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from trainer.adapters import attach_adapter, quantization_config
+from trainer.augment import training_examples
 from trainer.checkpoint import TRAINER_STATE_NAME, load_checkpoint, save_checkpoint, save_model
+from trainer.class_weights import resolve_class_weights, target_counts
 from trainer.config import (
     LOWER_IS_BETTER,
     RunConfig,
@@ -182,6 +184,7 @@ def optimizer_step(
     scheduler,
     max_grad_norm: float,
     requests: tuple[bool, ...] = (),
+    class_weights: torch.Tensor | None = None,
 ) -> StepResult:
     """Forward/backward over the accumulation window, then clip and step.
 
@@ -190,9 +193,10 @@ def optimizer_step(
     accumulation steps and DDP averages over processes, the gradient is that of
     sum(all target losses) / (all targets). Before the update one all-reduce tells every
     process whether any saw a non-finite loss or gradient norm (then nobody steps) and
-    whether any raised one of `requests` (stop, save)."""
+    whether any raised one of `requests` (stop, save). With `class_weights` the targets
+    count by their class weight (see class_weights.py)."""
     device = accelerator.device
-    targets = sum(count_targets(b["labels"], spec.shifted_targets) for b in window)
+    targets = sum(count_targets(b["labels"], spec.shifted_targets, class_weights) for b in window)
     all_targets = accelerator.reduce(targets.clone(), "sum").clamp(min=1)
     scale = accelerator.num_processes * len(window) / all_targets
     loss_total = torch.zeros((), device=device)
@@ -200,7 +204,7 @@ def optimizer_step(
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(**model_inputs(batch)).logits
-            loss_sum, _ = spec.loss(logits, batch["labels"])
+            loss_sum, _ = spec.loss(logits, batch["labels"], class_weights)
             accelerator.backward(loss_sum * scale)
             loss_total += loss_sum.detach()
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
@@ -245,7 +249,8 @@ class Run:
     spec: TaskSpec
     tokenizer: PreTrainedTokenizerBase
     data: PreparedData
-    train_set: datasets.Dataset | None  # all sources in order; None when streaming
+    # by (epoch, index): all sources in order, then any augmented variants; None streaming
+    train_examples: KeyedDataset | None
     stream: TrainStream | None
     plan: BatchPlan | StreamPlan
     total_steps: int
@@ -253,6 +258,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    class_weights: torch.Tensor | None
 
     @property
     def label_names(self) -> list[str] | None:
@@ -270,7 +276,7 @@ class Run:
         if self.stream is not None:
             return self.stream.micro_batches(self.cfg.train.micro_batch_size, self.collator)
         loader = DataLoader(
-            KeyedDataset(self.train_set, self.cfg.train.seed),
+            self.train_examples,
             batch_sampler=list(self.plan.micro_batches(epoch, start_step)),
             collate_fn=self.collator,
             pin_memory=self.accelerator.device.type == "cuda",
@@ -290,7 +296,8 @@ class Run:
         return {
             "task": self.cfg.task,
             "processes": self.accelerator.num_processes,
-            "train_examples": len(self.train_set) if self.train_set is not None else None,
+            "train_examples": sum(sizes) if sizes[0] is not None else None,
+            "examples_per_epoch": len(self.train_examples) if self.train_examples else None,
             "train_sources": [
                 {"path": s.path, "weight": round(s.weight, 6), "examples": size}
                 for s, size in zip(sources, sizes, strict=True)
@@ -307,6 +314,9 @@ class Run:
             "trainable_share": round(trainable / total, 6),
             "peft": self.cfg.peft.method,
             "labels": self.label_names,
+            "class_weights": None
+            if self.class_weights is None
+            else dict(zip(self.label_names, self.class_weights.tolist(), strict=True)),
         }
 
 
@@ -316,16 +326,23 @@ def _logical_numel(param: torch.nn.Parameter) -> int:
     return quant_state.shape.numel() if quant_state is not None else param.numel()
 
 
-def batch_plan(cfg: RunConfig, data: PreparedData, accelerator: Accelerator) -> BatchPlan:
-    """Global batches over the in-memory train set: one source shuffled, several mixed by
-    weight, either regrouped by length when data.group_by_length is on."""
+def batch_plan(
+    cfg: RunConfig, data: PreparedData, examples: int, accelerator: Accelerator
+) -> BatchPlan:
+    """Global batches over the in-memory train `examples` (the encoded rows, then any
+    augmented variants of them): one source shuffled, several mixed by weight, either
+    regrouped by length when data.group_by_length is on (a variant counts with the length
+    of its row)."""
     seed, batch = cfg.train.seed, cfg.train.global_batch_size
     sizes = tuple(len(split) for split in data.train)
     weights = tuple(source.weight for source in train_sources(cfg.data))
-    ordering = Shuffled(sizes[0], seed) if len(sizes) == 1 else Mixture(sizes, weights, seed)
+    ordering = Shuffled(examples, seed) if len(sizes) == 1 else Mixture(sizes, weights, seed)
     if cfg.data.group_by_length:
-        lengths = tuple(len(ids) for split in data.train for ids in split["input_ids"])
-        ordering = LengthGrouped(ordering, lengths, LENGTH_WINDOW_BATCHES * batch, batch, seed)
+        lengths = [len(ids) for split in data.train for ids in split["input_ids"]]
+        lengths *= examples // len(lengths)
+        ordering = LengthGrouped(
+            ordering, tuple(lengths), LENGTH_WINDOW_BATCHES * batch, batch, seed
+        )
     plan = BatchPlan(
         ordering,
         batch,
@@ -370,12 +387,16 @@ def set_up(cfg: RunConfig) -> Run:
     set_seed(cfg.train.seed)
     spec = TASKS[cfg.task]
     data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
+    weights = None
+    if data.label_names is not None:
+        counts = target_counts(data.train, data.label_names)
+        weights = resolve_class_weights(cfg.data.class_weights, counts, data.label_names)
     if cfg.data.streaming:
-        stream, train_set = train_stream(cfg, spec, tokenizer, accelerator), None
+        stream, examples = train_stream(cfg, spec, tokenizer, accelerator), None
         plan = StreamPlan(cfg.gradient_accumulation_steps(world_size), cfg.train.max_steps)
     else:
-        stream, plan = None, batch_plan(cfg, data, accelerator)
-        train_set = datasets.concatenate_datasets(data.train)
+        examples = training_examples(datasets.concatenate_datasets(data.train), tokenizer, cfg)
+        stream, plan = None, batch_plan(cfg, data, len(examples), accelerator)
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
 
     model = build_model(cfg, tokenizer, data.label_names)
@@ -390,7 +411,7 @@ def set_up(cfg: RunConfig) -> Run:
         spec,
         tokenizer,
         data,
-        train_set,
+        examples,
         stream,
         plan,
         total_steps,
@@ -398,6 +419,7 @@ def set_up(cfg: RunConfig) -> Run:
         model,
         optimizer,
         scheduler,
+        None if weights is None else torch.tensor(weights, device=accelerator.device),
     )
 
 
@@ -543,6 +565,7 @@ def train(cfg: RunConfig) -> dict:
                 run.scheduler,
                 cfg.train.max_grad_norm,
                 (stop_flag.requested(), save_due_by_time),
+                run.class_weights,
             )
             stop_requested, save_due_by_time = result.requests
             since_log += result.sums
