@@ -1,4 +1,4 @@
-"""The `trainer` command: train, evaluate, predict, data-stats, keys.
+"""The `trainer` command: train, prepare, evaluate, predict, data-stats, report, keys.
 
 Config problems are found before torch or transformers are imported, so `trainer train`
 with a typo answers at once. Whatever the user can fix ends as one line on stderr and exit
@@ -135,6 +135,13 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from trainer.report import make_report
+
+    print(make_report(args.run_dir, args.out))
+    return 0
+
+
 def _add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="predict on new texts with a model folder")
     predict.add_argument("model_dir", help="a run's final/ (full or adapter) or a model folder")
@@ -193,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (must not exist)")
     export.add_argument("--merge", action="store_true", help="merge into a standalone model")
     export.set_defaults(run=_export)
+    report = commands.add_parser("report", help="plots and report.md of a run directory")
+    report.add_argument("run_dir", help="a run directory (finished or still training)")
+    report.add_argument("--out", help="folder for the report (default: RUN_DIR/report)")
+    report.set_defaults(run=_report)
     add_launch_commands(commands)
     keys = commands.add_parser("keys", help="list every run config key with its meaning")
     keys.set_defaults(run=_keys)
