@@ -94,10 +94,10 @@ def count_examples(cfg: RunConfig) -> DataCount:
     import datasets
 
     from trainer.model import load_tokenizer
-    from trainer.tasks import TASKS
+    from trainer.tasks import task_spec
     from trainer.train import read_splits
 
-    spec = TASKS[cfg.task]
+    spec = task_spec(cfg)
     try:
         train, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
@@ -143,7 +143,7 @@ def _meta_model(cfg: RunConfig, data: DataCount):
     config = load_model_config(cfg.model, data.label_names)
     if data.tokenizer_size and data.tokenizer_size > config.vocab_size:
         config.vocab_size = data.tokenizer_size  # training resizes the embeddings to fit
-    auto_class = getattr(transformers, AUTO_CLASSES[cfg.task])
+    auto_class = getattr(transformers, AUTO_CLASSES[cfg.head])
     with torch.device("meta"):
         model = auto_class.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return model, config

@@ -56,7 +56,8 @@ def encode_token_classification(
     return datasets.Dataset.from_dict(columns)
 
 
-def _word_starts(word_ids: list[int | None]) -> list[bool]:
+def word_starts(word_ids: list[int | None]) -> list[bool]:
+    """Which tokens begin a word (what whole-word masking selects by); special tokens never."""
     return [
         word is not None and (i == 0 or word_ids[i - 1] != word) for i, word in enumerate(word_ids)
     ]
@@ -72,7 +73,7 @@ def pack_for_mlm(
         columns = {
             "input_ids": encoded["input_ids"],
             "special_tokens_mask": encoded["special_tokens_mask"],
-            "word_start": [_word_starts(encoded.word_ids(i)) for i in range(len(batch["text"]))]
+            "word_start": [word_starts(encoded.word_ids(i)) for i in range(len(batch["text"]))]
             if tokenizer.is_fast
             else [[True] * len(ids) for ids in encoded["input_ids"]],
         }

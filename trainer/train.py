@@ -44,7 +44,7 @@ from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import Preempted, StopFlag, requeue, slurm_job_to_requeue
 from trainer.resume import changed_keys, checkpoint_dir, rotate, select_checkpoint, truncate_metrics
 from trainer.sampling import BatchPlan, KeyedDataset
-from trainer.tasks import TASKS, TaskSpec, count_targets
+from trainer.tasks import TASKS, TaskSpec, count_targets, task_spec
 from trainer.tracking import RunLog
 
 
@@ -151,7 +151,7 @@ class Best:
 def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names) -> torch.nn.Module:
     """The model to train: full, or the base (4-bit for QLoRA) wrapped with a LoRA adapter."""
     quantization = quantization_config(cfg.train.precision) if cfg.peft.method == "qlora" else None
-    model = load_model(cfg.model, cfg.task, tokenizer, label_names, cfg.train.seed, quantization)
+    model = load_model(cfg.model, cfg.head, tokenizer, label_names, cfg.train.seed, quantization)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
@@ -166,7 +166,8 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names)
 @dataclass
 class StepResult:
     """What one optimizer step reports: this process's sums [loss, targets, tokens, grad
-    norm] (on the device), and decisions every process agreed on in one all-reduce."""
+    norm] (on the device), then [loss, targets] of each of the spec's extra heads, and
+    decisions every process agreed on in one all-reduce."""
 
     sums: torch.Tensor
     skipped: bool  # non-finite loss or gradient norm on some process: no update
@@ -188,25 +189,30 @@ def optimizer_step(
     The loss is normalised by the number of targets in the whole window on all processes:
     each micro-batch's summed loss is scaled so that, after Accelerate divides by the
     accumulation steps and DDP averages over processes, the gradient is that of
-    sum(all target losses) / (all targets). Before the update one all-reduce tells every
+    sum(all target losses) / (all targets). Each extra head (NSP) is normalised the same
+    way by its own targets and added. Before the update one all-reduce tells every
     process whether any saw a non-finite loss or gradient norm (then nobody steps) and
     whether any raised one of `requests` (stop, save)."""
     device = accelerator.device
+    heads = spec.extra_heads
     targets = sum(count_targets(b["labels"], spec.shifted_targets) for b in window)
-    all_targets = accelerator.reduce(targets.clone(), "sum").clamp(min=1)
-    scale = accelerator.num_processes * len(window) / all_targets
-    loss_total = torch.zeros((), device=device)
+    counts = torch.stack([targets, *(sum(head.count(b) for b in window) for head in heads)])
+    all_counts = accelerator.reduce(counts.clone(), "sum").clamp(min=1)
+    scales = accelerator.num_processes * len(window) / all_counts
+    totals = torch.zeros(len(counts), device=device)  # loss sums: the task's, each head's
     for batch in window:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                logits = model(**model_inputs(batch)).logits
-            loss_sum, _ = spec.loss(logits, batch["labels"])
-            accelerator.backward(loss_sum * scale)
-            loss_total += loss_sum.detach()
+                output = model(**model_inputs(batch))
+            loss_sum, _ = spec.loss(output[spec.logits_key], batch["labels"])
+            parts = torch.stack([loss_sum, *(head.loss(output, batch)[0] for head in heads)])
+            accelerator.backward((parts * scales).sum())
+            totals += parts.detach()
+    loss_total = totals[0]
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     grad_norm = norm.detach().float() if norm is not None else torch.zeros((), device=device)
     # fp16: the grad scaler handles inf gradients itself; only the loss counts then
-    bad = ~torch.isfinite(loss_total)
+    bad = ~torch.isfinite(totals).all()
     if accelerator.scaler is None:
         bad |= ~torch.isfinite(grad_norm)
     flags = torch.tensor([float(bad), *map(float, requests)], device=device)
@@ -218,6 +224,8 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["attention_mask"].sum() for b in window)
     sums = torch.stack([loss_total, targets.float(), tokens.float(), grad_norm])
+    per_head = torch.stack([totals[1:], counts[1:].float()], dim=1).reshape(-1)
+    sums = torch.cat([sums, per_head])
     return StepResult(torch.zeros_like(sums) if skipped else sums, skipped, raised)
 
 
@@ -282,7 +290,7 @@ def set_up(cfg: RunConfig) -> Run:
     if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
         _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)
-    spec = TASKS[cfg.task]
+    spec = task_spec(cfg)
     train_rows, validation_rows, label_names = read_splits(cfg)  # bad rows fail before the hub
     tokenizer = load_tokenizer(cfg.model, cfg.task)
     train_set = spec.encode(train_rows, tokenizer, label_names, cfg.data.max_length)
@@ -328,18 +336,30 @@ def set_up(cfg: RunConfig) -> Run:
 
 
 def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> dict:
-    """One metrics.jsonl record from the sums since the last log (one all-reduce)."""
-    loss_sum, targets, tokens = run.accelerator.reduce(since_log[:3].clone(), "sum")
+    """One metrics.jsonl record from the sums since the last log (one all-reduce). With
+    extra heads, `loss` is the objective (the sum of the parts), each part logged too."""
+    reduced = run.accelerator.reduce(torch.cat([since_log[:3], since_log[4:]]), "sum")
+    tokens = reduced[2]
     steps = step % run.cfg.log.every_steps or run.cfg.log.every_steps
     return {
         "step": step,
         "epoch": round(step / run.plan.steps_per_epoch, 4),
-        # no targets: every step since the last log was skipped as non-finite
-        "loss": (loss_sum / targets).item() if targets > 0 else float("nan"),
+        **_losses(run.spec, reduced[0:2], reduced[3:].view(-1, 2)),
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": since_log[3].item() / steps,
         "tokens_per_s": tokens.item() / max(seconds, 1e-9),
     }
+
+
+def _losses(spec: TaskSpec, own: torch.Tensor, heads: torch.Tensor) -> dict[str, float]:
+    """`loss` from [loss sum, targets] of the task and of each extra head: the task's mean,
+    or with extra heads the sum of the means, each also logged by name (mlm_loss, nsp_loss).
+    No targets means every step since the last log was skipped as non-finite: NaN."""
+    means = [(s / n).item() if n > 0 else math.nan for s, n in [own, *heads]]
+    if not spec.extra_heads:
+        return {"loss": means[0]}
+    names = [spec.own_loss_name, *(head.name for head in spec.extra_heads)]
+    return {"loss": sum(means), **{f"{n}_loss": m for n, m in zip(names, means, strict=True)}}
 
 
 class TrainingFailed(Exception):
@@ -364,7 +384,7 @@ def _start(run: Run) -> tuple[LoopState, Best, torch.Tensor]:
     """Fresh state, or the state of the checkpoint being resumed (metrics.jsonl is cut
     back to that step, so the continued log has no duplicated or missing steps)."""
     state, best = LoopState(), Best(run.cfg.eval_metric)
-    since_log = torch.zeros(4, device=run.accelerator.device)
+    since_log = torch.zeros(4 + 2 * len(run.spec.extra_heads), device=run.accelerator.device)
     if run.resume_from is None:
         return state, best, since_log
     saved, mine = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
