@@ -95,9 +95,9 @@ def count_examples(cfg: RunConfig) -> DataCount:
 
     from trainer.model import load_tokenizer
     from trainer.prepare import read_splits
-    from trainer.tasks import TASKS
+    from trainer.tasks import task_spec
 
-    spec = TASKS[cfg.task]
+    spec = task_spec(cfg)
     if cfg.data.streaming:
         return DataCount(None, unknown="data.streaming: a stream's length is not known ahead")
     per_row = 1 + cfg.data.augment.copies  # each epoch adds the augmented variants
@@ -146,7 +146,7 @@ def _meta_model(cfg: RunConfig, data: DataCount):
     config = load_model_config(cfg.model, data.label_names)
     if data.tokenizer_size and data.tokenizer_size > config.vocab_size:
         config.vocab_size = data.tokenizer_size  # training resizes the embeddings to fit
-    auto_class = getattr(transformers, AUTO_CLASSES[cfg.task])
+    auto_class = getattr(transformers, AUTO_CLASSES[cfg.head])
     with torch.device("meta"):
         model = auto_class.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return model, config

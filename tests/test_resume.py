@@ -28,6 +28,7 @@ from conftest import REPO, make_run_config, read_metrics, reset_accelerate
 from safetensors.torch import load_file
 
 import trainer.checkpoint
+import trainer.tasks
 import trainer.train
 from trainer.cli import main
 from trainer.preemption import EXIT_PREEMPTED, slurm_job_to_requeue
@@ -520,7 +521,7 @@ def nan_loss_at(monkeypatch, steps: set[int], accumulation: int = 2) -> None:
         return (loss_sum * float("nan") if step in steps else loss_sum), count
 
     patched = {**TASKS, "mlm": dataclasses.replace(spec, loss=loss)}
-    monkeypatch.setattr(trainer.train, "TASKS", patched)
+    monkeypatch.setattr(trainer.tasks, "TASKS", patched)  # what task_spec looks up
 
 
 def _optimizer_state(run_dir: Path, step: int):

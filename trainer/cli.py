@@ -1,4 +1,5 @@
-"""The `trainer` command: train, prepare, evaluate, predict, data-stats, report, keys.
+"""The `trainer` command: train, prepare, evaluate, predict, export, data-stats, report,
+tokenizer, keys.
 
 Config problems are found before torch or transformers are imported, so `trainer train`
 with a typo answers at once. Whatever the user can fix ends as one line on stderr and exit
@@ -43,7 +44,7 @@ def format_results(results: dict) -> str:
         lines.append(" " * width + "".join(f"{name:>{width + 1}}" for name in labels))
         for name, row in zip(labels, results["confusion_matrix"], strict=True):
             lines.append(f"{name:>{width}}" + "".join(f"{v:>{width + 1}}" for v in row))
-    shown = ("accuracy", "f1", "precision", "recall", "perplexity", "loss")
+    shown = ("accuracy", "f1", "precision", "recall", "perplexity", "nsp_accuracy", "loss")
     lines += [f"{k:>12}: {results[k]:.4f}" for k in shown if isinstance(results.get(k), float)]
     lines.append(json.dumps(results))
     return "\n".join(lines)
@@ -165,6 +166,39 @@ def _add_predict_parser(commands) -> None:
     predict.set_defaults(run=_predict)
 
 
+def _tokenizer(args: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from trainer import tokenizer_tools
+
+    if args.action == "train":
+        tokenizer_tools.train_command(
+            args.corpus, args.type, args.vocab_size, args.out, args.reference
+        )
+    else:
+        tokenizer_tools.extend_command(
+            args.base, args.corpus, args.add, args.out, args.min_frequency
+        )
+    return 0
+
+
+def _add_tokenizer_parser(commands) -> None:
+    tokenizer = commands.add_parser("tokenizer", help="train a tokenizer or extend one")
+    actions = tokenizer.add_subparsers(dest="action", required=True)
+    train = actions.add_parser("train", help="train a new tokenizer on a corpus")
+    train.add_argument("corpus", nargs="+", help="text files or globs, or a run config YAML")
+    train.add_argument("--type", required=True, help="wordpiece | bpe | unigram")
+    train.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary")
+    train.add_argument("--out", required=True, help="folder to write (new or empty)")
+    train.add_argument("--reference", help="tokenizer to compare with (default: the config's)")
+    extend = actions.add_parser("extend", help="add frequent domain words to a tokenizer")
+    extend.add_argument("base", help="the tokenizer (or model) folder or hub id to extend")
+    extend.add_argument("--corpus", nargs="+", required=True, help="text files or globs")
+    extend.add_argument("--add", type=int, required=True, help="how many words to add")
+    extend.add_argument("--out", required=True, help="folder to write (new or empty)")
+    extend.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences")
+    tokenizer.set_defaults(run=_tokenizer)
+
+
 def _keys(args: argparse.Namespace) -> int:
     for key, field in all_keys().items():
         default = field.default if field.default is not MISSING else field.default_factory()
@@ -205,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder for the report (default: RUN_DIR/report)")
     report.set_defaults(run=_report)
     add_launch_commands(commands)
+    _add_tokenizer_parser(commands)
     keys = commands.add_parser("keys", help="list every run config key with its meaning")
     keys.set_defaults(run=_keys)
     return parser

@@ -145,3 +145,23 @@ class MaskedLMCollator:
             return torch.zeros_like(special)
         chosen = selected_words[word_index.clamp(min=0)]
         return chosen & inside_word
+
+
+@dataclass
+class SentencePairCollator:
+    """Sentence pairs for MLM + NSP: each pair masked exactly as `masking` masks a packed
+    block (its own seeded generator), then padded to the longest pair of the micro-batch;
+    the next-sentence label rides along."""
+
+    masking: MaskedLMCollator
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        rows = [self.masking.mask(example) for example in examples]
+        pad_id = self.masking.tokenizer.pad_token_id
+        return {
+            "input_ids": _pad([ids.tolist() for ids, _ in rows], pad_id),
+            "attention_mask": _pad([[1] * len(ids) for ids, _ in rows], 0),
+            "token_type_ids": _pad([e["token_type_ids"] for e in examples], 0),
+            "labels": _pad([labels.tolist() for _, labels in rows], IGNORE_INDEX),
+            "next_sentence_label": torch.tensor([e["next_sentence_label"] for e in examples]),
+        }

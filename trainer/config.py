@@ -39,7 +39,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("f1", "accuracy", "precision", "recall", "loss"),
     "token-classification": ("f1", "precision", "recall", "accuracy", "loss"),
 }
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+# With mlm.next_sentence, evaluation also reports the two parts of the pretraining loss.
+NEXT_SENTENCE_METRICS = ("nsp_accuracy", "mlm_loss", "nsp_loss")
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mlm_loss", "nsp_loss"})
 
 
 def _field(default: Any, help: str) -> Any:
@@ -52,6 +54,9 @@ def _field(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     name_or_path: str = _field("", "Hub id or local folder of the model (and its tokenizer).")
+    tokenizer: str | None = _field(
+        None, "Tokenizer folder or hub id when not the model's own (trained or extended)."
+    )
     from_scratch: bool = _field(False, "Random weights from the model's config, not its weights.")
     config_overrides: dict = _field({}, "Applied to the model config, e.g. {dropout: 0.0}.")
     trust_remote_code: bool = _field(False, "Allow model code from the hub (off: safer).")
@@ -150,6 +155,9 @@ class MlmConfig:
     mask_token_fraction: float = _field(0.8, "Of the selected, share replaced by the mask token.")
     random_token_fraction: float = _field(0.1, "Of the selected, share replaced by a random token.")
     whole_word_masking: bool = _field(False, "Select whole words rather than single sub-tokens.")
+    next_sentence: bool = _field(
+        False, "Sentence pairs and a next-sentence head too (BERT pretraining: MLM + NSP)."
+    )
 
 
 @dataclass
@@ -225,6 +233,11 @@ class RunConfig:
     def eval_metric(self) -> str:
         """The metric that selects the best model: the configured one or the task default."""
         return self.eval.metric or TASK_METRICS[self.task][0]
+
+    @property
+    def head(self) -> str:
+        """The model head the run trains: the task's own, or BERT's two pretraining heads."""
+        return "pretraining" if self.task == "mlm" and self.mlm.next_sentence else self.task
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per process per optimizer step (validated to divide exactly)."""
@@ -475,7 +488,16 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
     if not cfg.model.name_or_path:
         errors.append("model.name_or_path: required (a hub id or a local model folder)")
     if cfg.task in TASK_METRICS and cfg.eval.metric is not None:
-        _choice(errors, "eval.metric", cfg.eval.metric, TASK_METRICS[cfg.task])
+        extra = NEXT_SENTENCE_METRICS if cfg.head == "pretraining" else ()
+        _choice(errors, "eval.metric", cfg.eval.metric, TASK_METRICS[cfg.task] + extra)
+    if cfg.mlm.next_sentence and cfg.task != "mlm":
+        errors.append(f"mlm.next_sentence: only with task mlm (task is '{cfg.task}')")
+    if cfg.head == "pretraining" and cfg.peft.method != "none":
+        errors.append("mlm.next_sentence: the pretraining heads train in full; not with peft")
+    if cfg.mlm.next_sentence and cfg.data.streaming:
+        errors.append("mlm.next_sentence: pairs are drawn across documents; not with streaming")
+    if cfg.mlm.next_sentence and cfg.data.isolate_documents:
+        errors.append("data.isolate_documents: sentence pairs are not packed; not with NSP")
     if not for_training:
         return
     if not cfg.data.train:

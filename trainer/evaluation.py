@@ -45,10 +45,13 @@ def evaluate(
     for indices, is_real in batches:
         batch = to_device(collator([keyed[(EVAL_EPOCH, i)] for i in indices]), accelerator.device)
         with accelerator.autocast():
-            logits = model(**model_inputs(batch)).logits
+            output = model(**model_inputs(batch))
+        logits = output[spec.logits_key]
         if is_real:
             loss_sum, count = spec.loss(logits, batch["labels"])
             metrics.update(logits.float(), batch["labels"], loss_sum, count)
+            for index, head in enumerate(spec.extra_heads):
+                metrics.update_head(index, *head.loss(output, batch), head.correct(output, batch))
     model.train(was_training)
     device = accelerator.device
     return metrics.compute(lambda t: accelerator.reduce(t.to(device), "sum").cpu())

@@ -35,6 +35,32 @@ class LossMetrics:
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
+class PretrainingMetrics(LossMetrics):
+    """The MLM loss and perplexity plus, per sequence head (NSP), its loss and accuracy;
+    `loss` is their sum, the objective the pretraining step minimises."""
+
+    def __init__(self, own_name: str, head_names: list[str]) -> None:
+        super().__init__()
+        self.own_name = own_name
+        self.head_names = head_names
+        self.heads = torch.zeros(len(head_names), 3, dtype=torch.float64)  # loss, count, correct
+
+    def update_head(self, index: int, loss_sum, count, correct) -> None:
+        """Add one batch of the head at `index` (of `head_names`)."""
+        self.heads[index] += torch.stack([loss_sum.detach(), count, correct]).double().cpu()
+
+    def compute(self, sum_across: SumAcrossProcesses) -> dict:
+        """Reduce over processes; perplexity comes from the MLM part alone."""
+        own = super().compute(sum_across)
+        results = {f"{self.own_name}_loss": own["loss"], "perplexity": own["perplexity"]}
+        heads = sum_across(self.heads)
+        for name, (loss_sum, count, correct) in zip(self.head_names, heads.tolist(), strict=True):
+            results[f"{name}_loss"] = loss_sum / max(count, 1.0)
+            results[f"{name}_accuracy"] = correct / max(count, 1.0)
+        head_losses = sum(results[f"{name}_loss"] for name in self.head_names)
+        return {"loss": own["loss"] + head_losses, **results}
+
+
 def _precision_recall_f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor):
     precision = tp / (tp + fp).clamp(min=1)
     recall = tp / (tp + fn).clamp(min=1)

@@ -2,6 +2,9 @@
 
 Loading errors that the user can fix (a missing folder, a hub id that cannot be reached, a
 config override the model does not have) become one-line `UserError`s naming the key.
+The tokenizer is the model's own unless `model.tokenizer` names another (one trained with
+`trainer tokenizer train`, or extended with `trainer tokenizer extend`); the embeddings grow
+to fit it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer import adapters
+from trainer import adapters, vocabulary
 from trainer.config import ModelConfig, PeftConfig
 from trainer.errors import UserError
 
@@ -29,6 +32,7 @@ AUTO_CLASSES = {
     "clm": "AutoModelForCausalLM",
     "classification": "AutoModelForSequenceClassification",
     "token-classification": "AutoModelForTokenClassification",
+    "pretraining": "AutoModelForPreTraining",  # mlm.next_sentence: MLM + NSP heads
 }
 # Architecture name endings, to tell which task a saved model was trained for.
 HEAD_SUFFIXES = {
@@ -54,23 +58,35 @@ def _source(cfg: ModelConfig) -> str:
     return name
 
 
-def _loading(what: str, name: str, load):
+def _tokenizer_source(cfg: ModelConfig) -> tuple[str, str]:
+    """The config key and the folder or hub id of the tokenizer to load."""
+    if not cfg.tokenizer:
+        return "model.name_or_path", _source(cfg)
+    path = Path(cfg.tokenizer).expanduser()
+    if path.exists():
+        return "model.tokenizer", str(path.resolve())
+    if cfg.tokenizer.startswith(("/", ".", "~")) or cfg.tokenizer.count("/") > 1:
+        raise UserError(f"model.tokenizer: folder not found: {cfg.tokenizer}")
+    return "model.tokenizer", cfg.tokenizer
+
+
+def _loading(what: str, name: str, load, key: str = "model.name_or_path"):
     try:
         return load()
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"model.name_or_path: could not load the {what} of '{name}': {first}"
-        ) from None
+        raise UserError(f"{key}: could not load the {what} of '{name}': {first}") from None
 
 
 def load_tokenizer(cfg: ModelConfig, task: str) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token (EOS for GPT-style models that lack one)."""
-    source = _source(cfg)
+    """The model's tokenizer (or `model.tokenizer`), with a pad token (EOS for GPT-style
+    models that lack one)."""
+    key, source = _tokenizer_source(cfg)
     tokenizer = _loading(
         "tokenizer",
-        cfg.name_or_path,
+        cfg.tokenizer or cfg.name_or_path,
         lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code),
+        key,
     )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -141,8 +157,12 @@ def load_model(
     optionally quantized on load (QLoRA). A head whose size differs from the saved one
     (new labels) is re-initialised."""
     config = load_model_config(cfg, label_names)
+    if cfg.from_scratch and cfg.tokenizer:
+        _fit_to_tokenizer(config, tokenizer)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
+    if task == "pretraining":
+        _check_next_sentence_head(config)
     auto_class = getattr(transformers, AUTO_CLASSES[task])
     torch.manual_seed(seed)  # the same random head / random init on every process
     if cfg.from_scratch:
@@ -160,8 +180,38 @@ def load_model(
             ),
         )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+        pieces = vocabulary.added_token_pieces(cfg.tokenizer) if cfg.tokenizer else {}
+        if pieces:
+            vocabulary.grow_embeddings(model, len(tokenizer), pieces)
+        else:
+            model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def _fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A model built from scratch for its own tokenizer: one embedding row per token, and
+    the special-token ids of that tokenizer rather than those of the config's model."""
+    config.vocab_size = len(tokenizer)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if hasattr(config, name) and getattr(tokenizer, name) is not None:
+            setattr(config, name, getattr(tokenizer, name))
+
+
+def _check_next_sentence_head(config: PretrainedConfig) -> None:
+    """mlm.next_sentence needs a pretraining class with an NSP head (BERT-style); others
+    (RoBERTa, GPT-2, ELECTRA...) would fail later or silently train no NSP."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_PRETRAINING_MAPPING_NAMES
+
+    name = MODEL_FOR_PRETRAINING_MAPPING_NAMES.get(config.model_type)
+    model_class = getattr(transformers, name, None) if name else None
+    if (
+        model_class is None
+        or "next_sentence_label" not in inspect.signature(model_class.forward).parameters
+    ):
+        raise UserError(
+            f"mlm.next_sentence: {config.model_type} models have no next-sentence head "
+            f"(AutoModelForPreTraining gives {name or 'no class'}); use a BERT-style model"
+        )
 
 
 def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:

@@ -28,7 +28,7 @@ from trainer.data import (
     read_split,
     source_files,
 )
-from trainer.tasks import TASKS
+from trainer.tasks import task_spec
 
 
 @dataclass
@@ -63,7 +63,7 @@ def read_splits(cfg: RunConfig) -> tuple[list[Split], Split | None, list[str] | 
         trains = [kept for kept, _ in pairs]
         validation = join_splits([held for _, held in pairs], "data.validation_split")
     label_names = None
-    if TASKS[cfg.task].has_labels and trains:
+    if task_spec(cfg).has_labels and trains:
         label_names = label_names_from(join_splits(trains, "data.train"), cfg.task)
         if validation is not None:
             check_labels(validation, label_names, cfg.task)
@@ -96,6 +96,8 @@ def data_key(cfg: RunConfig) -> str:
             "validation_split": split if data.validation_split else None,
             "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
             "max_length": data.max_length,
+            # sentence pairs are drawn with the seed when they are made
+            "next_sentence_seed": cfg.train.seed if cfg.mlm.next_sentence else None,
         }
     )[:20]
 
@@ -103,7 +105,7 @@ def data_key(cfg: RunConfig) -> str:
 def encode(cfg: RunConfig, splits, tokenizer: PreTrainedTokenizerBase) -> cache.Entry:
     """Tokenize (and for MLM/CLM pack) every split."""
     trains, validation, names = splits
-    encoder = TASKS[cfg.task].encode
+    encoder = task_spec(cfg).encode
     encoded = {
         f"train-{i}": encoder(split, tokenizer, names, cfg.data.max_length)
         for i, split in enumerate(trains)

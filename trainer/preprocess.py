@@ -56,7 +56,8 @@ def encode_token_classification(
     return datasets.Dataset.from_dict(columns)
 
 
-def _word_starts(word_ids: list[int | None]) -> list[bool]:
+def word_starts(word_ids: list[int | None]) -> list[bool]:
+    """Which tokens begin a word (what whole-word masking selects by); special tokens never."""
     return [
         word is not None and (i == 0 or word_ids[i - 1] != word) for i, word in enumerate(word_ids)
     ]
@@ -70,7 +71,7 @@ def mlm_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Colum
     which tokens are special and which start a word (for whole-word masking)."""
     encoded = tokenizer(texts, return_special_tokens_mask=True, verbose=False)
     word_start = (
-        [_word_starts(encoded.word_ids(i)) for i in range(len(texts))]
+        [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
         if tokenizer.is_fast
         else [[True] * len(ids) for ids in encoded["input_ids"]]
     )

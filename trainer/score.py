@@ -24,7 +24,7 @@ from trainer.model import (
     saved_label_names,
     task_of_saved_model,
 )
-from trainer.tasks import TASKS
+from trainer.tasks import task_spec
 
 
 def scoring_config(model_dir: str, data: str, overrides: list[str]) -> RunConfig:
@@ -34,6 +34,8 @@ def scoring_config(model_dir: str, data: str, overrides: list[str]) -> RunConfig
         raise UserError(f"MODEL_DIR: {model_dir} is not a model folder (no config.json)")
     saved = folder / RUN_CONFIG_NAME
     raw = read_yaml(saved) if saved.is_file() else {}
+    if isinstance(raw.get("model"), dict):
+        raw["model"].pop("tokenizer", None)  # the folder holds the tokenizer it trained with
     raw = apply_overrides(raw, overrides)
     raw.setdefault("model", {}).update(name_or_path=str(folder), from_scratch=False)
     raw.setdefault("data", {}).update(validation=data, train=None, validation_split=0.0)
@@ -50,7 +52,7 @@ def scoring_config(model_dir: str, data: str, overrides: list[str]) -> RunConfig
 def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     """Metrics of the model in `model_dir` on `data`, computed like validation in training."""
     cfg = scoring_config(model_dir, data, overrides)
-    spec = TASKS[cfg.task]
+    spec = task_spec(cfg)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision
     )
@@ -65,7 +67,7 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
         check_labels(split, label_names, cfg.task)
     examples = spec.encode(split, tokenizer, label_names, cfg.data.max_length)
     model = load_trained(
-        cfg.model.name_or_path, cfg.task, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed
+        cfg.model.name_or_path, cfg.head, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed
     )
     model = accelerator.prepare(model)
     results = evaluate(

@@ -2,6 +2,8 @@
 
 The training loop never asks which task it runs; it calls the entries of a `TaskSpec`:
 how to encode a split, how to batch it, how to compute the loss, which metrics to keep.
+A spec may add sequence-level heads trained next to its own loss (BERT pretraining: NSP
+next to MLM); each is normalised by its own number of targets.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from trainer import collators, metrics, preprocess
+from trainer import collators, metrics, next_sentence, preprocess
 from trainer.config import RunConfig
 from trainer.data import Split
 from trainer.preprocess import IGNORE_INDEX
@@ -62,6 +64,29 @@ def count_targets(
 
 
 @dataclass(frozen=True)
+class SequenceHead:
+    """A sequence-level classification objective trained next to the task's own loss (NSP
+    next to MLM). Its loss is a sum with its own target count, so the loop can make it a
+    mean over all of its targets, as it does for the task's tokens."""
+
+    name: str  # logged as `<name>_loss`, evaluated as `<name>_loss` and `<name>_accuracy`
+    logits_key: str  # where the model output holds its logits
+    labels_key: str  # where the batch holds its labels
+
+    def loss(self, output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the batch's sequences, and how many there were."""
+        return token_loss(output[self.logits_key], batch[self.labels_key])
+
+    def count(self, batch: dict) -> torch.Tensor:
+        """Targets in a batch before the forward pass (for the accumulation-window total)."""
+        return (batch[self.labels_key] != IGNORE_INDEX).sum()
+
+    def correct(self, output, batch: dict) -> torch.Tensor:
+        """Sequences whose predicted class is the label (for accuracy at evaluation)."""
+        return (output[self.logits_key].argmax(-1) == batch[self.labels_key]).sum()
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """Everything task-specific, as plain functions."""
 
@@ -73,6 +98,9 @@ class TaskSpec:
     shifted_targets: bool = False
     # MLM/CLM: texts to per-document token columns, packed on the fly when streaming
     documents: Callable[[PreTrainedTokenizerBase, list[str]], preprocess.Columns] | None = None
+    logits_key: str = "logits"  # where the model output holds the logits `loss` reads
+    extra_heads: tuple[SequenceHead, ...] = ()
+    own_loss_name: str = ""  # with extra heads: the name `loss` is logged under (mlm_loss)
 
 
 def _label_ids(names: list[str] | None) -> dict[str, int]:
@@ -120,3 +148,29 @@ TASKS: dict[str, TaskSpec] = {
         has_labels=True,
     ),
 }
+
+NEXT_SENTENCE_HEAD = SequenceHead("nsp", "seq_relationship_logits", "next_sentence_label")
+
+
+def pretraining_spec(seed: int) -> TaskSpec:
+    """BERT pretraining (mlm.next_sentence): MLM on sentence pairs, masked as MLM blocks are,
+    plus next-sentence prediction on pairs drawn with `seed`."""
+    return TaskSpec(
+        encode=lambda split, tok, names, length: next_sentence.encode_sentence_pairs(
+            split, tok, length, seed
+        ),
+        make_collator=lambda tok, cfg: collators.SentencePairCollator(
+            collators.MaskedLMCollator(tok, cfg.mlm)
+        ),
+        loss=token_loss,
+        make_metrics=lambda names: metrics.PretrainingMetrics("mlm", [NEXT_SENTENCE_HEAD.name]),
+        has_labels=False,
+        logits_key="prediction_logits",
+        extra_heads=(NEXT_SENTENCE_HEAD,),
+        own_loss_name="mlm",
+    )
+
+
+def task_spec(cfg: RunConfig) -> TaskSpec:
+    """The spec a run uses: its task's entry, or BERT pretraining with next sentences."""
+    return pretraining_spec(cfg.train.seed) if cfg.head == "pretraining" else TASKS[cfg.task]

@@ -57,7 +57,7 @@ from trainer.sampling import (
     StreamPlan,
 )
 from trainer.streaming import RowStream, SourceBlocks, TrainStream
-from trainer.tasks import TASKS, TaskSpec, count_targets
+from trainer.tasks import TaskSpec, count_targets, task_spec
 from trainer.tracking import RunLog
 
 
@@ -150,7 +150,7 @@ class Best:
 def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names) -> torch.nn.Module:
     """The model to train: full, or the base (4-bit for QLoRA) wrapped with a LoRA adapter."""
     quantization = quantization_config(cfg.train.precision) if cfg.peft.method == "qlora" else None
-    model = load_model(cfg.model, cfg.task, tokenizer, label_names, cfg.train.seed, quantization)
+    model = load_model(cfg.model, cfg.head, tokenizer, label_names, cfg.train.seed, quantization)
     if cfg.data.isolate_documents:
         check_document_isolation(model)
     if cfg.train.gradient_checkpointing:
@@ -167,8 +167,8 @@ def build_model(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, label_names)
 @dataclass
 class StepResult:
     """What one optimizer step reports: this process's sums [loss, targets, tokens, grad
-    norm, positions] (on the device; positions count padding too), and decisions every
-    process agreed on in one all-reduce."""
+    norm, positions] (on the device; positions count padding too), then [loss, targets] of
+    each of the spec's extra heads, and decisions every process agreed on in one all-reduce."""
 
     sums: torch.Tensor
     skipped: bool  # non-finite loss or gradient norm on some process: no update
@@ -191,26 +191,32 @@ def optimizer_step(
     The loss is normalised by the number of targets in the whole window on all processes:
     each micro-batch's summed loss is scaled so that, after Accelerate divides by the
     accumulation steps and DDP averages over processes, the gradient is that of
-    sum(all target losses) / (all targets). Before the update one all-reduce tells every
+    sum(all target losses) / (all targets). Each extra head (NSP) is normalised the same
+    way by its own targets and added. Before the update one all-reduce tells every
     process whether any saw a non-finite loss or gradient norm (then nobody steps) and
     whether any raised one of `requests` (stop, save). With `class_weights` the targets
     count by their class weight (see class_weights.py)."""
     device = accelerator.device
+    heads = spec.extra_heads
     targets = sum(count_targets(b["labels"], spec.shifted_targets, class_weights) for b in window)
-    all_targets = accelerator.reduce(targets.clone(), "sum").clamp(min=1)
-    scale = accelerator.num_processes * len(window) / all_targets
-    loss_total = torch.zeros((), device=device)
+    head_counts = [sum(head.count(b) for b in window).float() for head in heads]
+    counts = torch.stack([targets.float(), *head_counts])
+    all_counts = accelerator.reduce(counts.clone(), "sum").clamp(min=1)
+    scales = accelerator.num_processes * len(window) / all_counts
+    totals = torch.zeros(len(counts), device=device)  # loss sums: the task's, each head's
     for batch in window:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                logits = model(**model_inputs(batch)).logits
-            loss_sum, _ = spec.loss(logits, batch["labels"], class_weights)
-            accelerator.backward(loss_sum * scale)
-            loss_total += loss_sum.detach()
+                output = model(**model_inputs(batch))
+            loss_sum, _ = spec.loss(output[spec.logits_key], batch["labels"], class_weights)
+            parts = torch.stack([loss_sum, *(head.loss(output, batch)[0] for head in heads)])
+            accelerator.backward((parts * scales).sum())
+            totals += parts.detach()
+    loss_total = totals[0]
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
     grad_norm = norm.detach().float() if norm is not None else torch.zeros((), device=device)
     # fp16: the grad scaler handles inf gradients itself; only the loss counts then
-    bad = ~torch.isfinite(loss_total)
+    bad = ~torch.isfinite(totals).all()
     if accelerator.scaler is None:
         bad |= ~torch.isfinite(grad_norm)
     flags = torch.tensor([float(bad), *map(float, requests)], device=device)
@@ -225,6 +231,8 @@ def optimizer_step(
     sums = torch.stack(
         [loss_total, targets.float(), tokens.float(), grad_norm, tokens.new_tensor(positions)]
     )
+    per_head = torch.stack([totals[1:], counts[1:]], dim=1).reshape(-1)
+    sums = torch.cat([sums, per_head])
     return StepResult(torch.zeros_like(sums) if skipped else sums, skipped, raised)
 
 
@@ -385,7 +393,7 @@ def set_up(cfg: RunConfig) -> Run:
     if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
         _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)
-    spec = TASKS[cfg.task]
+    spec = task_spec(cfg)
     data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
     weights = None
     if data.label_names is not None:
@@ -424,20 +432,32 @@ def set_up(cfg: RunConfig) -> Run:
 
 
 def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> dict:
-    """One metrics.jsonl record from the sums since the last log (one all-reduce)."""
-    loss_sum, targets, tokens, _, positions = run.accelerator.reduce(since_log.clone(), "sum")
+    """One metrics.jsonl record from the sums since the last log (one all-reduce). With
+    extra heads, `loss` is the objective (the sum of the parts), each part logged too."""
+    reduced = run.accelerator.reduce(torch.cat([since_log[:3], since_log[4:]]), "sum")
+    tokens, positions = reduced[2], reduced[3]
     steps = step % run.cfg.log.every_steps or run.cfg.log.every_steps
     return {
         "step": step,
         # a stream has no epochs: its passes over each source are per process
         "epoch": round(step / run.plan.steps_per_epoch, 4) if run.stream is None else None,
-        # no targets: every step since the last log was skipped as non-finite
-        "loss": (loss_sum / targets).item() if targets > 0 else float("nan"),
+        **_losses(run.spec, reduced[0:2], reduced[4:].view(-1, 2)),
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": since_log[3].item() / steps,
         "tokens_per_s": tokens.item() / max(seconds, 1e-9),
         "pad_fraction": 1 - tokens.item() / positions.item() if positions > 0 else 0.0,
     }
+
+
+def _losses(spec: TaskSpec, own: torch.Tensor, heads: torch.Tensor) -> dict[str, float]:
+    """`loss` from [loss sum, targets] of the task and of each extra head: the task's mean,
+    or with extra heads the sum of the means, each also logged by name (mlm_loss, nsp_loss).
+    No targets means every step since the last log was skipped as non-finite: NaN."""
+    means = [(s / n).item() if n > 0 else math.nan for s, n in [own, *heads]]
+    if not spec.extra_heads:
+        return {"loss": means[0]}
+    names = [spec.own_loss_name, *(head.name for head in spec.extra_heads)]
+    return {"loss": sum(means), **{f"{n}_loss": m for n, m in zip(names, means, strict=True)}}
 
 
 class TrainingFailed(Exception):
@@ -462,7 +482,7 @@ def _start(run: Run) -> tuple[LoopState, Best, torch.Tensor]:
     """Fresh state, or the state of the checkpoint being resumed (metrics.jsonl is cut
     back to that step, so the continued log has no duplicated or missing steps)."""
     state, best = LoopState(), Best(run.cfg.eval_metric)
-    since_log = torch.zeros(5, device=run.accelerator.device)
+    since_log = torch.zeros(5 + 2 * len(run.spec.extra_heads), device=run.accelerator.device)
     if run.resume_from is None:
         return state, best, since_log
     saved, mine = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
