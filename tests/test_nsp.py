@@ -204,9 +204,9 @@ def test_step_is_an_sgd_step_on_bert_pretraining_loss(tiny_bert, bert_tokenizer)
     for window, accumulation in (([batch], 1), (halves, 2)):
         weights, sums = sgd_step(tiny_bert, window, accumulation)
         assert max((weights[k] - expected[k]).abs().max().item() for k in expected) < 1e-6
-        # [mlm loss sum, mlm targets, tokens, grad norm, nsp loss sum, nsp targets]
+        # [mlm loss sum, mlm targets, tokens, grad norm, positions, nsp loss sum, nsp targets]
         assert sums[1].item() == (batch["labels"] != IGNORE_INDEX).sum().item()
-        assert sums[5].item() == 8
+        assert sums[6].item() == 8
 
 
 # --- end to end ----------------------------------------------------------------------------

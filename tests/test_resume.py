@@ -515,8 +515,8 @@ def nan_loss_at(monkeypatch, steps: set[int], accumulation: int = 2) -> None:
     spec = TASKS["mlm"]
     calls = itertools.count()
 
-    def loss(logits, labels):
-        loss_sum, count = spec.loss(logits, labels)
+    def loss(logits, labels, weight=None):
+        loss_sum, count = spec.loss(logits, labels, weight)
         step = next(calls) // accumulation + 1
         return (loss_sum * float("nan") if step in steps else loss_sum), count
 
@@ -626,8 +626,8 @@ def test_optimizer_step_skips_a_nan_loss(tiny_bert, bert_tokenizer):
 
     calls = itertools.count()
 
-    def nan_in_second(logits, labels):
-        loss_sum, count = TASKS["mlm"].loss(logits, labels)
+    def nan_in_second(logits, labels, weight=None):
+        loss_sum, count = TASKS["mlm"].loss(logits, labels, weight)
         return (loss_sum * float("nan") if next(calls) == 1 else loss_sum), count
 
     spec = dataclasses.replace(TASKS["mlm"], loss=nan_in_second)
