@@ -1,5 +1,4 @@
-"""The `trainer` command: train, prepare, evaluate, predict, export, data-stats, report,
-tokenizer, keys.
+"""The `trainer` command: train, prepare and inspect data, evaluate, predict, export, report.
 
 Config problems are found before torch or transformers are imported, so `trainer train`
 with a typo answers at once. Whatever the user can fix ends as one line on stderr and exit
