@@ -217,6 +217,13 @@ def run_config(tmp_path, tiny_models_by_task, data_dir):
     return make
 
 
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Train on the CPU even where CUDA is present: for tests whose numbers were pinned on
+    the CPU (dropout draws and kernels differ on a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def reset_accelerate() -> None:
     """Forget the settings of earlier `Accelerator`s (they live in process-wide singletons)."""
     from accelerate.state import AcceleratorState, GradientState, PartialState

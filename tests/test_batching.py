@@ -54,15 +54,25 @@ def test_two_weighted_sources_make_the_epoch(run_config, tmp_path, data_dir):
 # --- documents isolated inside packed blocks -------------------------------------------------
 
 
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+SETTINGS = [  # attention kernel, device, bf16 autocast
+    ("sdpa", "cpu", False),
+    ("eager", "cpu", False),
+    pytest.param("sdpa", "cuda", True, marks=[pytest.mark.gpu, ON_GPU]),
+    pytest.param("eager", "cuda", True, marks=[pytest.mark.gpu, ON_GPU]),
+]
+
+
+@pytest.mark.parametrize(("attention", "device", "bf16"), SETTINGS)
 @pytest.mark.parametrize("task", ["mlm", "clm"])
 def test_an_isolated_document_is_computed_as_if_it_were_alone(
-    task, tiny_bert, tiny_gpt2, bert_tokenizer, gpt2_tokenizer
+    task, attention, device, bf16, tiny_bert, tiny_gpt2, bert_tokenizer, gpt2_tokenizer
 ):
     tokenizer = bert_tokenizer if task == "mlm" else gpt2_tokenizer
     folder, auto = (
         (tiny_bert, AutoModelForMaskedLM) if task == "mlm" else (tiny_gpt2, AutoModelForCausalLM)
     )
-    model = auto.from_pretrained(folder, attn_implementation="sdpa").eval()
+    model = auto.from_pretrained(folder, attn_implementation=attention).to(device).eval()
     first, second = "the film was great and long", "a boring day in Paris"
     if task == "mlm":
         docs = [tokenizer(text)["input_ids"] for text in (first, second)]
@@ -78,17 +88,21 @@ def test_an_isolated_document_is_computed_as_if_it_were_alone(
         docs = [tokenizer(text)["input_ids"] + [eos] for text in (first, second)]
         collate = CausalLMCollator(eos)
         example = {"input_ids": docs[0] + docs[1]}
-    batch = collate([example])
-    with torch.no_grad():
-        packed = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-        ).logits[0, len(docs[0]) :]
-        alone = model(input_ids=torch.tensor([docs[1]])).logits[0]
-        leaky = model(input_ids=batch["input_ids"]).logits[0, len(docs[0]) :]
-    assert torch.allclose(packed, alone, atol=1e-5)
-    assert not torch.allclose(leaky, alone, atol=1e-3)  # without isolation it differs
+    batch = {key: value.to(device) for key, value in collate([example]).items()}
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        packed = (
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"],
+            )
+            .logits[0, len(docs[0]) :]
+            .float()
+        )
+        alone = model(input_ids=torch.tensor([docs[1]], device=device)).logits[0].float()
+        leaky = model(input_ids=batch["input_ids"]).logits[0, len(docs[0]) :].float()
+    assert torch.allclose(packed, alone, atol=1e-5 if not bf16 else 2e-2)
+    assert not torch.allclose(leaky, alone, atol=1e-3 if not bf16 else 5e-2)  # leaks
 
 
 @pytest.mark.parametrize("task", ["mlm", "clm"])

@@ -384,7 +384,7 @@ def test_rotate_keeps_the_newest_complete_and_the_best(tmp_path):
     assert sorted(rotate(tmp_path, 2, keep)) == [folders[1], folders[4], folders[5]]
 
 
-def test_rotation_in_a_run_keeps_the_last_two_and_the_best(run_config, tmp_path):
+def test_rotation_in_a_run_keeps_the_last_two_and_the_best(run_config, tmp_path, on_cpu):
     # A learning rate this high makes the validation loss rise: the best step is early.
     config = run_config(
         "mlm",

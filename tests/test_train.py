@@ -242,7 +242,7 @@ PINNED_FIRST_LOSS = {
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
-def test_first_step_loss_is_pinned(run_config, tmp_path, task):
+def test_first_step_loss_is_pinned(run_config, tmp_path, task, on_cpu):
     config = run_config(task, data={"validation": None}, train={"max_steps": 1})
     assert cli("train", config) == 0
     records = read_metrics(tmp_path / "run")
