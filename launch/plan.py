@@ -88,36 +88,41 @@ class DataCount:
 
 
 def count_examples(cfg: RunConfig) -> DataCount:
-    """Read and encode the train split as training does (after any validation_split).
-    Fine-tuning data has one example per row, so its count survives a tokenizer that can't
-    be loaded; packed MLM/CLM blocks need the tokenizer."""
+    """Training examples as training gets them: through the tokenization cache (which the
+    plan thereby builds for the run). Fine-tuning data has one example per row, so its
+    count survives a tokenizer that can't be loaded; packed MLM/CLM blocks need it."""
     import datasets
 
     from trainer.model import load_tokenizer
-    from trainer.prepare import read_splits
-    from trainer.tasks import task_spec
+    from trainer.prepare import prepare_data
 
-    spec = task_spec(cfg)
     if cfg.data.streaming:
         return DataCount(None, unknown="data.streaming: a stream's length is not known ahead")
     per_row = 1 + cfg.data.augment.copies  # each epoch adds the augmented variants
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # stdout is the plan; no progress lines on stderr
+    try:
+        data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
+    except (UserError, OSError) as err:
+        return _rows_only(cfg, per_row, str(err))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    return DataCount(sum(map(len, data.train)) * per_row, data.label_names, len(tokenizer))
+
+
+def _rows_only(cfg: RunConfig, per_row: int, why: str) -> DataCount:
+    """The count without a tokenizer: one example per row for fine-tuning, unknown for
+    packed blocks; a problem with the rows themselves is what the plan then reports."""
+    from trainer.prepare import read_splits
+
     try:
         trains, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
         return DataCount(None, unknown=str(err))
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # stdout is the plan; no "Map: 100%" lines on stderr
-    try:
-        tokenizer = load_tokenizer(cfg.model, cfg.task)
-        encoded = [spec.encode(t, tokenizer, names, cfg.data.max_length) for t in trains]
-    except (UserError, OSError) as err:
-        if cfg.task in PACKED_TASKS:
-            return DataCount(None, names, unknown=str(err))
-        return DataCount(sum(map(len, trains)) * per_row, names)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    return DataCount(sum(map(len, encoded)) * per_row, names, len(tokenizer))
+    if cfg.task in PACKED_TASKS:
+        return DataCount(None, names, unknown=why)
+    return DataCount(sum(map(len, trains)) * per_row, names)
 
 
 @dataclass

@@ -112,7 +112,9 @@ def encode(cfg: RunConfig, splits, tokenizer: PreTrainedTokenizerBase) -> cache.
     }
     if validation is not None:
         encoded["validation"] = encoder(validation, tokenizer, names, cfg.data.max_length)
-    rows = {name: len(split) for name, split in zip(encoded, [*trains, validation], strict=False)}
+    rows = {f"train-{i}": len(split) for i, split in enumerate(trains)}
+    if validation is not None:
+        rows["validation"] = len(validation)
     return cache.Entry(encoded, {"label_names": names, "rows": rows, "task": cfg.task})
 
 
