@@ -205,29 +205,31 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_command(commands, name: str, help: str, run) -> argparse.ArgumentParser:
+    """A sub-command that takes a run config and key=value overrides."""
+    command = commands.add_parser(name, help=help)
+    command.add_argument("config", help="run config YAML")
+    command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
+    command.set_defaults(run=run)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Sub-commands and their arguments."""
     parser = argparse.ArgumentParser(prog="trainer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a model from a run config")
-    train.add_argument("config", help="run config YAML")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
-    train.set_defaults(run=_train)
-    prepare = commands.add_parser("prepare", help="tokenize a run's data into data.cache_dir")
-    prepare.add_argument("config", help="run config YAML")
-    prepare.add_argument("overrides", nargs="*", help="key=value overrides")
-    prepare.set_defaults(run=_prepare)
+    _add_config_command(commands, "train", "train a model from a run config", _train)
+    _add_config_command(commands, "prepare", "tokenize a run's data into data.cache_dir", _prepare)
     evaluate = commands.add_parser("evaluate", help="score a model folder on a data file")
     evaluate.add_argument("model_dir", help="a run's final/ or any Hugging Face model folder")
     evaluate.add_argument("--data", required=True, help="data file to score on")
     evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=mlm")
     evaluate.set_defaults(run=_evaluate)
     _add_predict_parser(commands)
-    stats = commands.add_parser("data-stats", help="lengths, labels, duplicates of a run's data")
-    stats.add_argument("config", help="run config YAML")
-    stats.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_length=64")
+    stats = _add_config_command(
+        commands, "data-stats", "lengths, labels, duplicates of a run's data", _data_stats
+    )
     stats.add_argument("--json", default="data-stats.json", help="report file (data-stats.json)")
-    stats.set_defaults(run=_data_stats)
     export = commands.add_parser("export", help="export a LoRA/QLoRA run: adapter or merged")
     export.add_argument("run_dir", help="a run directory or its final/ adapter folder")
     export.add_argument("--out", required=True, help="folder to write (must not exist)")
