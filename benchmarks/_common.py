@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,16 @@ def run_measured(command: list[str], log_path: Path, cwd: Path = ROOT) -> Measur
         raise RuntimeError(f"{command[0]} failed ({process.returncode}):\n{tail}")
     rss_kib = usage.ru_maxrss  # KiB on Linux
     return Measured(wall_s, load_before, os.getloadavg()[0], rss_kib / 1024)
+
+
+def in_work_dir(work_dir: Path | None, prefix: str, run):
+    """`run(folder)` in `work_dir` (created; kept for inspection) or in a temporary folder
+    removed afterwards."""
+    if work_dir:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return run(work_dir.resolve())
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        return run(Path(tmp))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -50,7 +50,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +62,7 @@ from _common import (
     ROOT,
     classification_metrics,
     fmt,
+    in_work_dir,
     machine_info,
     model_path,
     ratio,
@@ -469,12 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         found = hf_worker(JOBS[args.job], args.epochs, model_path(), args.work_dir / "hf-out")
         args.worker_out.write_text(json.dumps(found))
         return 0
-    if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        report = run_all(args, args.work_dir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="compare-hf-") as tmp:
-            report = run_all(args, Path(tmp))
+    report = in_work_dir(args.work_dir, "compare-hf-", lambda folder: run_all(args, folder))
     print(f"wrote {write_report(report)}")
     return 0
 

@@ -54,7 +54,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,6 +69,7 @@ from _common import (
     classification_metrics,
     fmt,
     folder_size,
+    in_work_dir,
     machine_info,
     model_path,
     ratio,
@@ -641,12 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         found = hf_worker(method, args.steps, model_path(), args.work_dir)
         args.worker_out.write_text(json.dumps(found))
         return 0
-    if args.work_dir:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        report = run_all(args, args.work_dir.resolve())
-    else:
-        with tempfile.TemporaryDirectory(prefix="peft-methods-") as tmp:
-            report = run_all(args, Path(tmp))
+    report = in_work_dir(args.work_dir, "peft-methods-", lambda folder: run_all(args, folder))
     print(f"wrote {write_report(report)}")
     return 0
 
