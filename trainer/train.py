@@ -396,8 +396,8 @@ def set_up(cfg: RunConfig) -> Run:
     spec = task_spec(cfg)
     data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
     weights = None
-    if data.label_names is not None:
-        counts = target_counts(data.train, data.label_names)
+    if data.label_names is not None and cfg.data.class_weights != "none":
+        counts = target_counts(data.train, data.label_names)  # a pass over every label
         weights = resolve_class_weights(cfg.data.class_weights, counts, data.label_names)
     if cfg.data.streaming:
         stream, examples = train_stream(cfg, spec, tokenizer, accelerator), None
