@@ -165,3 +165,35 @@ def write_results(report: dict[str, Any], name: str, markdown: str) -> Path:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown)
     return stem.with_suffix(".md")
+
+
+# --- models built from config ---------------------------------------------------------------
+
+
+def build_gpt2(folder: Path, n_layer: int = 6, n_embd: int = 384, n_head: int = 6) -> Path:
+    """A randomly initialised GPT-2-style decoder saved with all-MiniLM-L6-v2's tokenizer
+    (its [SEP] doubling as end of text): no GPT-2 checkpoint or tokenizer is available
+    offline. The defaults give MiniLM's shape (6 layers, hidden 384, 22.7M parameters with
+    the 30,522-token embedding), so CLM and MLM figures compare models of the same size.
+    Seeded, so every engine and process that builds it gets the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    tokenizer.eos_token = tokenizer.sep_token
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=1024,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
