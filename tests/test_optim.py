@@ -120,3 +120,11 @@ def test_warmup_then_decay(bert_classifier, scheduler):
     else:
         assert lrs[99] < LR * 0.05
         assert all(a >= b for a, b in pairwise(lrs[10:]))
+
+
+def test_adamw_is_fused_on_cpu_and_falls_back_to_foreach_elsewhere(bert_classifier):
+    fused = build_optimizer(bert_classifier, TrainConfig(lr=LR))
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    on_meta = torch.nn.Linear(4, 4, device="meta")
+    fallback = build_optimizer(on_meta, TrainConfig(lr=LR))
+    assert fallback.defaults["foreach"] and not fallback.defaults["fused"]

@@ -6,22 +6,12 @@ import datasets
 import torch
 from accelerate import Accelerator
 
+from trainer.forward import forward, to_device
 from trainer.metrics import LossMetrics
 from trainer.sampling import KeyedDataset, evaluation_batches
 from trainer.tasks import TaskSpec
 
 EVAL_EPOCH = -1  # MLM masks for evaluation come from this fixed "epoch": the same every time
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the forward pass gets: no labels, so the model computes no loss of its own."""
-    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Move a collated batch to the device without blocking on pinned memory."""
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 @torch.no_grad()
@@ -45,11 +35,11 @@ def evaluate(
     for indices, is_real in batches:
         batch = to_device(collator([keyed[(EVAL_EPOCH, i)] for i in indices]), accelerator.device)
         with accelerator.autocast():
-            output = model(**model_inputs(batch))
+            output, labels = forward(model, batch, spec.targets_only)
         logits = output[spec.logits_key]
         if is_real:
-            loss_sum, count = spec.loss(logits, batch["labels"])
-            metrics.update(logits.float(), batch["labels"], loss_sum, count)
+            loss_sum, count = spec.loss(logits, labels)
+            metrics.update(logits.float(), labels, loss_sum, count)
             for index, head in enumerate(spec.extra_heads):
                 metrics.update_head(index, *head.loss(output, batch), head.correct(output, batch))
     model.train(was_training)

@@ -101,6 +101,8 @@ class TaskSpec:
     logits_key: str = "logits"  # where the model output holds the logits `loss` reads
     extra_heads: tuple[SequenceHead, ...] = ()
     own_loss_name: str = ""  # with extra heads: the name `loss` is logged under (mlm_loss)
+    # MLM: the output projection runs on labelled positions only (see forward.py)
+    targets_only: bool = False
 
 
 def _label_ids(names: list[str] | None) -> dict[str, int]:
@@ -117,6 +119,7 @@ TASKS: dict[str, TaskSpec] = {
         make_metrics=lambda names: metrics.LossMetrics(),
         has_labels=False,
         documents=preprocess.mlm_documents,
+        targets_only=True,
     ),
     "clm": TaskSpec(
         encode=lambda split, tok, names, length: preprocess.pack_for_clm(split, tok, length),
@@ -168,6 +171,7 @@ def pretraining_spec(seed: int) -> TaskSpec:
         logits_key="prediction_logits",
         extra_heads=(NEXT_SENTENCE_HEAD,),
         own_loss_name="mlm",
+        targets_only=True,
     )
 
 

@@ -40,7 +40,8 @@ from trainer.config import (
     world_size_from_env,
 )
 from trainer.errors import UserError
-from trainer.evaluation import evaluate, model_inputs, to_device
+from trainer.evaluation import evaluate
+from trainer.forward import forward, to_device
 from trainer.model import check_document_isolation, load_model, load_tokenizer
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import Preempted, StopFlag, requeue, slurm_job_to_requeue
@@ -207,8 +208,8 @@ def optimizer_step(
     for batch in window:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                output = model(**model_inputs(batch))
-            loss_sum, _ = spec.loss(output[spec.logits_key], batch["labels"], class_weights)
+                output, labels = forward(model, batch, spec.targets_only)
+            loss_sum, _ = spec.loss(output[spec.logits_key], labels, class_weights)
             parts = torch.stack([loss_sum, *(head.loss(output, batch)[0] for head in heads)])
             accelerator.backward((parts * scales).sum())
             totals += parts.detach()
