@@ -33,6 +33,9 @@ def _replace(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to parameter names
+
+
 def save_model(
     accelerator: Accelerator,
     model,
@@ -42,12 +45,14 @@ def save_model(
 ) -> None:
     """Save weights (safetensors), tokenizer and run config so that
     `AutoModelFor*.from_pretrained(target)` and `pipeline(...)` load it on one device.
-    `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP)."""
+    `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); the
+    names lose torch.compile's `_orig_mod.` so the folder loads into an uncompiled model."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
+        state_dict = {name.removeprefix(COMPILED_PREFIX): t for name, t in state_dict.items()}
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if isinstance(unwrapped, PeftModel):
             _save_base_config(unwrapped.get_base_model(), tmp)

@@ -113,6 +113,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # so that torchrun on CPU gives gloo DDP
         mixed_precision=cfg.train.precision,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
         gradient_accumulation_steps=accumulation_steps,
         log_with=list(cfg.log.trackers) or None,
         project_dir=str(run_dir),
