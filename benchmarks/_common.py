@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "quickstart-sentiment-minilm.yaml"
 LABELS = ["negative", "positive"]  # our engine's id order (alphabetical); 1 is positive
+# LoRA/QLoRA's learning rate in every comparison: a low-rank update starting at zero needs a
+# larger step than full fine-tuning (1e-4) to move as far in the same number of steps
+LORA_LR = 1e-3
 
 
 # --- the machine ---------------------------------------------------------------------------

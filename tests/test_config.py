@@ -133,6 +133,7 @@ def test_section_must_be_a_mapping():
         ("mlm", "mask_token_fraction", 1.5, "mlm.mask_token_fraction: must be in [0, 1]"),
         ("train", "scheduler", "step", "train.scheduler: 'step' is not one of"),
         ("train", "precision", "fp8", "train.precision: 'fp8' is not one of"),
+        ("model", "attn_implementation", "fast", "model.attn_implementation: 'fast' is not"),
     ],
 )
 def test_range_and_choice_errors(section, key, value, expected):

@@ -251,6 +251,22 @@ def test_first_step_loss_is_pinned(run_config, tmp_path, task, on_cpu):
     assert records[0]["loss"] == pytest.approx(PINNED_FIRST_LOSS[task], rel=1e-4)
 
 
+def test_eager_attention_gives_the_pinned_first_loss(run_config, tmp_path, on_cpu):
+    """model.attn_implementation reaches the model (run_summary.json says which kernel ran)
+    and eager attention computes what the default (SDPA) does."""
+    config = run_config(
+        "classification",
+        data={"validation": None},
+        train={"max_steps": 1},
+        model={"attn_implementation": "eager"},
+    )
+    assert cli("train", config) == 0
+    records = read_metrics(tmp_path / "run")
+    assert records[0]["loss"] == pytest.approx(PINNED_FIRST_LOSS["classification"], rel=1e-4)
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["attention"] == "eager"
+
+
 # --- gradient accumulation: same step for any micro-batch layout ---------------------------
 
 

@@ -25,6 +25,7 @@ from trainer.errors import UserError
 TASKS = ("mlm", "clm", "classification", "token-classification")
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 PEFT_METHODS = ("none", "lora", "qlora")
 ON_NONFINITE = ("skip", "stop")
 CLASS_WEIGHTS = ("none", "auto")
@@ -59,6 +60,9 @@ class ModelConfig:
     )
     from_scratch: bool = _field(False, "Random weights from the model's config, not its weights.")
     config_overrides: dict = _field({}, "Applied to the model config, e.g. {dropout: 0.0}.")
+    attn_implementation: str | None = _field(
+        None, "eager | sdpa | flash_attention_2 | ...; unset: transformers' default (sdpa)."
+    )
     trust_remote_code: bool = _field(False, "Allow model code from the hub (off: safer).")
 
 
@@ -388,6 +392,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     _choice(errors, "task", cfg.task, TASKS)
     _choice(errors, "train.scheduler", cfg.train.scheduler, SCHEDULERS)
     _choice(errors, "train.precision", cfg.train.precision, PRECISIONS)
+    if cfg.model.attn_implementation is not None:
+        _choice(errors, "model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
     _choice(errors, "peft.method", cfg.peft.method, PEFT_METHODS)
     _choice(errors, "train.on_nonfinite", cfg.train.on_nonfinite, ON_NONFINITE)
     if cfg.train.max_time is not None and parse_duration(cfg.train.max_time) is None:

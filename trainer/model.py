@@ -165,8 +165,9 @@ def load_model(
         _check_next_sentence_head(config)
     auto_class = getattr(transformers, AUTO_CLASSES[task])
     torch.manual_seed(seed)  # the same random head / random init on every process
+    attention = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.from_scratch:
-        model = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        model = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code, **attention)
     else:
         model = _loading(
             "weights",
@@ -177,6 +178,7 @@ def load_model(
                 trust_remote_code=cfg.trust_remote_code,
                 ignore_mismatched_sizes=label_names is not None,
                 **_quantized_loading(quantization),
+                **attention,
             ),
         )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -323,6 +323,8 @@ class Run:
             "trainable_parameters": trainable,
             "trainable_share": round(trainable / total, 6),
             "peft": self.cfg.peft.method,
+            "attention": self.accelerator.unwrap_model(self.model).config._attn_implementation,
+            "compiled": self.cfg.train.compile,
             "labels": self.label_names,
             "class_weights": None
             if self.class_weights is None
@@ -446,6 +448,7 @@ def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> 
         **_losses(run.spec, reduced[0:2], reduced[4:].view(-1, 2)),
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": since_log[3].item() / steps,
+        "tokens": int(tokens.item()),  # real (non-padding) tokens trained since the last log
         "tokens_per_s": tokens.item() / max(seconds, 1e-9),
         "pad_fraction": 1 - tokens.item() / positions.item() if positions > 0 else 0.0,
     }
