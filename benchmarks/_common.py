@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -200,3 +201,9 @@ def build_gpt2(folder: Path, n_layer: int = 6, n_embd: int = 384, n_head: int = 
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def machine_slug(info: dict[str, Any]) -> str:
+    """A file-name-safe name of the machine: its GPU, or its CPU model and core count."""
+    name = info["gpu"] or f"{info['cpu']} {info['cpu_cores']}cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

@@ -82,6 +82,7 @@ from compare_hf_trainer import HYPER, JOBS, our_overrides
 
 # data, max_length 64, metrics accuracy / f1 / loss; batches in random order on both engines
 JOB = replace(JOBS["sentiment"], ours_extra=())
+QUICK_STEPS = 8
 DEFAULT_STEPS = 30
 
 
@@ -215,7 +216,11 @@ def run_ours(method: Method, steps: int, model: str, work_dir: Path) -> Result:
         trainable_parameters=summary["trainable_parameters"],
         trainable_share=summary["trainable_share"],
         metrics=metrics,
-        extra={"lr": method.lr, "final_train_loss": last_train["loss"]},
+        extra={
+            "lr": method.lr,
+            "final_train_loss": last_train["loss"],
+            "gpu_peak_mb": last_train.get("gpu_peak_mb"),  # CUDA only
+        },
     )
 
 
@@ -423,6 +428,7 @@ ROWS = [
     ("step time, median (s)", lambda r: r["step_s_median"], 3),
     ("train samples/s", lambda r: r["samples_per_s"], 2),
     ("peak RSS (MB)", lambda r: r["peak_rss_mb"], 0),
+    ("peak GPU memory allocated (MB)", lambda r: r["extra"].get("gpu_peak_mb"), 0),
     ("parameters (4-bit unpacked)", lambda r: r["parameters"], 0),
     ("trainable parameters", lambda r: r["trainable_parameters"], 0),
     ("trainable share", lambda r: r["trainable_share"], 6),
@@ -603,6 +609,29 @@ def run_all(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "ours": ours,
         "side_by_side": pairs,
     }
+
+
+def run(quick: bool, work_dir: Path) -> dict[str, Any]:
+    """`make bench`'s section: our engine with each method. No Trainer + peft pairs here:
+    the throughput section already runs LoRA against Trainer + peft."""
+    steps = QUICK_STEPS if quick else DEFAULT_STEPS
+    return run_all(argparse.Namespace(steps=steps, methods=list(METHODS), no_hf=True), work_dir)
+
+
+def section(result: dict[str, Any], level: int = 2) -> list[str]:
+    """`make bench`'s Markdown for `run`: a column per method."""
+    s = result["settings"]
+    return [
+        f"{'#' * level} Full fine-tuning vs LoRA vs QLoRA (our engine)",
+        "",
+        f"Sentiment classification, all-MiniLM-L6-v2, max_length {s['job']['max_length']}, "
+        f"{s['steps']} steps of batch {s['hyper']['batch_size']}, fp32; each a fresh "
+        "process. Peak RSS is the process's own (ru_maxrss); on a GPU, peak memory is "
+        "`torch.cuda.max_memory_allocated`. QLoRA on CPU dequantizes every 4-bit layer in "
+        "each pass: it is there to show that it runs, not to be fast here.",
+        "",
+        *methods_table(result["ours"]),
+    ]
 
 
 def notes(report: dict[str, Any]) -> list[str]:

@@ -441,7 +441,7 @@ def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> 
     reduced = run.accelerator.reduce(torch.cat([since_log[:3], since_log[4:]]), "sum")
     tokens, positions = reduced[2], reduced[3]
     steps = step % run.cfg.log.every_steps or run.cfg.log.every_steps
-    return {
+    record = {
         "step": step,
         # a stream has no epochs: its passes over each source are per process
         "epoch": round(step / run.plan.steps_per_epoch, 4) if run.stream is None else None,
@@ -452,6 +452,9 @@ def log_record(run: Run, step: int, since_log: torch.Tensor, seconds: float) -> 
         "tokens_per_s": tokens.item() / max(seconds, 1e-9),
         "pad_fraction": 1 - tokens.item() / positions.item() if positions > 0 else 0.0,
     }
+    if run.accelerator.device.type == "cuda":  # this process's peak since the start
+        record["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return record
 
 
 def _losses(spec: TaskSpec, own: torch.Tensor, heads: torch.Tensor) -> dict[str, float]:

