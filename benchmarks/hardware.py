@@ -11,10 +11,9 @@ What it measures
 2. CLM on a GPT-2-style decoder (`_common.build_gpt2`: MiniLM's size, 6 layers, hidden 384,
    random weights, MiniLM's tokenizer) on packed 128-token blocks of data/text/domain.txt,
    batch 8, fp32:
-   (a) ``ours``: the ``trainer train`` CLI in a fresh process (this script re-run as a thin
-       ``--worker ours`` wrapper around `trainer.cli.main`, which also reads the peak GPU
-       memory); tokens/s from metrics.jsonl (``tokens_per_s`` of each log window, the
-       first window left out as warm-up);
+   (a) ``ours``: the ``trainer train`` CLI in a fresh process; tokens/s from its
+       metrics.jsonl (``tokens_per_s`` of each log window, the first window left out as
+       warm-up; on a GPU also ``gpu_peak_mb``, the peak allocated memory);
    (b) ``handwritten``: this script re-run as ``--worker handwritten``: the same tokenizer
        and file, documents joined with EOS and cut into blocks, AutoModelForCausalLM,
        torch.optim.AdamW (fused where supported), ``model(input_ids, labels=input_ids)
@@ -372,37 +371,23 @@ def device_for(job: Job) -> Iterator[None]:
 
 
 def run_ours(job: Job, model: Path, data: Path, work_dir: Path) -> dict[str, Any]:
-    """`trainer train` through the ours worker; the numbers from the run directory."""
+    """`trainer train` in a fresh process; the numbers from its run directory (on a GPU
+    metrics.jsonl carries the process's peak allocated memory)."""
     name = f"{job.device}-{job.name}-ours"
-    run_dir, out = work_dir / name, work_dir / f"{name}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours"]
-    command += ["--worker-out", str(out), "train", str(ROOT / job.config)]
+    run_dir = work_dir / name
+    command = [sys.executable, "-m", "trainer", "train", str(ROOT / job.config)]
     command += our_overrides(job, model, data, run_dir, work_dir / "cache")
     with device_for(job):
         measured = run_measured(command, work_dir / f"{name}.log")
-    windows = windows_from_metrics(read_jsonl(run_dir / "metrics.jsonl"))
-    found = json.loads(out.read_text())
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    windows = windows_from_metrics(records)
     return {
         **steady_throughput(windows),
         **asdict(measured),
-        "peak_gpu_memory_mb": found["peak_gpu_memory_mb"],
+        "peak_gpu_memory_mb": records[-1].get("gpu_peak_mb"),
         "final_loss": windows[-1]["loss"],
         "windows": windows,
     }
-
-
-def ours_worker(cli_args: list[str]) -> dict[str, Any]:
-    """Run the `trainer` CLI in this process, then read its peak GPU memory."""
-    import torch
-
-    sys.path.insert(0, str(ROOT))  # this tree's trainer/, as `python -m trainer` from ROOT
-    from trainer.cli import main as trainer_main
-
-    code = trainer_main(cli_args)
-    if code:
-        raise SystemExit(code)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"peak_gpu_memory_mb": peak}
 
 
 # --- the hand-written loop (runs in the worker process) ----------------------------------------
@@ -751,23 +736,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps per run (~2 min)")
     parser.add_argument("--work-dir", type=Path, help="keep run folders here (default: tmp)")
-    parser.add_argument("--worker", choices=["ours", "handwritten"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["handwritten"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("cli_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.cli_args and args.worker != "ours":
-        parser.error(f"unrecognized arguments: {' '.join(args.cli_args)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One side's process: run it and write what the parent reads."""
-    if args.worker == "ours":
-        found = ours_worker(args.cli_args)
-    else:
-        spec = json.loads(args.spec)
-        found = handwritten_worker(Job(**spec["job"]), Path(spec["model"]), Path(spec["data"]))
+    """The hand-written loop's process: run it and write what the parent reads."""
+    spec = json.loads(args.spec)
+    found = handwritten_worker(Job(**spec["job"]), Path(spec["model"]), Path(spec["data"]))
     args.worker_out.write_text(json.dumps(found))
 
 

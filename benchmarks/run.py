@@ -110,7 +110,8 @@ def goals(sections: dict[str, dict]) -> list[str]:
         INFERENCE_GOAL,
         f"{fmt(speedup, 1)}×",
     )
-    mfu = sections.get("hardware", {}).get("result", {}).get("gpt2_gpu_mfu")
+    gpu = sections.get("hardware", {}).get("result", {}).get("gpu", {})
+    mfu = gpu["jobs"]["clm"]["ours"]["mfu"] if "jobs" in gpu else None
     add(
         f"GPT-2-124M, seq 1024, bf16 MFU on the GPU ≥ {GPT2_MFU_GOAL:.0%}",
         mfu,
