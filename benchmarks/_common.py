@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -90,25 +91,54 @@ class Measured:
     wall_s: float
     load_before: float  # 1-minute load average just before the command started
     load_after: float  # ... and just after it ended
-    peak_rss_mb: float  # peak resident memory of the process (and its waited-for children)
+    peak_rss_mb: float  # peak resident memory of the process (or of its largest waited-for child)
+
+
+# Runs between this process and the measured command, so that the command's peak RSS is its
+# own: Linux copies a parent's RSS high-water mark into the child at fork and keeps it across
+# exec, so a command started straight from a process that once held a model (or from a runner
+# that ran another section before) would report at least that process's peak. This reaper is
+# a bare interpreter (~10 MB): it forks the command, waits for it, writes its ru_maxrss (KiB
+# on Linux) to argv[1] and exits with its status.
+_REAPER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as error:
+        print(f"{sys.argv[2]}: {error}", file=sys.stderr, flush=True)
+    os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 def run_measured(command: list[str], log_path: Path, cwd: Path = ROOT) -> Measured:
-    """Run a command (output to `log_path`) and measure it. The peak RSS is the child's own
-    `ru_maxrss`, read with wait4 on that one process, so earlier runs do not leak into it
-    (RUSAGE_CHILDREN would report the maximum over every child so far)."""
+    """Run a command (output to `log_path`) and measure it. The peak RSS is the command's
+    own `ru_maxrss`, read with wait4 on that one process by a small reaper process (see
+    `_REAPER`), so neither earlier runs nor this process's own memory leak into it
+    (RUSAGE_CHILDREN would report the maximum over every child so far). The reaper's start
+    (some 20 ms) is in the wall time."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rss_file = log_path.with_name(log_path.name + ".maxrss")
+    reaper = [sys.executable, "-I", "-S", "-c", _REAPER, str(rss_file)]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        process = subprocess.Popen(
+            [*reaper, *command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        process.wait()
     wall_s = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
+    rss_kib = int(rss_file.read_text()) if rss_file.is_file() else 0
+    rss_file.unlink(missing_ok=True)
     if process.returncode != 0:
         tail = "\n".join(log_path.read_text().splitlines()[-20:])
         raise RuntimeError(f"{command[0]} failed ({process.returncode}):\n{tail}")
-    rss_kib = usage.ru_maxrss  # KiB on Linux
     return Measured(wall_s, load_before, os.getloadavg()[0], rss_kib / 1024)
 
 
