@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from trainer.config import TrainConfig
-from trainer.optim import build_optimizer, build_scheduler, parameter_groups
+from trainer.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
 
 LR = 1e-3
 
@@ -128,3 +128,23 @@ def test_adamw_is_fused_on_cpu_and_falls_back_to_foreach_elsewhere(bert_classifi
     on_meta = torch.nn.Linear(4, 4, device="meta")
     fallback = build_optimizer(on_meta, TrainConfig(lr=LR))
     assert fallback.defaults["foreach"] and not fallback.defaults["fused"]
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "hf_name"),
+    [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")],
+)
+def test_schedules_match_transformers(scheduler, hf_name):
+    """Our schedule formulas are transformers' (written out to keep its import cost away)."""
+    from transformers import get_scheduler
+
+    total, warmup = 37, 4
+    reference = get_scheduler(
+        hf_name,
+        torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+        num_warmup_steps=warmup,
+        num_training_steps=total,
+    )
+    factor = lr_factor(scheduler, warmup, total)
+    for step in range(total + 2):
+        assert factor(step) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-12), step

@@ -4,26 +4,33 @@ saved adapter finds its base again.
 The task heads (classifier, LM head) stay out of quantization and are trained in full and
 saved with the adapter (`modules_to_save`), so a 2 MB adapter folder is a complete model
 once its base is loaded.
+
+`peft` (with bitsandbytes) takes ~8 s to import, more than torch and transformers together,
+so it is imported only by the functions that build or load an adapter: a full fine-tuning
+run or a prediction with a full model starts that much sooner.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import BitsAndBytesConfig
 
 from trainer.config import PeftConfig
 from trainer.errors import UserError
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 ADAPTER_CONFIG = "adapter_config.json"
-TASK_TYPES = {
-    "classification": TaskType.SEQ_CLS,
-    "token-classification": TaskType.TOKEN_CLS,
-    "clm": TaskType.CAUSAL_LM,
+TASK_TYPES = {  # peft's TaskType values
+    "classification": "SEQ_CLS",
+    "token-classification": "TOKEN_CLS",
+    "clm": "CAUSAL_LM",
     "mlm": None,  # peft has no masked-LM task type; the generic PeftModel serves
 }
 # Heads trained in full next to the adapter: BERT/RoBERTa `classifier`, GPT/Llama `score`.
@@ -50,6 +57,8 @@ def quantization_config(precision: str) -> BitsAndBytesConfig:
 def default_target_modules(model: torch.nn.Module) -> list[str] | str:
     """peft's per-architecture default (BERT query/value, GPT-2 c_attn, Llama q/v_proj),
     or every linear layer for architectures peft does not list."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
     targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model.config.model_type)
     return list(targets) if targets else "all-linear"
 
@@ -58,6 +67,8 @@ def attach_adapter(
     model: torch.nn.Module, cfg: PeftConfig, task: str, gradient_checkpointing: bool
 ) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter (after k-bit preparation for QLoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(
             model,
@@ -98,4 +109,13 @@ def base_of(path: str | Path) -> str:
 
 def load_adapter(base: torch.nn.Module, path: str | Path, name: str = "default") -> PeftModel:
     """Attach a saved adapter (and the heads saved with it) to its loaded base."""
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base, str(path), adapter_name=name)
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` carries adapters, without importing peft: a model can only be a
+    PeftModel once peft has been imported."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from trainer import adapters
 from trainer.config import RunConfig, dump_yaml
 from trainer.resume import write_commit
 
@@ -54,7 +54,7 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if isinstance(unwrapped, PeftModel):
+        if adapters.is_peft_model(unwrapped):
             _save_base_config(unwrapped.get_base_model(), tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))

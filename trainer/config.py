@@ -189,7 +189,7 @@ class TrainConfig:
     max_grad_norm: float = _field(1.0, "Gradient clipping norm; 0 turns clipping off.")
     precision: str = _field("no", "Mixed precision: no | bf16 | fp16 (fp16 needs CUDA).")
     gradient_checkpointing: bool = _field(False, "Recompute activations to save memory.")
-    compile: bool = _field(False, "torch.compile the model (inductor); compiling costs minutes: README")
+    compile: bool = _field(False, "torch.compile the model (inductor); costs minutes of compiling.")
     layerwise_lr_decay: float = _field(1.0, "LR factor per layer below the top (1.0: off).")
     seed: int = _field(42, "Seed for weights init, data order, masking and splits.")
     resume: str = _field("auto", "auto (newest complete checkpoint) | never | a checkpoint path.")

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from trainer import adapters
@@ -172,7 +171,7 @@ class Predictor:
     @property
     def adapter_names(self) -> list[str]:
         """Names of the loaded adapters (empty for a full model)."""
-        return list(self.model.peft_config) if isinstance(self.model, PeftModel) else []
+        return list(self.model.peft_config) if adapters.is_peft_model(self.model) else []
 
     @property
     def label_names(self) -> list[str]:
@@ -182,7 +181,7 @@ class Predictor:
     def add_adapter(self, name: str, folder: str) -> None:
         """Load another adapter trained on the same base for the same task (`use` serves it)."""
         self._check_adapter(name, folder)
-        if isinstance(self.model, PeftModel):
+        if adapters.is_peft_model(self.model):
             self.model.load_adapter(folder, adapter_name=name)
         else:  # a full model: it becomes the base of a PEFT model
             self.model = adapters.load_adapter(self.model, folder, name)

@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from seqeval.metrics.sequence_labeling import get_entities
 
 from trainer.preprocess import IGNORE_INDEX
 
@@ -73,7 +72,11 @@ class ClassificationMetrics(LossMetrics):
     Two classes: binary scores for class 1; more: the macro average over classes."""
 
     def __init__(self, label_names: list[str]) -> None:
+        # imported here: seqeval brings scikit-learn, ~1.5 s that only NER runs need
+        from seqeval.metrics.sequence_labeling import get_entities
+
         super().__init__()
+        self.get_entities = get_entities
         self.label_names = label_names
         self.confusion = torch.zeros(len(label_names), len(label_names), dtype=torch.float64)
 
@@ -111,7 +114,11 @@ class EntityMetrics(LossMetrics):
     span match, as in seqeval/conlleval), plus token accuracy on first sub-tokens."""
 
     def __init__(self, label_names: list[str]) -> None:
+        # imported here: seqeval brings scikit-learn, ~1.5 s that only NER runs need
+        from seqeval.metrics.sequence_labeling import get_entities
+
         super().__init__()
+        self.get_entities = get_entities
         self.label_names = label_names
         self.types = sorted({name[2:] for name in label_names if name != "O"})
         self.counts = torch.zeros(len(self.types), 3, dtype=torch.float64)  # tp, fp, fn
@@ -127,7 +134,7 @@ class EntityMetrics(LossMetrics):
             guess = [self.label_names[i] for i in predicted_row[keep].tolist()]
             correct = sum(g == p for g, p in zip(gold, guess, strict=True))
             self.tokens += torch.tensor([correct, len(gold)])
-            true_set, pred_set = set(get_entities(gold)), set(get_entities(guess))
+            true_set, pred_set = set(self.get_entities(gold)), set(self.get_entities(guess))
             for kind in {entity[0] for entity in true_set | pred_set}:
                 if kind not in self.types:
                     continue
