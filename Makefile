@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: install quickstart test test-fast quality format clean
+.PHONY: install quickstart test test-fast quality format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: install
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# benchmarks/results/<date>-<machine>.{md,json}; BENCH_ARGS=--quick for short runs
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 quality: install
 	$(BIN)/ruff check .
