@@ -237,3 +237,19 @@ def machine_slug(info: dict[str, Any]) -> str:
     """A file-name-safe name of the machine: its GPU, or its CPU model and core count."""
     name = info["gpu"] or f"{info['cpu']} {info['cpu_cores']}cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def load_warning(loads: list[float]) -> list[str]:
+    """A warning when the 1-minute load averages recorded around the runs show other
+    processes on the CPU. The average also counts this benchmark's own previous run (a run
+    on every core still leaves about 0.6 x cores a minute later), so only an average above
+    the core count is taken as other load."""
+    cores = os.cpu_count() or 1
+    if not loads or max(loads) <= cores:
+        return []
+    return [
+        "",
+        f"**Warning: the machine was busy** (1-minute load average up to {max(loads):.1f} on "
+        f"{cores} cores around a run, more than this benchmark alone puts there): the times "
+        "include other processes' share of the CPU.",
+    ]

@@ -76,6 +76,7 @@ from _common import (
     classification_metrics,
     fmt,
     in_work_dir,
+    load_warning,
     machine_info,
     model_path,
     ratio,
@@ -491,20 +492,6 @@ def job_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def load_warning(result: dict[str, Any]) -> list[str]:
-    """A warning when another process was using the CPU as a run started."""
-    loads = [r[e]["load_before"] for r in result["jobs"] for e in ("ours", "hf")]
-    cores = os.cpu_count() or 1
-    if max(loads) < 0.5 * cores:
-        return []
-    return [
-        "",
-        f"**Warning: the machine was busy (load average up to {max(loads):.1f} on "
-        f"{cores} cores when a run started), so the times and their ratios are dominated "
-        "by other processes, not by the engines.**",
-    ]
-
-
 def markdown(result: dict[str, Any], level: int = 2) -> list[str]:
     """The comparison's Markdown: settings, then a table per job (a section of `make
     bench`'s results, or with `level` 1 the whole results file of this script)."""
@@ -534,7 +521,7 @@ def markdown(result: dict[str, Any], level: int = 2) -> list[str]:
             f"{fmt(ours['samples_per_s'], 2)} | {fmt(hf['samples_per_s'], 2)} | "
             f"{fmt(ratios['samples_per_s'], 2)} | {fmt(ratios['wall_s'], 2)} |"
         )
-    lines += load_warning(result)
+    lines += load_warning([r[e]["load_before"] for r in result["jobs"] for e in ("ours", "hf")])
     for job_result in result["jobs"]:
         job = job_result["job"]
         lines += [

@@ -716,8 +716,8 @@ def notes(result: dict) -> list[str]:
         "the encoder alone); GPT-2-style and BERT-base models are random from their configs "
         "(MiniLM's tokenizer, 30,522 tokens). Throughput does not depend on the weights.",
         "Ours masks at token level here (mlm.whole_word_masking=false), as "
-        "DataCollatorForLanguageModeling does; our optimizer is AdamW with foreach kernels "
-        "and no weight decay on biases and norms, the hand-written one decays everything.",
+        "DataCollatorForLanguageModeling does; both use fused AdamW, ours without weight "
+        "decay on biases and norms, the hand-written one decays everything.",
         "On CPU the peak is a measured matmul, not a datasheet figure, and other processes "
         "share the cores: compare ours with hand-written (measured back to back), and "
         "check the load averages.",

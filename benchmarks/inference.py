@@ -77,6 +77,7 @@ from _common import (
     ROOT,
     fmt,
     in_work_dir,
+    load_warning,
     machine_info,
     model_path,
     ratio,
@@ -450,16 +451,16 @@ def summary(result: dict) -> list[str]:
     ]
 
 
-def load_line(result: dict) -> str:
-    """The 1-minute load averages around the timed passes and jobs: other processes' share."""
+def load_line(result: dict) -> list[str]:
+    """The 1-minute load averages around the timed passes and jobs, and a warning when they
+    show other processes on the CPU."""
     runs = [*result["ways"], result["processes"]["naive"], result["processes"]["ours"]]
     loads = [load for r in runs for load in (r["load_before"], r["load_after"])]
-    busy = max(loads) >= 0.5 * result["settings"]["cpu_cores"]
-    return (
+    return [
         f"1-minute load average around the timed passes and jobs: {min(loads):.1f} to "
-        f"{max(loads):.1f} on {result['settings']['cpu_cores']} cores"
-        + (" (**busy**: other processes shared the CPU, so times are noisy)." if busy else ".")
-    )
+        f"{max(loads):.1f} on {result['settings']['cpu_cores']} cores.",
+        *load_warning(loads),
+    ]
 
 
 def markdown(result: dict) -> list[str]:
@@ -480,7 +481,7 @@ def markdown(result: dict) -> list[str]:
         "",
         *summary(result),
         "",
-        load_line(result),
+        *load_line(result),
         "",
         *in_process_table(result),
         "",

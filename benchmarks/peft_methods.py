@@ -71,6 +71,7 @@ from _common import (
     fmt,
     folder_size,
     in_work_dir,
+    load_warning,
     machine_info,
     model_path,
     ratio,
@@ -492,20 +493,6 @@ def pair_table(pair: dict[str, Any]) -> list[str]:
     return lines
 
 
-def load_warning(report: dict[str, Any]) -> list[str]:
-    """A warning when another process was using the CPU around a run."""
-    runs = list(report["ours"].values()) + [p["hf"] for p in report["side_by_side"].values()]
-    loads = [max(r["load_before"], r["load_after"]) for r in runs]
-    if not loads or max(loads) < 0.5 * report["machine"]["cpu_cores"]:
-        return []
-    return [
-        "",
-        f"**Warning: the machine was busy (1-minute load average up to {max(loads):.1f} on "
-        f"{report['machine']['cpu_cores']} cores around a run), so the times, their ratios "
-        "and the step times between methods include other processes' share of the CPU.**",
-    ]
-
-
 def markdown(report: dict[str, Any]) -> str:
     """The results file: machine, settings, our three methods, then the side-by-side tables."""
     m, s = report["machine"], report["settings"]
@@ -537,7 +524,8 @@ def markdown(report: dict[str, Any]) -> str:
         "- Learning rates: " + ", ".join(f"{k} {v:g}" for k, v in s["lr"].items()),
         "- Peak RSS: the process's own peak resident memory (ru_maxrss from wait4)",
     ]
-    lines += load_warning(report)
+    runs = list(report["ours"].values()) + [p["hf"] for p in report["side_by_side"].values()]
+    lines += load_warning([max(r["load_before"], r["load_after"]) for r in runs])
     lines += ["", "## Our engine: full fine-tuning vs LoRA vs QLoRA", ""]
     lines += methods_table(report["ours"])
     for name, pair in report["side_by_side"].items():

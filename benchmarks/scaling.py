@@ -70,6 +70,7 @@ from _common import (
     ROOT,
     fmt,
     in_work_dir,
+    load_warning,
     machine_info,
     model_path,
     ratio,
@@ -266,15 +267,7 @@ def build_model(size: str, work_dir: Path) -> dict[str, int]:
 
 def load_note(result: dict) -> list[str]:
     """A warning when another process was using the CPU around a run."""
-    loads = [max(r["load_before"], r["load_after"]) for r in result["runs"].values()]
-    cores = os.cpu_count() or 1
-    if max(loads) < 0.5 * cores:
-        return []
-    return [
-        "",
-        f"**The machine was busy** (1-minute load average up to {max(loads):.1f} on {cores} "
-        "cores around a run): the times include other processes' share of the CPU.",
-    ]
+    return load_warning([max(r["load_before"], r["load_after"]) for r in result["runs"].values()])
 
 
 def processes_table(result: dict) -> list[str]:
@@ -361,9 +354,10 @@ def markdown(result: dict) -> list[str]:
         "",
         "Parameters as `num_parameters()` counts them (the MLM decoder is tied to the word "
         "embeddings); non-embedding leaves out the token, position and token-type embeddings. "
-        "The MLM head projects every position onto the 30,522-token vocabulary (hidden x "
-        "30,522 multiply-adds per token): most of a small model's work, which is why step "
-        "time grows far less than the non-embedding parameters.",
+        "The MLM head projects the masked positions (15%) onto the 30,522-token vocabulary "
+        "(hidden x 30,522 multiply-adds each), and every step updates the whole embedding "
+        "matrix (AdamW): work that grows with the vocabulary, not the encoder, which is why "
+        "step time grows less than the non-embedding parameters.",
     ]
     return lines
 
