@@ -22,7 +22,7 @@ from trainer.data import read_split
 from trainer.preprocess import IGNORE_INDEX, pack_for_mlm
 from trainer.sampling import KeyedDataset
 from trainer.tasks import TASKS
-from trainer.train import optimizer_step
+from trainer.train import _native_bf16, optimizer_step
 
 AUTO_CLASS = {
     "mlm": "AutoModelForMaskedLM",
@@ -461,3 +461,12 @@ def test_compiled_model_trains_as_eager_does(run_config, tmp_path, on_cpu):
     AutoConfig.from_pretrained(tmp_path / "run" / "final")
     state = load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert not any(key.startswith("_orig_mod") for key in state)
+
+
+def test_bf16_on_a_cpu_that_emulates_it_warns(run_config, tmp_path, capfd, on_cpu):
+    config = run_config(
+        "classification", data={"validation": None}, train={"max_steps": 1, "precision": "bf16"}
+    )
+    assert cli("train", config) == 0
+    warned = "bf16 matrix products are emulated" in capfd.readouterr().err
+    assert warned == (not _native_bf16())

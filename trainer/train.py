@@ -118,12 +118,24 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
         log_with=list(cfg.log.trackers) or None,
         project_dir=str(run_dir),
     )
+    if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not _native_bf16():
+        _report(
+            "warning: train.precision=bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix "
+            "products are emulated (17x slower than fp32 in benchmarks/optimisations.py); "
+            "train.precision=no is faster here"
+        )
     if accelerator.num_processes != world_size_from_env():
         raise RuntimeError(  # ranks would overwrite each other's files: a launch bug
             f"WORLD_SIZE={world_size_from_env()} but Accelerate runs "
             f"{accelerator.num_processes} process(es)"
         )
     return accelerator
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (torch's own checks)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 @dataclass
