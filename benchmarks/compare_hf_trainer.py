@@ -340,66 +340,49 @@ def group_texts(examples: dict, block_size: int) -> dict:
     return {k: [t[i : i + block_size] for i in starts] for k, t in joined.items()}
 
 
-def hf_mlm(job: Job, epochs: int, model: str, out_dir: Path):
-    """Trainer for masked-LM continued pretraining on packed blocks."""
+def packed_text(job: Job, encode) -> Any:
+    """Train and validation text, blank lines skipped (as our reader does), encoded by
+    `encode` and concatenated into blocks of max_length as in the HF run_mlm/run_clm
+    examples."""
     from datasets import load_dataset
-    from transformers import (
-        AutoModelForMaskedLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    raw = load_dataset("text", data_files={"train": job.train, "validation": job.validation})
-    raw = raw.filter(lambda row: bool(row["text"].strip()))  # our reader skips blank lines
-    tokenized = raw.map(
-        lambda b: tokenizer(b["text"], return_special_tokens_mask=True),
-        batched=True,
-        remove_columns=["text"],
-    )
-    data = tokenized.map(group_texts, batched=True, fn_kwargs={"block_size": job.max_length})
-    return Trainer(
-        model=AutoModelForMaskedLM.from_pretrained(model),
-        args=training_arguments(out_dir, epochs, job.lr),
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
-    )
-
-
-def hf_clm(job: Job, epochs: int, model: str, out_dir: Path):
-    """Trainer for causal-LM training on packed blocks, each document followed by the
-    end-of-text token (as our engine joins them)."""
-    from datasets import load_dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    eos = tokenizer.eos_token_id
-
-    def encode(batch: dict) -> dict:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [[*doc, eos] for doc in ids]}
 
     raw = load_dataset("text", data_files={"train": job.train, "validation": job.validation})
     raw = raw.filter(lambda row: bool(row["text"].strip()))
     tokenized = raw.map(encode, batched=True, remove_columns=["text"])
-    data = tokenized.map(group_texts, batched=True, fn_kwargs={"block_size": job.max_length})
+    return tokenized.map(group_texts, batched=True, fn_kwargs={"block_size": job.max_length})
+
+
+def hf_language_model(job: Job, epochs: int, model: str, out_dir: Path):
+    """Trainer for masked-LM or causal-LM training on packed blocks. CLM documents end with
+    the end-of-text token, as our engine joins them."""
+    import transformers
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if job.task == "mlm":
+        data = packed_text(job, lambda b: tokenizer(b["text"], return_special_tokens_mask=True))
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+        auto_class = transformers.AutoModelForMaskedLM
+    else:
+        eos = tokenizer.eos_token_id
+
+        def documents(batch: dict) -> dict:
+            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [[*doc, eos] for doc in ids]}
+
+        data = packed_text(job, documents)
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+        auto_class = transformers.AutoModelForCausalLM
     return Trainer(
-        model=AutoModelForCausalLM.from_pretrained(model),
+        model=auto_class.from_pretrained(model),
         args=training_arguments(out_dir, epochs, job.lr),
         train_dataset=data["train"],
         eval_dataset=data["validation"],
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=collator,
     )
 
 
-BUILDERS = {"classification": hf_sentiment, "mlm": hf_mlm, "clm": hf_clm}
+BUILDERS = {"classification": hf_sentiment, "mlm": hf_language_model, "clm": hf_language_model}
 
 
 def hf_worker(job: Job, epochs: int, model: str, out_dir: Path) -> dict:

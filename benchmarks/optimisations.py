@@ -163,27 +163,31 @@ def adamw(model, fused: bool):
 # --- the rows ------------------------------------------------------------------------------
 
 
-def mlm_targets_only(quick: bool) -> dict:
-    """Output projection on masked positions vs on all of them."""
+def mlm_pair(quick: bool, on: dict, off: dict) -> dict:
+    """The MLM step in two variants, alternated: each a dict of `mlm_loss` keywords plus
+    an optional `sync` for `train_step`. Returns the timings and the batch's shape."""
     batch = mlm_batch(8 if quick else 16)
     model = mlm_model().train()
     optimizer = adamw(model, fused=True)
-    timed = alternate(
-        {
-            "on": train_step(model, optimizer, mlm_loss(model, batch, targets_only=True)),
-            "off": train_step(model, optimizer, mlm_loss(model, batch, targets_only=False)),
-        },
-        rounds=2 if quick else 3,
-        per_round=2,
-    )
+    steps = {}
+    for name, variant in (("on", dict(on)), ("off", dict(off))):
+        sync = variant.pop("sync", False)
+        steps[name] = train_step(model, optimizer, mlm_loss(model, batch, **variant), sync)
+    timed = alternate(steps, rounds=2 if quick else 3, per_round=2)
     targets = int((batch["labels"] != -100).sum())
+    return {"timed": timed, "shape": list(batch["input_ids"].shape), "targets": targets}
+
+
+def mlm_targets_only(quick: bool) -> dict:
+    """Output projection on masked positions vs on all of them."""
+    pair = mlm_pair(quick, {"targets_only": True}, {"targets_only": False})
     return row(
         "mlm_targets_only",
         "project masked positions",
         "project every position",
-        timed,
-        shape=list(batch["input_ids"].shape),
-        targets=targets,
+        pair["timed"],
+        shape=pair["shape"],
+        targets=pair["targets"],
     )
 
 
@@ -252,35 +256,14 @@ def sdpa_attention(quick: bool) -> dict:
 
 def bf16_autocast(quick: bool) -> dict:
     """The MLM step under bf16 autocast vs fp32 on this device (CPU)."""
-    batch = mlm_batch(8 if quick else 16)
-    model = mlm_model().train()
-    optimizer = adamw(model, fused=True)
-    timed = alternate(
-        {
-            "on": train_step(model, optimizer, mlm_loss(model, batch, autocast=True)),
-            "off": train_step(model, optimizer, mlm_loss(model, batch)),
-        },
-        rounds=2 if quick else 3,
-        per_round=2,
-    )
-    return row("bf16_autocast", "bf16 autocast", "fp32", timed)
+    pair = mlm_pair(quick, {"autocast": True}, {})
+    return row("bf16_autocast", "bf16 autocast", "fp32", pair["timed"])
 
 
 def host_sync(quick: bool) -> dict:
     """The MLM step with a `.item()` after each step vs none."""
-    batch = mlm_batch(8 if quick else 16)
-    model = mlm_model().train()
-    optimizer = adamw(model, fused=True)
-    loss_of = mlm_loss(model, batch)
-    timed = alternate(
-        {
-            "on": train_step(model, optimizer, loss_of),
-            "off": train_step(model, optimizer, loss_of, sync=True),
-        },
-        rounds=2 if quick else 3,
-        per_round=2,
-    )
-    return row("host_sync", "no per-step .item()", ".item() every step", timed)
+    pair = mlm_pair(quick, {}, {"sync": True})
+    return row("host_sync", "no per-step .item()", ".item() every step", pair["timed"])
 
 
 def epoch_batches(grouped: bool, lengths: list[int], batch_size: int) -> list[list[int]]:
