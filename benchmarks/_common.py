@@ -253,3 +253,22 @@ def load_warning(loads: list[float]) -> list[str]:
         f"{cores} cores around a run, more than this benchmark alone puts there): the times "
         "include other processes' share of the CPU.",
     ]
+
+
+def steady_throughput(windows: list[dict]) -> dict[str, Any]:
+    """Tokens/s and step time over every log window but the first (warm-up: kernel
+    selection, allocator, first-touch of the optimizer state). A window is a record with
+    step, elapsed_s and tokens: a training record of our engine's metrics.jsonl, or one the
+    hand-written loop writes the same way."""
+    if len(windows) < 2:
+        raise RuntimeError("need at least two log windows (the first is warm-up)")
+    seconds = windows[-1]["elapsed_s"] - windows[0]["elapsed_s"]
+    steps = windows[-1]["step"] - windows[0]["step"]
+    tokens = sum(w["tokens"] for w in windows[1:])
+    return {
+        "tokens_per_s": tokens / seconds,
+        "step_s": seconds / steps,
+        "timed_steps": steps,
+        "timed_s": seconds,
+        "timed_tokens": tokens,
+    }

@@ -71,6 +71,7 @@ from _common import (
     ratio,
     read_jsonl,
     run_measured,
+    steady_throughput,
     write_results,
 )
 
@@ -283,44 +284,6 @@ def data_file(job: Job, work_dir: Path) -> Path:
     return path
 
 
-# --- timing windows --------------------------------------------------------------------------
-
-
-def steady_throughput(windows: list[dict]) -> dict[str, Any]:
-    """Tokens/s over every log window but the first (warm-up: kernel selection, allocator,
-    first-touch of the optimizer state). Each window: step, elapsed_s, tokens."""
-    if len(windows) < 2:
-        raise RuntimeError("need at least two log windows (the first is warm-up)")
-    timed = windows[1:]
-    seconds = windows[-1]["elapsed_s"] - windows[0]["elapsed_s"]
-    tokens = sum(w["tokens"] for w in timed)
-    return {
-        "tokens_per_s": tokens / seconds,
-        "timed_steps": windows[-1]["step"] - windows[0]["step"],
-        "timed_s": seconds,
-        "timed_tokens": tokens,
-    }
-
-
-def windows_from_metrics(records: list[dict]) -> list[dict]:
-    """Our engine's log windows from metrics.jsonl: tokens = tokens_per_s x the window's
-    seconds (the training clock, evaluation and saving left out)."""
-    train = [r for r in records if "tokens_per_s" in r]
-    windows, previous = [], 0.0
-    for record in train:
-        seconds = record["elapsed_s"] - previous
-        windows.append(
-            {
-                "step": record["step"],
-                "elapsed_s": record["elapsed_s"],
-                "tokens": round(record["tokens_per_s"] * seconds),
-                "loss": record["loss"],
-            }
-        )
-        previous = record["elapsed_s"]
-    return windows
-
-
 # --- our engine: the CLI in a fresh process ----------------------------------------------------
 
 
@@ -380,7 +343,7 @@ def run_ours(job: Job, model: Path, data: Path, work_dir: Path) -> dict[str, Any
     with device_for(job):
         measured = run_measured(command, work_dir / f"{name}.log")
     records = read_jsonl(run_dir / "metrics.jsonl")
-    windows = windows_from_metrics(records)
+    windows = [r for r in records if "tokens" in r]  # training log windows
     return {
         **steady_throughput(windows),
         **asdict(measured),

@@ -60,7 +60,6 @@ import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +75,7 @@ from _common import (
     ratio,
     read_jsonl,
     run_measured,
+    steady_throughput,
     write_results,
 )
 
@@ -173,19 +173,6 @@ def command_for(spec: RunSpec, config: Path) -> tuple[list[str], int]:
     return [*command, "-m", "trainer", "train", str(config)], threads
 
 
-def throughput(records: list[dict]) -> dict[str, float]:
-    """Step time and tokens/s over every record but the first (warm-up)."""
-    if len(records) < 2:
-        raise RuntimeError("need at least 2 logged steps (one is warm-up)")
-    seconds = records[-1]["elapsed_s"] - records[0]["elapsed_s"]
-    steps = records[-1]["step"] - records[0]["step"]
-    tokens = sum(
-        r["tokens_per_s"] * (r["elapsed_s"] - before["elapsed_s"])
-        for before, r in pairwise(records)
-    )
-    return {"timed_steps": steps, "step_s": seconds / steps, "tokens_per_s": tokens / seconds}
-
-
 def run_one(spec: RunSpec, steps: int, model_dir: Path, work_dir: Path) -> dict[str, Any]:
     """Train once in a fresh process (or two) and read its throughput from metrics.jsonl."""
     shutil.rmtree(work_dir / "runs" / spec.name, ignore_errors=True)  # a kept --work-dir
@@ -203,7 +190,7 @@ def run_one(spec: RunSpec, steps: int, model_dir: Path, work_dir: Path) -> dict[
         "batch": BATCH,
         "micro_batch": BATCH // spec.processes,
         "tokens_per_step": BATCH * spec.max_length,
-        **throughput(records),
+        **steady_throughput(records),
         "wall_s": measured.wall_s,
         "load_before": measured.load_before,
         "load_after": measured.load_after,
