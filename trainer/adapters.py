@@ -54,6 +54,35 @@ def quantization_config(precision: str) -> BitsAndBytesConfig:
     )
 
 
+def keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep every 4-bit layer in the one layout QLoRA trains, evaluates, saves and merges.
+
+    Why: bitsandbytes 0.49/0.50, on a CPU with AVX512-BF16 (Sapphire Rapids, Zen 4 and
+    later), repacks a `Linear4bit` weight in place the first time the layer runs in eval mode
+    on an input without gradients (`Linear4bit.forward` calls
+    `bitsandbytes.functional._convert_weight_packed_for_cpu`), and leaves it repacked:
+    - layers narrower than one quantization block (64 inputs) fail to repack (`shape '[32,
+      0]' is invalid`);
+    - the block scales (absmax) become bf16 and the product runs in bf16, so evaluation and
+      prediction score a rounded model (logits off by ~5e-4 on all-MiniLM-L6-v2) that a
+      merged export, which dequantizes exactly, does not reproduce;
+    - a training step after an evaluation goes through `bitsandbytes::gemv_4bit`, which has
+      no backward: the layers below get no gradient through the layer, or, where it has a
+      bias, the step raises;
+    - saving undoes the repacking (`_convert_weight_packed_for_cpu_inverse`) by quantizing
+      the rounded scales again, so the frozen base drifts with every evaluation + save.
+    `support_avx512bf16_for_cpu`, set per layer in `Linear4bit.__init__` from
+    `has_avx512bf16()`, is the switch: cleared, the layer takes the dequantize + matmul path
+    of every other CPU and of the GPU. Remove this when bitsandbytes leaves the training
+    layout alone (e.g. repacks a copy, or only for inference-only models); until then it
+    costs only the faster bf16 CPU inference kernel."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def default_target_modules(model: torch.nn.Module) -> list[str] | str:
     """peft's per-architecture default (BERT query/value, GPT-2 c_attn, Llama q/v_proj),
     or every linear layer for architectures peft does not list."""

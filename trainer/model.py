@@ -181,6 +181,8 @@ def load_model(
                 **attention,
             ),
         )
+        if quantization is not None:
+            adapters.keep_4bit_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         pieces = vocabulary.added_token_pieces(cfg.tokenizer) if cfg.tokenizer else {}
         if pieces:
