@@ -116,8 +116,8 @@ def measure_cache(corpus_path: Path, folder: Path) -> dict:
     import datasets
 
     from trainer.config import build_config
-    from trainer.model import load_tokenizer
-    from trainer.prepare import prepare_data
+    from trainer.data.prepare import prepare_data
+    from trainer.model.load import load_tokenizer
 
     datasets.disable_progress_bars()
     raw = base_config("mlm", corpus_path, folder, 1, MAX_LENGTH_MLM)
@@ -200,11 +200,11 @@ def measure_streaming(corpus_path: Path, folder: Path, steps: int) -> dict:
 def pipeline_only(corpus_path: Path, folder: Path, blocks: int = 4096) -> dict:
     """Blocks/s out of each pipeline, collated with MLM masking, no model."""
     from trainer.config import build_config
-    from trainer.model import load_tokenizer
-    from trainer.prepare import prepare_data
-    from trainer.sampling import KeyedDataset
-    from trainer.tasks import TASKS
-    from trainer.train import train_stream
+    from trainer.data.prepare import prepare_data
+    from trainer.data.sampling import KeyedDataset
+    from trainer.model.load import load_tokenizer
+    from trainer.run.train import train_stream
+    from trainer.tasks.spec import TASKS
 
     class OneProcess:
         process_index, num_processes = 0, 1

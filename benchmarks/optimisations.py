@@ -12,7 +12,7 @@ ratio is off / on (above 1: the optimisation pays).
 Rows (each built from the engine's own functions where it has one):
 
 * ``mlm_targets_only``: MLM, 16 packed 128-token blocks of data/text/domain.txt masked by
-  the engine's collator; `trainer.forward.forward` with the output projection on masked
+  the engine's collator; `trainer.run.forward.forward` with the output projection on masked
   positions only vs on every position (the same loss).
 * ``fused_adamw``: the optimizer update alone on MiniLM's 22.7M parameters after a
   classification backward: torch's fused AdamW (the engine's choice) vs foreach kernels.
@@ -95,11 +95,11 @@ def mlm_batch(batch_size: int):
     """`batch_size` packed 128-token blocks of domain.txt, masked by the engine's collator."""
     from transformers import AutoTokenizer
 
-    from trainer.collators import MaskedLMCollator
     from trainer.config import DataConfig, MlmConfig
-    from trainer.data import read_split
-    from trainer.preprocess import pack_for_mlm
-    from trainer.sampling import KeyedDataset
+    from trainer.data.collate import MaskedLMCollator
+    from trainer.data.encode import pack_for_mlm
+    from trainer.data.read import read_split
+    from trainer.data.sampling import KeyedDataset
 
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     split = read_split("data/text/domain.txt", "data.train", "mlm", DataConfig())
@@ -136,8 +136,8 @@ def mlm_loss(model, batch, targets_only: bool = True, autocast: bool = False):
     """The engine's MLM loss (mean over targets) as a closure."""
     import torch
 
-    from trainer.forward import forward
-    from trainer.tasks import token_loss
+    from trainer.run.forward import forward
+    from trainer.tasks.spec import token_loss
 
     def loss_of():
         context = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
@@ -154,7 +154,7 @@ def adamw(model, fused: bool):
     import torch
 
     from trainer.config import TrainConfig
-    from trainer.optim import build_optimizer
+    from trainer.run.optim import build_optimizer
 
     if fused:
         return build_optimizer(model, TrainConfig(lr=1e-5))
@@ -224,7 +224,7 @@ def classification_loss(model, batch):
     """Mean cross-entropy of the classifier on `batch` as a closure."""
     import torch.nn.functional as F
 
-    from trainer.forward import model_inputs
+    from trainer.run.forward import model_inputs
 
     return lambda: F.cross_entropy(model(**model_inputs(batch)).logits, batch["labels"])
 
@@ -269,7 +269,7 @@ def host_sync(quick: bool) -> dict:
 
 def epoch_batches(grouped: bool, lengths: list[int], batch_size: int) -> list[list[int]]:
     """One epoch of example indices in batches: the engine's random or grouped order."""
-    from trainer.sampling import LENGTH_WINDOW_BATCHES, LengthGrouped, Shuffled
+    from trainer.data.sampling import LENGTH_WINDOW_BATCHES, LengthGrouped, Shuffled
 
     ordering = Shuffled(len(lengths), seed=42)
     if grouped:

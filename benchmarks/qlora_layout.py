@@ -1,5 +1,5 @@
 """QLoRA on this CPU with and without the engine's 4-bit layout guard
-(`trainer.adapters.keep_4bit_layout`): loss curves with evaluations in the middle, and the
+(`trainer.model.adapters.keep_4bit_layout`): loss curves with evaluations in the middle, and the
 merged export's own logit check.
 
 What it measures
@@ -50,9 +50,9 @@ VARIANTS = ("guarded", "no-repacking", "unguarded")
 def child(variant: str, argv: list[str]) -> int:
     """Run the trainer CLI in this process under `variant` (see the module docstring)."""
     if variant != "guarded":
-        import trainer.adapters
+        import trainer.model.adapters
 
-        trainer.adapters.keep_4bit_layout = lambda model: None
+        trainer.model.adapters.keep_4bit_layout = lambda model: None
     if variant == "no-repacking":
         import bitsandbytes.nn.modules
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from launch.job import Job, accelerate_command, checked_job, write_launch_files
 from trainer.errors import UserError
-from trainer.preemption import EXIT_PREEMPTED
+from trainer.run.stop import EXIT_PREEMPTED
 
 # How the launchers report their children's exit codes on stderr: torch.distributed.run
 # (also under `accelerate launch`) lists "exitcode  : 75 (pid: ...)" per failed rank;

@@ -93,8 +93,8 @@ def count_examples(cfg: RunConfig) -> DataCount:
     count survives a tokenizer that can't be loaded; packed MLM/CLM blocks need it."""
     import datasets
 
-    from trainer.model import load_tokenizer
-    from trainer.prepare import prepare_data
+    from trainer.data.prepare import prepare_data
+    from trainer.model.load import load_tokenizer
 
     if cfg.data.streaming:
         return DataCount(None, unknown="data.streaming: a stream's length is not known ahead")
@@ -114,7 +114,7 @@ def count_examples(cfg: RunConfig) -> DataCount:
 def _rows_only(cfg: RunConfig, per_row: int, why: str) -> DataCount:
     """The count without a tokenizer: one example per row for fine-tuning, unknown for
     packed blocks; a problem with the rows themselves is what the plan then reports."""
-    from trainer.prepare import read_splits
+    from trainer.data.prepare import read_splits
 
     try:
         trains, _, names = read_splits(cfg)
@@ -146,7 +146,7 @@ def _meta_model(cfg: RunConfig, data: DataCount):
     import torch
     import transformers
 
-    from trainer.model import AUTO_CLASSES, load_model_config
+    from trainer.model.load import AUTO_CLASSES, load_model_config
 
     config = load_model_config(cfg.model, data.label_names)
     if data.tokenizer_size and data.tokenizer_size > config.vocab_size:
@@ -163,7 +163,7 @@ def _quantized_weights(model) -> int:
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    from trainer.adapters import NOT_QUANTIZED
+    from trainer.model.adapters import NOT_QUANTIZED
 
     kept = [name for name in NOT_QUANTIZED if not name.startswith(".")]
     return sum(
@@ -179,7 +179,7 @@ def _lora_by_shapes(model, cfg: RunConfig) -> int:
     the meta device (the heads trained in full are not counted then)."""
     import torch
 
-    from trainer.adapters import default_target_modules
+    from trainer.model.adapters import default_target_modules
 
     targets = cfg.peft.target_modules or default_target_modules(model)
     if isinstance(targets, str):
@@ -196,7 +196,7 @@ def count_parameters(cfg: RunConfig, data: DataCount) -> ParamCount:
     """Count the parameters without loading weights (see the module docstring)."""
     import torch
 
-    from trainer.adapters import attach_adapter
+    from trainer.model.adapters import attach_adapter
 
     model, config = _meta_model(cfg, data)
     total = sum(p.numel() for p in model.parameters())

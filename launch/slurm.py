@@ -20,7 +20,7 @@ from launch.job import Job, checked_job, write_launch_files
 from launch.local import node_command
 from launch.profiles import ClusterProfile
 from trainer.errors import UserError
-from trainer.preemption import REQUEUE_ENV
+from trainer.run.stop import REQUEUE_ENV
 
 # Shell variables the per-node command leaves for the node to expand.
 NODE_RANK, MAIN_ADDR, MAIN_PORT = "$SLURM_NODEID", "$MAIN_ADDR", "$MAIN_PORT"

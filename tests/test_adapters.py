@@ -12,12 +12,12 @@ from accelerate import Accelerator
 from conftest import TASK_FILES, make_run_config, read_metrics, reset_accelerate
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from trainer.adapters import attach_adapter, quantization_config
-from trainer.checkpoint import save_model
 from trainer.cli import main
+from trainer.commands.export import max_logit_difference
 from trainer.config import ModelConfig, PeftConfig, build_config
-from trainer.export import max_logit_difference
-from trainer.model import load_model, load_trained
+from trainer.model.adapters import attach_adapter, quantization_config
+from trainer.model.load import load_model, load_trained
+from trainer.run.checkpoint import save_model
 
 TASKS = ("mlm", "clm", "classification", "token-classification")
 RANDOM_B = {"init_lora_weights": False}  # a non-zero adapter from the start: merges must matter
@@ -255,10 +255,10 @@ def qlora_run_with_evaluations(
 ) -> tuple[list[dict], list[tuple[dict, dict]]]:
     """A short QLoRA run evaluating every 2 steps, its 4-bit layers built as if this CPU had
     (or lacked) AVX512-BF16; the run's losses and each evaluation's layouts before/after."""
-    import trainer.train
+    import trainer.run.train
 
     monkeypatch.setattr("bitsandbytes.nn.modules.has_avx512bf16", lambda: avx512_bf16)
-    seen, original = [], trainer.train.evaluate
+    seen, original = [], trainer.run.train.evaluate
 
     def evaluate(model, *args, **kwargs):
         before = layouts_4bit(model)
@@ -266,7 +266,7 @@ def qlora_run_with_evaluations(
         seen.append((before, layouts_4bit(model)))
         return results
 
-    monkeypatch.setattr(trainer.train, "evaluate", evaluate)
+    monkeypatch.setattr(trainer.run.train, "evaluate", evaluate)
     folder = tmp_path / f"avx512_bf16-{avx512_bf16}"
     folder.mkdir()
     config = make_run_config(
@@ -309,7 +309,7 @@ def test_evaluation_leaves_the_4bit_weights_as_training_left_them(
 @pytest.mark.skipif(
     not __import__("bitsandbytes.functional").functional.has_avx512bf16(),
     reason="needs a CPU with AVX512-BF16: only there does bitsandbytes repack 4-bit weights "
-    "for inference (the path trainer.adapters.keep_4bit_layout keeps QLoRA off)",
+    "for inference (the path trainer.model.adapters.keep_4bit_layout keeps QLoRA off)",
 )
 def test_qlora_on_a_real_model_evaluates_merges_and_scores_exactly(tmp_path, data_dir, capsys):
     """all-MiniLM-L6-v2 (384 wide, so bitsandbytes' repacking would not crash but round the

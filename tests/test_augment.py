@@ -10,7 +10,9 @@ from collections import Counter
 import pytest
 from conftest import reset_accelerate
 
-from trainer.augment import (
+from trainer.cli import main
+from trainer.config import AugmentConfig, build_config
+from trainer.data.augment import (
     AugmentedDataset,
     augment_text,
     random_deletion,
@@ -19,11 +21,9 @@ from trainer.augment import (
     read_synonyms,
     synonym_replacement,
 )
-from trainer.cli import main
-from trainer.config import AugmentConfig, build_config
-from trainer.data import read_split
+from trainer.data.encode import encode_classification
+from trainer.data.read import read_split
 from trainer.errors import UserError
-from trainer.preprocess import encode_classification
 
 TABLE = "# test table\ngood\tgreat,fine\nbad\tawful\nfilm\tmovie,picture\n\nfood\tthe meal\n"
 SYNONYMS = {

@@ -11,8 +11,8 @@ from conftest import read_metrics, write_csv
 from test_resume import cli
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from trainer.collators import CausalLMCollator, MaskedLMCollator
 from trainer.config import MlmConfig
+from trainer.data.collate import CausalLMCollator, MaskedLMCollator
 
 
 def mean_pad_fraction(run_dir) -> float:

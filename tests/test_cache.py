@@ -1,4 +1,4 @@
-"""trainer.cache / trainer.prepare: the tokenization cache hits on equal content and
+"""trainer.data.cache / trainer.data.prepare: the tokenization cache hits on equal content and
 settings, misses on any change, skips reading on a hit, and is built by one process."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_run_config, write_csv
 
-import trainer.prepare
+import trainer.data.prepare
 from trainer.config import load_config
+from trainer.data.prepare import prepare_data
 from trainer.errors import UserError
-from trainer.model import load_tokenizer
-from trainer.prepare import prepare_data
+from trainer.model.load import load_tokenizer
 
 
 @pytest.fixture
@@ -84,7 +84,7 @@ def test_a_hit_reads_no_rows(setup, monkeypatch):
     def no_reading(*args, **kwargs):
         raise AssertionError("rows were read on a cache hit")
 
-    monkeypatch.setattr(trainer.prepare, "read_split", no_reading)
+    monkeypatch.setattr(trainer.data.prepare, "read_split", no_reading)
     assert prepare(config).cache["status"] == "hit"
 
 

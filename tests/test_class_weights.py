@@ -15,19 +15,19 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, read_metrics, reset_accelerate, write_csv
 
-from trainer.class_weights import (
+from trainer.cli import main
+from trainer.config import build_config
+from trainer.data.class_weights import (
     inverse_frequency,
     label_counts,
     resolve_class_weights,
     target_counts,
 )
-from trainer.cli import main
-from trainer.config import build_config
-from trainer.data import Split
+from trainer.data.encode import IGNORE_INDEX
+from trainer.data.read import Split
 from trainer.errors import UserError
-from trainer.preprocess import IGNORE_INDEX
-from trainer.tasks import TASKS, count_targets, token_loss
-from trainer.train import optimizer_step
+from trainer.run.train import optimizer_step
+from trainer.tasks.spec import TASKS, count_targets, token_loss
 
 
 def split_of(labels: list[str]) -> Split:

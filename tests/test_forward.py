@@ -1,4 +1,4 @@
-"""trainer.forward: projecting only MLM targets gives the same loss and the same gradients as
+"""trainer.run.forward: projecting only MLM targets gives the same loss and the same gradients as
 projecting every position, with logits only where there is a target."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
 
-from trainer.forward import forward
-from trainer.preprocess import IGNORE_INDEX
-from trainer.tasks import token_loss
+from trainer.data.encode import IGNORE_INDEX
+from trainer.run.forward import forward
+from trainer.tasks.spec import token_loss
 
 
 def _batch(vocab_size: int, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from conftest import REPO, read_metrics, reset_accelerate
-from test_nsp import documents
+from test_sentence_pairs import documents
 from transformers import AutoModelForPreTraining, AutoModelForSequenceClassification, AutoTokenizer
 
 from trainer.cli import main

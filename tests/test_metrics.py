@@ -1,4 +1,4 @@
-"""trainer.metrics: the count-based metrics equal sklearn/seqeval and add up across processes."""
+"""trainer.tasks.metrics: count-based metrics equal sklearn/seqeval and add up across processes."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from seqeval.metrics import precision_score as seq_precision
 from seqeval.metrics import recall_score as seq_recall
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from trainer.metrics import ClassificationMetrics, EntityMetrics, LossMetrics
-from trainer.preprocess import IGNORE_INDEX
+from trainer.data.encode import IGNORE_INDEX
+from trainer.tasks.metrics import ClassificationMetrics, EntityMetrics, LossMetrics
 
 
 def alone(tensor: torch.Tensor) -> torch.Tensor:

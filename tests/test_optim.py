@@ -1,4 +1,4 @@
-"""trainer.optim: no decay on biases and norms; layer-wise LR decay by depth; the schedule."""
+"""trainer.run.optim: no decay on biases and norms; layer-wise LR decay by depth; the schedule."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from trainer.config import TrainConfig
-from trainer.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
+from trainer.run.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
 
 LR = 1e-3
 

@@ -86,8 +86,8 @@ def test_validation_split_and_max_steps_change_the_steps(run_config):
 
 def test_packed_lm_examples_are_the_encoded_blocks(run_config, bert_tokenizer):
     from trainer.config import DataConfig
-    from trainer.data import read_split
-    from trainer.preprocess import pack_for_mlm
+    from trainer.data.encode import pack_for_mlm
+    from trainer.data.read import read_split
 
     config = run_config("mlm", train=BATCH_32)
     plan = make_plan(str(config), "cpu-2proc", [])

@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, make_run_config, reset_accelerate
 
 from trainer.cli import main
-from trainer.report import training_seconds
+from trainer.commands.report import training_seconds
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CURVES = ("loss.png", "lr.png", "throughput.png")

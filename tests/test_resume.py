@@ -27,12 +27,11 @@ from accelerate import Accelerator
 from conftest import REPO, make_run_config, read_metrics, reset_accelerate
 from safetensors.torch import load_file
 
-import trainer.checkpoint
-import trainer.tasks
-import trainer.train
+import trainer.run.checkpoint
+import trainer.run.train
+import trainer.tasks.spec
 from trainer.cli import main
-from trainer.preemption import EXIT_PREEMPTED, slurm_job_to_requeue
-from trainer.resume import (
+from trainer.run.resume import (
     COMMIT_NAME,
     SAFE_TO_CHANGE,
     changed_keys,
@@ -43,8 +42,9 @@ from trainer.resume import (
     truncate_metrics,
     write_commit,
 )
-from trainer.tasks import TASKS
-from trainer.train import optimizer_step
+from trainer.run.stop import EXIT_PREEMPTED, slurm_job_to_requeue
+from trainer.run.train import optimizer_step
+from trainer.tasks.spec import TASKS
 
 VOLATILE = ("elapsed_s", "tokens_per_s")  # wall-clock numbers: the only ones allowed to differ
 
@@ -108,7 +108,7 @@ def saved_steps(run_dir: Path) -> list[int]:
 def signal_at_step(monkeypatch, step: int, number: int = signal.SIGTERM) -> None:
     """Send `number` to this process during optimizer step `step`: the loop sees it at the
     next step boundary, so the run saves and stops after step `step + 1`."""
-    real = trainer.train.optimizer_step
+    real = trainer.run.train.optimizer_step
     calls = itertools.count(1)
 
     def step_and_signal(*args, **kwargs):
@@ -116,7 +116,7 @@ def signal_at_step(monkeypatch, step: int, number: int = signal.SIGTERM) -> None
             os.kill(os.getpid(), number)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer.train, "optimizer_step", step_and_signal)
+    monkeypatch.setattr(trainer.run.train, "optimizer_step", step_and_signal)
 
 
 def stop_in_process(config: Path, stop_at: int, *overrides, number=signal.SIGTERM) -> int:
@@ -314,7 +314,7 @@ def test_failed_save_resumes_from_the_previous_checkpoint(
     assert cli("train", reference) == 0
     config = run_config("mlm", **sections)
     run_dir = tmp_path / "run"
-    real_commit = trainer.checkpoint.write_commit
+    real_commit = trainer.run.checkpoint.write_commit
 
     def commit_only_the_first(folder):
         if list((run_dir / "checkpoints").glob("step-*/" + COMMIT_NAME)):
@@ -324,7 +324,7 @@ def test_failed_save_resumes_from_the_previous_checkpoint(
         real_commit(folder)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer.checkpoint, "write_commit", commit_only_the_first)
+        patch.setattr(trainer.run.checkpoint, "write_commit", commit_only_the_first)
         if failure == "disk full":
             assert cli("train", config) == 3
         else:
@@ -521,7 +521,7 @@ def nan_loss_at(monkeypatch, steps: set[int], accumulation: int = 2) -> None:
         return (loss_sum * float("nan") if step in steps else loss_sum), count
 
     patched = {**TASKS, "mlm": dataclasses.replace(spec, loss=loss)}
-    monkeypatch.setattr(trainer.tasks, "TASKS", patched)  # what task_spec looks up
+    monkeypatch.setattr(trainer.tasks.spec, "TASKS", patched)  # what task_spec looks up
 
 
 def _optimizer_state(run_dir: Path, step: int):

@@ -1,4 +1,4 @@
-"""trainer.sampling: global batches are the same examples on any number of processes."""
+"""trainer.data.sampling: global batches are the same examples on any number of processes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from itertools import chain
 
 import pytest
 
-from trainer.sampling import (
+from trainer.data.sampling import (
     BatchPlan,
     KeyedDataset,
     LengthGrouped,

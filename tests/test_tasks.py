@@ -1,4 +1,4 @@
-"""trainer.tasks: the losses are summed over targets, shifted for CLM, and match HF's own."""
+"""trainer.tasks.spec: the losses are summed over targets, shifted for CLM, and match HF's own."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from trainer.preprocess import IGNORE_INDEX
-from trainer.tasks import TASKS, count_targets, next_token_loss, token_loss
+from trainer.data.encode import IGNORE_INDEX
+from trainer.tasks.spec import TASKS, count_targets, next_token_loss, token_loss
 
 
 def test_token_loss_is_a_sum_over_labelled_positions():

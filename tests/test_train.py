@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from trainer.cli import main
-from trainer.collators import MaskedLMCollator
 from trainer.config import DataConfig, MlmConfig
-from trainer.data import read_split
-from trainer.preprocess import IGNORE_INDEX, pack_for_mlm
-from trainer.sampling import KeyedDataset
-from trainer.tasks import TASKS
-from trainer.train import _native_bf16, optimizer_step
+from trainer.data.collate import MaskedLMCollator
+from trainer.data.encode import IGNORE_INDEX, pack_for_mlm
+from trainer.data.read import read_split
+from trainer.data.sampling import KeyedDataset
+from trainer.run.train import _native_bf16, optimizer_step
+from trainer.tasks.spec import TASKS
 
 AUTO_CLASS = {
     "mlm": "AutoModelForMaskedLM",

@@ -52,8 +52,8 @@ def format_results(results: dict) -> str:
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from trainer.preemption import EXIT_PREEMPTED, Preempted
-    from trainer.train import RunFinished, TrainingFailed, train
+    from trainer.run.stop import EXIT_PREEMPTED, Preempted
+    from trainer.run.train import RunFinished, TrainingFailed, train
 
     try:
         results = train(cfg)
@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from trainer.prepare import prepare_command
+    from trainer.data.prepare import prepare_command
 
     stats = prepare_command(cfg)
     where = stats["folder"] or "memory (data.cache_dir is null)"
@@ -85,7 +85,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from trainer.score import score
+    from trainer.commands.evaluate import score
 
     results = score(args.model_dir, args.data, args.overrides)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -95,7 +95,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from trainer.export import export
+    from trainer.commands.export import export
 
     print(json.dumps(export(args.run_dir, args.out, args.merge)))
     return 0
@@ -127,7 +127,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _data_stats(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from trainer.datastats import data_stats, format_report, write_report
+    from trainer.commands.data_stats import data_stats, format_report, write_report
 
     report = data_stats(cfg)
     print(format_report(report))
@@ -136,7 +136,7 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from trainer.report import make_report
+    from trainer.commands.report import make_report
 
     print(make_report(args.run_dir, args.out))
     return 0
@@ -167,16 +167,12 @@ def _add_predict_parser(commands) -> None:
 
 def _tokenizer(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from trainer import tokenizer_tools
+    from trainer.commands.tokenizer import extend_command, train_command
 
     if args.action == "train":
-        tokenizer_tools.train_command(
-            args.corpus, args.type, args.vocab_size, args.out, args.reference
-        )
+        train_command(args.corpus, args.type, args.vocab_size, args.out, args.reference)
     else:
-        tokenizer_tools.extend_command(
-            args.base, args.corpus, args.add, args.out, args.min_frequency
-        )
+        extend_command(args.base, args.corpus, args.add, args.out, args.min_frequency)
     return 0
 
 

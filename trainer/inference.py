@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from trainer import adapters
+from trainer.commands.evaluate import scoring_config
 from trainer.config import DataConfig, RunConfig
-from trainer.data import read_split
+from trainer.data.read import read_split
 from trainer.errors import UserError
-from trainer.model import load_tokenizer, load_trained, task_of_saved_model
-from trainer.score import scoring_config
+from trainer.model import adapters
+from trainer.model.load import load_tokenizer, load_trained, task_of_saved_model
 
 INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

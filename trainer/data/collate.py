@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from trainer.config import MlmConfig
-from trainer.preprocess import IGNORE_INDEX
+from trainer.data.encode import IGNORE_INDEX
 
 Example = dict[str, list]
 Batch = dict[str, torch.Tensor]

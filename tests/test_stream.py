@@ -1,4 +1,4 @@
-"""trainer.streaming: disjoint shards that cover every row once per pass, weighted mixing,
+"""trainer.data.stream: disjoint shards that cover every row once per pass, weighted mixing,
 and a position that resumes a stream exactly; then a streamed run stopped and resumed."""
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from test_resume import (
 )
 
 from trainer.config import DataConfig
+from trainer.data.encode import Packer
+from trainer.data.stream import RowStream, SourceBlocks, TrainStream
 from trainer.errors import UserError
-from trainer.preprocess import Packer
-from trainer.resume import checkpoint_dir
-from trainer.streaming import RowStream, SourceBlocks, TrainStream
+from trainer.run.resume import checkpoint_dir
 
 
 def numbered_files(folder: Path, first: int = 0) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from accelerate.utils import extract_model_from_parallel
 
-from trainer.preprocess import IGNORE_INDEX
+from trainer.data.encode import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 

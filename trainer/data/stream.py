@@ -23,12 +23,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.collators import example_seed
 from trainer.config import DataConfig
-from trainer.data import load_hub, source_files
+from trainer.data.collate import example_seed
+from trainer.data.encode import Columns, Packer
+from trainer.data.read import load_hub, source_files
+from trainer.data.sampling import hash_seed
 from trainer.errors import UserError
-from trainer.preprocess import Columns, Packer
-from trainer.sampling import hash_seed
 
 READ_BATCH = 64  # documents tokenized per tokenizer call
 STREAM_SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -27,10 +27,10 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers.processors import ByteLevel, TemplateProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from trainer import vocabulary
 from trainer.config import DataConfig, load_config
-from trainer.data import read_split
+from trainer.data.read import read_split
 from trainer.errors import UserError
+from trainer.model import vocabulary
 
 KINDS = ("wordpiece", "bpe", "unigram")
 SPECIAL_TOKENS = {

@@ -6,10 +6,10 @@ import datasets
 import torch
 from accelerate import Accelerator
 
-from trainer.forward import forward, to_device
-from trainer.metrics import LossMetrics
-from trainer.sampling import KeyedDataset, evaluation_batches
-from trainer.tasks import TaskSpec
+from trainer.data.sampling import KeyedDataset, evaluation_batches
+from trainer.run.forward import forward, to_device
+from trainer.tasks.metrics import LossMetrics
+from trainer.tasks.spec import TaskSpec
 
 EVAL_EPOCH = -1  # MLM masks for evaluation come from this fixed "epoch": the same every time
 

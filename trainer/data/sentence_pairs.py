@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data import Split
+from trainer.data.encode import word_starts
+from trainer.data.read import Split
 from trainer.errors import UserError
-from trainer.preprocess import word_starts
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 IS_NEXT, NOT_NEXT = 0, 1  # the label convention of BertForPreTraining's next_sentence_label

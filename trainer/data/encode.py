@@ -13,7 +13,7 @@ from itertools import chain
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from trainer.data import Split
+from trainer.data.read import Split
 from trainer.errors import UserError
 
 IGNORE_INDEX = -100  # label value the loss skips (padding, special tokens, sub-words)

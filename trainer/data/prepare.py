@@ -16,9 +16,9 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from trainer import cache
 from trainer.config import RunConfig, train_sources
-from trainer.data import (
+from trainer.data import cache
+from trainer.data.read import (
     Split,
     carve_validation,
     check_labels,
@@ -28,7 +28,7 @@ from trainer.data import (
     read_split,
     source_files,
 )
-from trainer.tasks import task_spec
+from trainer.tasks.spec import task_spec
 
 
 @dataclass
@@ -159,7 +159,7 @@ def prepare_data(
 
 def prepare_command(cfg: RunConfig) -> dict:
     """`trainer prepare`: build the cache entry of a run config (or find it built)."""
-    from trainer.model import load_tokenizer
+    from trainer.model.load import load_tokenizer
 
     if cfg.data.cache_dir is None:
         print("data.cache_dir is null: nothing to prepare (every run tokenizes)", file=sys.stderr)

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from trainer import collators, metrics, next_sentence, preprocess
 from trainer.config import RunConfig
-from trainer.data import Split
-from trainer.preprocess import IGNORE_INDEX
+from trainer.data import collate, encode, sentence_pairs
+from trainer.data.encode import IGNORE_INDEX
+from trainer.data.read import Split
+from trainer.tasks import metrics
 
 
 def token_loss(
@@ -99,7 +100,7 @@ class TaskSpec:
     has_labels: bool  # label names come from the data (classification, NER)
     shifted_targets: bool = False
     # MLM/CLM: texts to per-document token columns, packed on the fly when streaming
-    documents: Callable[[PreTrainedTokenizerBase, list[str]], preprocess.Columns] | None = None
+    documents: Callable[[PreTrainedTokenizerBase, list[str]], encode.Columns] | None = None
     logits_key: str = "logits"  # where the model output holds the logits `loss` reads
     extra_heads: tuple[SequenceHead, ...] = ()
     own_loss_name: str = ""  # with extra heads: the name `loss` is logged under (mlm_loss)
@@ -113,41 +114,41 @@ def _label_ids(names: list[str] | None) -> dict[str, int]:
 
 TASKS: dict[str, TaskSpec] = {
     "mlm": TaskSpec(
-        encode=lambda split, tok, names, length: preprocess.pack_for_mlm(split, tok, length),
-        make_collator=lambda tok, cfg: collators.MaskedLMCollator(
+        encode=lambda split, tok, names, length: encode.pack_for_mlm(split, tok, length),
+        make_collator=lambda tok, cfg: collate.MaskedLMCollator(
             tok, cfg.mlm, cfg.data.isolate_documents
         ),
         loss=token_loss,
         make_metrics=lambda names: metrics.LossMetrics(),
         has_labels=False,
-        documents=preprocess.mlm_documents,
+        documents=encode.mlm_documents,
         targets_only=True,
     ),
     "clm": TaskSpec(
-        encode=lambda split, tok, names, length: preprocess.pack_for_clm(split, tok, length),
-        make_collator=lambda tok, cfg: collators.CausalLMCollator(
+        encode=lambda split, tok, names, length: encode.pack_for_clm(split, tok, length),
+        make_collator=lambda tok, cfg: collate.CausalLMCollator(
             tok.eos_token_id if cfg.data.isolate_documents else None
         ),
         loss=next_token_loss,
         make_metrics=lambda names: metrics.LossMetrics(),
         has_labels=False,
         shifted_targets=True,
-        documents=preprocess.clm_documents,
+        documents=encode.clm_documents,
     ),
     "classification": TaskSpec(
-        encode=lambda split, tok, names, length: preprocess.encode_classification(
+        encode=lambda split, tok, names, length: encode.encode_classification(
             split, tok, _label_ids(names), length
         ),
-        make_collator=lambda tok, cfg: collators.PaddingCollator(tok.pad_token_id),
+        make_collator=lambda tok, cfg: collate.PaddingCollator(tok.pad_token_id),
         loss=token_loss,
         make_metrics=lambda names: metrics.ClassificationMetrics(names),
         has_labels=True,
     ),
     "token-classification": TaskSpec(
-        encode=lambda split, tok, names, length: preprocess.encode_token_classification(
+        encode=lambda split, tok, names, length: encode.encode_token_classification(
             split, tok, _label_ids(names), length
         ),
-        make_collator=lambda tok, cfg: collators.PaddingCollator(tok.pad_token_id),
+        make_collator=lambda tok, cfg: collate.PaddingCollator(tok.pad_token_id),
         loss=token_loss,
         make_metrics=lambda names: metrics.EntityMetrics(names),
         has_labels=True,
@@ -161,11 +162,11 @@ def pretraining_spec(seed: int) -> TaskSpec:
     """BERT pretraining (mlm.next_sentence): MLM on sentence pairs, masked as MLM blocks are,
     plus next-sentence prediction on pairs drawn with `seed`."""
     return TaskSpec(
-        encode=lambda split, tok, names, length: next_sentence.encode_sentence_pairs(
+        encode=lambda split, tok, names, length: sentence_pairs.encode_sentence_pairs(
             split, tok, length, seed
         ),
-        make_collator=lambda tok, cfg: collators.SentencePairCollator(
-            collators.MaskedLMCollator(tok, cfg.mlm)
+        make_collator=lambda tok, cfg: collate.SentencePairCollator(
+            collate.MaskedLMCollator(tok, cfg.mlm)
         ),
         loss=token_loss,
         make_metrics=lambda names: metrics.PretrainingMetrics("mlm", [NEXT_SENTENCE_HEAD.name]),

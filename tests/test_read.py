@@ -1,4 +1,4 @@
-"""trainer.data: readers keep where each row came from; bad rows are named; labels ordered."""
+"""trainer.data.read: readers keep where each row came from; bad rows are named; labels ordered."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from conftest import write_csv, write_jsonl
 
 from trainer.config import DataConfig
-from trainer.data import (
+from trainer.data.read import (
     Split,
     carve_validation,
     check_labels,

@@ -26,10 +26,6 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from trainer.adapters import attach_adapter, quantization_config
-from trainer.augment import training_examples
-from trainer.checkpoint import TRAINER_STATE_NAME, load_checkpoint, save_checkpoint, save_model
-from trainer.class_weights import resolve_class_weights, target_counts
 from trainer.config import (
     LOWER_IS_BETTER,
     RunConfig,
@@ -39,16 +35,11 @@ from trainer.config import (
     train_sources,
     world_size_from_env,
 )
-from trainer.errors import UserError
-from trainer.evaluation import evaluate
-from trainer.forward import forward, to_device
-from trainer.model import check_document_isolation, load_model, load_tokenizer
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.preemption import Preempted, StopFlag, requeue, slurm_job_to_requeue
-from trainer.prepare import PreparedData, prepare_data, source_key
-from trainer.preprocess import Packer
-from trainer.resume import changed_keys, checkpoint_dir, rotate, select_checkpoint, truncate_metrics
-from trainer.sampling import (
+from trainer.data.augment import training_examples
+from trainer.data.class_weights import resolve_class_weights, target_counts
+from trainer.data.encode import Packer
+from trainer.data.prepare import PreparedData, prepare_data, source_key
+from trainer.data.sampling import (
     LENGTH_WINDOW_BATCHES,
     BatchPlan,
     KeyedDataset,
@@ -57,9 +48,24 @@ from trainer.sampling import (
     Shuffled,
     StreamPlan,
 )
-from trainer.streaming import RowStream, SourceBlocks, TrainStream
-from trainer.tasks import TaskSpec, count_targets, task_spec
-from trainer.tracking import RunLog
+from trainer.data.stream import RowStream, SourceBlocks, TrainStream
+from trainer.errors import UserError
+from trainer.model.adapters import attach_adapter, quantization_config
+from trainer.model.load import check_document_isolation, load_model, load_tokenizer
+from trainer.run.checkpoint import TRAINER_STATE_NAME, load_checkpoint, save_checkpoint, save_model
+from trainer.run.evaluation import evaluate
+from trainer.run.forward import forward, to_device
+from trainer.run.optim import build_optimizer, build_scheduler
+from trainer.run.resume import (
+    changed_keys,
+    checkpoint_dir,
+    rotate,
+    select_checkpoint,
+    truncate_metrics,
+)
+from trainer.run.stop import Preempted, StopFlag, requeue, slurm_job_to_requeue
+from trainer.run.tracking import RunLog
+from trainer.tasks.spec import TaskSpec, count_targets, task_spec
 
 
 class RunFinished(Exception):

@@ -28,9 +28,10 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from trainer.class_weights import label_counts
 from trainer.config import RunConfig, train_sources
-from trainer.data import (
+from trainer.data.class_weights import label_counts
+from trainer.data.prepare import source_key
+from trainer.data.read import (
     LM_TASKS,
     Split,
     carve_validation,
@@ -38,8 +39,7 @@ from trainer.data import (
     read_split_keeping_going,
 )
 from trainer.errors import UserError
-from trainer.model import load_model_config, load_tokenizer
-from trainer.prepare import source_key
+from trainer.model.load import load_model_config, load_tokenizer
 
 PERCENTILES = (50, 95, 99)
 MULTIPLE = 8  # suggested max_length is rounded up to this

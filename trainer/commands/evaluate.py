@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from trainer.checkpoint import RUN_CONFIG_NAME
 from trainer.config import RunConfig, apply_overrides, build_config, read_yaml
-from trainer.data import check_labels, read_split
+from trainer.data.read import check_labels, read_split
 from trainer.errors import UserError
-from trainer.evaluation import evaluate
-from trainer.model import (
+from trainer.model.load import (
     load_model_config,
     load_tokenizer,
     load_trained,
     saved_label_names,
     task_of_saved_model,
 )
-from trainer.tasks import task_spec
+from trainer.run.checkpoint import RUN_CONFIG_NAME
+from trainer.run.evaluation import evaluate
+from trainer.tasks.spec import task_spec
 
 
 def scoring_config(model_dir: str, data: str, overrides: list[str]) -> RunConfig:

@@ -1,4 +1,4 @@
-"""trainer.tokenizer_tools and trainer.vocabulary: `trainer tokenizer train` gives a
+"""trainer.commands.tokenizer and trainer.model.vocabulary: `trainer tokenizer train` gives a
 tokenizer of each kind that AutoTokenizer loads; `trainer tokenizer extend` adds the words
 the documented rule ranks first; a run with an extended tokenizer starts each new
 embedding row at the mean of the rows of the pieces it replaces."""
@@ -13,11 +13,11 @@ import torch
 from conftest import REPO, make_run_config, read_metrics, reset_accelerate
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from trainer import vocabulary
 from trainer.cli import main
+from trainer.commands.tokenizer import tokens_per_word, train_tokenizer
 from trainer.config import ModelConfig
-from trainer.model import load_model, load_tokenizer
-from trainer.tokenizer_tools import tokens_per_word, train_tokenizer
+from trainer.model import vocabulary
+from trainer.model.load import load_model, load_tokenizer
 
 DOMAIN = REPO / "data" / "text" / "domain.txt"
 

@@ -14,9 +14,9 @@ from collections import Counter
 
 import datasets
 
-from trainer.data import Split
+from trainer.data.encode import IGNORE_INDEX
+from trainer.data.read import Split
 from trainer.errors import UserError
-from trainer.preprocess import IGNORE_INDEX
 
 
 def label_counts(split: Split, task: str) -> Counter[str]:

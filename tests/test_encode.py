@@ -1,4 +1,4 @@
-"""trainer.preprocess: packed LM blocks are full, padding-free and in document order."""
+"""trainer.data.encode: packed LM blocks are full, padding-free and in document order."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from itertools import chain
 import pytest
 import tiny_models
 
-from trainer.data import Split
-from trainer.errors import UserError
-from trainer.preprocess import (
+from trainer.data.encode import (
     IGNORE_INDEX,
     Packer,
     encode_classification,
@@ -17,6 +15,8 @@ from trainer.preprocess import (
     pack_for_clm,
     pack_for_mlm,
 )
+from trainer.data.read import Split
+from trainer.errors import UserError
 
 MAX_LENGTH = 32
 

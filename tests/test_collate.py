@@ -1,4 +1,4 @@
-"""trainer.collators: BERT masking statistics, whole-word masking, per-example determinism."""
+"""trainer.data.collate: BERT masking statistics, whole-word masking, per-example determinism."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import pytest
 import tiny_models
 import torch
 
-from trainer.collators import (
+from trainer.config import MlmConfig
+from trainer.data.collate import (
     CausalLMCollator,
     MaskedLMCollator,
     PaddingCollator,
     example_seed,
 )
-from trainer.config import MlmConfig
-from trainer.data import Split
-from trainer.preprocess import IGNORE_INDEX, pack_for_mlm
-from trainer.sampling import KeyedDataset
+from trainer.data.encode import IGNORE_INDEX, pack_for_mlm
+from trainer.data.read import Split
+from trainer.data.sampling import KeyedDataset
 
 BLOCKS, LENGTH, RUN_SEED = 200, 128, 42
 

@@ -23,9 +23,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer import adapters, vocabulary
 from trainer.config import ModelConfig, PeftConfig
 from trainer.errors import UserError
+from trainer.model import adapters, vocabulary
 
 AUTO_CLASSES = {
     "mlm": "AutoModelForMaskedLM",

@@ -23,11 +23,11 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from trainer.collators import example_seed
 from trainer.config import AugmentConfig, RunConfig
+from trainer.data.collate import example_seed
+from trainer.data.prepare import read_splits
+from trainer.data.sampling import KeyedDataset
 from trainer.errors import UserError
-from trainer.prepare import read_splits
-from trainer.sampling import KeyedDataset
 
 Synonyms = dict[str, list[str]]
 Operation = Callable[[list[str], float, Synonyms, random.Random], list[str]]

@@ -16,9 +16,9 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase
 
-from trainer import adapters
 from trainer.config import RunConfig, dump_yaml
-from trainer.resume import write_commit
+from trainer.model import adapters
+from trainer.run.resume import write_commit
 
 RUN_CONFIG_NAME = "trainer_config.yaml"  # inside a saved model: how it was trained
 TRAINER_STATE_NAME = "trainer_state.json"

@@ -27,16 +27,16 @@ from test_resume import (  # noqa: F401 (the fixture puts pytest's signal handle
 from transformers import AutoModelForPreTraining
 
 from trainer.cli import main
-from trainer.collators import MaskedLMCollator, SentencePairCollator
 from trainer.config import DataConfig, MlmConfig
-from trainer.data import Split, read_split
+from trainer.data.collate import MaskedLMCollator, SentencePairCollator
+from trainer.data.encode import IGNORE_INDEX
+from trainer.data.read import Split, read_split
+from trainer.data.sampling import KeyedDataset
+from trainer.data.sentence_pairs import draw_pairs, encode_sentence_pairs, split_sentences
 from trainer.errors import UserError
-from trainer.next_sentence import draw_pairs, encode_sentence_pairs, split_sentences
-from trainer.preemption import EXIT_PREEMPTED
-from trainer.preprocess import IGNORE_INDEX
-from trainer.sampling import KeyedDataset
-from trainer.tasks import pretraining_spec
-from trainer.train import optimizer_step
+from trainer.run.stop import EXIT_PREEMPTED
+from trainer.run.train import optimizer_step
+from trainer.tasks.spec import pretraining_spec
 
 TOPICS = (  # words of the tiny BERT's vocabulary, one set per kind of document
     "patient doctor hospital pain fever treatment dose severe mild daily",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from trainer.collators import example_seed
+from trainer.data.collate import example_seed
 
 # Length grouping sorts windows of this many global batches (more: less padding, less
 # randomness in which examples share a batch).

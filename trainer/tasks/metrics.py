@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from trainer.preprocess import IGNORE_INDEX
+from trainer.data.encode import IGNORE_INDEX
 
 SumAcrossProcesses = Callable[[torch.Tensor], torch.Tensor]
 

@@ -8,11 +8,11 @@ import pytest
 from conftest import reset_accelerate, write_csv
 
 from trainer.cli import main
+from trainer.commands.data_stats import percentile, suggest_max_length
 from trainer.config import DataConfig
-from trainer.data import read_split
-from trainer.datastats import percentile, suggest_max_length
+from trainer.data.encode import pack_for_clm, pack_for_mlm
+from trainer.data.read import read_split
 from trainer.errors import UserError
-from trainer.preprocess import pack_for_clm, pack_for_mlm
 
 # Every word here is one token of the tiny BERT (checked below), so a text of w words is
 # w + 2 tokens with [CLS] and [SEP].

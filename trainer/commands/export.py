@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from trainer import adapters
-from trainer.checkpoint import RUN_CONFIG_NAME
 from trainer.config import RunConfig, apply_overrides, build_config, dump_yaml, read_yaml
 from trainer.errors import UserError
-from trainer.model import (
+from trainer.model import adapters
+from trainer.model.load import (
     load_model,
     load_model_config,
     load_tokenizer,
     load_trained,
     saved_label_names,
 )
+from trainer.run.checkpoint import RUN_CONFIG_NAME
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json")
 SAMPLE_TEXTS = (
