@@ -62,13 +62,13 @@ from launch.job import Job, checked_job
 from launch.profiles import ClusterProfile
 from trainer.config import RunConfig
 from trainer.errors import UserError
+from trainer.tasks.registry import TASKS, task_spec
 
 ADAM_STATE_BYTES = 8  # Adam m and v, fp32
 MASTER_COPY_BYTES = 4  # fp32 weights kept by the optimizer under mixed precision
 QLORA_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # NF4 + double-quantized absmax
 LAYER_BYTES_PER_TOKEN_AND_WIDTH = 34  # Korthikanti et al., 16-bit activations
 ATTENTION_BYTES = 5  # x heads x seq² x micro batch, per layer
-PACKED_TASKS = ("mlm", "clm")
 
 
 # --- combinations a profile can not run ---------------------------------------------------
@@ -102,7 +102,7 @@ def count_examples(cfg: RunConfig) -> DataCount:
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # stdout is the plan; no progress lines on stderr
     try:
-        data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
+        data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, task_spec(cfg)))
     except (UserError, OSError) as err:
         return _rows_only(cfg, per_row, str(err))
     finally:
@@ -120,7 +120,7 @@ def _rows_only(cfg: RunConfig, per_row: int, why: str) -> DataCount:
         trains, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
         return DataCount(None, unknown=str(err))
-    if cfg.task in PACKED_TASKS:
+    if TASKS[cfg.task].packed:
         return DataCount(None, names, unknown=why)
     return DataCount(sum(map(len, trains)) * per_row, names)
 
@@ -146,12 +146,12 @@ def _meta_model(cfg: RunConfig, data: DataCount):
     import torch
     import transformers
 
-    from trainer.model.load import AUTO_CLASSES, load_model_config
+    from trainer.model.load import load_model_config
 
     config = load_model_config(cfg.model, data.label_names)
     if data.tokenizer_size and data.tokenizer_size > config.vocab_size:
         config.vocab_size = data.tokenizer_size  # training resizes the embeddings to fit
-    auto_class = getattr(transformers, AUTO_CLASSES[cfg.head])
+    auto_class = getattr(transformers, task_spec(cfg).auto_class)
     with torch.device("meta"):
         model = auto_class.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     return model, config
@@ -214,7 +214,7 @@ def count_parameters(cfg: RunConfig, data: DataCount) -> ParamCount:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's deprecation notes are not the plan's
             adapted = attach_adapter(
-                model, dataclasses.replace(cfg.peft, method="lora"), cfg.task, False
+                model, dataclasses.replace(cfg.peft, method="lora"), task_spec(cfg), False
             )
         trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in adapted.parameters() if not p.requires_grad)
@@ -322,7 +322,7 @@ def activation_bytes(params: ParamCount, cfg: RunConfig, precision: str, recompu
     kept = layers * 2 * s * b * h + one_layer if recompute else layers * one_layer
     if precision == "no":
         kept *= 2
-    logits = s * b * params.vocab * 4 if cfg.task in PACKED_TASKS else 0
+    logits = s * b * params.vocab * 4 if TASKS[cfg.task].packed else 0
     return float(kept + logits)
 
 
@@ -423,7 +423,7 @@ def _batch_lines(plan: Plan) -> list[str]:
     profile = job.profile
     exactness = (
         "exact: packed blocks"
-        if cfg.task in PACKED_TASKS
+        if TASKS[cfg.task].packed
         else "an upper bound: examples are padded to the longest in a micro batch"
     )
     if plan.data.examples is None:

@@ -16,8 +16,10 @@ from trainer.cli import main
 from trainer.commands.export import max_logit_difference
 from trainer.config import ModelConfig, PeftConfig, build_config
 from trainer.model.adapters import attach_adapter, quantization_config
-from trainer.model.load import load_model, load_trained
+from trainer.model.load import load_model
+from trainer.model.saved import SavedModel
 from trainer.run.checkpoint import save_model
+from trainer.tasks.classification import CLASSIFICATION
 
 TASKS = ("mlm", "clm", "classification", "token-classification")
 RANDOM_B = {"init_lora_weights": False}  # a non-zero adapter from the start: merges must matter
@@ -32,7 +34,7 @@ def tiny_classifier(tiny_bert: Path, tokenizer, quantized: bool = False):
     quantization = quantization_config("no") if quantized else None
     return load_model(
         ModelConfig(name_or_path=str(tiny_bert)),
-        "classification",
+        CLASSIFICATION,
         tokenizer,
         ["negative", "positive"],
         seed=0,
@@ -50,7 +52,7 @@ def test_lora_parameter_count_is_r_times_d_plus_k(tiny_bert, bert_tokenizer):
     """BERT default targets are query and value (32x32 in the tiny model, 2 layers): each
     adds r*(d+k) = 8*(32+32); the classifier (32*2 + 2) trains in full next to them."""
     model = tiny_classifier(tiny_bert, bert_tokenizer)
-    model = attach_adapter(model, PeftConfig(method="lora", r=8), "classification", False)
+    model = attach_adapter(model, PeftConfig(method="lora", r=8), CLASSIFICATION, False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2)
 
@@ -59,7 +61,7 @@ def test_more_modules_to_save_add_to_the_head(tiny_bert, bert_tokenizer):
     """peft.options.modules_to_save trains BERT's pooler (32x32 + 32) next to the head."""
     model = tiny_classifier(tiny_bert, bert_tokenizer)
     cfg = PeftConfig(method="lora", r=8, options={"modules_to_save": ["pooler"]})
-    model = attach_adapter(model, cfg, "classification", False)
+    model = attach_adapter(model, cfg, CLASSIFICATION, False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2) + (32 * 32 + 32)
 
@@ -67,7 +69,7 @@ def test_more_modules_to_save_add_to_the_head(tiny_bert, bert_tokenizer):
 def test_all_linear_targets_every_linear_layer(tiny_bert, bert_tokenizer):
     model = tiny_classifier(tiny_bert, bert_tokenizer)
     cfg = PeftConfig(method="lora", r=4, target_modules="all-linear")
-    model = attach_adapter(model, cfg, "classification", False)
+    model = attach_adapter(model, cfg, CLASSIFICATION, False)
     # per layer: q, k, v, attention output (32x32 each), intermediate 32->64, output 64->32
     per_layer = 4 * 4 * (32 + 32) + 4 * (32 + 64) * 2
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -80,7 +82,7 @@ def test_unknown_lora_option_is_a_user_error(tiny_bert, bert_tokenizer):
     model = tiny_classifier(tiny_bert, bert_tokenizer)
     with pytest.raises(UserError, match=r"peft\.options"):
         attach_adapter(
-            model, PeftConfig(method="lora", options={"use_dorra": True}), "classification", False
+            model, PeftConfig(method="lora", options={"use_dorra": True}), CLASSIFICATION, False
         )
 
 
@@ -89,7 +91,7 @@ def test_saved_adapter_reloads_with_identical_predictions(method, tiny_bert, tmp
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     model = tiny_classifier(tiny_bert, tokenizer, quantized=method == "qlora")
     peft = PeftConfig(method=method, options=RANDOM_B)
-    model = attach_adapter(model, peft, "classification", False).eval()
+    model = attach_adapter(model, peft, CLASSIFICATION, False).eval()
     cfg = build_config(
         {
             "task": "classification",
@@ -101,7 +103,7 @@ def test_saved_adapter_reloads_with_identical_predictions(method, tiny_bert, tmp
     save_model(Accelerator(cpu=True), model, tokenizer, tmp_path / "final", cfg)
     files = {p.name: p.stat().st_size for p in (tmp_path / "final").iterdir()}
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
-    reloaded = load_trained(str(tmp_path / "final"), "classification", tokenizer, peft, "no", 0)
+    reloaded = SavedModel.read(tmp_path / "final").load(CLASSIFICATION, tokenizer, peft, "no", 0)
     batch = sample_batch(tokenizer)
     with torch.no_grad():
         expected, got = model(**batch).logits, reloaded.eval()(**batch).logits
@@ -139,7 +141,7 @@ def test_merged_model_matches_the_adapter(method, tmp_path, tiny_models_by_task,
 
     tokenizer = AutoTokenizer.from_pretrained(final)
     peft = PeftConfig(method=method)
-    adapted = load_trained(str(final), "classification", tokenizer, peft, "no", seed=0)
+    adapted = SavedModel.read(final).load(CLASSIFICATION, tokenizer, peft, "no", seed=0)
     merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
     batch = sample_batch(tokenizer)
     assert max_logit_difference(adapted, merged, batch) < 1e-4

@@ -22,7 +22,7 @@ from trainer.data.augment import (
     synonym_replacement,
 )
 from trainer.data.encode import encode_classification
-from trainer.data.read import read_split
+from trainer.data.read import LABELLED_TEXT, read_split
 from trainer.errors import UserError
 
 TABLE = "# test table\ngood\tgreat,fine\nbad\tawful\nfilm\tmovie,picture\n\nfood\tthe meal\n"
@@ -151,7 +151,7 @@ def augmented(data_dir, bert_tokenizer, tmp_path):
         },
     }
     cfg = build_config(raw, world_size=1)
-    split = read_split(cfg.data.train, "data.train", "classification", cfg.data)
+    split = read_split(cfg.data.train, "data.train", LABELLED_TEXT, cfg.data)
     encoded = encode_classification(split, bert_tokenizer, {"negative": 0, "positive": 1}, 32)
     texts = [row["text"] for row in split.rows]
     return AugmentedDataset(encoded, texts, bert_tokenizer, cfg), encoded, split, cfg

@@ -18,6 +18,7 @@ from trainer.config import load_config
 from trainer.data.prepare import prepare_data
 from trainer.errors import UserError
 from trainer.model.load import load_tokenizer
+from trainer.tasks.registry import TASKS
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def setup(tmp_path, tiny_models_by_task, data_dir):
 
 def prepare(config: Path, *overrides: str):
     cfg = load_config(config, [f"data.cache_dir={config.parent / 'cache'}", *overrides])
-    data, _ = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
+    data, _ = prepare_data(cfg, lambda: load_tokenizer(cfg.model, TASKS[cfg.task]))
     return data
 
 
@@ -68,7 +69,7 @@ def test_another_tokenizer_makes_a_new_key(setup, tmp_path, tiny_bert):
     config, _ = setup
     first = prepare(config).cache["folder"]
     other = tmp_path / "other-tokenizer"
-    tokenizer = load_tokenizer(load_config(config).model, "classification")
+    tokenizer = load_tokenizer(load_config(config).model, TASKS["classification"])
     tokenizer.add_tokens(["cinematography"])
     tokenizer.save_pretrained(other)
     for name in ("config.json", "model.safetensors"):

@@ -24,10 +24,11 @@ from trainer.data.class_weights import (
     target_counts,
 )
 from trainer.data.encode import IGNORE_INDEX
-from trainer.data.read import Split
+from trainer.data.read import LABELLED_TEXT, TAGGED_WORDS, Split
 from trainer.errors import UserError
-from trainer.run.train import optimizer_step
-from trainer.tasks.spec import TASKS, count_targets, token_loss
+from trainer.run.step import optimizer_step
+from trainer.tasks.losses import count_targets, token_loss
+from trainer.tasks.registry import TASKS
 
 
 def split_of(labels: list[str]) -> Split:
@@ -39,11 +40,11 @@ def split_of(labels: list[str]) -> Split:
 
 def test_auto_is_inverse_frequency():
     train = split_of(["a"] * 6 + ["b"] * 3 + ["c"])
-    weights = resolve_class_weights("auto", label_counts(train, "classification"), ["a", "b", "c"])
+    weights = resolve_class_weights("auto", label_counts(train, LABELLED_TEXT), ["a", "b", "c"])
     # n / (C * n_c) with n = 10, C = 3
     assert weights == pytest.approx([10 / 18, 10 / 9, 10 / 3])
     # each class carries the same total weight, and the mean weight per target is 1
-    counts = label_counts(train, "classification")
+    counts = label_counts(train, LABELLED_TEXT)
     assert [w * counts[c] for w, c in zip(weights, "abc", strict=True)] == pytest.approx(
         [10 / 3] * 3
     )
@@ -52,8 +53,8 @@ def test_auto_is_inverse_frequency():
 
 def test_auto_for_ner_counts_words():
     train = Split("data.train", [{"tokens": ["x"] * 4, "tags": ["O", "O", "O", "B-PER"]}], [])
-    assert label_counts(train, "token-classification") == {"O": 3, "B-PER": 1}
-    assert inverse_frequency(label_counts(train, "token-classification"), ["O", "B-PER"]) == [
+    assert label_counts(train, TAGGED_WORDS) == {"O": 3, "B-PER": 1}
+    assert inverse_frequency(label_counts(train, TAGGED_WORDS), ["O", "B-PER"]) == [
         pytest.approx(4 / 6),
         2.0,
     ]
@@ -70,7 +71,7 @@ def test_target_counts_of_encoded_data_skip_ignored_positions():
 
 
 def test_mapping_leaves_unlisted_labels_at_one_and_rejects_unknown_ones():
-    counts = label_counts(split_of(["neg", "pos"]), "classification")
+    counts = label_counts(split_of(["neg", "pos"]), LABELLED_TEXT)
     assert resolve_class_weights({"pos": 4}, counts, ["neg", "pos"]) == [1, 4]
     assert resolve_class_weights("none", counts, ["neg", "pos"]) is None
     with pytest.raises(UserError, match=r"^data\.class_weights: unknown label 'neutral'"):
@@ -157,9 +158,9 @@ def test_step_loss_equals_cross_entropy_with_weights(tiny_bert, classifier_batch
     halves = [{k: v[s : s + 4] for k, v in classifier_batch.items()} for s in (0, 4)]
     spec = TASKS["classification"]
     sums = optimizer_step(
-        model, halves, spec, accelerator, optimizer, scheduler, 0.0, (), weight
+        model, halves, spec, accelerator, optimizer, scheduler, 0.0, class_weights=weight
     ).sums
-    assert (sums[0] / sums[1]).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (sums.loss / sums.targets).item() == pytest.approx(expected.item(), rel=1e-5)
 
     # and the update is the gradient of that loss: plain SGD with lr 1 by hand
     reference = load_classifier(tiny_bert)

@@ -11,7 +11,7 @@ from trainer.cli import main
 from trainer.commands.data_stats import percentile, suggest_max_length
 from trainer.config import DataConfig
 from trainer.data.encode import pack_for_clm, pack_for_mlm
-from trainer.data.read import read_split
+from trainer.data.read import LABELLED_TEXT, TAGGED_WORDS, TEXT, read_split
 from trainer.errors import UserError
 
 # Every word here is one token of the tiny BERT (checked below), so a text of w words is
@@ -100,7 +100,7 @@ def test_figures_of_a_known_file(stats_config, tmp_path, capsys):
 
 def test_training_still_rejects_the_empty_row(stats_config, tmp_path):
     with pytest.raises(UserError, match=r"train\.csv row 4: empty text"):
-        read_split(str(tmp_path / "train.csv"), "data.train", "classification", DataConfig())
+        read_split(str(tmp_path / "train.csv"), "data.train", LABELLED_TEXT, DataConfig())
 
 
 def test_report_goes_to_data_stats_json_in_the_current_folder(
@@ -144,7 +144,7 @@ def test_packed_blocks_match_what_training_packs(
     tokenizer = AutoTokenizer.from_pretrained(
         tiny_models_by_task["clm" if task == "clm" else "bert"]
     )
-    split = read_split(str(data_dir / "text.txt"), "data.train", task, DataConfig())
+    split = read_split(str(data_dir / "text.txt"), "data.train", TEXT, DataConfig())
     assert train["packed_blocks"] == len(pack(split, tokenizer, 32))
     assert train["total_tokens"] // 32 >= train["packed_blocks"]
     assert "truncated_rows" not in train and "blocks of 32" in out
@@ -154,9 +154,7 @@ def test_token_classification_counts_tags(run_config, data_dir, tmp_path, capsys
     code, _, _ = data_stats(capsys, run_config("token-classification"), "--json", tmp_path / "s")
     assert code == 0
     train = json.loads((tmp_path / "s").read_text())["splits"]["train"]
-    split = read_split(
-        str(data_dir / "ner_train.jsonl"), "data.train", "token-classification", DataConfig()
-    )
+    split = read_split(str(data_dir / "ner_train.jsonl"), "data.train", TAGGED_WORDS, DataConfig())
     assert train["rows"] == len(split) == 192
     assert set(train["labels"]) == {"O", "B-LOC", "B-PER", "B-ORG", "I-ORG"}
     words = sum(len(row["tokens"]) for row in split.rows)

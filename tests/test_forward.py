@@ -9,7 +9,7 @@ from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
 
 from trainer.data.encode import IGNORE_INDEX
 from trainer.run.forward import forward
-from trainer.tasks.spec import token_loss
+from trainer.tasks.losses import token_loss
 
 
 def _batch(vocab_size: int, seed: int = 1) -> dict[str, torch.Tensor]:

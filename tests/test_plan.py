@@ -14,6 +14,7 @@ from launch.accelerate_config import deepspeed_config, fsdp_settings
 from launch.job import resolve_job
 from launch.plan import QLORA_BYTES, make_plan
 from trainer.cli import main
+from trainer.data.read import TEXT
 
 WORLD = 8  # the 8gpu-* profiles
 BATCH_32 = {"global_batch_size": 32}  # micro batch 4 x 8 processes
@@ -92,7 +93,7 @@ def test_packed_lm_examples_are_the_encoded_blocks(run_config, bert_tokenizer):
     config = run_config("mlm", train=BATCH_32)
     plan = make_plan(str(config), "cpu-2proc", [])
     raw = yaml.safe_load(config.read_text())
-    split = read_split(raw["data"]["train"], "data.train", "mlm", DataConfig(max_length=32))
+    split = read_split(raw["data"]["train"], "data.train", TEXT, DataConfig(max_length=32))
     blocks = len(pack_for_mlm(split, bert_tokenizer, 32))
     assert plan.data.examples == blocks
     assert plan.total_steps == blocks // 32

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 import trainer.run.checkpoint
 import trainer.run.train
-import trainer.tasks.spec
+import trainer.tasks.registry
 from trainer.cli import main
 from trainer.run.resume import (
     COMMIT_NAME,
@@ -42,9 +42,9 @@ from trainer.run.resume import (
     truncate_metrics,
     write_commit,
 )
+from trainer.run.step import Requests, optimizer_step
 from trainer.run.stop import EXIT_PREEMPTED, slurm_job_to_requeue
-from trainer.run.train import optimizer_step
-from trainer.tasks.spec import TASKS
+from trainer.tasks.registry import TASKS
 
 VOLATILE = ("elapsed_s", "tokens_per_s")  # wall-clock numbers: the only ones allowed to differ
 
@@ -521,7 +521,7 @@ def nan_loss_at(monkeypatch, steps: set[int], accumulation: int = 2) -> None:
         return (loss_sum * float("nan") if step in steps else loss_sum), count
 
     patched = {**TASKS, "mlm": dataclasses.replace(spec, loss=loss)}
-    monkeypatch.setattr(trainer.tasks.spec, "TASKS", patched)  # what task_spec looks up
+    monkeypatch.setattr(trainer.tasks.registry, "TASKS", patched)  # what task_spec looks up
 
 
 def _optimizer_state(run_dir: Path, step: int):
@@ -633,16 +633,16 @@ def test_optimizer_step_skips_a_nan_loss(tiny_bert, bert_tokenizer):
     spec = dataclasses.replace(TASKS["mlm"], loss=nan_in_second)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = optimizer_step(
-        model, window, spec, accelerator, optimizer, scheduler, 1.0, (True, False)
+        model, window, spec, accelerator, optimizer, scheduler, 1.0, Requests(stop=True)
     )
     assert result.skipped
-    assert result.requests == [True, False]
-    assert torch.isfinite(result.sums).all()
+    assert result.requests == Requests(stop=True, save=False)
+    assert all(torch.isfinite(t).all() for t in vars(result.sums).values())
     assert_same_tensors(model.state_dict(), before)
     assert scheduler.last_epoch == 0 and not optimizer.state
     assert all(p.grad is None for p in model.parameters())
     result = optimizer_step(model, window, TASKS["mlm"], accelerator, optimizer, scheduler, 1.0)
-    assert not result.skipped and result.requests == []
+    assert not result.skipped and result.requests == Requests()
     assert scheduler.last_epoch == 1
     assert not torch.equal(
         model.state_dict()["bert.embeddings.word_embeddings.weight"],

@@ -30,13 +30,13 @@ from trainer.cli import main
 from trainer.config import DataConfig, MlmConfig
 from trainer.data.collate import MaskedLMCollator, SentencePairCollator
 from trainer.data.encode import IGNORE_INDEX
-from trainer.data.read import Split, read_split
+from trainer.data.read import TEXT, Split, read_split
 from trainer.data.sampling import KeyedDataset
 from trainer.data.sentence_pairs import draw_pairs, encode_sentence_pairs, split_sentences
 from trainer.errors import UserError
+from trainer.run.step import optimizer_step
 from trainer.run.stop import EXIT_PREEMPTED
-from trainer.run.train import optimizer_step
-from trainer.tasks.spec import pretraining_spec
+from trainer.tasks.mlm import pretraining
 
 TOPICS = (  # words of the tiny BERT's vocabulary, one set per kind of document
     "patient doctor hospital pain fever treatment dose severe mild daily",
@@ -183,7 +183,7 @@ def sgd_step(model_dir: Path, window: list[dict], accumulation: int):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
-    sums = optimizer_step(model, window, pretraining_spec(0), accelerator, optimizer, scheduler, 0)
+    sums = optimizer_step(model, window, pretraining(0), accelerator, optimizer, scheduler, 0)
     return accelerator.unwrap_model(model).state_dict(), sums.sums
 
 
@@ -205,8 +205,8 @@ def test_step_is_an_sgd_step_on_bert_pretraining_loss(tiny_bert, bert_tokenizer)
         weights, sums = sgd_step(tiny_bert, window, accumulation)
         assert max((weights[k] - expected[k]).abs().max().item() for k in expected) < 1e-6
         # [mlm loss sum, mlm targets, tokens, grad norm, positions, nsp loss sum, nsp targets]
-        assert sums[1].item() == (batch["labels"] != IGNORE_INDEX).sum().item()
-        assert sums[6].item() == 8
+        assert sums.targets.item() == (batch["labels"] != IGNORE_INDEX).sum().item()
+        assert sums.head_targets[0].item() == 8
 
 
 # --- end to end ----------------------------------------------------------------------------
@@ -337,5 +337,5 @@ def test_nsp_metrics_may_pick_the_best_model():
 def test_data_config_reads_documents_per_line(tmp_path):
     path = tmp_path / "docs.txt"
     path.write_text("One. Two.\n\nThree. Four.\n")
-    rows = read_split(str(path), "data.train", "mlm", DataConfig()).rows
+    rows = read_split(str(path), "data.train", TEXT, DataConfig()).rows
     assert [split_sentences(r["text"]) for r in rows] == [["One.", "Two."], ["Three.", "Four."]]

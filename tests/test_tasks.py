@@ -1,4 +1,4 @@
-"""trainer.tasks.spec: the losses are summed over targets, shifted for CLM, and match HF's own."""
+"""trainer.tasks: the losses are summed over targets, shifted for CLM, and match HF's own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from trainer.data.encode import IGNORE_INDEX
-from trainer.tasks.spec import TASKS, count_targets, next_token_loss, token_loss
+from trainer.tasks.losses import count_targets, next_token_loss, token_loss
+from trainer.tasks.registry import TASKS
 
 
 def test_token_loss_is_a_sum_over_labelled_positions():

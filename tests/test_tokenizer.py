@@ -18,6 +18,7 @@ from trainer.commands.tokenizer import tokens_per_word, train_tokenizer
 from trainer.config import ModelConfig
 from trainer.model import vocabulary
 from trainer.model.load import load_model, load_tokenizer
+from trainer.tasks.registry import TASKS
 
 DOMAIN = REPO / "data" / "text" / "domain.txt"
 
@@ -192,7 +193,7 @@ def test_new_embedding_rows_are_the_means_of_their_pieces(extended, tiny_bert):
     base = AutoModelForMaskedLM.from_pretrained(tiny_bert)
     record = json.loads((extended / vocabulary.EXTENSION_FILE).read_text())["tokens"]
     cfg = ModelConfig(name_or_path=str(tiny_bert), tokenizer=str(extended))
-    model = load_model(cfg, "mlm", load_tokenizer(cfg, "mlm"))
+    model = load_model(cfg, TASKS["mlm"], load_tokenizer(cfg, TASKS["mlm"]))
     old = base.get_input_embeddings().weight
     new = model.get_input_embeddings().weight
     assert new.shape[0] == old.shape[0] + 3
@@ -210,7 +211,7 @@ def test_untied_output_rows_are_means_too(extended, tiny_bert):
         tokenizer=str(extended),
         config_overrides={"tie_word_embeddings": False},
     )
-    model = load_model(cfg, "mlm", load_tokenizer(cfg, "mlm"))
+    model = load_model(cfg, TASKS["mlm"], load_tokenizer(cfg, TASKS["mlm"]))
     output = model.get_output_embeddings().weight
     assert output is not model.get_input_embeddings().weight
     for token in json.loads((extended / vocabulary.EXTENSION_FILE).read_text())["tokens"]:
@@ -257,6 +258,6 @@ def test_from_scratch_model_takes_its_size_from_the_tokenizer(tmp_path, tiny_ber
     trained.save_pretrained(tmp_path / "tok")
     cfg = ModelConfig(name_or_path=str(tiny_bert), tokenizer=str(tmp_path / "tok"))
     cfg.from_scratch = True
-    model = load_model(cfg, "mlm", load_tokenizer(cfg, "mlm"))
+    model = load_model(cfg, TASKS["mlm"], load_tokenizer(cfg, TASKS["mlm"]))
     assert model.get_input_embeddings().num_embeddings == 300
     assert model.config.pad_token_id == trained.pad_token_id

@@ -52,8 +52,9 @@ def format_results(results: dict) -> str:
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
+    from trainer.run.setup import RunFinished
     from trainer.run.stop import EXIT_PREEMPTED, Preempted
-    from trainer.run.train import RunFinished, TrainingFailed, train
+    from trainer.run.train import TrainingFailed, train
 
     try:
         results = train(cfg)
@@ -74,7 +75,7 @@ def _train(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_libraries()
-    from trainer.data.prepare import prepare_command
+    from trainer.commands.prepare import prepare_command
 
     stats = prepare_command(cfg)
     where = stats["folder"] or "memory (data.cache_dir is null)"
@@ -103,7 +104,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     _quiet_libraries()
-    from trainer.inference import PredictOptions, predict_file
+    from trainer.commands.predict import predict_file
+    from trainer.inference import PredictOptions
 
     options = PredictOptions(
         batch_size=args.batch_size,

@@ -21,28 +21,16 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.tasks.registry import TASKS, task_spec
 
-TASKS = ("mlm", "clm", "classification", "token-classification")
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 PEFT_METHODS = ("none", "lora", "qlora")
 ON_NONFINITE = ("skip", "stop")
 CLASS_WEIGHTS = ("none", "auto")
-LABELLED_TASKS = ("classification", "token-classification")
 AUGMENT_OPERATIONS = ("deletion", "swap", "insertion", "synonym_replacement")
 TRACKERS = ("tensorboard",)
-
-# Metrics each task reports at evaluation; the first is the default `eval.metric`.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "mlm": ("perplexity", "loss"),
-    "clm": ("perplexity", "loss"),
-    "classification": ("f1", "accuracy", "precision", "recall", "loss"),
-    "token-classification": ("f1", "precision", "recall", "accuracy", "loss"),
-}
-# With mlm.next_sentence, evaluation also reports the two parts of the pretraining loss.
-NEXT_SENTENCE_METRICS = ("nsp_accuracy", "mlm_loss", "nsp_loss")
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mlm_loss", "nsp_loss"})
 
 
 def _field(default: Any, help: str) -> Any:
@@ -223,7 +211,7 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    task: str = _field("", "mlm | clm | classification | token-classification.")
+    task: str = _field("", " | ".join(TASKS) + ".")
     output_dir: str = _field("runs/run", "Run directory: config, metrics, checkpoints, final/.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -237,12 +225,7 @@ class RunConfig:
     @property
     def eval_metric(self) -> str:
         """The metric that selects the best model: the configured one or the task default."""
-        return self.eval.metric or TASK_METRICS[self.task][0]
-
-    @property
-    def head(self) -> str:
-        """The model head the run trains: the task's own, or BERT's two pretraining heads."""
-        return "pretraining" if self.task == "mlm" and self.mlm.next_sentence else self.task
+        return self.eval.metric or task_spec(self).metrics[0]
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per process per optimizer step (validated to divide exactly)."""
@@ -389,7 +372,7 @@ def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -
 
 def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     """Value checks that do not depend on what the config is used for."""
-    _choice(errors, "task", cfg.task, TASKS)
+    _choice(errors, "task", cfg.task, tuple(TASKS))
     _choice(errors, "train.scheduler", cfg.train.scheduler, SCHEDULERS)
     _choice(errors, "train.precision", cfg.train.precision, PRECISIONS)
     if cfg.model.attn_implementation is not None:
@@ -463,18 +446,25 @@ def _check_class_weights(value: str | dict, errors: list[str]) -> None:
             errors.append(f"data.class_weights.{label}: must be a number > 0, got {weight!r}")
 
 
+def _tasks_where(fact: str, joiner: str = " or ", holds: bool = True) -> str:
+    """The names of the tasks whose spec has `fact` (or lacks it), for messages."""
+    return joiner.join(name for name, spec in TASKS.items() if bool(getattr(spec, fact)) == holds)
+
+
 def _check_data_extras(cfg: RunConfig, errors: list[str]) -> None:
-    """Class weights need classes; augmentation edits whole texts, so classification only."""
-    if cfg.data.class_weights != "none" and cfg.task not in LABELLED_TASKS:
+    """Class weights need classes; augmentation edits whole texts, keeping their label."""
+    spec = task_spec(cfg)
+    if cfg.data.class_weights != "none" and not spec.has_labels:
         errors.append(
-            f"data.class_weights: only for task classification or token-classification, "
-            f"not '{cfg.task}'"
+            f"data.class_weights: only for task {_tasks_where('has_labels')}, not '{cfg.task}'"
         )
     augment = cfg.data.augment
     if not augment.copies:
         return
-    if cfg.task != "classification":
-        errors.append(f"data.augment.copies: only for task classification, not '{cfg.task}'")
+    if not spec.augmentable:
+        errors.append(
+            f"data.augment.copies: only for task {_tasks_where('augmentable')}, not '{cfg.task}'"
+        )
     if isinstance(cfg.data.train, list) and len(cfg.data.train) > 1:
         errors.append("data.augment.copies: with one data.train source, not a mixture")
     if not any(getattr(augment, op) > 0 for op in AUGMENT_OPERATIONS):
@@ -494,12 +484,11 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
     """Checks across keys; the training-only ones are skipped for `trainer evaluate`."""
     if not cfg.model.name_or_path:
         errors.append("model.name_or_path: required (a hub id or a local model folder)")
-    if cfg.task in TASK_METRICS and cfg.eval.metric is not None:
-        extra = NEXT_SENTENCE_METRICS if cfg.head == "pretraining" else ()
-        _choice(errors, "eval.metric", cfg.eval.metric, TASK_METRICS[cfg.task] + extra)
     if cfg.mlm.next_sentence and cfg.task != "mlm":
         errors.append(f"mlm.next_sentence: only with task mlm (task is '{cfg.task}')")
-    if cfg.head == "pretraining" and cfg.peft.method != "none":
+    elif cfg.task in TASKS and cfg.eval.metric is not None:
+        _choice(errors, "eval.metric", cfg.eval.metric, task_spec(cfg).metrics)
+    if cfg.mlm.next_sentence and cfg.peft.method != "none":
         errors.append("mlm.next_sentence: the pretraining heads train in full; not with peft")
     if cfg.mlm.next_sentence and cfg.data.streaming:
         errors.append("mlm.next_sentence: pairs are drawn across documents; not with streaming")
@@ -526,26 +515,30 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
     if cfg.eval.early_stopping_patience and not has_validation:
         errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
-    _check_data_extras(cfg, errors)
+    if cfg.task in TASKS:
+        _check_data_extras(cfg, errors)
 
 
 def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:
     """Streaming, packing and batching options that only make sense for some tasks."""
-    language_modeling = cfg.task in ("mlm", "clm")
+    packed = cfg.task in TASKS and TASKS[cfg.task].packed
+    packing_tasks = _tasks_where("packed", " and ")
     if cfg.data.streaming:
-        if not language_modeling:
-            errors.append("data.streaming: only for mlm and clm (fine-tuning sets fit in memory)")
+        if not packed:
+            errors.append(
+                f"data.streaming: only for {packing_tasks} (fine-tuning sets fit in memory)"
+            )
         if not cfg.train.max_steps:
             errors.append("data.streaming: a stream has no known length; set train.max_steps")
         if cfg.data.validation_split:
             errors.append("data.validation_split: not with streaming; name data.validation")
-    if cfg.data.group_by_length and language_modeling:
+    if cfg.data.group_by_length and packed:
         errors.append(
-            "data.group_by_length: mlm/clm blocks are packed to max_length already; "
-            "only for classification and token-classification"
+            f"data.group_by_length: {_tasks_where('packed', '/')} blocks are packed to "
+            f"max_length already; only for {_tasks_where('packed', ' and ', holds=False)}"
         )
-    if cfg.data.isolate_documents and not language_modeling:
-        errors.append("data.isolate_documents: only for mlm and clm (packed documents)")
+    if cfg.data.isolate_documents and not packed:
+        errors.append(f"data.isolate_documents: only for {packing_tasks} (packed documents)")
 
 
 def parse_duration(text: str | int) -> float | None:

@@ -26,13 +26,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from transformers import PreTrainedTokenizerBase
-
 from trainer.config import RunConfig, train_sources
 from trainer.data.class_weights import label_counts
 from trainer.data.prepare import source_key
 from trainer.data.read import (
-    LM_TASKS,
     Split,
     carve_validation,
     join_splits,
@@ -40,6 +37,8 @@ from trainer.data.read import (
 )
 from trainer.errors import UserError
 from trainer.model.load import load_model_config, load_tokenizer
+from trainer.tasks.registry import TASKS
+from trainer.tasks.spec import TaskSpec
 
 PERCENTILES = (50, 95, 99)
 MULTIPLE = 8  # suggested max_length is rounded up to this
@@ -50,9 +49,9 @@ def read_for_stats(cfg: RunConfig) -> list[tuple[str, Split, list[str]]]:
     """(name, rows, where the empty rows were) for train and validation as training
     would split them; empty rows are set aside instead of failing the read. Several train
     sources are reported together, as the train split (each carved as training does)."""
-    sources = train_sources(cfg.data)
+    sources, rows = train_sources(cfg.data), TASKS[cfg.task].rows
     reads = [
-        read_split_keeping_going(s.path, source_key(i, len(sources)), cfg.task, cfg.data)
+        read_split_keeping_going(s.path, source_key(i, len(sources)), rows, cfg.data)
         for i, s in enumerate(sources)
     ]
     empty = [where for _, found in reads for where in found]
@@ -65,7 +64,7 @@ def read_for_stats(cfg: RunConfig) -> list[tuple[str, Split, list[str]]]:
     splits = [("train", join_splits(trains, "data.train"), empty)]
     if cfg.data.validation:
         validation = read_split_keeping_going(
-            cfg.data.validation, "data.validation", cfg.task, cfg.data
+            cfg.data.validation, "data.validation", rows, cfg.data
         )
         splits.append(("validation", *validation))
     return splits
@@ -74,20 +73,6 @@ def read_for_stats(cfg: RunConfig) -> list[tuple[str, Split, list[str]]]:
 def row_text(row: dict) -> str:
     """The text a row stands for (NER: its words joined by spaces)."""
     return " ".join(row["tokens"]) if "tokens" in row else row["text"]
-
-
-def token_lengths(split: Split, tokenizer: PreTrainedTokenizerBase, task: str) -> list[int]:
-    """Tokens per row as the task's encoding makes them, before truncation or packing."""
-    if not split.rows:
-        return []
-    if task == "token-classification":
-        words = [row["tokens"] for row in split.rows]
-        encoded = tokenizer(words, is_split_into_words=True, verbose=False)
-    else:
-        texts = [row["text"] for row in split.rows]
-        encoded = tokenizer(texts, add_special_tokens=task != "clm", verbose=False)
-    eos = 1 if task == "clm" else 0  # CLM joins documents with an EOS token each
-    return [len(ids) + eos for ids in encoded["input_ids"]]
 
 
 def percentile(ordered: list[int], p: float) -> int:
@@ -134,9 +119,9 @@ def repeated_texts(split: Split) -> dict:
     }
 
 
-def label_balance(split: Split, task: str) -> dict[str, dict]:
+def label_balance(split: Split, spec: TaskSpec) -> dict[str, dict]:
     """Count and share of each label (NER: of each tag over all words), most common first."""
-    counts = label_counts(split, task)
+    counts = label_counts(split, spec.rows)
     total = sum(counts.values()) or 1
     return {
         label: {"count": count, "share": round(count / total, 4)}
@@ -148,11 +133,12 @@ def split_stats(
     split: Split, empty: list[str], lengths: list[int], cfg: RunConfig, cap: int | None
 ) -> dict:
     """Every figure of one split (see the module docstring for the definitions)."""
+    spec = TASKS[cfg.task]
     stats = {"key": split.key, "rows": len(split), "tokens": length_stats(lengths)}
     stats |= {"empty_rows": len(empty), "empty_where": empty[:EXAMPLES_SHOWN]}
     stats |= repeated_texts(split)
     max_length = cfg.data.max_length
-    if cfg.task in LM_TASKS:
+    if spec.packed:
         del stats["conflicting_labels"]  # texts without labels
         return stats | {
             "total_tokens": sum(lengths),
@@ -165,7 +151,7 @@ def split_stats(
         "suggested_max_length": suggest_max_length(stats["tokens"]["p99"], cap)
         if lengths
         else None,
-        "labels": label_balance(split, cfg.task),
+        "labels": label_balance(split, spec),
     }
 
 
@@ -192,16 +178,16 @@ def max_positions(cfg: RunConfig) -> int | None:
 
 def data_stats(cfg: RunConfig) -> dict:
     """The whole report as a JSON-ready dict."""
-    splits = read_for_stats(cfg)
-    tokenizer = load_tokenizer(cfg.model, cfg.task)
-    cap = None if cfg.task in LM_TASKS else max_positions(cfg)
+    splits, spec = read_for_stats(cfg), TASKS[cfg.task]
+    tokenizer = load_tokenizer(cfg.model, spec)
+    cap = None if spec.packed else max_positions(cfg)
     return {
         "task": cfg.task,
         "tokenizer": cfg.model.name_or_path,
         "max_length": cfg.data.max_length,
         "model_max_positions": cap,
         "splits": {
-            name: split_stats(split, empty, token_lengths(split, tokenizer, cfg.task), cfg, cap)
+            name: split_stats(split, empty, spec.lengths(tokenizer, split.rows), cfg, cap)
             for name, split, empty in splits
         },
         "overlap": overlap(splits[0][1], splits[1][1]) if len(splits) == 2 else None,

@@ -13,17 +13,13 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import RunConfig, apply_overrides, build_config, dump_yaml, read_yaml
+from trainer.config import RunConfig, dump_yaml
 from trainer.errors import UserError
 from trainer.model import adapters
-from trainer.model.load import (
-    load_model,
-    load_model_config,
-    load_tokenizer,
-    load_trained,
-    saved_label_names,
-)
-from trainer.run.checkpoint import RUN_CONFIG_NAME
+from trainer.model.load import load_model, load_tokenizer
+from trainer.model.saved import RUN_CONFIG_NAME, SavedModel
+from trainer.tasks.registry import task_spec
+from trainer.tasks.spec import TaskSpec
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json")
 SAMPLE_TEXTS = (
@@ -35,19 +31,14 @@ SAMPLE_TEXTS = (
 TOLERANCE = {"no": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
 
 
-def _adapter_folder(run_or_model_dir: str) -> Path:
+def _saved_adapter(run_or_model_dir: str) -> SavedModel:
     folder = Path(run_or_model_dir)
     if (folder / "final").is_dir():
         folder = folder / "final"
-    if not adapters.is_adapter_folder(folder):
+    saved = SavedModel.read(folder, "RUN_DIR")
+    if not saved.is_adapter:
         raise UserError(f"RUN_DIR: {run_or_model_dir} holds no LoRA/QLoRA adapter to export")
-    return folder
-
-
-def _run_config(folder: Path) -> RunConfig:
-    raw = apply_overrides(read_yaml(folder / RUN_CONFIG_NAME), [])
-    raw["model"]["name_or_path"] = str(folder)
-    return build_config(raw, for_training=False)
+    return saved
 
 
 def _sample_batch(tokenizer) -> dict[str, torch.Tensor]:
@@ -68,36 +59,33 @@ def max_logit_difference(first: torch.nn.Module, second: torch.nn.Module, batch:
     return (a - b).abs().max().item()
 
 
-def _merged(folder: Path, cfg: RunConfig, tokenizer) -> torch.nn.Module:
+def _merged(saved: SavedModel, cfg: RunConfig, spec: TaskSpec, tokenizer) -> torch.nn.Module:
     """Base (dequantized for QLoRA) + adapter, merged into plain layers."""
-    label_names = saved_label_names(load_model_config(cfg.model, None))
-    base_cfg = type(cfg.model)(name_or_path=adapters.base_of(folder))
-    if cfg.peft.method == "qlora":
-        quantization = adapters.quantization_config(cfg.train.precision)
-        base = load_model(base_cfg, cfg.task, tokenizer, label_names, cfg.train.seed, quantization)
+    base_cfg = type(cfg.model)(name_or_path=saved.base)
+    qlora = cfg.peft.method == "qlora"
+    quantization = adapters.quantization_config(cfg.train.precision) if qlora else None
+    base = load_model(base_cfg, spec, tokenizer, saved.label_names, cfg.train.seed, quantization)
+    if qlora:
         base = base.dequantize()
-    else:
-        base = load_model(base_cfg, cfg.task, tokenizer, label_names, cfg.train.seed)
-    return adapters.load_adapter(base, folder).merge_and_unload()
+    return adapters.load_adapter(base, saved.folder).merge_and_unload()
 
 
 def export(run_or_model_dir: str, out: str, merge: bool) -> dict:
     """Write the adapter (clean copy) or the merged model to `out`; returns a summary."""
-    folder = _adapter_folder(run_or_model_dir)
+    saved = _saved_adapter(run_or_model_dir)
     target = Path(out)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out: {out} exists and is not empty")
-    cfg = _run_config(folder)
+    cfg = saved.run_config()
+    spec = task_spec(cfg)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer = load_tokenizer(cfg.model, cfg.task)
-    summary = {"source": str(folder), "out": str(target), "merged": merge}
+    tokenizer = load_tokenizer(cfg.model, spec)
+    summary = {"source": str(saved.folder), "out": str(target), "merged": merge}
     if merge:
-        adapted = load_trained(
-            str(folder), cfg.task, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed
-        )
-        merged = _merged(folder, cfg, tokenizer)
+        adapted = saved.load(spec, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed)
+        merged = _merged(saved, cfg, spec, tokenizer)
         difference = max_logit_difference(adapted, merged, _sample_batch(tokenizer))
         tolerance = TOLERANCE[cfg.train.precision]
         if not difference <= tolerance:
@@ -110,7 +98,7 @@ def export(run_or_model_dir: str, out: str, merge: bool) -> dict:
         summary["max_logit_difference"] = difference
     else:
         for name in ADAPTER_FILES:
-            shutil.copy2(folder / name, tmp / name)
+            shutil.copy2(saved.folder / name, tmp / name)
     tokenizer.save_pretrained(tmp)
     cfg.model.name_or_path = str(target.resolve())
     (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))

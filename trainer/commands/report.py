@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.tasks.registry import TASKS
 
 # Settings shown in the report's config table; the whole config.yaml follows it.
 KEY_SETTINGS = (
@@ -409,8 +410,8 @@ def render_markdown(run: RunRecords, images: dict[str, str]) -> str:
     lines += ["", *_metrics_section(run), "", "## Plots", ""]
     for name, caption in images.items():
         lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
-    task = (run.summary or {}).get("task") or _setting(run.config, "task")
-    if run.results is None and task in ("classification", "token-classification"):
+    task = TASKS.get((run.summary or {}).get("task") or _setting(run.config, "task"))
+    if run.results is None and task is not None and task.has_labels:
         lines += ["Confusion matrix and per-class F1: not available until the run finishes.", ""]
     lines += _config_section(run)
     return "\n".join(lines) + "\n"

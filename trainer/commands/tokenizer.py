@@ -28,7 +28,7 @@ from tokenizers.processors import ByteLevel, TemplateProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from trainer.config import DataConfig, load_config
-from trainer.data.read import read_split
+from trainer.data.read import TEXT, read_split
 from trainer.errors import UserError
 from trainer.model import vocabulary
 
@@ -77,11 +77,11 @@ def read_corpus(sources: list[str], key: str) -> tuple[list[str], str | None]:
     reference."""
     if len(sources) == 1 and sources[0].endswith((".yaml", ".yml")):
         cfg = load_config(sources[0])
-        split = read_split(cfg.data.train, "data.train", "mlm", cfg.data)
+        split = read_split(cfg.data.train, "data.train", TEXT, cfg.data)
         return [row["text"] for row in split.rows], cfg.model.name_or_path
     texts = []
     for path in _files(sources, key):
-        texts += [row["text"] for row in read_split(str(path), key, "mlm", DataConfig()).rows]
+        texts += [row["text"] for row in read_split(str(path), key, TEXT, DataConfig()).rows]
     return texts, None
 
 

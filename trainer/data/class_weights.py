@@ -4,7 +4,7 @@ class counts in the training loss.
 The weighted loss is sum_i w[y_i] * CE_i / sum_i w[y_i], the sums running over every
 target of the accumulation window on all processes: for one batch exactly what
 `F.cross_entropy(logits, labels, weight=w)` gives. The loop therefore counts the target
-*weight* before the forward pass where it otherwise counts targets (tasks.target_weight).
+*weight* before the forward pass where it otherwise counts targets (tasks/losses.py: target_weight).
 Evaluation keeps the plain, unweighted loss, so eval losses compare across settings.
 """
 
@@ -15,15 +15,13 @@ from collections import Counter
 import datasets
 
 from trainer.data.encode import IGNORE_INDEX
-from trainer.data.read import Split
+from trainer.data.read import RowFormat, Split
 from trainer.errors import UserError
 
 
-def label_counts(split: Split, task: str) -> Counter[str]:
+def label_counts(split: Split, rows: RowFormat) -> Counter[str]:
     """How often each label occurs: per row for classification, per word for NER tags."""
-    if task == "token-classification":
-        return Counter(tag for row in split.rows for tag in row["tags"])
-    return Counter(row["label"] for row in split.rows)
+    return Counter(label for row in split.rows for label in rows.labels(row))
 
 
 def target_counts(encoded: list[datasets.Dataset], label_names: list[str]) -> Counter[str]:

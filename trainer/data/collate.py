@@ -9,12 +9,15 @@ resume, while it still changes every epoch (dynamic masking, as in RoBERTa).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from trainer.config import MlmConfig
 from trainer.data.encode import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from trainer.config import MlmConfig
 
 Example = dict[str, list]
 Batch = dict[str, torch.Tensor]

@@ -56,6 +56,24 @@ def encode_token_classification(
     return datasets.Dataset.from_dict(columns)
 
 
+def token_counts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    """Tokens per text as `encode_classification` makes them, before truncation."""
+    return [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]] if texts else []
+
+
+def word_token_counts(tokenizer: PreTrainedTokenizerBase, words: list[list[str]]) -> list[int]:
+    """Tokens per word list as `encode_token_classification` makes them, before truncation."""
+    if not words:
+        return []
+    encoded = tokenizer(words, is_split_into_words=True, verbose=False)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def document_token_counts(documents: Columns) -> list[int]:
+    """Tokens per document (MLM: with its special tokens; CLM: with its EOS)."""
+    return [len(ids) for ids in documents["input_ids"]]
+
+
 def word_starts(word_ids: list[int | None]) -> list[bool]:
     """Which tokens begin a word (what whole-word masking selects by); special tokens never."""
     return [

@@ -1,13 +1,13 @@
 """The data a run trains on: read, checked and encoded once, then cached for every rank,
 node and later run (see cache.py for the key and the locking).
 
-`trainer prepare CONFIG` does this ahead of time, without loading the model: a SLURM job
-runs it once before `srun`, so that no rank of a large job sits in set-up tokenizing.
+`trainer prepare CONFIG` (commands/prepare.py) does this ahead of time, without loading the
+model: a SLURM job runs it once before `srun`, so that no rank of a large job sits in set-up
+tokenizing.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +28,7 @@ from trainer.data.read import (
     read_split,
     source_files,
 )
-from trainer.tasks.spec import task_spec
+from trainer.tasks.registry import task_spec
 
 
 @dataclass
@@ -50,23 +50,24 @@ def read_splits(cfg: RunConfig) -> tuple[list[Split], Split | None, list[str] | 
     """Train rows per source and validation rows, checked, with the label names the
     training data defines (over all sources). A validation_split is carved from each
     source, so the held-out rows keep the mixture's composition."""
+    rows = task_spec(cfg).rows
     sources = [] if cfg.data.streaming else train_sources(cfg.data)
     trains = [
-        read_split(source.path, source_key(i, len(sources)), cfg.task, cfg.data)
+        read_split(source.path, source_key(i, len(sources)), rows, cfg.data)
         for i, source in enumerate(sources)
     ]
     validation = None
     if cfg.data.validation:
-        validation = read_split(cfg.data.validation, "data.validation", cfg.task, cfg.data)
+        validation = read_split(cfg.data.validation, "data.validation", rows, cfg.data)
     elif cfg.data.validation_split:
         pairs = [carve_validation(t, cfg.data.validation_split, cfg.train.seed) for t in trains]
         trains = [kept for kept, _ in pairs]
         validation = join_splits([held for _, held in pairs], "data.validation_split")
     label_names = None
-    if task_spec(cfg).has_labels and trains:
-        label_names = label_names_from(join_splits(trains, "data.train"), cfg.task)
+    if rows.labelled and trains:
+        label_names = label_names_from(join_splits(trains, "data.train"), rows)
         if validation is not None:
-            check_labels(validation, label_names, cfg.task)
+            check_labels(validation, label_names, rows)
     return trains, validation, label_names
 
 
@@ -155,18 +156,3 @@ def prepare_data(
             "seconds": round(time.monotonic() - started, 3),
         },
     ), tokenizer
-
-
-def prepare_command(cfg: RunConfig) -> dict:
-    """`trainer prepare`: build the cache entry of a run config (or find it built)."""
-    from trainer.model.load import load_tokenizer
-
-    if cfg.data.cache_dir is None:
-        print("data.cache_dir is null: nothing to prepare (every run tokenizes)", file=sys.stderr)
-    data, _ = prepare_data(cfg, lambda: load_tokenizer(cfg.model, cfg.task))
-    return {
-        **data.cache,
-        "train_examples": [len(split) for split in data.train],
-        "validation_examples": len(data.validation) if data.validation is not None else 0,
-        "streamed": cfg.data.streaming,
-    }

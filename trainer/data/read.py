@@ -11,17 +11,19 @@ import csv
 import glob
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from trainer.config import DataConfig
 from trainer.errors import UserError
+
+if TYPE_CHECKING:  # the task specs import this module, and config validation imports them
+    from trainer.config import DataConfig
 
 GLOB_CHARS = "*?["
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".conll")
-LM_TASKS = ("mlm", "clm")
 
 
 @dataclass
@@ -120,12 +122,10 @@ def _read_conll(path: Path, tokens_col: str, tags_col: str) -> Iterator[tuple[st
         yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
 
 
-def _read_file(path: Path, task: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+def _read_file(path: Path, rows: RowFormat, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
     suffix = path.suffix.lower()
-    if suffix in (".txt", ".conll") and task == "token-classification":
-        return _read_conll(path, cfg.tokens_column, cfg.tags_column)
-    if suffix == ".txt" and task in LM_TASKS:
-        return _read_text_lines(path, cfg.text_column)
+    if suffix in rows.plain_text_suffixes:
+        return rows.read_plain_text(path, cfg)
     readers = {
         ".csv": lambda: _read_delimited(path, ","),
         ".tsv": lambda: _read_delimited(path, "\t"),
@@ -134,7 +134,7 @@ def _read_file(path: Path, task: str, cfg: DataConfig) -> Iterator[tuple[str, di
         ".parquet": lambda: _read_parquet(path),
     }
     if suffix not in readers:
-        raise UserError(f"{path.name}: a {suffix} file has no labels for task '{task}'")
+        raise UserError(f"{path.name}: a {suffix} file has no labels for {rows.name} rows")
     return readers[suffix]()
 
 
@@ -187,21 +187,23 @@ class EmptyValue(UserError):
     `trainer data-stats` counts it (read_split_keeping_going)."""
 
 
-def _open_source(source: str, key: str, task: str, cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+def _open_source(
+    source: str, key: str, rows: RowFormat, cfg: DataConfig
+) -> Iterator[tuple[str, dict]]:
     files = source_files(source, key)
     if files is None:
         return _read_hub(source, cfg)
-    return chain.from_iterable(_read_file(path, task, cfg) for path in files)
+    return chain.from_iterable(_read_file(path, rows, cfg) for path in files)
 
 
-def read_split(source: str, key: str, task: str, cfg: DataConfig) -> Split:
+def read_split(source: str, key: str, rows: RowFormat, cfg: DataConfig) -> Split:
     """Read and check every row of one split (a file, a glob's files in order, or a hub
     dataset); errors name `key`, the file and the row."""
-    records = _open_source(source, key, task, cfg)
+    records = _open_source(source, key, rows, cfg)
     split = Split(key, [], [])
     try:
         for where, row in records:
-            split.rows.append(_check_row(row, where, task, cfg))
+            split.rows.append(rows.check(row, where, cfg))
             split.where.append(where)
     except UserError as err:
         raise UserError(f"{key}: {err}") from None
@@ -213,17 +215,17 @@ def read_split(source: str, key: str, task: str, cfg: DataConfig) -> Split:
 
 
 def read_split_keeping_going(
-    source: str, key: str, task: str, cfg: DataConfig
+    source: str, key: str, rows: RowFormat, cfg: DataConfig
 ) -> tuple[Split, list[str]]:
     """Like read_split, but a row with an empty value is set aside rather than rejected:
     the checked rows, and where the empty ones were. For reports on the data; training
     stays strict. Other problems (a missing column, bad JSON) still stop the read."""
-    records = _open_source(source, key, task, cfg)
+    records = _open_source(source, key, rows, cfg)
     split, empty = Split(key, [], []), []
     try:
         for where, row in records:
             try:
-                split.rows.append(_check_row(row, where, task, cfg))
+                split.rows.append(rows.check(row, where, cfg))
                 split.where.append(where)
             except EmptyValue:
                 empty.append(where)
@@ -234,32 +236,35 @@ def read_split_keeping_going(
     return split, empty
 
 
-def _check_row(row: dict, where: str, task: str, cfg: DataConfig) -> dict:
-    """Keep the columns the task needs, rejecting missing columns and empty values."""
-    if task == "token-classification":
-        tokens, tags = _column(row, cfg.tokens_column, where), _column(row, cfg.tags_column, where)
-        if tokens == []:
-            raise EmptyValue(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
-        if (
-            not isinstance(tokens, list)
-            or not tokens
-            or not all(isinstance(t, str) for t in tokens)
-        ):
-            raise UserError(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
-        if not isinstance(tags, list) or len(tags) != len(tokens):
-            raise UserError(f"{where}: '{cfg.tags_column}' must be a list as long as the tokens")
-        return {"tokens": tokens, "tags": [str(tag) for tag in tags]}
+def _text_row(row: dict, where: str, cfg: DataConfig) -> dict:
+    """A text, non-empty."""
     text = _column(row, cfg.text_column, where)
     if not isinstance(text, str) or not text.strip():
         raise EmptyValue(f"{where}: empty text in column '{cfg.text_column}'")
-    if task in LM_TASKS:
-        return {"text": text}
+    return {"text": text}
+
+
+def _labelled_row(row: dict, where: str, cfg: DataConfig) -> dict:
+    """A text and its class (a string or an integer, kept as a string)."""
+    checked = _text_row(row, where, cfg)
     label = _column(row, cfg.label_column, where)
     if label is None or (isinstance(label, str) and not label.strip()):
         raise EmptyValue(f"{where}: empty label in column '{cfg.label_column}'")
     if not isinstance(label, (str, int)) or isinstance(label, bool):
         raise UserError(f"{where}: label {label!r} must be a string or an integer")
-    return {"text": text, "label": str(label).strip()}
+    return {**checked, "label": str(label).strip()}
+
+
+def _tagged_row(row: dict, where: str, cfg: DataConfig) -> dict:
+    """Words and one tag per word."""
+    tokens, tags = _column(row, cfg.tokens_column, where), _column(row, cfg.tags_column, where)
+    if tokens == []:
+        raise EmptyValue(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise UserError(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
+    if not isinstance(tags, list) or len(tags) != len(tokens):
+        raise UserError(f"{where}: '{cfg.tags_column}' must be a list as long as the tokens")
+    return {"tokens": tokens, "tags": [str(tag) for tag in tags]}
 
 
 def _column(row: dict, column: str, where: str):
@@ -295,29 +300,72 @@ def carve_validation(train: Split, fraction: float, seed: int) -> tuple[Split, S
 # --- labels ------------------------------------------------------------------------------
 
 
-def _sorted_names(values: set[str]) -> list[str]:
+def _class_order(values: set[str]) -> list[str]:
+    """Numeric labels by value, others alphabetically."""
     if all(v.lstrip("-").isdigit() for v in values):
         return sorted(values, key=int)
     return sorted(values)
 
 
-def label_names_from(split: Split, task: str) -> list[str]:
-    """Class names in id order: numeric labels by value, others alphabetically ('O' first)."""
-    if task == "token-classification":
-        names = {tag for row in split.rows for tag in row["tags"]}
-        rest = sorted(names - {"O"}, key=lambda tag: (tag[2:], tag))
-        return (["O"] if "O" in names else []) + rest
-    return _sorted_names({row["label"] for row in split.rows})
+def _tag_order(values: set[str]) -> list[str]:
+    """'O' first, then by entity type (B- before I- of one type)."""
+    rest = sorted(values - {"O"}, key=lambda tag: (tag[2:], tag))
+    return (["O"] if "O" in values else []) + rest
 
 
-def check_labels(split: Split, names: list[str], task: str) -> None:
+def label_names_from(split: Split, rows: RowFormat) -> list[str]:
+    """Class names in id order (see `RowFormat.order_labels`)."""
+    return rows.order_labels({label for row in split.rows for label in rows.labels(row)})
+
+
+def check_labels(split: Split, names: list[str], rows: RowFormat) -> None:
     """Reject a row whose label the model does not know, naming the row."""
     known = set(names)
     for row, where in zip(split.rows, split.where, strict=True):
-        labels = row["tags"] if task == "token-classification" else [row["label"]]
-        for label in labels:
+        for label in rows.labels(row):
             if label not in known:
                 raise UserError(
                     f"{split.key}: {where}: unknown label '{label}' "
                     f"(known: {', '.join(names[:20])})"
                 )
+
+
+# --- what a row of a task holds ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """What one row holds: the columns kept and checked, the labels in it (none for plain
+    text), how label names are ordered into ids, and which plain-text files read as rows
+    of it (text lines for language modelling, CoNLL columns for tagged words)."""
+
+    name: str  # in messages: "text", "labelled text", "tagged words"
+    check: Callable[[dict, str, DataConfig], dict]  # (row, where, data config) -> kept columns
+    labels: Callable[[dict], list[str]] | None = None
+    order_labels: Callable[[set[str]], list[str]] = sorted
+    plain_text_suffixes: tuple[str, ...] = ()
+    read_plain_text: Callable[[Path, DataConfig], Iterator[tuple[str, dict]]] | None = None
+
+    @property
+    def labelled(self) -> bool:
+        """Whether rows carry labels, whose names the training data defines."""
+        return self.labels is not None
+
+
+TEXT = RowFormat(
+    "text",
+    _text_row,
+    plain_text_suffixes=(".txt",),
+    read_plain_text=lambda path, cfg: _read_text_lines(path, cfg.text_column),
+)
+LABELLED_TEXT = RowFormat(
+    "labelled text", _labelled_row, labels=lambda row: [row["label"]], order_labels=_class_order
+)
+TAGGED_WORDS = RowFormat(
+    "tagged words",
+    _tagged_row,
+    labels=lambda row: row["tags"],
+    order_labels=_tag_order,
+    plain_text_suffixes=(".txt", ".conll"),
+    read_plain_text=lambda path, cfg: _read_conll(path, cfg.tokens_column, cfg.tags_column),
+)

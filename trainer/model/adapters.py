@@ -12,7 +12,6 @@ run or a prediction with a full model starts that much sooner.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,17 +25,11 @@ from trainer.errors import UserError
 if TYPE_CHECKING:
     from peft import PeftModel
 
-ADAPTER_CONFIG = "adapter_config.json"
-TASK_TYPES = {  # peft's TaskType values
-    "classification": "SEQ_CLS",
-    "token-classification": "TOKEN_CLS",
-    "clm": "CAUSAL_LM",
-    "mlm": None,  # peft has no masked-LM task type; the generic PeftModel serves
-}
-# Heads trained in full next to the adapter: BERT/RoBERTa `classifier`, GPT/Llama `score`.
-HEADS = {"classification": ["classifier", "score"], "token-classification": ["classifier", "score"]}
-# Never quantized: the heads above, LM heads and BERT's pooler (it feeds the classifier, and
-# a base saved without one gets it newly initialised, which 4-bit layers cannot be).
+    from trainer.tasks.spec import TaskSpec
+
+# Never quantized: the task heads (each spec's modules_to_save), LM heads and BERT's pooler
+# (it feeds the classifier, and a base saved without one gets it newly initialised, which
+# 4-bit layers cannot be).
 # Transformers matches these as prefixes/suffixes of module names (recent releases) or as
 # substrings (older ones): ".*pooler" covers `bert.pooler.dense` under the first rule.
 NOT_QUANTIZED = ["classifier", "score", "lm_head", "cls", "pooler", ".*pooler"]
@@ -93,7 +86,7 @@ def default_target_modules(model: torch.nn.Module) -> list[str] | str:
 
 
 def attach_adapter(
-    model: torch.nn.Module, cfg: PeftConfig, task: str, gradient_checkpointing: bool
+    model: torch.nn.Module, cfg: PeftConfig, spec: TaskSpec, gradient_checkpointing: bool
 ) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter (after k-bit preparation for QLoRA)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -107,10 +100,10 @@ def attach_adapter(
     targets = cfg.target_modules or default_target_modules(model)
     options = dict(cfg.options)
     # the task head always trains in full; peft.options may add more (e.g. BERT's pooler)
-    to_save = list(HEADS.get(task, [])) + list(options.pop("modules_to_save", None) or [])
+    to_save = [*spec.modules_to_save, *(options.pop("modules_to_save", None) or [])]
     try:
         lora = LoraConfig(
-            task_type=TASK_TYPES[task],
+            task_type=spec.peft_task_type,
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
@@ -124,16 +117,6 @@ def attach_adapter(
         return get_peft_model(model, lora)
     except ValueError as err:
         raise UserError(f"peft.target_modules: {str(err).splitlines()[0]}") from None
-
-
-def is_adapter_folder(path: str | Path) -> bool:
-    """A saved LoRA/QLoRA run rather than a full model."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
-
-
-def base_of(path: str | Path) -> str:
-    """The base model an adapter folder was trained on (hub id or folder)."""
-    return json.loads((Path(path) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
 
 
 def load_adapter(base: torch.nn.Module, path: str | Path, name: str = "default") -> PeftModel:

@@ -23,26 +23,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer.config import ModelConfig, PeftConfig
+from trainer.config import ModelConfig
 from trainer.errors import UserError
 from trainer.model import adapters, vocabulary
-
-AUTO_CLASSES = {
-    "mlm": "AutoModelForMaskedLM",
-    "clm": "AutoModelForCausalLM",
-    "classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "pretraining": "AutoModelForPreTraining",  # mlm.next_sentence: MLM + NSP heads
-}
-# Architecture name endings, to tell which task a saved model was trained for.
-HEAD_SUFFIXES = {
-    "ForMaskedLM": "mlm",
-    "ForPreTraining": "mlm",
-    "ForCausalLM": "clm",
-    "LMHeadModel": "clm",
-    "ForSequenceClassification": "classification",
-    "ForTokenClassification": "token-classification",
-}
+from trainer.tasks.spec import TaskSpec
 
 
 def _source(cfg: ModelConfig) -> str:
@@ -78,9 +62,9 @@ def _loading(what: str, name: str, load, key: str = "model.name_or_path"):
         raise UserError(f"{key}: could not load the {what} of '{name}': {first}") from None
 
 
-def load_tokenizer(cfg: ModelConfig, task: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ModelConfig, spec: TaskSpec) -> PreTrainedTokenizerBase:
     """The model's tokenizer (or `model.tokenizer`), with a pad token (EOS for GPT-style
-    models that lack one)."""
+    models that lack one) and the special tokens the task needs."""
     key, source = _tokenizer_source(cfg)
     tokenizer = _loading(
         "tokenizer",
@@ -90,10 +74,10 @@ def load_tokenizer(cfg: ModelConfig, task: str) -> PreTrainedTokenizerBase:
     )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    if task == "mlm" and tokenizer.mask_token is None:
-        raise UserError("model.name_or_path: the tokenizer has no mask token, which MLM needs")
-    if tokenizer.pad_token is None and task in ("classification", "token-classification"):
-        raise UserError("model.name_or_path: the tokenizer has neither a pad nor an EOS token")
+    for token in spec.required_tokens:
+        if getattr(tokenizer, token) is None:
+            what = token.replace("_", " ")
+            raise UserError(f"{key}: the tokenizer has no {what}, which {spec.name} needs")
     return tokenizer
 
 
@@ -137,33 +121,26 @@ def check_document_isolation(model: torch.nn.Module) -> None:
         )
 
 
-def saved_label_names(config: PretrainedConfig) -> list[str] | None:
-    """Label names of a fine-tuned head, or None for a base model's placeholder names."""
-    names = [config.id2label[i] for i in sorted(config.id2label)]
-    if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
-        return None
-    return names
-
-
 def load_model(
     cfg: ModelConfig,
-    task: str,
+    spec: TaskSpec,
     tokenizer: PreTrainedTokenizerBase,
     label_names: list[str] | None = None,
     seed: int = 0,
     quantization: BitsAndBytesConfig | None = None,
+    config: PretrainedConfig | None = None,
 ) -> torch.nn.Module:
     """The model with the task's head: pretrained weights, or random ones (`from_scratch`),
     optionally quantized on load (QLoRA). A head whose size differs from the saved one
-    (new labels) is re-initialised."""
-    config = load_model_config(cfg, label_names)
+    (new labels) is re-initialised. `config`: the folder's config when already read."""
+    config = config or load_model_config(cfg, label_names)
     if cfg.from_scratch and cfg.tokenizer:
         _fit_to_tokenizer(config, tokenizer)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    if task == "pretraining":
-        _check_next_sentence_head(config)
-    auto_class = getattr(transformers, AUTO_CLASSES[task])
+    if spec.check_model_config is not None:
+        spec.check_model_config(config)
+    auto_class = getattr(transformers, spec.auto_class)
     torch.manual_seed(seed)  # the same random head / random init on every process
     attention = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.from_scratch:
@@ -201,7 +178,7 @@ def _fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
             setattr(config, name, getattr(tokenizer, name))
 
 
-def _check_next_sentence_head(config: PretrainedConfig) -> None:
+def check_next_sentence_head(config: PretrainedConfig) -> None:
     """mlm.next_sentence needs a pretraining class with an NSP head (BERT-style); others
     (RoBERTa, GPT-2, ELECTRA...) would fail later or silently train no NSP."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_PRETRAINING_MAPPING_NAMES
@@ -228,37 +205,3 @@ def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:
         "device_map": {"": index if index is not None else device},
         "dtype": quantization.bnb_4bit_compute_dtype,
     }
-
-
-def load_trained(
-    folder: str,
-    task: str,
-    tokenizer: PreTrainedTokenizerBase,
-    peft: PeftConfig,
-    precision: str,
-    seed: int,
-    base: str | None = None,
-    adapter_name: str = "default",
-) -> torch.nn.Module:
-    """A model saved by a run: a full model, or an adapter folder whose base (`base`, or the
-    one recorded in the folder) is loaded, quantized again for QLoRA, and given the adapter
-    and the heads saved with it. Base weights missing from the base checkpoint (e.g. the
-    pooler of an MLM-only BERT) are frozen under LoRA and not saved: `seed`, the run's,
-    draws them again exactly as in training."""
-    if not adapters.is_adapter_folder(folder):
-        return load_model(ModelConfig(name_or_path=folder), task, tokenizer)
-    label_names = saved_label_names(load_model_config(ModelConfig(name_or_path=folder), None))
-    base_cfg = ModelConfig(name_or_path=base or adapters.base_of(folder))
-    quantization = adapters.quantization_config(precision) if peft.method == "qlora" else None
-    model = load_model(base_cfg, task, tokenizer, label_names, seed, quantization)
-    return adapters.load_adapter(model, folder, adapter_name)
-
-
-def task_of_saved_model(path: str) -> str | None:
-    """Which task a saved model's head serves, from its config's architectures."""
-    config = AutoConfig.from_pretrained(path)
-    for architecture in config.architectures or []:
-        for suffix, task in HEAD_SUFFIXES.items():
-            if architecture.endswith(suffix):
-                return task
-    return None

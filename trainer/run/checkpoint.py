@@ -18,9 +18,9 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer.config import RunConfig, dump_yaml
 from trainer.model import adapters
+from trainer.model.saved import RUN_CONFIG_NAME
 from trainer.run.resume import write_commit
 
-RUN_CONFIG_NAME = "trainer_config.yaml"  # inside a saved model: how it was trained
 TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
 

@@ -1,69 +1,36 @@
-"""The task table: what differs between MLM, CLM, classification and NER.
+"""What a task is: one `TaskSpec` holds everything that differs between tasks.
 
-The training loop never asks which task it runs; it calls the entries of a `TaskSpec`:
-how to encode a split, how to batch it, how to compute the loss, which metrics to keep.
-A spec may add sequence-level heads trained next to its own loss (BERT pretraining: NSP
-next to MLM); each is normalised by its own number of targets.
+The training loop, evaluation, `trainer predict`, model loading, LoRA, the data reader and
+the launch planner never ask which task they serve; they read the spec. A task is its
+spec (trainer/tasks/<task>.py) plus, where it needs them, a row format (data/read.py), an
+encoder (data/encode.py) and a collator (data/collate.py).
+
+A spec is read by config validation, which must reject a bad config in well under a second,
+before torch (2.5 s) is imported. So a spec's facts are plain values, and its behaviour is
+plain functions that import what they need when first called.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import torch
-import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase
+from trainer.data.read import RowFormat
 
-from trainer.config import RunConfig
-from trainer.data import collate, encode, sentence_pairs
-from trainer.data.encode import IGNORE_INDEX
-from trainer.data.read import Split
-from trainer.tasks import metrics
+if TYPE_CHECKING:
+    import datasets
+    import torch
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+    from trainer.config import RunConfig
+    from trainer.data.read import Split
+    from trainer.tasks.metrics import LossMetrics
 
-def token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over labelled positions, and how many there were.
+# Metrics (of any task) where lower is better; the best model minimises them.
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mlm_loss", "nsp_loss"})
 
-    Returning the sum (not the mean) lets the loop divide by the number of targets in the
-    whole accumulation window on all processes, so every target weighs the same. With class
-    weights (see class_weights.py) each target's loss is multiplied by its class weight and
-    the count becomes the sum of those weights."""
-    flat_labels = labels.reshape(-1)
-    loss_sum = F.cross_entropy(
-        logits.reshape(flat_labels.numel(), -1).float(),
-        flat_labels,
-        weight=weight,
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, target_weight(flat_labels, weight)
-
-
-def next_token_loss(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal LM: position t predicts token t+1. The labels move, not the logits: slicing
-    [batch, length, vocab] logits would copy them (250 MB for 16 x 128 x 30k in fp32)."""
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return token_loss(logits, shifted, weight)
-
-
-def target_weight(labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """The number of labelled positions, or with class weights the sum of their weights."""
-    labelled = labels != IGNORE_INDEX
-    return labelled.sum() if weight is None else weight[labels[labelled]].sum()
-
-
-def count_targets(
-    labels: torch.Tensor, shifted: bool, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Targets (or their class weight) in a batch before the forward pass, for the
-    accumulation-window total."""
-    return target_weight(labels[:, 1:] if shifted else labels, weight)
+Loss = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]  # (logits, labels[, weight])
 
 
 @dataclass(frozen=True)
@@ -78,10 +45,14 @@ class SequenceHead:
 
     def loss(self, output, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over the batch's sequences, and how many there were."""
+        from trainer.tasks.losses import token_loss
+
         return token_loss(output[self.logits_key], batch[self.labels_key])
 
     def count(self, batch: dict) -> torch.Tensor:
         """Targets in a batch before the forward pass (for the accumulation-window total)."""
+        from trainer.data.encode import IGNORE_INDEX
+
         return (batch[self.labels_key] != IGNORE_INDEX).sum()
 
     def correct(self, output, batch: dict) -> torch.Tensor:
@@ -90,94 +61,73 @@ class SequenceHead:
 
 
 @dataclass(frozen=True)
-class TaskSpec:
-    """Everything task-specific, as plain functions."""
+class PredictionHead:
+    """What `trainer predict` makes of a task's model outputs (trainer/tasks/heads.py)."""
 
+    run: Callable[..., list[dict]]  # (predictor, examples, padded inputs, options) -> rows
+    word_offsets: bool = False  # NER: each token keeps its word and its character span
+    generates: bool = False  # CLM: prompts are padded on the left and keep their end
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything task-specific: facts first, then behaviour."""
+
+    name: str  # the `task` key's value
+    auto_class: str  # the transformers Auto class that loads a model with the task's head
+    architectures: tuple[str, ...]  # class-name endings of saved models with this head
+    metrics: tuple[str, ...]  # what evaluation reports; the first is the default eval.metric
+    rows: RowFormat  # what a data row holds, and how plain-text files read
     encode: Callable[[Split, PreTrainedTokenizerBase, list[str] | None, int], datasets.Dataset]
     make_collator: Callable[[PreTrainedTokenizerBase, RunConfig], Callable]
-    loss: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (logits, labels[, weight])
-    make_metrics: Callable[[list[str] | None], metrics.LossMetrics]
-    has_labels: bool  # label names come from the data (classification, NER)
-    shifted_targets: bool = False
+    loss: Loss
+    make_metrics: Callable[[list[str] | None], LossMetrics]
+    lengths: Callable[[PreTrainedTokenizerBase, list[dict]], list[int]]  # tokens per row
+    prediction: PredictionHead
+    packed: bool = False  # texts are packed into max_length blocks (MLM, CLM)
+    augmentable: bool = False  # EDA edits of whole texts keep the label (data.augment)
+    peft_task_type: str | None = None  # peft's TaskType; None: the generic PeftModel
+    modules_to_save: tuple[str, ...] = ()  # trained in full next to a LoRA adapter (heads)
+    required_tokens: tuple[str, ...] = ()  # tokenizer attributes the task cannot do without
+    shifted_targets: bool = False  # CLM: position t predicts token t + 1
     # MLM/CLM: texts to per-document token columns, packed on the fly when streaming
-    documents: Callable[[PreTrainedTokenizerBase, list[str]], encode.Columns] | None = None
+    documents: Callable[[PreTrainedTokenizerBase, list[str]], dict] | None = None
     logits_key: str = "logits"  # where the model output holds the logits `loss` reads
     extra_heads: tuple[SequenceHead, ...] = ()
     own_loss_name: str = ""  # with extra heads: the name `loss` is logged under (mlm_loss)
-    # MLM: the output projection runs on labelled positions only (see forward.py)
-    targets_only: bool = False
+    targets_only: bool = False  # MLM: project labelled positions only (run/forward.py)
+    check_model_config: Callable[[PretrainedConfig], None] | None = None  # before loading
+
+    @property
+    def has_labels(self) -> bool:
+        """Label names come from the data (classification, NER)."""
+        return self.rows.labelled
 
 
-def _label_ids(names: list[str] | None) -> dict[str, int]:
+def label_ids(names: list[str] | None) -> dict[str, int]:
+    """Label name -> id, in the order the names are given."""
     return {name: i for i, name in enumerate(names or [])}
 
 
-TASKS: dict[str, TaskSpec] = {
-    "mlm": TaskSpec(
-        encode=lambda split, tok, names, length: encode.pack_for_mlm(split, tok, length),
-        make_collator=lambda tok, cfg: collate.MaskedLMCollator(
-            tok, cfg.mlm, cfg.data.isolate_documents
-        ),
-        loss=token_loss,
-        make_metrics=lambda names: metrics.LossMetrics(),
-        has_labels=False,
-        documents=encode.mlm_documents,
-        targets_only=True,
-    ),
-    "clm": TaskSpec(
-        encode=lambda split, tok, names, length: encode.pack_for_clm(split, tok, length),
-        make_collator=lambda tok, cfg: collate.CausalLMCollator(
-            tok.eos_token_id if cfg.data.isolate_documents else None
-        ),
-        loss=next_token_loss,
-        make_metrics=lambda names: metrics.LossMetrics(),
-        has_labels=False,
-        shifted_targets=True,
-        documents=encode.clm_documents,
-    ),
-    "classification": TaskSpec(
-        encode=lambda split, tok, names, length: encode.encode_classification(
-            split, tok, _label_ids(names), length
-        ),
-        make_collator=lambda tok, cfg: collate.PaddingCollator(tok.pad_token_id),
-        loss=token_loss,
-        make_metrics=lambda names: metrics.ClassificationMetrics(names),
-        has_labels=True,
-    ),
-    "token-classification": TaskSpec(
-        encode=lambda split, tok, names, length: encode.encode_token_classification(
-            split, tok, _label_ids(names), length
-        ),
-        make_collator=lambda tok, cfg: collate.PaddingCollator(tok.pad_token_id),
-        loss=token_loss,
-        make_metrics=lambda names: metrics.EntityMetrics(names),
-        has_labels=True,
-    ),
-}
-
-NEXT_SENTENCE_HEAD = SequenceHead("nsp", "seq_relationship_logits", "next_sentence_label")
+# --- behaviour shared by several tasks (imported when first called) ------------------------
 
 
-def pretraining_spec(seed: int) -> TaskSpec:
-    """BERT pretraining (mlm.next_sentence): MLM on sentence pairs, masked as MLM blocks are,
-    plus next-sentence prediction on pairs drawn with `seed`."""
-    return TaskSpec(
-        encode=lambda split, tok, names, length: sentence_pairs.encode_sentence_pairs(
-            split, tok, length, seed
-        ),
-        make_collator=lambda tok, cfg: collate.SentencePairCollator(
-            collate.MaskedLMCollator(tok, cfg.mlm)
-        ),
-        loss=token_loss,
-        make_metrics=lambda names: metrics.PretrainingMetrics("mlm", [NEXT_SENTENCE_HEAD.name]),
-        has_labels=False,
-        logits_key="prediction_logits",
-        extra_heads=(NEXT_SENTENCE_HEAD,),
-        own_loss_name="mlm",
-        targets_only=True,
-    )
+def token_loss(logits: Any, labels: Any, weight: Any = None) -> tuple[Any, Any]:
+    """Summed cross-entropy over labelled positions and their count (tasks/losses.py)."""
+    from trainer.tasks import losses
+
+    return losses.token_loss(logits, labels, weight)
 
 
-def task_spec(cfg: RunConfig) -> TaskSpec:
-    """The spec a run uses: its task's entry, or BERT pretraining with next sentences."""
-    return pretraining_spec(cfg.train.seed) if cfg.head == "pretraining" else TASKS[cfg.task]
+def padding_collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> Callable:
+    """Examples padded to the longest of their batch (fine-tuning tasks)."""
+    from trainer.data.collate import PaddingCollator
+
+    return PaddingCollator(tokenizer.pad_token_id)
+
+
+def text_lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
+    """Tokens per text as fine-tuning encodes it, special tokens included."""
+    from trainer.data import encode
+
+    return encode.token_counts(tokenizer, [row["text"] for row in rows])

@@ -1,0 +1,117 @@
+"""`trainer predict`: a saved model's predictions on a file of texts, as jsonl.
+
+The input is read before the model is loaded, so a bad file fails in a second. Several LoRA
+adapters on one base are named `NAME=DIR` (`--adapter`) and chosen with `--use`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.config import DataConfig
+from trainer.data.read import TEXT, read_split
+from trainer.errors import UserError
+from trainer.inference import PredictOptions, Predictor
+from trainer.model.saved import DEFAULT_ADAPTER, SavedModel
+
+INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
+
+
+def read_texts(source: str, data: DataConfig) -> list[str]:
+    """Texts from `data.text_column` of a csv/tsv/jsonl file, or one per non-blank .txt line."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise UserError(f"--input: file not found: {source}")
+    if path.suffix.lower() not in INPUT_SUFFIXES:
+        raise UserError(f"--input: {path.name}: expected one of {', '.join(INPUT_SUFFIXES)}")
+    # read as plain text: only the text column is needed and checked (no labels, no tags)
+    return [row["text"] for row in read_split(str(path), "--input", TEXT, data).rows]
+
+
+def parse_adapters(items: Sequence[str]) -> list[tuple[str, str]]:
+    """`NAME=DIR` pairs from repeated --adapter options, each a distinct name."""
+    pairs: list[tuple[str, str]] = []
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise UserError(f"--adapter: expected NAME=DIR, got '{item}'")
+        if name in dict(pairs):
+            raise UserError(f"--adapter: the name '{name}' is given twice")
+        pairs.append((name, folder))
+    return pairs
+
+
+def _primary(model_dir: str, pairs: list[tuple[str, str]]) -> tuple[SavedModel, str, str | None]:
+    """The folder loaded first, its adapter name and the base it goes on: MODEL_DIR itself,
+    or, for a plain MODEL_DIR with --adapter options, the first adapter on MODEL_DIR."""
+    saved = SavedModel.read(model_dir)
+    if saved.is_adapter or not pairs:
+        return saved, DEFAULT_ADAPTER, None
+    name, folder = pairs[0]
+    return SavedModel.read_adapter(folder, f"--adapter {name}={folder}"), name, model_dir
+
+
+def _loaded(
+    primary: tuple[SavedModel, str, str | None],
+    pairs: list[tuple[str, str]],
+    overrides: Sequence[str],
+    precision: str,
+    use: str | None,
+) -> Predictor:
+    saved, name, base = primary
+    predictor = Predictor.from_saved(saved, overrides, precision, name, base)
+    for other, other_folder in pairs[1:] if base else pairs:  # with a base, pairs[0] is loaded
+        predictor.add_adapter(other, other_folder)
+    if use is not None:
+        predictor.use(use)
+    return predictor
+
+
+def load_predictor(
+    model_dir: str,
+    overrides: Sequence[str],
+    precision: str,
+    adapter_items: Sequence[str] = (),
+    use: str | None = None,
+) -> Predictor:
+    """MODEL_DIR (its own adapter, if it is an adapter folder, is named `default`) plus the
+    --adapter NAME=DIR ones; a plain MODEL_DIR with adapters is taken as their base."""
+    pairs = parse_adapters(adapter_items)
+    return _loaded(_primary(model_dir, pairs), pairs, overrides, precision, use)
+
+
+def predict_file(
+    model_dir: str,
+    source: str,
+    target: str,
+    overrides: Sequence[str] = (),
+    options: PredictOptions | None = None,
+    adapter_items: Sequence[str] = (),
+    use: str | None = None,
+) -> dict:
+    """Predict every input of `source` into jsonl `target`; returns rows, seconds, rows/s.
+    The input is read before the model is loaded, so a bad file fails in a second."""
+    options = options or PredictOptions()
+    options.check()
+    pairs = parse_adapters(adapter_items)
+    primary = _primary(model_dir, pairs)
+    texts = read_texts(source, primary[0].run_config(overrides).data)
+    predictor = _loaded(primary, pairs, overrides, options.precision, use)
+    started = time.perf_counter()
+    rows = predictor.predict(texts, options)
+    seconds = time.perf_counter() - started
+    write_jsonl(Path(target), rows)
+    return {"rows": len(rows), "seconds": round(seconds, 3), "rows_per_s": len(rows) / seconds}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write all rows under a temporary name, then rename: no half-written output file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.rename(path)

@@ -1,0 +1,147 @@
+"""A saved model folder, read once: a run's `final/` or `best/` (a full model, or a LoRA /
+QLoRA adapter with its heads), a folder `trainer export` wrote, or any Hugging Face model
+folder. `trainer evaluate`, `trainer predict` and `trainer export` all start here.
+
+Reading parses `config.json` (architectures, label names), the run config the model was
+trained with (`trainer_config.yaml`, absent from a plain Hugging Face folder) and, for an
+adapter, `adapter_config.json` (its base), each once; loading reuses what was read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+
+from trainer.config import (
+    ModelConfig,
+    PeftConfig,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    read_yaml,
+)
+from trainer.errors import UserError
+from trainer.model import adapters
+from trainer.model.load import load_model
+from trainer.tasks.registry import TASKS, task_of_architectures
+from trainer.tasks.spec import TaskSpec
+
+RUN_CONFIG_NAME = "trainer_config.yaml"  # inside a saved model: how it was trained
+ADAPTER_CONFIG = "adapter_config.json"
+DEFAULT_ADAPTER = "default"  # the name a folder's own adapter gets (peft's default name)
+
+
+@dataclass
+class SavedModel:
+    """What a model folder holds, parsed once."""
+
+    folder: Path
+    config: PretrainedConfig  # config.json (next to an adapter: the base's, with the labels)
+    trained_with: dict  # the run config it was trained with; {} for a plain HF folder
+    adapter: dict | None  # adapter_config.json of a LoRA/QLoRA folder
+
+    @classmethod
+    def read(cls, folder: str | Path, key: str = "MODEL_DIR") -> SavedModel:
+        """Read a folder; `key` names the option that gave it, in messages."""
+        path = Path(folder)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}: {folder} is not a model folder (no config.json)")
+        config = AutoConfig.from_pretrained(path)
+        trained_with = (
+            read_yaml(path / RUN_CONFIG_NAME) if (path / RUN_CONFIG_NAME).is_file() else {}
+        )
+        adapter = path / ADAPTER_CONFIG
+        return cls(
+            path,
+            config,
+            trained_with,
+            json.loads(adapter.read_text()) if adapter.is_file() else None,
+        )
+
+    @classmethod
+    def read_adapter(cls, folder: str | Path, where: str) -> SavedModel:
+        """Read a folder that must hold a LoRA/QLoRA adapter; `where` names the option."""
+        if not (Path(folder) / ADAPTER_CONFIG).is_file():
+            raise UserError(f"{where}: not an adapter folder (no {ADAPTER_CONFIG})")
+        return cls.read(folder, where)
+
+    @property
+    def is_adapter(self) -> bool:
+        """A LoRA/QLoRA run rather than a full model."""
+        return self.adapter is not None
+
+    @property
+    def base(self) -> str | None:
+        """The base model an adapter was trained on (hub id or folder)."""
+        return self.adapter["base_model_name_or_path"] if self.adapter else None
+
+    @property
+    def task(self) -> TaskSpec | None:
+        """The task whose head the folder has, from its architectures (None: no head)."""
+        return task_of_architectures(self.config.architectures or [])
+
+    @property
+    def head_labels(self) -> list[str]:
+        """Every label name of the head, in id order (placeholders included)."""
+        return [self.config.id2label[i] for i in sorted(self.config.id2label)]
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Label names of a fine-tuned head, or None for a base model's placeholders."""
+        names = self.head_labels
+        if all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+            return None
+        return names
+
+    def run_config(
+        self, overrides: Sequence[str] = (), evaluate_on: str | None = None
+    ) -> RunConfig:
+        """The run config it was trained with, pointed at this folder (and the tokenizer
+        saved in it), with `overrides` applied; for `trainer evaluate`, scoring
+        `evaluate_on` instead of the training data. A folder without a saved config or
+        task takes the task its architecture says, or the `task=` override."""
+        raw = apply_overrides(self.trained_with, list(overrides))
+        model = raw.setdefault("model", {})
+        model.pop("tokenizer", None)
+        model.update(name_or_path=str(self.folder), from_scratch=False)
+        if evaluate_on is not None:
+            raw.setdefault("data", {}).update(
+                validation=evaluate_on, train=None, validation_split=0.0
+            )
+        if not raw.get("task"):
+            if self.task is None:
+                raise UserError(
+                    f"task: can't tell which task {self.folder} serves; pass task="
+                    + ", ".join(TASKS)
+                )
+            raw["task"] = self.task.name
+        return build_config(raw, for_training=False)
+
+    def load(
+        self,
+        spec: TaskSpec,
+        tokenizer: PreTrainedTokenizerBase,
+        peft: PeftConfig,
+        precision: str,
+        seed: int,
+        base: str | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ) -> torch.nn.Module:
+        """The model: a full one as saved, or an adapter on its base (`base`, or the one
+        recorded), quantized again for QLoRA, with the heads saved next to the adapter.
+        Base weights missing from the base checkpoint (e.g. the pooler of an MLM-only BERT)
+        are frozen under LoRA and not saved: `seed`, the run's, draws them again exactly as
+        in training."""
+        if not self.is_adapter:
+            return load_model(
+                ModelConfig(name_or_path=str(self.folder)), spec, tokenizer, config=self.config
+            )
+        base_cfg = ModelConfig(name_or_path=base or self.base)
+        quantization = adapters.quantization_config(precision) if peft.method == "qlora" else None
+        model = load_model(base_cfg, spec, tokenizer, self.label_names, seed, quantization)
+        return adapters.load_adapter(model, self.folder, adapter_name)

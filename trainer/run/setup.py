@@ -1,0 +1,324 @@
+"""Setting a run up: the run directory and what it resumes from, Accelerate, the data (read
+and checked before the model is loaded: a bad row costs seconds, not a model download),
+the batch plan, the model (full, LoRA or QLoRA), optimizer and schedule.
+
+Gradient accumulation is derived from the global batch, so the same run config trains the
+same global batches on any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from trainer.config import RunConfig, to_dict, train_sources, world_size_from_env
+from trainer.data.augment import training_examples
+from trainer.data.class_weights import resolve_class_weights, target_counts
+from trainer.data.encode import Packer
+from trainer.data.prepare import PreparedData, prepare_data, source_key
+from trainer.data.sampling import (
+    LENGTH_WINDOW_BATCHES,
+    BatchPlan,
+    KeyedDataset,
+    LengthGrouped,
+    Mixture,
+    Shuffled,
+    StreamPlan,
+)
+from trainer.data.stream import RowStream, SourceBlocks, TrainStream
+from trainer.errors import UserError
+from trainer.model.adapters import attach_adapter, quantization_config
+from trainer.model.load import check_document_isolation, load_model, load_tokenizer
+from trainer.run.checkpoint import TRAINER_STATE_NAME
+from trainer.run.optim import build_optimizer, build_scheduler
+from trainer.run.resume import changed_keys, select_checkpoint
+from trainer.tasks.registry import task_spec
+from trainer.tasks.spec import TaskSpec
+
+
+class RunFinished(Exception):
+    """The output_dir already holds a finished run: nothing to do."""
+
+
+def _report(message: str) -> None:
+    """A note from the main process before Accelerate is up (all ranks run the same checks)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr)
+
+
+def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to resume from (None: start fresh); refuses
+    to overwrite an earlier run's results or to resume under a changed run config."""
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
+    if (run_dir / "final").is_dir():
+        raise RunFinished(f"run already finished: {run_dir / 'final'} exists; nothing to do")
+    checkpoint = select_checkpoint(run_dir, cfg.train.resume, _report)
+    if checkpoint is None and cfg.train.resume == "auto" and (run_dir / "metrics.jsonl").exists():
+        raise UserError(
+            f"output_dir: {run_dir} holds an unfinished run without a complete checkpoint; "
+            "train.resume=never starts over (its files are kept aside)"
+        )
+    if checkpoint is not None:
+        saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
+        changed = changed_keys(saved, to_dict(cfg))
+        if changed:
+            raise UserError(
+                f"train.resume: the run config differs from checkpoint {checkpoint.name} in "
+                f"{', '.join(changed)}; restore them or use another output_dir"
+            )
+    return run_dir, checkpoint
+
+
+def _set_aside_previous(run_dir: Path) -> None:
+    """train.resume=never over an earlier run: keep its log and checkpoints, renamed."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("metrics.jsonl", "checkpoints", "eval_results.json", "best"):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(run_dir / f"{name}.previous-{stamp}")
+
+
+def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> Accelerator:
+    """Accelerate owns devices, processes, precision, accumulation and trackers."""
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that torchrun on CPU gives gloo DDP
+        mixed_precision=cfg.train.precision,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        gradient_accumulation_steps=accumulation_steps,
+        log_with=list(cfg.log.trackers) or None,
+        project_dir=str(run_dir),
+    )
+    if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not _native_bf16():
+        _report(
+            "warning: train.precision=bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix "
+            "products are emulated (17x slower than fp32 in benchmarks/optimisations.py); "
+            "train.precision=no is faster here"
+        )
+    if accelerator.num_processes != world_size_from_env():
+        raise RuntimeError(  # ranks would overwrite each other's files: a launch bug
+            f"WORLD_SIZE={world_size_from_env()} but Accelerate runs "
+            f"{accelerator.num_processes} process(es)"
+        )
+    return accelerator
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (torch's own checks)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def build_model(
+    cfg: RunConfig, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, label_names
+) -> torch.nn.Module:
+    """The model to train: full, or the base (4-bit for QLoRA) wrapped with a LoRA adapter."""
+    quantization = quantization_config(cfg.train.precision) if cfg.peft.method == "qlora" else None
+    model = load_model(cfg.model, spec, tokenizer, label_names, cfg.train.seed, quantization)
+    if cfg.data.isolate_documents:
+        check_document_isolation(model)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+    if cfg.peft.method != "none":
+        model = attach_adapter(model, cfg.peft, spec, cfg.train.gradient_checkpointing)
+    return model
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built by `set_up`."""
+
+    cfg: RunConfig
+    resume_from: Path | None
+    run_dir: Path
+    accelerator: Accelerator
+    spec: TaskSpec
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+    # by (epoch, index): all sources in order, then any augmented variants; None streaming
+    train_examples: KeyedDataset | None
+    stream: TrainStream | None
+    plan: BatchPlan | StreamPlan
+    total_steps: int
+    collator: Callable
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    class_weights: torch.Tensor | None
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in id order (classification and NER)."""
+        return self.data.label_names
+
+    @property
+    def validation_set(self) -> datasets.Dataset | None:
+        """Encoded validation examples, if the run has any."""
+        return self.data.validation
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterator[dict]:
+        """This process's micro-batches from (epoch, step) on: from the plan's keys, or
+        from the stream (which continues from its own restored position)."""
+        if self.stream is not None:
+            return self.stream.micro_batches(self.cfg.train.micro_batch_size, self.collator)
+        loader = DataLoader(
+            self.train_examples,
+            batch_sampler=list(self.plan.micro_batches(epoch, start_step)),
+            collate_fn=self.collator,
+            pin_memory=self.accelerator.device.type == "cuda",
+            # its own generator: a DataLoader iterator otherwise draws its base seed from the
+            # global RNG, and a run resumed mid-epoch would then see other dropout masks
+            generator=torch.Generator(),
+        )
+        return iter(loader)
+
+    def summary(self) -> dict:
+        """What this run will do, printed at start and kept in run_summary.json."""
+        parameters = list(self.model.parameters())
+        total = sum(_logical_numel(p) for p in parameters)
+        trainable = sum(p.numel() for p in parameters if p.requires_grad)
+        sources = train_sources(self.cfg.data)
+        sizes = [len(split) for split in self.data.train] or [None] * len(sources)
+        return {
+            "task": self.cfg.task,
+            "processes": self.accelerator.num_processes,
+            "train_examples": sum(sizes) if sizes[0] is not None else None,
+            "examples_per_epoch": len(self.train_examples) if self.train_examples else None,
+            "train_sources": [
+                {"path": s.path, "weight": round(s.weight, 6), "examples": size}
+                for s, size in zip(sources, sizes, strict=True)
+            ],
+            "validation_examples": len(self.validation_set or []),
+            "data_cache": self.data.cache,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "micro_batch_size": self.cfg.train.micro_batch_size,
+            "accumulation_steps": self.plan.accumulation_steps,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "parameters": total,
+            "trainable_parameters": trainable,
+            "trainable_share": round(trainable / total, 6),
+            "peft": self.cfg.peft.method,
+            "attention": self.accelerator.unwrap_model(self.model).config._attn_implementation,
+            "compiled": self.cfg.train.compile,
+            "labels": self.label_names,
+            "class_weights": None
+            if self.class_weights is None
+            else dict(zip(self.label_names, self.class_weights.tolist(), strict=True)),
+        }
+
+
+def _logical_numel(param: torch.nn.Parameter) -> int:
+    """Parameters a tensor stands for: a 4-bit tensor packs two per stored byte."""
+    quant_state = getattr(param, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else param.numel()
+
+
+def batch_plan(
+    cfg: RunConfig, data: PreparedData, examples: int, accelerator: Accelerator
+) -> BatchPlan:
+    """Global batches over the in-memory train `examples` (the encoded rows, then any
+    augmented variants of them): one source shuffled, several mixed by weight, either
+    regrouped by length when data.group_by_length is on (a variant counts with the length
+    of its row)."""
+    seed, batch = cfg.train.seed, cfg.train.global_batch_size
+    sizes = tuple(len(split) for split in data.train)
+    weights = tuple(source.weight for source in train_sources(cfg.data))
+    ordering = Shuffled(examples, seed) if len(sizes) == 1 else Mixture(sizes, weights, seed)
+    if cfg.data.group_by_length:
+        lengths = [len(ids) for split in data.train for ids in split["input_ids"]]
+        lengths *= examples // len(lengths)
+        ordering = LengthGrouped(
+            ordering, tuple(lengths), LENGTH_WINDOW_BATCHES * batch, batch, seed
+        )
+    plan = BatchPlan(
+        ordering,
+        batch,
+        cfg.train.micro_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    if plan.steps_per_epoch == 0:
+        raise UserError(
+            f"train.global_batch_size: {batch} is more than the "
+            f"{ordering.epoch_size} training examples; lower it or add data"
+        )
+    return plan
+
+
+def train_stream(
+    cfg: RunConfig, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
+) -> TrainStream:
+    """The streamed train sources of data.train, this process's share of them."""
+    sources = train_sources(cfg.data)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    blocks = [
+        SourceBlocks(
+            RowStream(s.path, source_key(i, len(sources)), cfg.data, rank, world, cfg.train.seed),
+            lambda texts: spec.documents(tokenizer, texts),
+            Packer(cfg.data.max_length),
+        )
+        for i, s in enumerate(sources)
+    ]
+    weights = [s.weight for s in sources]
+    return TrainStream(blocks, weights, cfg.data.shuffle_buffer, cfg.train.seed, rank)
+
+
+def set_up(cfg: RunConfig) -> Run:
+    """Read and check the data before loading the model (a bad row costs seconds, not a
+    model download), then the model, optimizer and schedule, prepared by Accelerate."""
+    run_dir, resume_from = prepare_run_dir(cfg)
+    world_size = world_size_from_env()
+    accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size))
+    if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
+        _set_aside_previous(run_dir)
+    set_seed(cfg.train.seed)
+    spec = task_spec(cfg)
+    data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, spec))
+    weights = None
+    if data.label_names is not None and cfg.data.class_weights != "none":
+        counts = target_counts(data.train, data.label_names)  # a pass over every label
+        weights = resolve_class_weights(cfg.data.class_weights, counts, data.label_names)
+    if cfg.data.streaming:
+        stream, examples = train_stream(cfg, spec, tokenizer, accelerator), None
+        plan = StreamPlan(cfg.gradient_accumulation_steps(world_size), cfg.train.max_steps)
+    else:
+        examples = training_examples(datasets.concatenate_datasets(data.train), tokenizer, cfg)
+        stream, plan = None, batch_plan(cfg, data, len(examples), accelerator)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
+
+    model = build_model(cfg, spec, tokenizer, data.label_names)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return Run(
+        cfg,
+        resume_from,
+        run_dir,
+        accelerator,
+        spec,
+        tokenizer,
+        data,
+        examples,
+        stream,
+        plan,
+        total_steps,
+        spec.make_collator(tokenizer, cfg),
+        model,
+        optimizer,
+        scheduler,
+        None if weights is None else torch.tensor(weights, device=accelerator.device),
+    )

@@ -1,0 +1,167 @@
+"""One optimizer step: forward and backward over an accumulation window, then a decision
+every process shares (skip a non-finite step; stop; save), then the update.
+
+What a step reports are sums that add up from step to step until the next log line; they
+are named here and packed into one tensor only to cross processes in one all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from accelerate import Accelerator
+
+from trainer.run.forward import forward
+from trainer.tasks.losses import count_targets
+from trainer.tasks.spec import TaskSpec
+
+
+@dataclass
+class StepSums:
+    """Sums over optimizer steps on this process (tensors on its device): the task's loss
+    and targets, real (non-padding) tokens, positions (padding included), the gradient
+    norms (already equal on every process), and per extra head (NSP) its loss and targets."""
+
+    loss: torch.Tensor
+    targets: torch.Tensor
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    grad_norm: torch.Tensor
+    head_loss: torch.Tensor  # one entry per extra head of the spec
+    head_targets: torch.Tensor
+
+    @classmethod
+    def zeros(cls, heads: int, device: torch.device) -> StepSums:
+        """Nothing summed yet."""
+        scalars = [torch.zeros((), device=device) for _ in range(5)]
+        return cls(*scalars, torch.zeros(heads, device=device), torch.zeros(heads, device=device))
+
+    def __iadd__(self, other: StepSums) -> StepSums:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def zero_(self) -> None:
+        """Start the next log window."""
+        for f in fields(self):
+            getattr(self, f.name).zero_()
+
+    def reduced(self, accelerator: Accelerator) -> StepSums:
+        """The sums over all processes, in one all-reduce (the gradient norm as it is)."""
+        summed = ("loss", "targets", "tokens", "positions")
+        packed = torch.cat([*(getattr(self, n).view(1) for n in summed), self.heads_flat()])
+        total = accelerator.reduce(packed, "sum")
+        heads = total[4:].view(-1, 2)
+        return StepSums(*total[:4], self.grad_norm, heads[:, 0], heads[:, 1])
+
+    def heads_flat(self) -> torch.Tensor:
+        """[loss, targets] of each head in turn."""
+        return torch.stack([self.head_loss, self.head_targets], dim=1).reshape(-1)
+
+    def tolist(self) -> list[float]:
+        """For checkpoints: [loss, targets, tokens, grad norm, positions, then loss and
+        targets of each head] (the order checkpoints have always used)."""
+        scalars = [self.loss, self.targets, self.tokens, self.grad_norm, self.positions]
+        return [*(float(t) for t in scalars), *self.heads_flat().tolist()]
+
+    @classmethod
+    def from_list(cls, values: list[float], device: torch.device) -> StepSums:
+        """The sums a checkpoint saved with `tolist`."""
+        t = torch.tensor(values, device=device)
+        heads = t[5:].view(-1, 2)
+        return cls(t[0], t[1], t[2], t[4], t[3], heads[:, 0].clone(), heads[:, 1].clone())
+
+
+@dataclass(frozen=True)
+class Requests:
+    """What a process asks of all before a step; after it, what any process asked."""
+
+    stop: bool = False  # a signal or train.max_time: save and leave
+    save: bool = False  # checkpoint.every_minutes has passed
+
+    def flags(self) -> list[float]:
+        return [float(getattr(self, f.name)) for f in fields(self)]
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    sums: StepSums  # zeros when the step was skipped
+    skipped: bool  # non-finite loss or gradient norm on some process: no update
+    requests: Requests  # raised by any process
+
+
+def optimizer_step(
+    model,
+    window: list[dict],
+    spec: TaskSpec,
+    accelerator: Accelerator,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    requests: Requests = Requests(),
+    class_weights: torch.Tensor | None = None,
+) -> StepResult:
+    """Forward/backward over the accumulation window, then clip and step.
+
+    The loss is normalised by the number of targets in the whole window on all processes:
+    each micro-batch's summed loss is scaled so that, after Accelerate divides by the
+    accumulation steps and DDP averages over processes, the gradient is that of
+    sum(all target losses) / (all targets). Each extra head (NSP) is normalised the same
+    way by its own targets and added. Before the update one all-reduce tells every
+    process whether any saw a non-finite loss or gradient norm (then nobody steps) and
+    which `requests` any raised. With `class_weights` the targets count by their class
+    weight (see data/class_weights.py)."""
+    device = accelerator.device
+    heads = spec.extra_heads
+    targets = sum(count_targets(b["labels"], spec.shifted_targets, class_weights) for b in window)
+    head_counts = [sum(head.count(b) for b in window).float() for head in heads]
+    counts = torch.stack([targets.float(), *head_counts])
+    all_counts = accelerator.reduce(counts.clone(), "sum").clamp(min=1)  # reduce is in place
+    scales = accelerator.num_processes * len(window) / all_counts
+    totals = torch.zeros(len(counts), device=device)  # loss sums: the task's, each head's
+    for batch in window:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                output, labels = forward(model, batch, spec.targets_only)
+            loss_sum, _ = spec.loss(output[spec.logits_key], labels, class_weights)
+            parts = torch.stack([loss_sum, *(head.loss(output, batch)[0] for head in heads)])
+            accelerator.backward((parts * scales).sum())
+            totals += parts.detach()
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+    grad_norm = norm.detach().float() if norm is not None else torch.zeros((), device=device)
+    skipped, raised = _agree(accelerator, totals, grad_norm, requests)
+    if not skipped:
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(real_tokens(b) for b in window).float()
+    positions = tokens.new_tensor(sum(b["input_ids"].numel() for b in window))
+    sums = StepSums(totals[0], counts[0], tokens, positions, grad_norm, totals[1:], counts[1:])
+    if skipped:
+        sums.zero_()
+    return StepResult(sums, skipped, raised)
+
+
+def _agree(
+    accelerator: Accelerator, totals: torch.Tensor, grad_norm: torch.Tensor, requests: Requests
+) -> tuple[bool, Requests]:
+    """One all-reduce: whether any process saw a non-finite value (then nobody steps),
+    and which requests any process raised."""
+    bad = ~torch.isfinite(totals).all()
+    if accelerator.scaler is None:  # fp16: the grad scaler handles inf gradients itself
+        bad |= ~torch.isfinite(grad_norm)
+    flags = torch.tensor([float(bad), *requests.flags()], device=accelerator.device)
+    skipped, *raised = (accelerator.reduce(flags, "sum") > 0).tolist()
+    return skipped, Requests(*raised)
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens that are not padding: a padded batch's attention mask says which; packed
+    blocks (whose mask may be a 4-D document mask) have no padding."""
+    mask = batch["attention_mask"]
+    return mask.sum() if mask.dim() == 2 else mask.new_tensor(batch["input_ids"].numel())

@@ -1,0 +1,81 @@
+"""Causal language modelling (GPT-style): next-token prediction on packed documents."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from trainer.data.read import TEXT
+from trainer.tasks import heads
+from trainer.tasks.spec import PredictionHead, TaskSpec
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from trainer.config import RunConfig
+    from trainer.data.collate import CausalLMCollator
+    from trainer.data.read import Split
+    from trainer.tasks.metrics import LossMetrics
+
+
+def encode(
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, max_length: int
+) -> datasets.Dataset:
+    """Documents joined with the end-of-sequence token, packed into max_length blocks."""
+    from trainer.data.encode import pack_for_clm
+
+    return pack_for_clm(split, tokenizer, max_length)
+
+
+def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> CausalLMCollator:
+    """Blocks with next-token labels; with data.isolate_documents, a mask per document."""
+    from trainer.data.collate import CausalLMCollator
+
+    return CausalLMCollator(tokenizer.eos_token_id if cfg.data.isolate_documents else None)
+
+
+def loss(logits: Any, labels: Any, weight: Any = None) -> tuple[Any, Any]:
+    """Summed next-token cross-entropy and its count (tasks/losses.py)."""
+    from trainer.tasks.losses import next_token_loss
+
+    return next_token_loss(logits, labels, weight)
+
+
+def metrics(names: list[str] | None) -> LossMetrics:
+    """Loss and perplexity."""
+    from trainer.tasks.metrics import LossMetrics
+
+    return LossMetrics()
+
+
+def documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict:
+    """Each text followed by the end-of-sequence token."""
+    from trainer.data.encode import clm_documents
+
+    return clm_documents(tokenizer, texts)
+
+
+def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
+    """Tokens per document, its EOS included."""
+    from trainer.data.encode import document_token_counts
+
+    return document_token_counts(documents(tokenizer, [row["text"] for row in rows]))
+
+
+CLM = TaskSpec(
+    name="clm",
+    auto_class="AutoModelForCausalLM",
+    architectures=("ForCausalLM", "LMHeadModel"),
+    metrics=("perplexity", "loss"),
+    rows=TEXT,
+    encode=encode,
+    make_collator=collator,
+    loss=loss,
+    make_metrics=metrics,
+    lengths=lengths,
+    prediction=PredictionHead(heads.generate, generates=True),
+    packed=True,
+    peft_task_type="CAUSAL_LM",
+    shifted_targets=True,
+    documents=documents,
+)

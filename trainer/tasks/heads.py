@@ -1,0 +1,125 @@
+"""What `trainer predict` makes of each task's outputs: one function per task, from
+(predictor, examples, padded inputs, options) to one result row per example."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.inference import Predictor
+
+
+def classify(predictor: Predictor, chunk, inputs, options) -> list[dict]:
+    """`label`, its `score`, and the `probabilities` of every class."""
+    probs = predictor.model(**inputs).logits.float().softmax(-1).cpu()
+    names = predictor.label_names
+    rows = []
+    for row in probs.tolist():
+        best = max(range(len(row)), key=row.__getitem__)
+        rows.append(
+            {
+                "label": names[best],
+                "score": row[best],
+                "probabilities": dict(zip(names, row, strict=True)),
+            }
+        )
+    return rows
+
+
+@dataclass
+class WordTag:
+    """A word's predicted tag (from its first sub-token) and its character span."""
+
+    tag: str
+    score: float
+    start: int
+    end: int
+
+
+def tag_entities(predictor: Predictor, chunk, inputs, options) -> list[dict]:
+    """`entities`: spans of consecutive words tagged B-X / I-X, with character offsets."""
+    probs = predictor.model(**inputs).logits.float().softmax(-1).cpu()
+    best_probs, best_ids = probs.max(-1)
+    names = predictor.label_names
+    rows = []
+    for b, example in enumerate(chunk):
+        words: dict[int, WordTag] = {}
+        for t, word in enumerate(example.word_ids):
+            if word is None:
+                continue
+            start, end = example.offsets[t]
+            if word not in words:  # the first sub-token decides the word's tag
+                tag = names[best_ids[b, t].item()]
+                words[word] = WordTag(tag, best_probs[b, t].item(), start, end)
+            words[word].end = end
+        rows.append({"entities": merge_entities(list(words.values()), example.text)})
+    return rows
+
+
+def _split_tag(tag: str) -> tuple[str, str]:
+    """('B', 'PER') for B-PER; an unprefixed tag (IO scheme) counts as inside its type."""
+    if tag[:2] in ("B-", "I-", "E-", "S-"):
+        return tag[0], tag[2:]
+    return ("O", "") if tag == "O" else ("I", tag)
+
+
+def merge_entities(words: list[WordTag], text: str) -> list[dict]:
+    """Entities from word tags: B-X starts one, I-X right after an X word continues it
+    (an I-X after anything else starts one, as seqeval reads it), O ends it. The score is
+    the mean probability of the entity's words."""
+    spans: list[tuple[str, list[WordTag]]] = []
+    previous_type = ""
+    for word in words:
+        prefix, kind = _split_tag(word.tag)
+        if prefix == "I" and kind == previous_type:
+            spans[-1][1].append(word)
+        elif prefix != "O":
+            spans.append((kind, [word]))
+        previous_type = kind
+    return [
+        {
+            "type": kind,
+            "text": text[members[0].start : members[-1].end],
+            "start": members[0].start,
+            "end": members[-1].end,
+            "score": sum(w.score for w in members) / len(members),
+        }
+        for kind, members in spans
+    ]
+
+
+def fill_masks(predictor: Predictor, chunk, inputs, options) -> list[dict]:
+    """`fills`: for each mask token, in text order, the top-k tokens with probabilities."""
+    logits = predictor.model(**inputs).logits
+    mask_id = predictor.tokenizer.mask_token_id
+    top_k = min(options.top_k, logits.shape[-1])
+    rows = []
+    for b in range(len(chunk)):
+        positions = (inputs["input_ids"][b] == mask_id).nonzero().flatten()
+        top = logits[b, positions].float().softmax(-1).topk(top_k, dim=-1)
+        fills = [
+            [
+                {"token": predictor.tokenizer.decode([i]), "token_id": i, "score": p}
+                for p, i in zip(scores, ids, strict=True)
+            ]
+            for scores, ids in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+        rows.append({"fills": fills})
+    return rows
+
+
+def generate(predictor: Predictor, chunk, inputs, options) -> list[dict]:
+    """`generated`: the continuation of each prompt (greedy at temperature 0)."""
+    sampling = options.temperature > 0
+    settings = {"temperature": options.temperature, "top_p": options.top_p} if sampling else {}
+    output = predictor.model.generate(
+        **inputs,
+        max_new_tokens=options.max_new_tokens,
+        do_sample=sampling,
+        pad_token_id=predictor.tokenizer.pad_token_id,
+        **settings,
+    )
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    texts = predictor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [{"generated": text} for text in texts]

@@ -1,0 +1,57 @@
+"""Token classification (NER): one tag per word, BIO or IO, scored by entity."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trainer.data.read import TAGGED_WORDS
+from trainer.tasks import heads
+from trainer.tasks.spec import PredictionHead, TaskSpec, label_ids, padding_collator, token_loss
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from trainer.data.read import Split
+    from trainer.tasks.metrics import EntityMetrics
+
+
+def encode(
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, max_length: int
+) -> datasets.Dataset:
+    """The words tokenized, each word's tag on its first sub-token."""
+    from trainer.data.encode import encode_token_classification
+
+    return encode_token_classification(split, tokenizer, label_ids(names), max_length)
+
+
+def metrics(names: list[str] | None) -> EntityMetrics:
+    """Entity-level precision, recall and F1 (seqeval's definition), token accuracy."""
+    from trainer.tasks.metrics import EntityMetrics
+
+    return EntityMetrics(names)
+
+
+def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
+    """Tokens per word list, special tokens included."""
+    from trainer.data.encode import word_token_counts
+
+    return word_token_counts(tokenizer, [row["tokens"] for row in rows])
+
+
+TOKEN_CLASSIFICATION = TaskSpec(
+    name="token-classification",
+    auto_class="AutoModelForTokenClassification",
+    architectures=("ForTokenClassification",),
+    metrics=("f1", "precision", "recall", "accuracy", "loss"),
+    rows=TAGGED_WORDS,
+    encode=encode,
+    make_collator=padding_collator,
+    loss=token_loss,
+    make_metrics=metrics,
+    lengths=lengths,
+    prediction=PredictionHead(heads.tag_entities, word_offsets=True),
+    peft_task_type="TOKEN_CLS",
+    modules_to_save=("classifier", "score"),
+    required_tokens=("pad_token",),
+)
