@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import (
-    RunConfig,
-    apply_overrides,
-    build_config,
-    dump_yaml,
-    load_config,
-    read_yaml,
-    train_sources,
-)
+from trainer.config import RunConfig, build_config, dump_yaml, load_config, train_sources
 from trainer.errors import UserError
+from trainer.yaml_sections import apply_overrides, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(

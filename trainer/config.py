@@ -9,10 +9,8 @@ closest valid name. The field `help` strings are the config reference (`trainer 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import yaml
 
 from trainer.errors import UserError
 from trainer.tasks.registry import TASKS, task_spec
+from trainer.yaml_sections import apply_overrides, build_section, read_yaml, yaml11_float
 
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -119,7 +118,7 @@ def train_sources(data: DataConfig, errors: list[str] | None = None) -> list[Sou
         if isinstance(entry, str) and entry:
             sources.append(Source(entry))
         elif isinstance(entry, dict) and set(entry) <= {"path", "weight"}:
-            path, weight = entry.get("path"), _yaml11_float(entry.get("weight", 1.0))
+            path, weight = entry.get("path"), yaml11_float(entry.get("weight", 1.0))
             if not isinstance(path, str) or not path:
                 found.append(f"{key}.path: required (a file, glob or hub dataset)")
             elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
@@ -245,124 +244,7 @@ def all_keys(cls: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.F
     return keys
 
 
-def dotted_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every key of a (nested) config dataclass, sections included, as dotted names."""
-    keys = []
-    for name, hint in typing.get_type_hints(cls).items():
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(hint):
-            keys += dotted_keys(hint, f"{prefix}{name}.")
-    return keys
-
-
-def _closest(name: str, root: type) -> str:
-    matches = difflib.get_close_matches(name, dotted_keys(root), n=1, cutoff=0.6)
-    return f" (did you mean '{matches[0]}'?)" if matches else ""
-
-
-# --- reading YAML and overrides ----------------------------------------------------------
-
-
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, turning a missing file or bad YAML into a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path}{where}: not valid YAML") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path}: must be a mapping of keys to values")
-    return data
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b=value` overrides (values parsed as YAML) onto a nested dict copy."""
-    merged = yaml.safe_load(yaml.safe_dump(raw))
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override '{item}': expected key=value, e.g. train.lr=3e-5")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        node = merged
-        *parents, leaf = key.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = value
-    return merged
-
-
 # --- validation ---------------------------------------------------------------------------
-
-
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, origin or annotation)
-
-
-def _type_name(annotation: Any) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-    names |= {dict: "a mapping", list: "a list", type(None): "null"}
-    args = typing.get_args(annotation) or (annotation,)
-    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
-
-
-def _yaml11_float(value: Any) -> Any:
-    """PyYAML reads `1e-3` (no dot) as a string; accept it where a number is expected."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def build_section(
-    cls: type, values: Any, prefix: str, errors: list[str], root: type | None = None
-) -> Any:
-    """Build the dataclass `cls` (nested ones too) from a mapping, appending every unknown
-    key and wrong type to `errors` (with the closest valid key) instead of stopping."""
-    root = root or cls
-    if not isinstance(values, dict):
-        errors.append(f"{prefix}: must be a mapping of keys to values")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in hints:
-            errors.append(f"unknown key '{dotted}'{_closest(dotted, root)}")
-            continue
-        if dataclasses.is_dataclass(hints[key]):
-            kwargs[key] = build_section(hints[key], value, dotted, errors, root)
-            continue
-        if hints[key] is float:
-            value = _yaml11_float(value)
-        if key == "precision" and value is False:
-            value = "no"  # YAML 1.1 reads a bare `no` as false
-        if not _type_ok(value, hints[key]):
-            errors.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
-        else:
-            kwargs[key] = float(value) if hints[key] is float else value
-    return cls(**kwargs)
 
 
 def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -370,8 +252,8 @@ def _choice(errors: list[str], key: str, value: Any, allowed: tuple[str, ...]) -
         errors.append(f"{key}: '{value}' is not one of {', '.join(allowed)}")
 
 
-def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
-    """Value checks that do not depend on what the config is used for."""
+def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
+    """Keys that take one of a few names."""
     _choice(errors, "task", cfg.task, tuple(TASKS))
     _choice(errors, "train.scheduler", cfg.train.scheduler, SCHEDULERS)
     _choice(errors, "train.precision", cfg.train.precision, PRECISIONS)
@@ -383,6 +265,11 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"train.max_time: '{cfg.train.max_time}' is not [[D-]HH:]MM:SS")
     for tracker in cfg.log.trackers:
         _choice(errors, "log.trackers", tracker, TRACKERS)
+    _check_class_weights(cfg.data.class_weights, errors)
+
+
+def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
+    """Numbers that must be positive, non-negative or within bounds."""
     positive = {
         "data.max_length": cfg.data.max_length,
         "train.global_batch_size": cfg.train.global_batch_size,
@@ -431,7 +318,6 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             errors.append(f"{key}: must be in {span}, got {value}")
     if cfg.mlm.mask_token_fraction + cfg.mlm.random_token_fraction > 1:
         errors.append("mlm.random_token_fraction: mask_token_fraction + random_token_fraction > 1")
-    _check_class_weights(cfg.data.class_weights, errors)
 
 
 def _check_class_weights(value: str | dict, errors: list[str]) -> None:
@@ -563,7 +449,8 @@ def build_config(raw: dict, for_training: bool = True, world_size: int | None = 
     """Turn a raw mapping into a validated RunConfig, or raise one UserError listing it all."""
     errors: list[str] = []
     cfg = build_section(RunConfig, raw, "", errors)
-    _check_ranges(cfg, errors)  # fields that failed their type check hold defaults here
+    _check_choices(cfg, errors)  # fields that failed their type check hold defaults here
+    _check_ranges(cfg, errors)
     _check_consistency(cfg, world_size or world_size_from_env(), for_training, errors)
     if errors:
         raise UserError("; ".join(errors))

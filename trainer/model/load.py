@@ -178,23 +178,6 @@ def _fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
             setattr(config, name, getattr(tokenizer, name))
 
 
-def check_next_sentence_head(config: PretrainedConfig) -> None:
-    """mlm.next_sentence needs a pretraining class with an NSP head (BERT-style); others
-    (RoBERTa, GPT-2, ELECTRA...) would fail later or silently train no NSP."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_PRETRAINING_MAPPING_NAMES
-
-    name = MODEL_FOR_PRETRAINING_MAPPING_NAMES.get(config.model_type)
-    model_class = getattr(transformers, name, None) if name else None
-    if (
-        model_class is None
-        or "next_sentence_label" not in inspect.signature(model_class.forward).parameters
-    ):
-        raise UserError(
-            f"mlm.next_sentence: {config.model_type} models have no next-sentence head "
-            f"(AutoModelForPreTraining gives {name or 'no class'}); use a BERT-style model"
-        )
-
-
 def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:
     if quantization is None:
         return {}

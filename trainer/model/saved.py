@@ -17,19 +17,13 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-from trainer.config import (
-    ModelConfig,
-    PeftConfig,
-    RunConfig,
-    apply_overrides,
-    build_config,
-    read_yaml,
-)
+from trainer.config import ModelConfig, PeftConfig, RunConfig, build_config
 from trainer.errors import UserError
 from trainer.model import adapters
 from trainer.model.load import load_model
 from trainer.tasks.registry import TASKS, task_of_architectures
 from trainer.tasks.spec import TaskSpec
+from trainer.yaml_sections import apply_overrides, read_yaml
 
 RUN_CONFIG_NAME = "trainer_config.yaml"  # inside a saved model: how it was trained
 ADAPTER_CONFIG = "adapter_config.json"

@@ -95,10 +95,25 @@ def pretraining_metrics(names: list[str] | None) -> PretrainingMetrics:
 
 
 def check_pretraining_head(config: PretrainedConfig) -> None:
-    """A BERT-style model with an NSP head (others would fail later or train no NSP)."""
-    from trainer.model.load import check_next_sentence_head
+    """mlm.next_sentence needs a pretraining class with an NSP head (BERT-style); others
+    (RoBERTa, GPT-2, ELECTRA...) would fail later or silently train no NSP."""
+    import inspect
 
-    check_next_sentence_head(config)
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_PRETRAINING_MAPPING_NAMES
+
+    from trainer.errors import UserError
+
+    name = MODEL_FOR_PRETRAINING_MAPPING_NAMES.get(config.model_type)
+    model_class = getattr(transformers, name, None) if name else None
+    if (
+        model_class is None
+        or "next_sentence_label" not in inspect.signature(model_class.forward).parameters
+    ):
+        raise UserError(
+            f"mlm.next_sentence: {config.model_type} models have no next-sentence head "
+            f"(AutoModelForPreTraining gives {name or 'no class'}); use a BERT-style model"
+        )
 
 
 def pretraining(seed: int) -> TaskSpec:

@@ -1,0 +1,137 @@
+"""YAML mappings into nested config dataclasses: the run config (config.py) and the cluster
+profiles (launch/profiles.py) are read the same way.
+
+A missing file or bad YAML is one line naming the file (and line); `key=value` overrides
+go onto the mapping before it is checked; and building a dataclass collects every unknown
+key (with the closest valid one) and every wrong type instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import UserError
+
+
+def dotted_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every key of a (nested) config dataclass, sections included, as dotted names."""
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(hint):
+            keys += dotted_keys(hint, f"{prefix}{name}.")
+    return keys
+
+
+def _closest(name: str, root: type) -> str:
+    matches = difflib.get_close_matches(name, dotted_keys(root), n=1, cutoff=0.6)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping, turning a missing file or bad YAML into a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path}{where}: not valid YAML") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: must be a mapping of keys to values")
+    return data
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides (values parsed as YAML) onto a nested dict copy."""
+    merged = yaml.safe_load(yaml.safe_dump(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}': expected key=value, e.g. train.lr=3e-5")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+# --- building dataclasses ----------------------------------------------------------------
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    names |= {dict: "a mapping", list: "a list", type(None): "null"}
+    args = typing.get_args(annotation) or (annotation,)
+    return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
+
+
+def yaml11_float(value: Any) -> Any:
+    """PyYAML reads `1e-3` (no dot) as a string; accept it where a number is expected."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def build_section(
+    cls: type, values: Any, prefix: str, errors: list[str], root: type | None = None
+) -> Any:
+    """Build the dataclass `cls` (nested ones too) from a mapping, appending every unknown
+    key and wrong type to `errors` (with the closest valid key) instead of stopping."""
+    root = root or cls
+    if not isinstance(values, dict):
+        errors.append(f"{prefix}: must be a mapping of keys to values")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in hints:
+            errors.append(f"unknown key '{dotted}'{_closest(dotted, root)}")
+            continue
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = build_section(hints[key], value, dotted, errors, root)
+            continue
+        if hints[key] is float:
+            value = yaml11_float(value)
+        if key == "precision" and value is False:
+            value = "no"  # YAML 1.1 reads a bare `no` as false
+        if not _type_ok(value, hints[key]):
+            errors.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if hints[key] is float else value
+    return cls(**kwargs)
