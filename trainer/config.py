@@ -92,7 +92,7 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        # Labels are read as strings (data.py); YAML reads `0: 2.0` with an integer key.
+        # Labels are read as strings (data/read.py); YAML reads `0: 2.0` with an integer key.
         if isinstance(self.class_weights, dict):
             self.class_weights = {str(k): v for k, v in self.class_weights.items()}
 
@@ -322,7 +322,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
 
 def _check_class_weights(value: str | dict, errors: list[str]) -> None:
     """`none`, `auto`, or positive finite weights (which labels exist is known only once
-    the data is read: train.py checks the keys then)."""
+    the data is read: run/setup.py checks the keys then)."""
     if isinstance(value, str):
         _choice(errors, "data.class_weights", value, CLASS_WEIGHTS)
         return

@@ -97,7 +97,7 @@ def suggest_max_length(p99: int, max_positions: int | None) -> int:
 
 
 def packed_blocks(lengths: list[int], max_length: int) -> int:
-    """Blocks preprocess.py packs: full blocks of all the tokens (the packer carries what
+    """Blocks data/encode.py packs: full blocks of all the tokens (the packer carries what
     does not fill a block into the next; with several sources, one fewer at most each)."""
     return sum(lengths) // max_length
 

@@ -9,7 +9,7 @@ and post-processing its model family expects:
 - unigram: SentencePiece-style (NFKC, `▁` word marker) with ALBERT's set `<pad> <unk>
   [CLS] [SEP] [MASK]` and the BERT pair template, so it serves MLM and NSP too.
 
-`extend` adds frequent domain words that a tokenizer fragments (see vocabulary.py). Both
+`extend` adds frequent domain words that a tokenizer fragments (see model/vocabulary.py). Both
 save a `PreTrainedTokenizerFast` folder that `AutoTokenizer.from_pretrained` loads and that
 `model.tokenizer` names, and both print the average tokens per word on a sample of the
 corpus, for the new tokenizer and for a reference one (fewer is better: shorter sequences

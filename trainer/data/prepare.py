@@ -1,5 +1,5 @@
 """The data a run trains on: read, checked and encoded once, then cached for every rank,
-node and later run (see cache.py for the key and the locking).
+node and later run (see data/cache.py for the key and the locking).
 
 `trainer prepare CONFIG` (commands/prepare.py) does this ahead of time, without loading the
 model: a SLURM job runs it once before `srun`, so that no rank of a large job sits in set-up
