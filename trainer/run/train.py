@@ -63,7 +63,7 @@ from trainer.run.resume import (
     select_checkpoint,
     truncate_metrics,
 )
-from trainer.run.stop import Preempted, StopFlag, requeue, slurm_job_to_requeue
+from trainer.run.stop import Preempted, StopFlag
 from trainer.run.tracking import RunLog
 from trainer.tasks.spec import TaskSpec, count_targets, task_spec
 
@@ -671,12 +671,10 @@ def train(cfg: RunConfig) -> dict:
 
 
 def _leave_for_requeue(run: Run, reason: str) -> None:
-    """After the checkpoint: ask SLURM to requeue the job (when it is ours), then stop."""
-    job = slurm_job_to_requeue()
-    requeued = run.accelerator.is_main_process and job is not None and requeue(job)
+    """After the checkpoint: stop with EXIT_PREEMPTED. Requeueing is the launcher's business
+    (launch/requeue.py): the same words fit a laptop, a container and a cluster job."""
     run.accelerator.end_training()
-    suffix = f"; requeued SLURM job {job}" if requeued else "; run the same command to resume"
-    raise Preempted(f"stopped by {reason} at a saved checkpoint{suffix}")
+    raise Preempted(f"stopped by {reason} at a saved checkpoint; run the same command to resume")
 
 
 def _finish(run: Run, best: Best, state: LoopState) -> dict:
