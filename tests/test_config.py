@@ -20,11 +20,7 @@ from trainer.config import (
 from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(
-    path
-    for path in (REPO / "configs").rglob("*.yaml")
-    if "clusters" not in path.relative_to(REPO / "configs").parts
-)
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))  # run configs (profiles: launch/clusters)
 
 
 def minimal(**sections) -> dict:
