@@ -100,8 +100,8 @@ def run_streaming(command: list[str], env: dict[str, str]) -> int:
     keeping the tail to read the children's exit codes from; returns the exit code.
 
     SIGUSR1 is ignored meanwhile, here and (inherited) in the launcher: a cluster that
-    signals every process of the job must not kill the two that outlive the training
-    processes' checkpoint to report its 75; the training processes catch it themselves."""
+    signals every process of the job must not kill them, since they have to outlive the
+    training processes' checkpoint to report its 75; the training processes catch it."""
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
