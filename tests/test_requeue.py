@@ -205,6 +205,7 @@ def test_launch_outside_slurm_does_not_requeue(run_config, tmp_path, monkeypatch
         ({"SLURM_JOB_ID": "12345"}, 1, 1, REFUSED),
         ({"SLURM_JOB_ID": "1; rm -rf /"}, 0, 1, "not requeued: not a requeue-enabled SLURM job"),
     ],
+    ids=["requeued", "refused", "invalid-id"],
 )
 def test_requeue_entry_point(tmp_path, monkeypatch, capsys, job, scontrol_code, code, message):
     calls = fake_scontrol(tmp_path / "bin", exit_code=scontrol_code)
