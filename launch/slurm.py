@@ -33,7 +33,7 @@ BODY = """\
 set -o pipefail
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST"
 
-# Training that stopped at a saved checkpoint (exit {preempted}) requeues the job, at the end.
+# launch.requeue (at the end) requeues the job when training stops at a saved checkpoint.
 export {requeue_env}=1
 {exports}
 # The first node hosts the rendezvous; the port is fixed per job so that every node agrees.
