@@ -11,7 +11,9 @@ import argparse
 
 def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config YAML")
-    parser.add_argument("--cluster", required=True, help="profile name (configs/clusters/) or file")
+    parser.add_argument(
+        "--cluster", required=True, help="profile: a shipped name (launch/clusters/) or a YAML file"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
 
 

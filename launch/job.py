@@ -16,8 +16,9 @@ import yaml
 
 from launch.accelerate_config import accelerate_config, deepspeed_config, effective_precision
 from launch.profiles import ClusterProfile, load_profile
-from trainer.config import RunConfig, apply_overrides, build_config, build_section, read_yaml
+from trainer.config import RunConfig, build_config
 from trainer.errors import UserError
+from trainer.yaml_sections import apply_overrides, build_section, read_yaml
 
 
 @dataclass

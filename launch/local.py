@@ -4,18 +4,22 @@ The run config and the profile are checked together first (`resolve_job`), the A
 config and DeepSpeed JSON are written into RUN_DIR/launch/, then one launcher process starts
 the training processes. Its exit code is ours, except that a preempted run (every training
 process saved and exited with 75) gives 75 even though the launcher reports a failure.
+Inside a requeue-enabled SLURM job (TRAINER_SLURM_REQUEUE=1) a 75 then requeues the job
+(launch/requeue.py), as the batch script of `trainer submit` does.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from launch.job import Job, accelerate_command, checked_job, write_launch_files
+from launch.requeue import requeue_preempted_job, slurm_job_to_requeue
 from trainer.errors import UserError
 from trainer.run.stop import EXIT_PREEMPTED
 
@@ -93,22 +97,31 @@ def children_exit_code(launcher_code: int, stderr_tail: bytes) -> int:
 
 def run_streaming(command: list[str], env: dict[str, str]) -> int:
     """Run `command`, passing its stderr through unchanged (progress bars included) while
-    keeping the tail to read the children's exit codes from; returns the exit code."""
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-    assert process.stderr is not None
-    tail = b""
+    keeping the tail to read the children's exit codes from; returns the exit code.
+
+    SIGUSR1 is ignored meanwhile, here and (inherited) in the launcher: a cluster that
+    signals every process of the job must not kill them, since they have to outlive the
+    training processes' checkpoint to report its 75; the training processes catch it."""
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        while chunk := os.read(process.stderr.fileno(), 8192):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
-            tail = (tail + chunk)[-_STDERR_TAIL:]
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        assert process.stderr is not None
+        tail = b""
+        try:
+            while chunk := os.read(process.stderr.fileno(), 8192):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+                tail = (tail + chunk)[-_STDERR_TAIL:]
+        finally:
+            code = process.wait()
     finally:
-        code = process.wait()
+        signal.signal(signal.SIGUSR1, previous)
     return children_exit_code(code, tail)
 
 
 def launch(config: str, cluster: str, overrides: list[str]) -> int:
-    """`trainer launch`: the job's processes on this machine; returns their exit code."""
+    """`trainer launch`: the job's processes on this machine; returns their exit code, after
+    requeueing the SLURM job it runs in when they were preempted (see the module docstring)."""
     job = checked_job(config, cluster, overrides)
     if job.profile.nodes > 1:
         raise UserError(
@@ -118,4 +131,8 @@ def launch(config: str, cluster: str, overrides: list[str]) -> int:
     config_file, _ = write_launch_files(job)
     command = node_command(job, config_file, "0", "127.0.0.1", str(free_port()))
     print(f"launch: {job.profile.world_size} process(es) on this machine", file=sys.stderr)
-    return run_streaming(command, profile_environment(job))
+    code = run_streaming(command, profile_environment(job))
+    job_id = slurm_job_to_requeue()
+    if code == EXIT_PREEMPTED and job_id is not None:
+        requeue_preempted_job(job_id)
+    return code

@@ -1,8 +1,10 @@
-"""Cluster profiles: where and how a run config trains (configs/clusters/NAME.yaml).
+"""Cluster profiles: where and how a run config trains (launch/clusters/NAME.yaml, or a file).
 
 A profile never changes what is trained: the same run config keeps its global batch and
 learning-rate schedule on every profile, and only the per-process accumulation changes.
-Profiles are validated like run configs: every problem at once, each naming its key.
+Profiles are validated like run configs: every problem at once, each naming its key. The
+shipped ones are package data, next to this module, so that `--cluster NAME` works from any
+install (a wheel too), not only from a checkout.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import PRECISIONS, build_section, read_yaml
+from trainer.config import PRECISIONS
 from trainer.errors import UserError
+from trainer.yaml_sections import build_section, read_yaml
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "clusters"
+PROFILE_DIR = Path(__file__).resolve().parent / "clusters"
 BACKENDS = ("ddp", "deepspeed", "fsdp")
 DEVICES = ("cpu", "gpu")
 SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
@@ -88,7 +91,7 @@ def _check(profile: ClusterProfile, errors: list[str]) -> None:
 
 
 def load_profile(name_or_path: str) -> ClusterProfile:
-    """A profile by name (configs/clusters/NAME.yaml) or path, validated."""
+    """A profile by name (a shipped one, launch/clusters/NAME.yaml) or path, validated."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.yaml"

@@ -1,11 +1,13 @@
 """`trainer submit`: render an sbatch script for a job and submit it.
 
-The script runs one SLURM task per node; each task starts that node's launcher with its
-machine rank from `$SLURM_NODEID`, expanded on the node (the script keeps it literal). The
-batch shell is warned with SIGUSR1 `signal_grace_s` before the time limit and forwards it to
-the training processes, which save a checkpoint, exit with 75 and requeue the job (rank 0,
-because TRAINER_SLURM_REQUEUE=1); the requeued job resumes from that checkpoint
-(train.resume=auto). slurm/*.sbatch are the same script as editable templates.
+The script runs one SLURM task per node; each task starts that node's launcher (through
+`python -m launch.node`, which exits with the training processes' code) with its machine
+rank from `$SLURM_NODEID`, expanded on the node (the script keeps it literal). The batch
+shell is warned with SIGUSR1 `signal_grace_s` before the time limit and forwards it to the
+training processes, which save a checkpoint and exit with 75; the batch shell then runs
+`python -m launch.requeue` (TRAINER_SLURM_REQUEUE=1 is exported), which requeues the job
+once, and the requeued job resumes from that checkpoint (train.resume=auto).
+slurm/*.sbatch are the same script as editable templates.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 from launch.job import Job, checked_job, write_launch_files
 from launch.local import node_command
 from launch.profiles import ClusterProfile
+from launch.requeue import REQUEUE_ENV
 from trainer.errors import UserError
-from trainer.run.stop import REQUEUE_ENV
+from trainer.run.stop import EXIT_PREEMPTED
 
 # Shell variables the per-node command leaves for the node to expand.
 NODE_RANK, MAIN_ADDR, MAIN_PORT = "$SLURM_NODEID", "$MAIN_ADDR", "$MAIN_PORT"
@@ -30,7 +33,7 @@ BODY = """\
 set -o pipefail
 echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST"
 
-# Rank 0 runs `scontrol requeue` after saving on SIGUSR1; the requeued job resumes.
+# launch.requeue (at the end) requeues the job when training stops at a saved checkpoint.
 export {requeue_env}=1
 {exports}
 # The first node hosts the rendezvous; the port is fixed per job so that every node agrees.
@@ -49,7 +52,7 @@ echo "rendezvous at $MAIN_ADDR:$MAIN_PORT"
 # the controller, unlike `scancel --signal=USR1`. Each node's launcher ignores USR1 (it must
 # outlive its training processes' checkpoint); the training processes catch it themselves.
 forward_usr1() {{
-    echo "SIGUSR1: the training processes save a checkpoint and requeue the job"
+    echo "SIGUSR1: the training processes save a checkpoint and stop"
     kill -USR1 "$SRUN_PID"
     wait "$SRUN_PID"
     STATUS=$?
@@ -63,6 +66,13 @@ SRUN_PID=$!
 wait "$SRUN_PID"
 STATUS=${{STATUS:-$?}}
 echo "job $SLURM_JOB_ID: training exited with $STATUS"
+
+# {preempted}: every process saved a checkpoint and stopped early (SIGUSR1, train.max_time).
+# launch.requeue validates the job id and runs `scontrol requeue` once; the requeued job
+# runs this script again and resumes from the checkpoint. Any other status ends the job.
+if [ "$STATUS" -eq {preempted} ]; then
+    {requeue}
+fi
 exit "$STATUS"
 """
 
@@ -118,7 +128,8 @@ def exports(profile: ClusterProfile) -> str:
 
 def render_script(job: Job, config_file: Path) -> str:
     """The sbatch script for this job (see the module docstring)."""
-    command = node_command(job, config_file, NODE_RANK, MAIN_ADDR, MAIN_PORT)
+    launcher = node_command(job, config_file, NODE_RANK, MAIN_ADDR, MAIN_PORT)
+    command = [sys.executable, "-m", "launch.node", *launcher]
     per_node = 'trap "" USR1; exec ' + " ".join(shell_word(arg) for arg in command)
     submitted = shlex.join([str(job.config_path), "--cluster", job.profile.name, *job.overrides])
     header = [
@@ -132,6 +143,8 @@ def render_script(job: Job, config_file: Path) -> str:
     body = BODY.format(
         prepare=shlex.join([sys.executable, "-m", "trainer", *job.prepare_arguments()]),
         requeue_env=REQUEUE_ENV,
+        preempted=EXIT_PREEMPTED,
+        requeue=shlex.join([sys.executable, "-m", "launch.requeue"]),
         exports=exports(job.profile),
         node_command=shlex.quote(per_node),
     )

@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ NEUTRAL = [w for w in tiny_models.WORDS if w not in POSITIVE + NEGATIVE]
 ENTITIES = {"Paris": "LOC", "London": "LOC", "Berlin": "LOC", "Alice": "PER", "Bob": "PER"}
 
 
-# --- accelerate keeps process-wide singletons; start every test from a clean slate ---------
+# --- process-wide state: start every test from a clean slate ------------------------------
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +50,15 @@ def _fresh_accelerate_state():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+@pytest.fixture(autouse=True)
+def _restore_signal_handlers():
+    """Training installs SIGTERM/SIGUSR1 handlers in this process: put pytest's back."""
+    saved = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
 
 
 # --- tiny models ------------------------------------------------------------------------

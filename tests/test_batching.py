@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import read_metrics, write_csv
-from test_resume import cli
+from interrupted_runs import cli
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from trainer.config import MlmConfig

@@ -13,11 +13,7 @@ from trainer.errors import UserError
 from trainer.yaml_sections import apply_overrides, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted(
-    path
-    for path in (REPO / "configs").rglob("*.yaml")
-    if "clusters" not in path.relative_to(REPO / "configs").parts
-)
+SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))  # run configs (profiles: launch/clusters)
 
 
 def minimal(**sections) -> dict:

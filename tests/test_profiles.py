@@ -1,10 +1,17 @@
-"""Cluster profiles: every shipped one loads, and a bad one is rejected in one line naming
-its key (misspelled keys with the closest valid name)."""
+"""Cluster profiles: every shipped one loads, also by name from a wheel (they are package
+data), and a bad one is rejected in one line naming its key (misspelled keys with the
+closest valid name)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import zipfile
+
 import pytest
 import yaml
+from conftest import REPO
 
 from launch.profiles import PROFILE_DIR, load_profile
 from trainer.errors import UserError
@@ -33,6 +40,36 @@ def test_every_shipped_profile_loads(name):
     assert profile.world_size == profile.nodes * profile.processes_per_node >= 1
     first = (PROFILE_DIR / f"{name}.yaml").read_text().splitlines()[0]
     assert first.startswith("# trainer ") and f"--cluster {name}" in first
+
+
+def test_a_wheel_ships_the_profiles_and_finds_them_by_name(tmp_path):
+    """A non-editable install has no checkout to look in: build a wheel from a copy of the
+    sources (the checkout stays clean), unpack it as pip installs a pure-Python wheel, and
+    load a profile by name from there, in a process where the unpacked copy comes first."""
+    source = tmp_path / "source"
+    for folder in ("trainer", "launch"):
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+        shutil.copytree(REPO / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    wheel_dir, site = tmp_path / "dist", tmp_path / "site"
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    built = subprocess.run([*build, "-w", wheel_dir, source], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheel_dir.glob("trainer-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert {f"launch/clusters/{name}.yaml" for name in SHIPPED} <= set(archive.namelist())
+        archive.extractall(site)
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from launch.profiles import PROFILE_DIR, load_profile; "
+        "print(PROFILE_DIR); print(load_profile('8gpu-zero2').zero_stage)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe, site], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.splitlines() == [str(site.resolve() / "launch" / "clusters"), "2"]
 
 
 def test_the_shipped_profiles_cover_each_backend():

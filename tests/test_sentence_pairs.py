@@ -17,8 +17,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import make_run_config, read_metrics, reset_accelerate, write_config
-from test_resume import (  # noqa: F401 (the fixture puts pytest's signal handlers back)
-    _restore_signal_handlers,
+from interrupted_runs import (
     assert_same_tensors,
     comparable,
     final_weights,

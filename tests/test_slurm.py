@@ -1,20 +1,26 @@
 """launch.slurm and `trainer submit`: the rendered sbatch script, its submission, and a
-simulated two-node job on this machine (fake `srun` / `scontrol` / `sbatch` first on PATH)."""
+simulated two-node job on this machine (fake `srun` / `scontrol` / `sbatch` first on PATH):
+trained to the end, or stopped by SIGUSR1, requeued once and resumed. The slurm/ templates
+requeue the same way."""
 
 from __future__ import annotations
 
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO, make_run_config, read_metrics, reset_accelerate
-from test_launch import PARITY, assert_same_training
+from interrupted_runs import run_and_signal, saved_steps
+from test_launch import PARITY, assert_same_training, losses
 
 from trainer.cli import main
+from trainer.run.resume import checkpoint_dir, problem_with
+from trainer.run.stop import EXIT_PREEMPTED
 
 # Starts the per-node command once per "node", in parallel, as srun does with one task per
 # node; SIGUSR1 goes to every process of the tasks, like slurmstepd's signal to a step.
@@ -28,6 +34,8 @@ while args[0].startswith("--"):
 log = Path(os.environ["FAKE_SLURM_LOG"])
 with (log / "srun").open("a") as handle:
     handle.write(repr(args) + "\\n")
+if "FAKE_SRUN_EXIT" in os.environ:  # the step's exit code, without starting the step
+    sys.exit(int(os.environ["FAKE_SRUN_EXIT"]))
 nodes = int(os.environ.get("FAKE_SRUN_NODES", "2"))
 tasks = []
 for node in range(nodes):
@@ -176,11 +184,21 @@ def test_paths_with_spaces_and_quotes_survive_the_node_shell(
 # --- a two-node job, simulated on this machine ------------------------------------------------
 
 
-def run_batch_script(script: Path, job_id: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost"}
+def batch_env(job_id: str, **extra: str) -> dict[str, str]:
+    """What the batch shell of job `job_id` sees (the script itself sets the requeue flag)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.pop("TRAINER_SLURM_REQUEUE", None)
+    return {**env, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost", **extra}
+
+
+def run_batch_script(script: Path, job_id: str, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=500
+        ["bash", str(script)],
+        cwd=REPO,
+        env=batch_env(job_id, **extra),
+        capture_output=True,
+        text=True,
+        timeout=500,
     )
 
 
@@ -215,3 +233,84 @@ def test_simulated_two_node_job_trains_like_one_process(
 
     assert cli("train", configs["ref"]) == 0
     assert_same_training(run_dir, tmp_path / "ref" / "run")
+
+
+@pytest.mark.slow
+def test_sigusr1_to_the_simulated_job_requeues_it_once_and_the_requeued_job_resumes(
+    tmp_path, tiny_models_by_task, data_dir, fake_slurm, capsys
+):
+    sections = {**PARITY, "train": {**PARITY["train"], "max_steps": 40}}
+    configs = {}
+    for name in ("sim", "ref"):
+        (tmp_path / name).mkdir()
+        configs[name] = make_run_config(
+            tmp_path / name, "mlm", tiny_models_by_task, data_dir, **sections
+        )
+    assert cli("submit", configs["sim"], "--cluster", "2node-cpu-sim", "--dry-run") == 0
+    run_dir = tmp_path / "sim" / "run"
+    script = run_dir / "launch" / "job.sbatch"
+    # SLURM's --signal=B:USR1 warns the batch shell only; its trap passes it on to srun.
+    stopped = run_and_signal(
+        ["bash", str(script)], run_dir, 2, number=signal.SIGUSR1, env=batch_env("4242")
+    )
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.stdout[-2000:] + stopped.stderr[-4000:]
+    assert "job 4242: training exited with 75" in stopped.stdout
+    assert (fake_slurm / "requeue").read_text().splitlines() == ["4242"]
+    assert "requeued SLURM job 4242: it resumes from the saved checkpoint" in stopped.stderr
+    step = saved_steps(run_dir)[-1]
+    assert 2 <= step < 40 and not (run_dir / "final").exists()
+    assert problem_with(checkpoint_dir(run_dir, step)) is None
+
+    # SLURM starts the requeued job with the same script; it resumes and is not requeued again.
+    resumed = run_batch_script(script, "4242", SLURM_RESTART_COUNT="1")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert "job 4242 (restart 1)" in resumed.stdout
+    assert f"(step {step})" in resumed.stderr
+    assert (fake_slurm / "requeue").read_text().splitlines() == ["4242"], "requeued once"
+    # Every step logged once; the same loss curve as one uninterrupted process (the weights
+    # drift apart within float rounding over 40 steps of 2 processes, see test_launch).
+    assert cli("train", configs["ref"]) == 0
+    got, expected = losses(run_dir), losses(tmp_path / "ref" / "run")
+    assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 41))
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def template(name: str, config: Path) -> str:
+    """slurm/NAME.sbatch with its placeholders filled in for `config`."""
+    text = (REPO / "slurm" / f"{name}.sbatch").read_text()
+    values = {
+        "PYTHON": sys.executable,
+        "CONFIG": str(config),
+        "RUN_DIR": str(config.parent / "run"),
+    }
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [("rendered", 75), ("rendered", 1), ("single-node", 75), ("multi-node", 75)],
+)
+def test_the_batch_scripts_requeue_only_after_75(
+    tmp_path, tiny_models_by_task, data_dir, fake_slurm, capsys, script, status
+):
+    """The training step (a fake srun) ends with `status`: the script exits with it, and
+    runs `python -m launch.requeue` (one `scontrol requeue 4242`) only for 75."""
+    config = make_run_config(tmp_path, "mlm", tiny_models_by_task, data_dir, **PARITY)
+    assert cli("submit", config, "--cluster", "2node-cpu-sim", "--dry-run") == 0
+    path = config.parent / "run" / "launch" / "job.sbatch"
+    if script != "rendered":
+        path = tmp_path / f"{script}.sbatch"
+        path.write_text(template(script, config))
+    done = run_batch_script(path, "4242", FAKE_SRUN_EXIT=str(status))
+    assert done.returncode == status, done.stdout[-2000:] + done.stderr[-4000:]
+    assert len((fake_slurm / "srun").read_text().splitlines()) == 1
+    requeued = fake_slurm / "requeue"
+    if status == EXIT_PREEMPTED:
+        assert requeued.read_text().splitlines() == ["4242"]
+        assert "requeued SLURM job 4242" in done.stderr
+    else:
+        assert not requeued.exists()

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, make_run_config
-from test_resume import (
-    _env,
+from interrupted_runs import (
     assert_same_tensors,
     cli,
     comparable,
     final_weights,
     stop_in_process,
+    subprocess_env,
     trainer_command,
 )
 
@@ -181,7 +181,7 @@ def test_two_processes_stream_disjoint_shares(tmp_path, tiny_models_by_task, dat
     their shuffle buffers at a checkpoint have nothing in common."""
     config = streamed_config(tmp_path / "two", tiny_models_by_task, data_dir)
     done = subprocess.run(
-        trainer_command(config, processes=2), cwd=REPO, env=_env(), capture_output=True
+        trainer_command(config, processes=2), cwd=REPO, env=subprocess_env(), capture_output=True
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     checkpoint = checkpoint_dir(tmp_path / "two" / "run", 6)

@@ -25,7 +25,7 @@ from trainer.run.forward import to_device
 from trainer.run.resume import checkpoint_dir, rotate, truncate_metrics
 from trainer.run.setup import Run, set_up
 from trainer.run.step import Requests, StepSums, optimizer_step
-from trainer.run.stop import Preempted, StopFlag, requeue, slurm_job_to_requeue
+from trainer.run.stop import Preempted, StopFlag
 from trainer.run.tracking import RunLog
 from trainer.tasks.spec import LOWER_IS_BETTER, TaskSpec
 
@@ -86,7 +86,7 @@ def train(cfg: RunConfig) -> dict:
             early_stop = loop.evaluate_if_due()
             loop.checkpoint_if_due(requests)
             if requests.stop:
-                _leave_for_requeue(run, loop.stop_flag.reason or "a signal on another process")
+                _stop_preempted(run, loop.stop_flag.reason or "a signal on another process")
             if early_stop or state.step >= run.total_steps:
                 break
         early_stop = loop.end_of_epoch() or early_stop
@@ -309,13 +309,11 @@ def _losses(spec: TaskSpec, total: StepSums) -> dict[str, float]:
     return {"loss": sum(means), **{f"{n}_loss": m for n, m in zip(names, means, strict=True)}}
 
 
-def _leave_for_requeue(run: Run, reason: str) -> None:
-    """After the checkpoint: ask SLURM to requeue the job (when it is ours), then stop."""
-    job = slurm_job_to_requeue()
-    requeued = run.accelerator.is_main_process and job is not None and requeue(job)
+def _stop_preempted(run: Run, reason: str) -> None:
+    """After the checkpoint: stop with EXIT_PREEMPTED. Requeueing is the launcher's business
+    (launch/requeue.py): the same words fit a laptop, a container and a cluster job."""
     run.accelerator.end_training()
-    suffix = f"; requeued SLURM job {job}" if requeued else "; run the same command to resume"
-    raise Preempted(f"stopped by {reason} at a saved checkpoint{suffix}")
+    raise Preempted(f"stopped by {reason} at a saved checkpoint; run the same command to resume")
 
 
 def _finish(run: Run, best: Best, state: LoopState) -> dict:

@@ -1,0 +1,79 @@
+"""SLURM requeue after a preemption: `python -m launch.requeue`.
+
+Training knows nothing of SLURM: on SIGTERM / SIGUSR1 or at train.max_time it saves a
+checkpoint and exits with 75 (`EXIT_PREEMPTED`). Whoever started it decides what 75 means:
+under a requeue-enabled SLURM job (`TRAINER_SLURM_REQUEUE=1`, set by `trainer submit` and the
+slurm/ templates) the batch script, or `trainer launch`, then asks SLURM to requeue the job,
+once, and the requeued job resumes from the checkpoint (train.resume=auto). The job id comes
+from the environment and is validated here, in one place, because it goes to scontrol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+
+REQUEUE_ENV = "TRAINER_SLURM_REQUEUE"  # "1": requeue this SLURM job when training exits 75
+_JOB_ID = re.compile(r"\d+(_\d+)?")
+RESUME_HINT = "run the same command to resume"
+
+
+def slurm_job_to_requeue() -> str | None:
+    """The SLURM job id to requeue (array jobs: ARRAY_TASK), or None when not under a
+    requeue-enabled SLURM job. Ids are validated: they go to scontrol as an argument."""
+    if os.environ.get(REQUEUE_ENV) != "1" or "SLURM_JOB_ID" not in os.environ:
+        return None
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{task}" if array_job and task else os.environ["SLURM_JOB_ID"]
+    return job_id if _JOB_ID.fullmatch(job_id) else None
+
+
+def requeue(job_id: str) -> bool:
+    """`scontrol requeue JOB` (an argument list, no shell); True when scontrol accepted it.
+    A missing scontrol (e.g. inside a container) is a refusal, not a crash: the checkpoint
+    is saved either way."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True)
+    except OSError:
+        return False
+    return result.returncode == 0
+
+
+def requeue_preempted_job(job_id: str) -> bool:
+    """Requeue `job_id`, whose training just stopped at a saved checkpoint (exit 75), and
+    say on stderr what happened, or what to do when SLURM would not."""
+    if requeue(job_id):
+        print(f"requeued SLURM job {job_id}: it resumes from the saved checkpoint", file=sys.stderr)
+        return True
+    print(
+        f"could not requeue SLURM job {job_id} (scontrol requeue refused or not found); "
+        + RESUME_HINT,
+        file=sys.stderr,
+    )
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launch.requeue`, run by the batch script once training exited with 75:
+    0 when the job was requeued, 1 when not (the reason and the hint on stderr)."""
+    argparse.ArgumentParser(
+        prog="python -m launch.requeue",
+        description="Requeue this SLURM job after its training stopped at a saved checkpoint "
+        f"(exit 75); needs {REQUEUE_ENV}=1 and SLURM_JOB_ID.",
+    ).parse_args(argv)
+    job_id = slurm_job_to_requeue()
+    if job_id is None:
+        print(
+            f"not requeued: not a requeue-enabled SLURM job ({REQUEUE_ENV}=1 and a numeric "
+            f"SLURM_JOB_ID); {RESUME_HINT}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0 if requeue_preempted_job(job_id) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Non-finite losses: a NaN step is skipped on every process (weights, optimizer and
+schedule untouched), or stops the run with a checkpoint (exit 3), and too many in a row
+stop it."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from conftest import read_metrics
+from interrupted_runs import assert_same_tensors, cli, loop_state, saved_steps
+from safetensors.torch import load_file
+
+import trainer.tasks.registry
+from trainer.run.resume import checkpoint_dir, problem_with
+from trainer.run.step import Requests, optimizer_step
+from trainer.tasks.registry import TASKS
+
+
+def nan_loss_at(monkeypatch, steps: set[int], accumulation: int = 2) -> None:
+    """Make the MLM loss NaN in every micro-batch of the given optimizer steps."""
+    spec = TASKS["mlm"]
+    calls = itertools.count()
+
+    def loss(logits, labels, weight=None):
+        loss_sum, count = spec.loss(logits, labels, weight)
+        step = next(calls) // accumulation + 1
+        return (loss_sum * float("nan") if step in steps else loss_sum), count
+
+    patched = {**TASKS, "mlm": dataclasses.replace(spec, loss=loss)}
+    monkeypatch.setattr(trainer.tasks.registry, "TASKS", patched)  # what task_spec looks up
+
+
+def checkpoint_weights(run_dir: Path, step: int) -> dict:
+    return load_file(checkpoint_dir(run_dir, step) / "model.safetensors")
+
+
+def _optimizer_state(run_dir: Path, step: int):
+    return torch.load(checkpoint_dir(run_dir, step) / "optimizer.bin", weights_only=True)
+
+
+def test_nonfinite_step_is_skipped(run_config, tmp_path, monkeypatch):
+    config = run_config(
+        "mlm",
+        data={"validation": None},
+        train={"max_steps": 5},
+        checkpoint={"every_steps": 1, "keep_last": 0},
+    )
+    nan_loss_at(monkeypatch, {3})
+    assert cli("train", config) == 0
+    run_dir = tmp_path / "run"
+    results = json.loads((run_dir / "eval_results.json").read_text())
+    assert (results["steps"], results["skipped_steps"]) == (5, 1)
+    assert [r["skipped_steps"] for r in read_metrics(run_dir)] == [0, 0, 1, 1, 1]
+    assert all(
+        json.dumps(r) == json.dumps(json.loads(json.dumps(r))) for r in read_metrics(run_dir)
+    )
+    # The skipped step changed neither the weights nor the optimizer nor the schedule.
+    assert_same_tensors(checkpoint_weights(run_dir, 3), checkpoint_weights(run_dir, 2))
+    before, after = _optimizer_state(run_dir, 2), _optimizer_state(run_dir, 3)
+    for key, state in before["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, after["state"][key][name]), (key, name)
+    scheduler = [
+        torch.load(checkpoint_dir(run_dir, s) / "scheduler.pt", weights_only=True) for s in (2, 3)
+    ]
+    assert scheduler[0]["last_epoch"] == scheduler[1]["last_epoch"]
+    assert loop_state(run_dir, 3)["nonfinite_in_a_row"] == 1
+    assert loop_state(run_dir, 4)["nonfinite_in_a_row"] == 0
+    assert not all(
+        torch.equal(a, b)
+        for a, b in zip(
+            checkpoint_weights(run_dir, 4).values(),
+            checkpoint_weights(run_dir, 3).values(),
+            strict=True,
+        )
+    )
+
+
+def test_nonfinite_with_stop_saves_and_exits_3(run_config, tmp_path, monkeypatch, capfd):
+    config = run_config(
+        "mlm",
+        data={"validation": None},
+        train={"max_steps": 5, "on_nonfinite": "stop"},
+        checkpoint={"every_steps": 0},
+    )
+    with monkeypatch.context() as patch:
+        nan_loss_at(patch, {3})
+        assert cli("train", config) == 3
+    err = capfd.readouterr().err
+    message = (
+        "error: non-finite loss or gradient norm at step 3 (1 in a row, "
+        "train.on_nonfinite=stop); checkpoint saved\n"
+    )
+    assert message in err and err.count("error:") == 1
+    run_dir = tmp_path / "run"
+    assert saved_steps(run_dir) == [3]
+    assert problem_with(checkpoint_dir(run_dir, 3)) is None
+    assert loop_state(run_dir, 3)["skipped_steps"] == 1
+    # Once the cause is gone, the same command continues after the bad step.
+    assert cli("train", config) == 0
+    assert "(step 3)" in capfd.readouterr().err
+    assert json.loads((run_dir / "eval_results.json").read_text())["skipped_steps"] == 1
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop(run_config, tmp_path, monkeypatch, capfd):
+    config = run_config(
+        "mlm",
+        data={"validation": None},
+        train={"max_steps": 6, "max_nonfinite_in_a_row": 2},
+    )
+    nan_loss_at(monkeypatch, {2, 4, 5})
+    assert cli("train", config) == 3
+    assert "at step 5 (2 in a row, train.on_nonfinite=skip)" in capfd.readouterr().err
+    assert loop_state(tmp_path / "run", 5)["skipped_steps"] == 3
+
+
+def test_optimizer_step_skips_a_nan_loss(tiny_bert, bert_tokenizer):
+    from transformers import AutoModelForMaskedLM
+
+    accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, bert_tokenizer.vocab_size, (4, 16), generator=generator)
+    labels = torch.where(torch.rand(4, 16, generator=generator) < 0.3, ids, -100)
+    window = [
+        {
+            "input_ids": ids[i : i + 2],
+            "attention_mask": torch.ones_like(ids[i : i + 2]),
+            "labels": labels[i : i + 2],
+        }
+        for i in (0, 2)
+    ]
+
+    calls = itertools.count()
+
+    def nan_in_second(logits, labels, weight=None):
+        loss_sum, count = TASKS["mlm"].loss(logits, labels, weight)
+        return (loss_sum * float("nan") if next(calls) == 1 else loss_sum), count
+
+    spec = dataclasses.replace(TASKS["mlm"], loss=nan_in_second)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = optimizer_step(
+        model, window, spec, accelerator, optimizer, scheduler, 1.0, Requests(stop=True)
+    )
+    assert result.skipped
+    assert result.requests == Requests(stop=True, save=False)
+    assert all(torch.isfinite(t).all() for t in vars(result.sums).values())
+    assert_same_tensors(model.state_dict(), before)
+    assert scheduler.last_epoch == 0 and not optimizer.state
+    assert all(p.grad is None for p in model.parameters())
+    result = optimizer_step(model, window, TASKS["mlm"], accelerator, optimizer, scheduler, 1.0)
+    assert not result.skipped and result.requests == Requests()
+    assert scheduler.last_epoch == 1
+    assert not torch.equal(
+        model.state_dict()["bert.embeddings.word_embeddings.weight"],
+        before["bert.embeddings.word_embeddings.weight"],
+    )

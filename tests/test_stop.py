@@ -1,0 +1,126 @@
+"""trainer.run.stop: a run stopped by SIGTERM / SIGUSR1 or by train.max_time saves at the
+next step boundary, exits 75 and resumes exactly, also in its own processes and under
+torchrun, and at an epoch boundary with loss sums not yet logged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+from conftest import REPO, make_run_config, read_metrics
+from interrupted_runs import (
+    EXACT,
+    assert_same_tensors,
+    children,
+    cli,
+    comparable,
+    final_weights,
+    loop_state,
+    run_and_signal,
+    saved_steps,
+    stop_in_process,
+    subprocess_env,
+    trainer_command,
+)
+
+from trainer.run.stop import EXIT_PREEMPTED
+
+# --- exact resume through `python -m trainer`, in their own processes -----------------------
+
+
+def _kill_and_resume(tmp_path, tiny_models_by_task, data_dir, processes, target=None):
+    runs = {}
+    for name in ("ref", "cut"):
+        (tmp_path / name).mkdir()
+        runs[name] = make_run_config(tmp_path / name, "mlm", tiny_models_by_task, data_dir, **EXACT)
+    ref, cut = tmp_path / "ref" / "run", tmp_path / "cut" / "run"
+    done = subprocess.run(
+        trainer_command(runs["ref"], processes), cwd=REPO, env=subprocess_env(), capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+    stopped = run_and_signal(trainer_command(runs["cut"], processes), cut, 3, target=target)
+    if processes == 1:
+        assert stopped.returncode == EXIT_PREEMPTED, stopped.stderr[-3000:]
+    assert "at a saved checkpoint" in stopped.stderr, stopped.stderr[-3000:]
+    stop_step = saved_steps(cut)[-1]
+    total = json.loads((ref / "run_summary.json").read_text())["total_steps"]
+    assert 3 <= stop_step < total
+    assert not (cut / "final").exists()
+
+    resumed = subprocess.run(
+        trainer_command(runs["cut"], processes), cwd=REPO, env=subprocess_env(), capture_output=True
+    )
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert f"(step {stop_step})" in resumed.stderr.decode()
+    assert comparable(cut) == comparable(ref)
+    assert_same_tensors(final_weights(cut), final_weights(ref))
+    return stopped
+
+
+@pytest.mark.slow
+def test_sigterm_and_resume_as_processes(tmp_path, tiny_models_by_task, data_dir):
+    _kill_and_resume(tmp_path, tiny_models_by_task, data_dir, 1)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_and_resume_under_torchrun(tmp_path, tiny_models_by_task, data_dir):
+    # The signal reaches rank 1 only: rank 0 learns of it in the step's all-reduce.
+    stopped = _kill_and_resume(
+        tmp_path, tiny_models_by_task, data_dir, 2, target=lambda p: children(p.pid)[1:]
+    )
+    assert "exitcode  : 75" in stopped.stderr or stopped.returncode == EXIT_PREEMPTED
+
+
+# --- the stop at an epoch boundary, with unlogged loss sums in the checkpoint ---------------
+
+
+def test_stop_at_the_end_of_an_epoch_resumes_exactly(tmp_path, tiny_models_by_task, data_dir):
+    """Stopped on the last step of epoch 1 (before the epoch-end evaluation), with
+    log.every_steps=3 so that the checkpoint holds loss sums not yet logged."""
+    sections = {**EXACT, "eval": {"every_steps": 0}, "log": {"every_steps": 3, "trackers": []}}
+    configs = {}
+    for name in ("ref", "cut"):
+        (tmp_path / name).mkdir()
+        configs[name] = make_run_config(
+            tmp_path / name, "mlm", tiny_models_by_task, data_dir, **sections
+        )
+    assert cli("train", configs["ref"]) == 0
+    ref, cut = tmp_path / "ref" / "run", tmp_path / "cut" / "run"
+    steps_per_epoch = json.loads((ref / "run_summary.json").read_text())["steps_per_epoch"]
+    assert steps_per_epoch % 3 != 0, "the stop should leave unlogged sums"
+
+    assert stop_in_process(configs["cut"], steps_per_epoch) == EXIT_PREEMPTED
+    state = loop_state(cut, steps_per_epoch)
+    assert (state["epoch"], state["step_in_epoch"]) == (0, steps_per_epoch)
+    assert not any("eval_loss" in r for r in read_metrics(cut))
+    assert cli("train", configs["cut"]) == 0
+    assert comparable(cut) == comparable(ref)
+    assert_same_tensors(final_weights(cut), final_weights(ref))
+
+
+# --- train.max_time ------------------------------------------------------------------------
+
+
+def test_max_time_saves_exits_75_and_resumes(run_config, tmp_path, capfd):
+    config = run_config(
+        "mlm",
+        data={"validation": None},
+        train={"max_steps": 100000, "max_time": "00:00:02"},
+        log={"every_steps": 1, "trackers": []},
+    )
+    started = time.monotonic()
+    assert cli("train", config) == EXIT_PREEMPTED
+    assert time.monotonic() - started < 60
+    err = capfd.readouterr().err
+    assert "stopped by train.max_time at a saved checkpoint; run the same command to resume" in err
+    run_dir = tmp_path / "run"
+    stop = saved_steps(run_dir)[-1]
+    assert 0 < stop < 100000
+    assert max(r["step"] for r in read_metrics(run_dir)) == stop
+    assert cli("train", config, f"train.max_steps={stop + 2}", "train.max_time=null") == 0
+    assert f"(step {stop})" in capfd.readouterr().err
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, stop + 3))
+    assert json.loads((run_dir / "eval_results.json").read_text())["steps"] == stop + 2
