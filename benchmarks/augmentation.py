@@ -64,29 +64,21 @@ def run(quick: bool, work_dir: Path) -> dict[str, Any]:
 def run_one(arm: str, seed: int, epochs: int, train: Path, work_dir: Path) -> dict[str, Any]:
     """One arm: max_length 48 (the longest review has 47 tokens), batch 8, lr 1e-4."""
     augment = {"copies": COPIES, "synonyms": str(SYNONYMS)} if arm == "eda" else {}
-    raw = {
+    data = {"train": str(train), "validation": str(VALIDATION), "max_length": 48}
+    train_ = {"global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-4, "warmup_ratio": 0.1}
+    settings = {
         "task": "classification",
         "model": {"name_or_path": model_path()},
-        "data": {
-            "train": str(train),
-            "validation": str(VALIDATION),
-            "max_length": 48,
-            "augment": augment,
-        },
+        "data": {**data, "augment": augment},
         "train": {
-            "epochs": epochs * (1 + COPIES) if arm == "plain-long" else epochs,
-            "global_batch_size": 8,
-            "micro_batch_size": 8,
-            "lr": 1e-4,
-            "warmup_ratio": 0.1,
+            **train_,
             "seed": seed,
+            "epochs": epochs * (1 + COPIES if arm == "plain-long" else 1),
         },
-        "eval": {"every_steps": 1_000_000},  # only the evaluation at the end
+        "eval": {"every_steps": 10**9},  # only the evaluation at the end
         "log": {"every_steps": 5, "trackers": []},
     }
-    name = f"{arm}-seed{seed}"
-    config = engine.write_config(work_dir / f"{name}.yaml", raw)
-    run = engine.train(work_dir / name, work_dir / f"{name}.log", config)
+    run = engine.train(work_dir / f"{arm}-seed{seed}", settings)
     results = run.read("eval_results.json")
     return {
         "arm": arm,

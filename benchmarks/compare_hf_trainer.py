@@ -18,11 +18,9 @@ from benchmarks.common import column_table, fmt, load_warning
 from benchmarks.comparison import LORA_LR, SENTIMENT, TEXT, Job, ratios, sides_table
 from benchmarks.models import build_gpt2, model_path
 
-GROUPED = ("data.group_by_length=true",)
-LORA_JOB = {"name": "sentiment-lora", "lr": LORA_LR, "peft": "lora"}
 JOBS = (
-    replace(SENTIMENT, epochs=4, ours_extra=GROUPED),
-    replace(SENTIMENT, epochs=4, ours_extra=GROUPED, **LORA_JOB),
+    replace(SENTIMENT, epochs=4, ours_grouped=True),
+    replace(SENTIMENT, name="sentiment-lora", epochs=4, lr=LORA_LR, peft="lora", ours_grouped=True),
     Job("mlm", "mlm", **TEXT, max_length=128, epochs=3, metrics=("perplexity", "loss")),
     Job("clm", "clm", **TEXT, max_length=128, epochs=3, metrics=("perplexity", "loss")),
 )

@@ -43,7 +43,7 @@ class Job:
     max_length: int
     metrics: Sequence[str]  # compared ours / other; the first is the engine's eval.metric
     epochs: int = 1
-    max_steps: int | None = None  # instead of epochs
+    max_steps: int = 0  # instead of epochs when above 0
     lr: float = 1e-4
     peft: str = "none"  # none | lora | qlora (the reference side: get_peft_model)
     log_every: int = 5
@@ -53,7 +53,7 @@ class Job:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     seed: int = 42
-    ours_extra: Sequence[str] = ()  # our engine's optimisations that are off by default
+    ours_grouped: bool = False  # ours with data.group_by_length (off by default, as Trainer's)
 
 
 SENTIMENT = Job(
@@ -149,7 +149,6 @@ ROWS = [
     ("trainable share", None, lambda s: fmt(s["trainable_parameters"] / s["parameters"], 6)),
     ("final/ on disk (MB)", "final_dir_bytes", lambda s: fmt(_mb(s["final_dir_bytes"]), 2)),
     ("weights file(s) (MB)", None, lambda s: fmt(_mb(s["weights_bytes"]))),
-    ("last logged train loss", None, lambda s: fmt(s.get("final_train_loss"), 4)),
 ]
 
 

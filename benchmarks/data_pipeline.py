@@ -67,18 +67,13 @@ def imdb_like_reviews(count: int, folder: Path) -> Path:
 
 def base_config(task: str, train: Path, folder: Path, steps: int, max_length: int) -> dict:
     """A run config: all-MiniLM-L6-v2, batch 16, a metrics.jsonl record per step."""
+    train_ = {"max_steps": steps, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4}
     return {
         "task": task,
-        "output_dir": str(folder / "runs" / task),  # the in-process measures; runs set theirs
+        "output_dir": str(folder / task),  # for the in-process measures; runs set their own
         "model": {"name_or_path": model_path()},
         "data": {"train": str(train), "max_length": max_length, "cache_dir": str(folder / "cache")},
-        "train": {
-            "max_steps": steps,
-            "global_batch_size": 16,
-            "micro_batch_size": 16,
-            "lr": 1e-4,
-            "seed": 42,
-        },
+        "train": {**train_, "seed": 42},
         "log": {"every_steps": 1, "trackers": []},
     }
 
@@ -121,8 +116,7 @@ def measure_cache(corpus_path: Path, folder: Path) -> dict:
 def run_training(raw: dict, folder: Path, name: str) -> dict:
     """`trainer train` in a fresh process: median step time (the first step left out),
     median tokens/s, mean padding share."""
-    config = engine.write_config(folder / f"{name}.yaml", raw)
-    run = engine.train(folder / "runs" / name, folder / f"{name}.log", config)
+    run = engine.train(folder / name, raw)
     records = run.windows
     step_s = [b - a for a, b in pairwise(r["elapsed_s"] for r in records)][1:]
     return {

@@ -25,14 +25,19 @@ def trainer_command(*args: str, env: Sequence[str] = (), launcher: Sequence[str]
     """`python -m trainer ARGS` with this interpreter (an editable install finds the
     worktree's package); `env`: VAR=value settings for it; `launcher`: a module that starts
     the processes (`-m torch.distributed.run --nproc_per_node 2`)."""
-    start = [*(["env", *env] if env else []), sys.executable, *launcher]
-    return [*start, "-m", "trainer", *args]
+    return [*(["env", *env] if env else []), sys.executable, *launcher, "-m", "trainer", *args]
 
 
-def write_config(path: Path, raw: dict) -> Path:
-    """A run config as YAML (for the runs whose settings read better as one)."""
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+def overrides(settings: dict, prefix: str = "") -> list[str]:
+    """Nested settings as the CLI's key=value overrides. Values are written as JSON, which
+    YAML reads back unchanged: `no` stays a string, a list stays a list."""
+    found = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            found += overrides(value, f"{prefix}{key}.")
+        else:
+            found.append(f"{prefix}{key}={json.dumps(value)}")
+    return found
 
 
 @dataclass
@@ -54,67 +59,55 @@ class EngineRun:
 
 
 def train(
-    run_dir: Path, log: Path, config: Path, overrides: Sequence[str] = (), **start: Sequence[str]
+    run_dir: Path, settings: dict, config: Path | None = None, **start: Sequence[str]
 ) -> EngineRun:
-    """`trainer train CONFIG output_dir=RUN_DIR OVERRIDES` in a fresh process, measured (how
-    it starts: `trainer_command`'s keywords); a run folder left by an earlier run (a kept
+    """`trainer train` in a fresh process, measured, its output in RUN_DIR.log: `config`
+    with `settings` as overrides, or without a config the settings written as RUN_DIR.yaml.
+    How it starts: `trainer_command`'s keywords. A run folder left by an earlier run (a kept
     --work-dir) is removed first."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = trainer_command("train", str(config), f"output_dir={run_dir}", *overrides, **start)
-    measured = run_measured(command, log)
+    settings = {**settings, "output_dir": str(run_dir)}
+    pinned = overrides(settings)
+    if config is None:
+        config, pinned = run_dir.with_suffix(".yaml"), []
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    command = trainer_command("train", str(config), *pinned, **start)
+    measured = run_measured(command, run_dir.with_suffix(".log"))
     return EngineRun(measured, run_dir, read_jsonl(run_dir / "metrics.jsonl"))
 
 
-def job_overrides(job: Job, model: str, cache: Path) -> list[str]:
-    """key=value overrides that pin every setting the comparison depends on."""
-    overrides = [
-        f"task={job.task}",
-        f"model.name_or_path={model}",
-        f"data.train={job.train}",
-        f"data.validation={job.validation}",
-        f"data.max_length={job.max_length}",
-        f"data.cache_dir={cache}",
-        f"train.epochs={job.epochs}",
-        f"train.global_batch_size={job.batch_size}",
-        f"train.micro_batch_size={job.batch_size}",
-        f"train.lr={job.lr}",
-        f"train.warmup_ratio={job.warmup_ratio}",
-        f"train.weight_decay={job.weight_decay}",
-        f"train.max_grad_norm={job.max_grad_norm}",
-        "train.scheduler=linear",
-        "train.precision='no'",  # quoted: bare `no` is YAML 1.1 for false
-        f"train.seed={job.seed}",
-        f"eval.batch_size={job.eval_batch_size}",
-        "eval.every_steps=1000000000",  # never during training: only the final evaluation
-        f"eval.metric={job.metrics[0]}",
-        f"log.every_steps={job.log_every}",
-        "log.trackers=[]",
-        f"peft.method={job.peft}",
-        *job.ours_extra,
-    ]
-    if job.max_steps:
-        overrides.append(f"train.max_steps={job.max_steps}")
+def job_settings(job: Job, model: str, cache: Path) -> dict[str, Any]:
+    """Every setting the comparison depends on, pinned (eval: only after training)."""
+    data = {"train": job.train, "validation": job.validation, "max_length": job.max_length}
+    train_ = {"epochs": job.epochs, "max_steps": job.max_steps, "lr": job.lr, "seed": job.seed}
+    train_ |= {"global_batch_size": job.batch_size, "micro_batch_size": job.batch_size}
+    train_ |= {"warmup_ratio": job.warmup_ratio, "weight_decay": job.weight_decay}
+    train_ |= {"max_grad_norm": job.max_grad_norm, "scheduler": "linear", "precision": "no"}
+    peft = {"method": job.peft}
     if job.peft != "none":
-        targets = ",".join(LORA.target_modules)
-        overrides += [
-            f"peft.r={LORA.r}",
-            f"peft.alpha={LORA.alpha}",
-            f"peft.dropout={LORA.dropout}",
-        ]
-        overrides.append(f"peft.target_modules=[{targets}]")
-    return overrides
+        peft |= {"r": LORA.r, "alpha": LORA.alpha, "dropout": LORA.dropout}
+        peft["target_modules"] = list(LORA.target_modules)
+    return {
+        "task": job.task,
+        "model": {"name_or_path": model},
+        "data": {**data, "cache_dir": str(cache), "group_by_length": job.ours_grouped},
+        "train": train_,
+        "eval": {"batch_size": job.eval_batch_size, "every_steps": 10**9, "metric": job.metrics[0]},
+        "log": {"every_steps": job.log_every, "trackers": []},
+        "peft": peft,
+    }
 
 
 def run_job(job: Job, model: str, work_dir: Path) -> dict[str, Any]:
-    """Our side of a comparison: the quickstart config with `job_overrides`; one side's
+    """Our side of a comparison: the quickstart config with `job_settings`; one side's
     numbers (see `comparison.side`) from the run folder."""
-    name = f"ours-{job.name}"
-    overrides = job_overrides(job, model, work_dir / "cache")
-    run = train(work_dir / name, work_dir / f"{name}.log", QUICKSTART, overrides)
+    run = train(
+        work_dir / f"ours-{job.name}", job_settings(job, model, work_dir / "cache"), QUICKSTART
+    )
     windows, final = run.windows, run.read("eval_results.json")
     last_eval = [r for r in run.records if any(k.startswith("eval_") for k in r)][-1]
     if final["best_step"] != last_eval["step"] or last_eval["step"] != final["steps"]:
-        raise RuntimeError(f"{name}: expected one evaluation, after training")
+        raise RuntimeError(f"{run.run_dir.name}: expected one evaluation, after training")
     summary = run.read("run_summary.json")
     marks = [(0, 0.0)] + [(w["step"], w["elapsed_s"]) for w in windows]
     return side(
@@ -128,6 +121,5 @@ def run_job(job: Job, model: str, work_dir: Path) -> dict[str, Any]:
         final_dir=str(run.run_dir / "final"),
         parameters=summary["parameters"],
         trainable_parameters=summary["trainable_parameters"],
-        final_train_loss=windows[-1]["loss"],
         gpu_peak_mb=windows[-1].get("gpu_peak_mb"),
     )

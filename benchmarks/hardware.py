@@ -174,33 +174,22 @@ def train_flops_per_token(config, seq_len: int, lm_head: bool = True) -> float:
 
 def run_ours(job: Job, model: Path, data: Path, work_dir: Path) -> dict[str, Any]:
     """`trainer train` on the job's config with what the comparison depends on pinned."""
-    name = f"{job.device}-{job.name}-ours"
-    overrides = [
-        f"task={job.name}",
-        f"model.name_or_path={model}",
-        f"data.train={data}",
-        "data.validation=null",
-        f"data.max_length={job.max_length}",
-        f"data.cache_dir={work_dir / 'cache'}",
-        f"train.global_batch_size={job.batch_size}",
-        f"train.micro_batch_size={job.batch_size}",
-        f"train.max_steps={job.steps}",
-        f"train.lr={LR}",
-        f"train.warmup_ratio={WARMUP_RATIO}",
-        "train.scheduler=linear",
-        f"train.weight_decay={WEIGHT_DECAY}",
-        f"train.max_grad_norm={MAX_GRAD_NORM}",
-        f"train.precision='{job.precision}'",  # quoted: bare `no` is YAML 1.1 for false
-        f"train.seed={SEED}",
-        "eval.every_steps=0",
-        f"log.every_steps={job.log_every}",
-        "log.trackers=[]",
-    ]
+    data = {"train": str(data), "validation": None, "max_length": job.max_length}
+    train = {"global_batch_size": job.batch_size, "micro_batch_size": job.batch_size}
+    train |= {"max_steps": job.steps, "lr": LR, "warmup_ratio": WARMUP_RATIO, "seed": SEED}
+    train |= {"scheduler": "linear", "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM}
+    settings = {
+        "task": job.name,
+        "model": {"name_or_path": str(model)},
+        "data": {**data, "cache_dir": str(work_dir / "cache")},
+        "train": {**train, "precision": job.precision},
+        "eval": {"every_steps": 0},
+        "log": {"every_steps": job.log_every, "trackers": []},
+    }
     if job.name == "mlm":  # as DataCollatorForLanguageModeling: token-level masking
-        overrides += [f"mlm.mask_probability={MLM_PROBABILITY}", "mlm.whole_word_masking=false"]
-    run = engine.train(
-        work_dir / name, work_dir / f"{name}.log", ROOT / job.config, overrides, env=hidden_gpu(job)
-    )
+        settings["mlm"] = {"mask_probability": MLM_PROBABILITY, "whole_word_masking": False}
+    run_dir = work_dir / f"{job.device}-{job.name}-ours"
+    run = engine.train(run_dir, settings, ROOT / job.config, env=hidden_gpu(job))
     windows = run.windows
     return {
         **steady_throughput(windows),
@@ -240,30 +229,37 @@ def packed_blocks(tokenizer, path: Path, task: str, length: int):
     return torch.tensor(ids[:usable]).view(-1, length)
 
 
-def shuffled_batches(blocks, batch_size: int, seed: int) -> Iterator:
-    """Full batches of a fresh seeded permutation each epoch, epoch after epoch."""
+def training_batches(tokenizer, blocks, job: Job) -> Iterator:
+    """(inputs, labels) of full batches of a fresh seeded permutation each epoch, epoch
+    after epoch; MLM masks them as DataCollatorForLanguageModeling does."""
     import torch
+    from transformers import DataCollatorForLanguageModeling
 
-    generator = torch.Generator().manual_seed(seed)
+    masking = DataCollatorForLanguageModeling(tokenizer, mlm_probability=MLM_PROBABILITY)
+    generator = torch.Generator().manual_seed(SEED)
     while True:
         order = torch.randperm(len(blocks), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield blocks[order[start : start + batch_size]]
+        for start in range(0, len(order) - job.batch_size + 1, job.batch_size):
+            ids = blocks[order[start : start + job.batch_size]]
+            if job.name == "clm":
+                yield ids, ids
+            else:
+                batch = masking([{"input_ids": row} for row in ids.tolist()])
+                yield batch["input_ids"], batch["labels"]
 
 
 def handwritten_loop(spec: dict) -> dict[str, Any]:
-    """The worker "handwritten": `model(...).loss`, backward, clip, AdamW (fused where
-    supported) step, schedule step, zero_grad on the same blocks; log windows timed as the
-    engine's (a host sync at each, as the engine's log)."""
+    """The worker "handwritten": `model(...).loss`, backward, clip, AdamW step, schedule
+    step, zero_grad on the same blocks; log windows timed as the engine's (a host sync at
+    each, as the engine's log)."""
     import torch
     import transformers
-    from transformers import AutoTokenizer, DataCollatorForLanguageModeling
 
     job, model_dir = Job(**spec["job"]), Path(spec["model"])
     transformers.logging.set_verbosity_error()
     torch.manual_seed(SEED)
     device = torch.device(job.device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     blocks = packed_blocks(tokenizer, Path(spec["data"]), job.name, job.max_length)
     auto = transformers.AutoModelForMaskedLM if job.name == "mlm" else None
     auto = auto or transformers.AutoModelForCausalLM
@@ -271,15 +267,11 @@ def handwritten_loop(spec: dict) -> dict[str, Any]:
     optimizer = adamw(model)
     warmup = round(WARMUP_RATIO * job.steps)
     schedule = transformers.get_linear_schedule_with_warmup(optimizer, warmup, job.steps)
-    masking = DataCollatorForLanguageModeling(tokenizer, mlm_probability=MLM_PROBABILITY)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.precision == "bf16")
-    batches = shuffled_batches(blocks, job.batch_size, SEED)
-    windows, start = [], time.perf_counter()
+    batches = training_batches(tokenizer, blocks, job)
+    windows, start = [{"step": 0}], time.perf_counter()
     for step in range(1, job.steps + 1):
-        inputs = labels = next(batches)
-        if job.name == "mlm":
-            batch = masking([{"input_ids": row} for row in inputs.tolist()])
-            inputs, labels = batch["input_ids"], batch["labels"]
+        inputs, labels = next(batches)
         with autocast:
             loss = model(input_ids=inputs.to(device), labels=labels.to(device)).loss
         loss.backward()
@@ -288,16 +280,12 @@ def handwritten_loop(spec: dict) -> dict[str, Any]:
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % job.log_every == 0 or step == job.steps:
-            loss_value = loss.item()
-            steps = step - (windows[-1]["step"] if windows else 0)
-            tokens = steps * job.batch_size * job.max_length
-            elapsed = time.perf_counter() - start
-            windows.append(
-                {"step": step, "elapsed_s": elapsed, "tokens": tokens, "loss": loss_value}
-            )
+            tokens = (step - windows[-1]["step"]) * job.batch_size * job.max_length
+            record = {"step": step, "loss": loss.item(), "tokens": tokens}
+            windows.append({**record, "elapsed_s": time.perf_counter() - start})
     cuda = device.type == "cuda"
     return {
-        "windows": windows,
+        "windows": windows[1:],
         "fused_adamw": bool(optimizer.defaults.get("fused")),
         "peak_gpu_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
     }

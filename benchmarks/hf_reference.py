@@ -68,7 +68,6 @@ def train(spec: dict) -> dict[str, Any]:
     metrics = {k.removeprefix("eval_"): v for k, v in evaluation.items() if k not in TIMING_KEYS}
     if job.task != "classification":
         metrics["perplexity"] = math.exp(metrics["loss"])
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {
         **trained_amounts(job, trainer.train_dataset, output.global_step),
         "train_s": output.metrics["train_runtime"],
@@ -76,7 +75,6 @@ def train(spec: dict) -> dict[str, Any]:
         "metrics": metrics,
         "final_dir": final_dir,
         **parameter_counts(net, job),
-        "final_train_loss": losses[-1] if losses else None,
     }
 
 

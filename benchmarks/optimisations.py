@@ -237,12 +237,13 @@ def host_sync(quick: bool, model_dir: str) -> dict:
     return row("host_sync", "no per-step .item()", ".item() every step", pair["timed"])
 
 
-def epoch_batches(grouped: bool, lengths: list[int], batch_size: int) -> list[list[int]]:
-    """One epoch of example indices in batches: the engine's random or grouped order."""
+def epoch_batches(grouped: str, lengths: list[int], batch_size: int) -> list[list[int]]:
+    """One epoch of example indices in batches: the engine's random order, or grouped by
+    length (`grouped` "on")."""
     from trainer.data.sampling import LENGTH_WINDOW_BATCHES, LengthGrouped, Shuffled
 
     ordering = Shuffled(len(lengths), seed=42)
-    if grouped:
+    if grouped == "on":
         window = LENGTH_WINDOW_BATCHES * batch_size
         ordering = LengthGrouped(ordering, tuple(lengths), window, batch_size, seed=42)
     order = ordering.order(0)
@@ -250,9 +251,30 @@ def epoch_batches(grouped: bool, lengths: list[int], batch_size: int) -> list[li
     return [order[i : i + batch_size] for i in range(0, full, batch_size)]
 
 
-def length_grouping(quick: bool, model_dir: str) -> dict:
-    """One epoch of sentiment batches, random vs grouped by length."""
+def epoch_pass(model, optimizer, ids: list[list[int]], batches: list[list[int]]) -> dict:
+    """Train on each batch (padded to its longest text): seconds, padding share, tokens/s."""
     import torch
+
+    real = padded = 0
+    start = time.perf_counter()
+    for indices in batches:
+        longest = max(len(ids[i]) for i in indices)
+        input_ids = torch.tensor([ids[i] + [0] * (longest - len(ids[i])) for i in indices])
+        labels = torch.tensor([i % 2 for i in indices])
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": (input_ids != 0).long(),
+            "labels": labels,
+        }
+        train_step(model, optimizer, classification_loss(model, batch))()
+        real += sum(len(ids[i]) for i in indices)
+        padded += input_ids.numel()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "pad_fraction": 1 - real / padded, "tokens_per_s": real / seconds}
+
+
+def length_grouping(quick: bool, model_dir: str) -> dict:
+    """One epoch of sentiment batches, random vs grouped by length (`quick`: 8 batches)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -260,41 +282,19 @@ def length_grouping(quick: bool, model_dir: str) -> dict:
     ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=64)["input_ids"]
     model = classifier(model_dir).train()
     optimizer = adamw(model, fused=True)
-    result: dict[str, dict] = {}
-    batches = {g: epoch_batches(g, [len(i) for i in ids], 16) for g in (True, False)}
-    if quick:
-        batches = {g: b[:8] for g, b in batches.items()}
-    for round_ in range(2):  # round 0 warms up both
-        for grouped, chosen in batches.items():
-            real = padded = 0
-            start = time.perf_counter()
-            for indices in chosen:
-                longest = max(len(ids[i]) for i in indices)
-                input_ids = torch.tensor([ids[i] + [0] * (longest - len(ids[i])) for i in indices])
-                batch = {
-                    "input_ids": input_ids,
-                    "attention_mask": (input_ids != 0).long(),
-                    "labels": torch.tensor([i % 2 for i in indices]),
-                }
-                train_step(model, optimizer, classification_loss(model, batch))()
-                real += sum(len(ids[i]) for i in indices)
-                padded += input_ids.numel()
-            seconds = time.perf_counter() - start
-            if round_ == 1:
-                result["on" if grouped else "off"] = {
-                    "seconds": seconds,
-                    "pad_fraction": 1 - real / padded,
-                    "tokens_per_s": real / seconds,
-                }
-    on, off = result["on"], result["off"]
+    batches = {g: epoch_batches(g, [len(i) for i in ids], 16) for g in ("on", "off")}
+    batches = {g: b[:8] if quick else b for g, b in batches.items()}
+    for chosen in batches.values():  # warm-up of both
+        epoch_pass(model, optimizer, ids, chosen)
+    on, off = (epoch_pass(model, optimizer, ids, batches[g]) for g in ("on", "off"))
     return {
         "name": "length_grouping",
         "on": "grouped by length",
         "off": "random batches",
-        "on_s": on["seconds"] / len(batches[True]),
-        "off_s": off["seconds"] / len(batches[False]),
+        "on_s": on["seconds"] / len(batches["on"]),
+        "off_s": off["seconds"] / len(batches["off"]),
         "speedup": on["tokens_per_s"] / off["tokens_per_s"],
-        "steps_each": len(batches[True]),
+        "steps_each": len(batches["on"]),
         "pad_fraction_on": on["pad_fraction"],
         "pad_fraction_off": off["pad_fraction"],
     }

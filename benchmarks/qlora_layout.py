@@ -1,21 +1,12 @@
-"""QLoRA on this CPU with and without the engine's 4-bit layout guard
-(`trainer.model.adapters.keep_4bit_layout`): loss curves with evaluations in the middle, and
-the merged export's own logit check. A correctness check rather than a speed one.
+"""QLoRA with and without the engine's 4-bit layout guard (`keep_4bit_layout`): loss curves
+with evaluations in the middle, and `trainer export --merge`'s own logit check. A
+correctness check for CPUs with AVX512-BF16, where bitsandbytes 0.49/0.50 repacks a 4-bit
+weight in place the first time a layer runs in eval mode without gradients.
 
-bitsandbytes 0.49/0.50 repacks a 4-bit weight in place for its bf16 inference kernel the
-first time a layer runs in eval mode without gradients, on CPUs with AVX512-BF16 only; the
-guard keeps QLoRA off that path. Each model trains three ways, each in a fresh process (the
-worker "cli": the engine's CLI under a variant):
-
-* ``guarded``: the engine as shipped.
-* ``no-repacking``: the guard off, and bitsandbytes told the CPU lacks AVX512-BF16: what a
-  CPU without it runs, and the baseline. ``guarded`` must equal it to the last digit.
-* ``unguarded``: the guard off, bitsandbytes as it is on this CPU.
-
-Models: a tiny BERT (2 layers, hidden 32: narrower than one 64-wide quantization block)
-and all-MiniLM-L6-v2 (hidden 384). Sentiment, max_length 64, batch 16, QLoRA r 8, lr 3e-3,
-fp32, evaluating every third of the steps; then `trainer export --merge` (its check: max
-|logit difference| <= 1e-4).
+Each model (a tiny BERT narrower than one 64-wide quantization block, and all-MiniLM-L6-v2)
+trains three ways, each a fresh process (the worker "cli"): ``guarded`` (as shipped),
+``no-repacking`` (guard off, bitsandbytes told the CPU lacks AVX512-BF16: the baseline,
+what any other CPU runs; ``guarded`` must equal it to the last digit) and ``unguarded``.
 """
 
 from __future__ import annotations
@@ -23,10 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from benchmarks.common import ROOT, read_jsonl, run_worker, table
 from benchmarks.models import build_bert, model_path
 
 VARIANTS = ("guarded", "no-repacking", "unguarded")
+SENTIMENT = ROOT / "data" / "sentiment"
 
 
 def cli_variant(spec: dict) -> dict:
@@ -67,28 +61,21 @@ def run(quick: bool, work_dir: Path) -> dict[str, Any]:
 def run_variant(variant: str, model: Path, work: Path, steps: int) -> dict:
     """Train, then export --merge, in fresh processes; the curve and how each ended."""
     run_dir = work / variant / "run"
-    overrides = [
-        "task=classification",
-        f"output_dir={run_dir}",
-        f"model.name_or_path={model}",
-        f"data.train={ROOT / 'data/sentiment/train.csv'}",
-        f"data.validation={ROOT / 'data/sentiment/validation.csv'}",
-        "data.max_length=64",
-        f"data.cache_dir={work / 'cache'}",
-        "peft.method=qlora",
-        "peft.r=8",
-        f"train.max_steps={steps}",
-        "train.global_batch_size=16",
-        "train.micro_batch_size=16",
-        "train.lr=3e-3",
-        "train.seed=42",
-        f"eval.every_steps={max(steps // 3, 1)}",
-        "log.every_steps=1",
-        "log.trackers=[]",
-    ]
-    config = work / "run.yaml"
-    config.write_text("{}\n")
-    trained = cli(variant, ["train", str(config), *overrides], work / f"{variant}.log")
+    data = {"train": str(SENTIMENT / "train.csv"), "validation": str(SENTIMENT / "validation.csv")}
+    train = {"max_steps": steps, "global_batch_size": 16, "micro_batch_size": 16, "lr": 3e-3}
+    settings = {
+        "task": "classification",
+        "output_dir": str(run_dir),
+        "model": {"name_or_path": str(model)},
+        "data": {**data, "max_length": 64, "cache_dir": str(work / "cache")},
+        "peft": {"method": "qlora", "r": 8},
+        "train": {**train, "seed": 42},
+        "eval": {"every_steps": max(steps // 3, 1)},
+        "log": {"every_steps": 1, "trackers": []},
+    }
+    config = work / f"{variant}.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    trained = cli(variant, ["train", str(config)], work / f"{variant}.log")
     record = {"train_rc": trained["rc"], "train_error": trained["error"]}
     metrics = run_dir / "metrics.jsonl"
     record["curve"] = [

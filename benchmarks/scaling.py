@@ -97,29 +97,20 @@ def train_once(spec: RunSpec, steps: int, work_dir: Path) -> dict[str, Any]:
     """Train once in a fresh process (or two: `torchrun`, gloo DDP, the same global batch,
     the cores split between the processes) and read its throughput from metrics.jsonl."""
     threads = max(1, (os.cpu_count() or 1) // spec.processes)
-    config = {
+    data = {"train": str(ROOT / CORPUS), "max_length": spec.max_length}
+    train = {"max_steps": steps, "global_batch_size": BATCH, "lr": 1e-4, "seed": 42}
+    settings = {
         "task": "mlm",
         "model": {"name_or_path": str(work_dir / "models" / spec.size)},
-        "data": {
-            "train": str(ROOT / CORPUS),
-            "max_length": spec.max_length,
-            "cache_dir": str(work_dir / "cache"),
-        },
-        "train": {
-            "max_steps": steps,
-            "global_batch_size": BATCH,
-            "micro_batch_size": BATCH // spec.processes,
-            "lr": 1e-4,
-            "seed": 42,
-        },
+        "data": {**data, "cache_dir": str(work_dir / "cache")},
+        "train": {**train, "micro_batch_size": BATCH // spec.processes},
         "log": {"every_steps": 1, "trackers": []},
     }
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     print(f"[scaling] {spec.name}: {steps} steps ...", flush=True)
     run = engine.train(
-        work_dir / "runs" / spec.name,
-        work_dir / f"{spec.name}.log",
-        engine.write_config(work_dir / f"{spec.name}.yaml", config),
+        work_dir / spec.name,
+        settings,
         env=[f"OMP_NUM_THREADS={threads}"],
         launcher=launcher if spec.processes > 1 else (),
     )
@@ -160,10 +151,9 @@ SIZES_TABLE = [
 ]
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """Settings, then the processes, sequence-length and model-size tables."""
-    s, runs = result["settings"], result["runs"]
-    one = runs[result["processes"]["one"]]
+def table_items(result: dict[str, Any]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The runs of each table, each with its ratio ("vs") to the table's first run."""
+    runs, one = result["runs"], result["runs"][result["processes"]["one"]]
     processes = [
         {**r, "vs": ratio(r["tokens_per_s"], one["tokens_per_s"])}
         for r in (one, runs[result["processes"]["two"]])
@@ -172,10 +162,16 @@ def markdown(result: dict[str, Any]) -> str:
         {**runs[row["run"]], "vs": row["step_s_over_shortest"]}
         for row in result["sequence_length"].values()
     ]
-    sizes = [
-        {**runs[row["run"]], **result["models"][size]} for size, row in result["model_size"].items()
-    ]
+    sizes = [{**runs[row["run"]], **result["models"][s]} for s, row in result["model_size"].items()]
     sizes = [{**r, "vs": ratio(r["step_s"], sizes[0]["step_s"])} for r in sizes]
+    return processes, lengths, sizes
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """Settings, then the processes, sequence-length and model-size tables."""
+    s, runs = result["settings"], result["runs"]
+    processes, lengths, sizes = table_items(result)
+    one = processes[0]
     return "\n".join(
         [
             "## Training throughput scaling (our engine, CPU)",
