@@ -129,30 +129,24 @@ def peak_record(device: str, seconds: float) -> dict[str, Any]:
 # --- FLOPs per token -------------------------------------------------------------------------
 
 
-def flops_parameters(config, lm_head: bool = True) -> int:
+def flops_parameters(config) -> int:
     """N of 6N: the parameters that take part in a matmul per token. Counted on a model
     built on the meta device (no memory), without the embedding tables (lookups), plus the
-    projection onto the vocabulary once when `lm_head` (tied to the input embedding or not:
-    a tied embedding is no extra matmul, but the LM head is). The head model is the
-    masked-LM one for encoders and the causal-LM one otherwise; with `lm_head=False` the
-    bare encoder/decoder (with BERT's pooler), for classification."""
+    projection onto the vocabulary once (tied to the input embedding or not: a tied
+    embedding is no extra matmul, but the LM head is). The masked-LM model for encoders
+    (BERT: with its transform layer), the causal-LM one otherwise."""
     import torch
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
 
-    if not lm_head:
-        auto = transformers.AutoModel
-    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", 0):
-        auto = transformers.AutoModelForMaskedLM
-    else:
-        auto = transformers.AutoModelForCausalLM
+    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", 0)
+    auto = transformers.AutoModelForMaskedLM if encoder else transformers.AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config)
-    output = model.get_output_embeddings() if lm_head else None
+    output = model.get_output_embeddings()
     left_out = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    left_out |= {id(output.weight)} if output is not None else set()
-    n = sum(p.numel() for p in model.parameters() if id(p) not in left_out)
-    return n + (output.weight.numel() if output is not None else 0)
+    n = sum(p.numel() for p in model.parameters() if id(p) not in left_out | {id(output.weight)})
+    return n + output.weight.numel()
 
 
 def layers_and_hidden(config) -> tuple[int, int]:
@@ -161,12 +155,12 @@ def layers_and_hidden(config) -> tuple[int, int]:
     return layers, getattr(config, "hidden_size", None) or config.n_embd
 
 
-def train_flops_per_token(config, seq_len: int, lm_head: bool = True) -> float:
+def train_flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token: 6N + 12 x layers x hidden x seq_len,
     PaLM's appendix B (attention scores and values counted in full, causal or not); N is
     `flops_parameters`."""
     layers, hidden = layers_and_hidden(config)
-    return 6 * flops_parameters(config, lm_head) + 12 * layers * hidden * seq_len
+    return 6 * flops_parameters(config) + 12 * layers * hidden * seq_len
 
 
 # --- the two sides -----------------------------------------------------------------------------
