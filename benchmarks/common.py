@@ -191,10 +191,15 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def table(head: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """A Markdown table, the first column left-aligned and the others right-aligned (they
-    hold numbers)."""
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    """A Markdown table: columns of numbers (every cell a number, n/a or empty) are
+    right-aligned, the others left-aligned."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    numeric = [all(re.match(r"-?\d|n/a$|$", row[i]) for row in cells) for i in range(len(head))]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "".join("---:|" if n else "---|" for n in numeric),
+    ]
+    return lines + ["| " + " | ".join(row) + " |" for row in cells]
 
 
 Column = tuple[str, Callable[[Any], Any]]

@@ -60,7 +60,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Sentiment classification, all-MiniLM-L6-v2, `{job.train}` → `{job.validation}`, "
         f"max_length {job.max_length}, {job.max_steps} optimizer steps of batch "
         f"{job.batch_size}, seed {job.seed}, fp32, warmup ratio {job.warmup_ratio}, linear "
-        f"decay, weight decay {job.weight_decay}, clipping {job.max_grad_norm}, AdamW, one "
+        f"decay, weight decay {job.weight_decay}, clipping {job.max_grad_norm}, fused AdamW, one "
         "evaluation at the end; each run a fresh process. Step times and samples/s cover the "
         "training loop alone. Peak RSS is the process's own (ru_maxrss from wait4).",
         "",
