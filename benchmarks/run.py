@@ -1,83 +1,70 @@
-"""`make bench`: every benchmark section in one run, one results file per machine.
+"""`make bench`: the benchmark sections in one run, one results file per machine.
 
-Runs the sections one after the other on this machine and writes
-`benchmarks/results/<date>-<machine>.md` (for reading) and `.json` (every number, the
-machine and the versions), rewritten after each section so that a failure or an interrupt
-keeps what was measured before it. A section that fails is reported in the file and by the
-exit code; the others still run.
+    python -m benchmarks.run [--quick] [--only SECTION,...] [--work-dir DIR]
 
-Sections (each a script of its own too; see benchmarks/README.md):
+Writes benchmarks/results/<date>-<machine>.md (for reading) and .json (every number, the
+machine and the versions); with --only, <date>-<machine>-<sections>.{md,json}, so that a
+partial run never replaces a whole one. Both are rewritten after each section, so that a
+failure or an interrupt keeps what was measured before it; a section that fails is
+reported in the file and by exit code 1, and the others still run.
 
-1. ``throughput``: our engine vs plain `transformers.Trainer` (+ peft for LoRA) on MLM, CLM,
-   sentiment and sentiment with LoRA (compare_hf_trainer.py).
-2. ``inference``: `trainer predict` vs a per-sample loop padded to 128 (inference.py).
-3. ``peft``: full fine-tuning vs LoRA vs QLoRA: step time, peak memory, trainable share
-   (peft_methods.py).
-4. ``scaling``: 1 vs 2 processes, sequence length and model size (scaling.py).
-5. ``hardware``: MFU against the measured (CPU) or published (GPU) peak, ours vs a minimal
-   hand-written loop (hardware.py).
-6. ``optimisations``: each optimisation of the step on and off (optimisations.py).
-
-How to run
-----------
-    make bench                                   # everything, ~25 minutes on 2 idle cores
-    make bench BENCH_ARGS=--quick                # short runs of everything, ~8 minutes
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/run.py --only throughput,inference
-
-Timings need an otherwise idle machine: each section records the load average.
+Each section is a module with `run(quick, work_dir) -> dict` (every number, JSON-ready) and
+`markdown(result) -> str` (its part of the results file, from a `## ` heading). Timings
+need an otherwise idle machine: the load average around each section is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the section modules
+from benchmarks.common import ROOT, machine_info, machine_slug
 
-from _common import RESULTS_DIR, ROOT, fmt, in_work_dir, machine_info, machine_slug
-
-# name: (module, its run(quick, work_dir) -> dict, its Markdown of that dict -> lines)
-SECTIONS: dict[str, tuple[str, str, str]] = {
-    "throughput": ("compare_hf_trainer", "run", "markdown"),
-    "inference": ("inference", "run", "markdown"),
-    "peft": ("peft_methods", "run", "section"),
-    "scaling": ("scaling", "run", "markdown"),
-    "hardware": ("hardware", "run", "markdown"),
-    "optimisations": ("optimisations", "run", "markdown"),
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+# `make bench`'s sections, in order: name -> module
+SECTIONS = {
+    "throughput": "compare_hf_trainer",
+    "inference": "inference",
+    "peft": "peft_methods",
+    "scaling": "scaling",
+    "hardware": "hardware",
+    "optimisations": "optimisations",
 }
-THROUGHPUT_GOAL = 1.3  # ours / Trainer, useful tokens/s, every row (on CPU)
+EXTRA = {s: s for s in ("data_pipeline", "augmentation", "qlora_layout")}  # with --only
+THROUGHPUT_GOAL = 1.3  # ours / Trainer, useful tokens/s, every job (on CPU)
 INFERENCE_GOAL = 20.0  # trainer predict / naive loop
 GPT2_MFU_GOAL = 0.45  # GPT-2-124M at sequence length 1024, bf16, one H100
 
 
-def section_functions(name: str) -> tuple[Callable[..., dict], Callable[[dict], list[str]]]:
-    """A section's run and Markdown functions (imported only when the section runs)."""
-    module_name, run_name, markdown_name = SECTIONS[name]
-    module = importlib.import_module(module_name)
-    return getattr(module, run_name), getattr(module, markdown_name)
+def section_module(name: str) -> ModuleType:
+    """A section's module (imported only when the section runs or is rendered)."""
+    return importlib.import_module(f"benchmarks.{(SECTIONS | EXTRA)[name]}")
 
 
 def run_section(name: str, quick: bool, work_dir: Path) -> dict[str, Any]:
-    """One section, timed, with the load average around it; a failure becomes a record."""
-    run, _ = section_functions(name)
-    folder = work_dir / name
+    """One section, timed, with the load average around it; a failure (of its run or of
+    its Markdown) becomes the record's error."""
+    module = section_module(name)
+    folder = (work_dir / name).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    record: dict[str, Any] = {"load_before": load_before}
+    record: dict[str, Any] = {"load_before": os.getloadavg()[0]}
+    start = time.perf_counter()
     try:
-        record["result"] = run(quick, folder)
+        record["result"] = module.run(quick, folder)
+        module.markdown(record["result"])  # a result its own Markdown cannot show fails too
     except Exception as error:  # reported in the results; the other sections go on
         traceback.print_exc()
         record["error"] = f"{type(error).__name__}: {error}"
-    os.chdir(ROOT)  # a section may have moved elsewhere
     record["seconds"] = time.perf_counter() - start
     record["load_after"] = os.getloadavg()[0]
     return record
@@ -87,81 +74,79 @@ def run_section(name: str, quick: bool, work_dir: Path) -> dict[str, Any]:
 
 
 def goals(sections: dict[str, dict]) -> list[str]:
-    """The issue's goals next to what this run measured."""
-    lines = ["| goal | measured | met |", "|---|---|---|"]
+    """The issue's goals next to what this run measured, for the sections it ran."""
+    rows = []
 
-    def add(goal: str, value: float | None, target: float, shown: str) -> None:
+    def add(goal: str, value: float | None, target: float, spec: str) -> None:
         met = "n/a" if value is None else ("yes" if value >= target else "no")
-        lines.append(f"| {goal} | {shown} | {met} |")
+        rows.append(f"| {goal} | {'n/a' if value is None else spec.format(value)} | {met} |")
 
-    jobs = sections.get("throughput", {}).get("result", {}).get("jobs", [])
-    for job in jobs:
-        value = job["ratio_ours_over_hf"]["tokens_per_s"]
-        add(
-            f"throughput {job['job']['name']}: ours / Trainer ≥ {THROUGHPUT_GOAL}×",
-            value,
-            THROUGHPUT_GOAL,
-            f"{fmt(value, 2)}×",
-        )
-    ways = sections.get("inference", {}).get("result", {}).get("ways", [])
-    ours = [w["speedup_vs_naive"] for w in ways if w["way"].startswith("ours (")]
-    speedup = max(ours) if ours else None
-    add(
-        f"trainer predict / naive loop ≥ {INFERENCE_GOAL:g}×",
-        speedup,
-        INFERENCE_GOAL,
-        f"{fmt(speedup, 1)}×",
-    )
-    gpu = sections.get("hardware", {}).get("result", {}).get("gpu", {})
-    mfu = gpu["jobs"]["clm"]["ours"]["mfu"] if "jobs" in gpu else None
-    add(
-        f"GPT-2-124M, seq 1024, bf16 MFU on the GPU ≥ {GPT2_MFU_GOAL:.0%}",
-        mfu,
-        GPT2_MFU_GOAL,
-        "not run: no GPU" if mfu is None else f"{mfu:.1%}",
-    )
-    return lines
+    for job in sections.get("throughput", {}).get("result", {}).get("jobs", []):
+        goal = f"throughput {job['job']['name']}: ours / Trainer ≥ {THROUGHPUT_GOAL}×"
+        add(goal, job["ratio_ours_over_hf"]["tokens_per_s"], THROUGHPUT_GOAL, "{:.2f}×")
+    if "inference" in sections:
+        ways = sections["inference"].get("result", {}).get("ways", [])
+        ours = [w["speedup_vs_naive"] for w in ways if w["way"].startswith("ours (")]
+        goal = f"trainer predict / naive loop ≥ {INFERENCE_GOAL:g}×"
+        add(goal, max(ours, default=None), INFERENCE_GOAL, "{:.1f}×")
+    if "hardware" in sections:
+        gpu = sections["hardware"].get("result", {}).get("gpu", {})
+        goal = f"GPT-2-124M, seq 1024, bf16 MFU on the GPU ≥ {GPT2_MFU_GOAL:.0%}"
+        if "skipped" in gpu:
+            rows.append(f"| {goal} | not run: {gpu['skipped']} | n/a |")
+        else:
+            add(
+                goal,
+                gpu.get("jobs", {}).get("clm", {}).get("ours", {}).get("mfu"),
+                GPT2_MFU_GOAL,
+                "{:.1%}",
+            )
+    head = ["", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    return [*head, *rows] if rows else []
 
 
-def markdown(report: dict[str, Any]) -> str:
-    """The whole results file: machine, goals, then each section's own Markdown."""
+def render(report: dict[str, Any]) -> str:
+    """The whole results file: the machine, the goals, then each section's Markdown."""
     m = report["machine"]
     lines = [
         f"# Benchmarks: {report['slug']} ({m['date']})",
         "",
-        "Generated by `make bench`" + (" with `--quick`" if report["quick"] else "") + ".",
+        f"Generated by `{report['command']}`.",
         "",
         f"- CPU: {m['cpu']}, {m['cpu_cores']} cores ({m['torch_threads']} torch threads), "
-        f"bf16 {m.get('cpu_bf16', 'not recorded')}; GPU: {m['gpu'] or 'none'}",
+        f"bf16 {m['cpu_bf16']}; GPU: {m['gpu'] or 'none'}",
         f"- Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
-        f"accelerate {m['accelerate']}, datasets {m['datasets']}, peft {m.get('peft')}, "
-        f"bitsandbytes {m.get('bitsandbytes')}",
+        f"accelerate {m['accelerate']}, datasets {m['datasets']}, peft {m['peft']}, "
+        f"bitsandbytes {m['bitsandbytes']}",
         "- Sections (seconds, 1-minute load average before → after): "
         + ", ".join(
             f"{name} ({s['seconds']:.0f} s, {s['load_before']:.1f} → {s['load_after']:.1f})"
             for name, s in report["sections"].items()
         ),
-        "",
-        "## Goals",
-        "",
         *goals(report["sections"]),
     ]
     for index, (name, record) in enumerate(report["sections"].items(), start=1):
         if "error" in record:
             lines += ["", f"## {index}. {name}: failed", "", f"`{record['error']}`"]
-            continue
-        _, section_markdown = section_functions(name)
-        body = section_markdown(record["result"])
-        lines += ["", f"## {index}. {body[0].lstrip('# ')}", *body[1:]]
+        else:
+            body = section_module(name).markdown(record["result"])
+            lines += ["", f"## {index}. {body.removeprefix('## ').strip()}"]
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict[str, Any]) -> Path:
-    """results/<date>-<machine>.{json,md}; returns the .md path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS_DIR / f"{report['machine']['date']}-{report['slug']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a kill half-way leaves the previous
+    version, never a truncated file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write(report: dict[str, Any], stem: Path) -> Path:
+    """STEM.json and STEM.md; returns the .md path."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    write_atomic(stem.with_suffix(".md"), render(report))
     return stem.with_suffix(".md")
 
 
@@ -172,15 +157,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """--quick, --only, --work-dir."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs of every section")
-    parser.add_argument("--only", help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    choices = ", ".join([*SECTIONS, *EXTRA])
+    parser.add_argument("--only", help=f"comma-separated sections of {choices}")
     parser.add_argument("--work-dir", type=Path, help="keep run folders here (default: tmp)")
     args = parser.parse_args(argv)
     args.sections = args.only.split(",") if args.only else list(SECTIONS)
-    unknown = [s for s in args.sections if s not in SECTIONS]
+    unknown = [s for s in args.sections if s not in SECTIONS and s not in EXTRA]
     if unknown:
-        parser.error(
-            f"--only: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}"
-        )
+        parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {choices}")
     return args
 
 
@@ -188,23 +172,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run the sections, rewriting the results after each; exit 1 if one failed."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.chdir(ROOT)  # data paths are relative to the repository root
     args = parse_args(argv)
-    info = machine_info(extra_packages=("peft", "bitsandbytes", "deepspeed"))
+    info = machine_info()
     report: dict[str, Any] = {
         "machine": info,
         "slug": machine_slug(info),
         "quick": args.quick,
+        "command": " ".join(
+            ["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "sections": {},
     }
-
-    def run_all(work_dir: Path) -> None:
+    partial = "" if args.sections == list(SECTIONS) else "-" + "-".join(args.sections)
+    stem = RESULTS_DIR / f"{datetime.date.today().isoformat()}-{report['slug']}{partial}"
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work_dir = args.work_dir or Path(tmp)
         for name in args.sections:
             print(f"=== {name} ===", flush=True)
             report["sections"][name] = run_section(name, args.quick, work_dir)
-            print(f"=== {name}: wrote {write(report)}", flush=True)
-
-    in_work_dir(args.work_dir, "bench-", run_all)
+            print(f"=== {name}: wrote {write(report, stem)}", flush=True)
     failed = [name for name, s in report["sections"].items() if "error" in s]
     if failed:
         print(f"error: section(s) failed: {', '.join(failed)}", file=sys.stderr)

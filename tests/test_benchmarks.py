@@ -1,0 +1,203 @@
+"""The benchmarks package: every section has the interface the runner calls, the modules
+import without a cycle, the cheap sections run their quick form on the tiny models and can
+render what they measured, and the runner keeps earlier sections and reports a failure."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import inspect
+import json
+import sys
+import types
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare_hf_trainer, engine, hardware, hf_reference, inference, optimisations
+from benchmarks import run as runner
+from benchmarks.comparison import SENTIMENT, ratios
+
+PACKAGE = Path(runner.__file__).parent
+ALL_SECTIONS = {**runner.SECTIONS, **runner.EXTRA}
+
+
+def json_round_trip(result: dict) -> dict:
+    """The result as the runner stores it (tuples become lists)."""
+    return json.loads(json.dumps(result))
+
+
+@pytest.mark.parametrize("name", ALL_SECTIONS)
+def test_section_interface(name):
+    module = runner.section_module(name)
+    parameters = list(inspect.signature(module.run).parameters.values())
+    assert [p.name for p in parameters[:2]] == ["quick", "work_dir"]
+    assert all(p.default is not inspect.Parameter.empty for p in parameters[2:])
+    assert [*inspect.signature(module.markdown).parameters] == ["result"]
+    assert inspect.signature(module.markdown).return_annotation in ("str", str)
+    assert module.__doc__ and module.run.__doc__ and module.markdown.__doc__
+
+
+def test_no_import_cycle_between_benchmark_modules():
+    graph = {}
+    for path in PACKAGE.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
+                found.add(node.module.removeprefix("benchmarks."))
+        graph[path.stem] = found
+
+    def visit(module: str, stack: tuple[str, ...]) -> None:
+        assert module not in stack, f"import cycle: {' -> '.join([*stack, module])}"
+        for imported in graph.get(module, ()):
+            visit(imported, (*stack, module))
+
+    for module in graph:
+        visit(module, ())
+
+
+def test_flops_per_token_of_gpt2_124m_and_published_peaks():
+    from transformers import GPT2Config
+
+    config = GPT2Config()  # 12 layers, hidden 768, vocabulary 50,257
+    per_layer = (768 * 2304 + 2304) + (768 * 768 + 768) + 2 * (768 * 3072) + 3072 + 768 + 4 * 768
+    lm_head = 50257 * 768  # tied to the input embedding, but a matmul per token all the same
+    assert hardware.flops_parameters(config) == 12 * per_layer + 2 * 768 + lm_head
+    expected = 6 * (12 * per_layer + 2 * 768 + lm_head) + 12 * 12 * 768 * 1024
+    assert hardware.train_flops_per_token(config, 1024) == expected
+    assert hardware.published_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert hardware.published_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert hardware.published_peak_flops("Tesla T4") is None
+
+
+def test_optimisations_quick_on_the_tiny_bert(tiny_bert, tmp_path):
+    result = json_round_trip(optimisations.run(True, tmp_path, model=str(tiny_bert)))
+    names = [r["name"] for r in result["rows"]]
+    assert names == [n for n in optimisations.ROWS if n not in optimisations.SLOW]
+    assert all(r["on_s"] > 0 and r["off_s"] > 0 and r["speedup"] > 0 for r in result["rows"])
+    text = optimisations.markdown(result)
+    assert text.startswith("## ")
+    assert all(f"| {name} |" in text for name in names)
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_bert, tmp_path_factory) -> Path:
+    """The tiny BERT with a fresh 2-label head, saved with its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-classifier")
+    torch.manual_seed(0)
+    labels = {0: "negative", 1: "positive"}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_bert, id2label=labels, label2id={v: k for k, v in labels.items()}
+    )
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(folder)
+    return folder
+
+
+def test_inference_ways_agree_with_the_naive_loop(tiny_classifier):
+    texts = inference.read_reviews()[:24]
+    found = inference.measure_in_process(tiny_classifier, texts)
+    assert [w["way"] for w in found["ways"]][:3] == [
+        "naive (padded to 128)",
+        "naive, unpadded",
+        "ours (`Predictor.predict`)",
+    ]
+    for way in found["ways"][:-1]:  # the int8 experiment is allowed to differ
+        assert way["label_agreement_vs_naive"] == 1.0
+        assert way["max_probability_gap_vs_naive"] < 1e-5
+
+
+@pytest.mark.slow
+def test_inference_section_quick_on_the_tiny_classifier(tiny_classifier, tmp_path):
+    result = json_round_trip(inference.run(True, tmp_path, model=tiny_classifier))
+    assert result["processes"]["label_agreement"] == 1.0
+    assert result["processes"]["ours"]["peak_rss_mb"] > 0
+    assert inference.markdown(result).startswith("## Inference")
+
+
+@pytest.mark.slow
+def test_both_sides_of_a_comparison_on_the_tiny_bert(tiny_bert, data_dir, tmp_path):
+    job = replace(
+        SENTIMENT,
+        train=str(data_dir / "sentiment_train.csv"),
+        validation=str(data_dir / "sentiment_validation.csv"),
+        max_length=32,
+        max_steps=4,
+        batch_size=8,
+        log_every=1,
+    )
+    ours = engine.run_job(job, str(tiny_bert), tmp_path)
+    hf = hf_reference.run_job(job, str(tiny_bert), tmp_path)
+    for side in (ours, hf):
+        assert side["steps"] == 4 and side["train_samples"] == 32
+        assert side["peak_rss_mb"] > 0 and side["tokens_per_s"] > 0
+        assert set(job.metrics) <= set(side["metrics"])
+    assert ours["parameters"] == hf["parameters"]
+    pair = {"job": asdict(job), "ours": ours, "hf": hf}
+    pair["ratio_ours_over_hf"] = ratios(job, ours, hf)
+    text = compare_hf_trainer.markdown(json_round_trip({"quick": True, "jobs": [pair]}))
+    assert "| sentiment |" in text
+
+
+# --- the runner ------------------------------------------------------------------------------
+
+
+def fake_section(name: str, run, markdown) -> str:
+    """A section module registered under benchmarks.<name> for this test."""
+    module = types.ModuleType(f"benchmarks.{name}")
+    module.run, module.markdown = run, markdown
+    sys.modules[module.__name__] = module
+    return name
+
+
+@pytest.fixture
+def fake_sections(monkeypatch, tmp_path):
+    """Three sections: one that works, one whose run fails, one whose Markdown cannot
+    render its own result; the results go to tmp_path."""
+    stem = tmp_path / "results" / datetime.date.today().isoformat()
+
+    def second_run(quick, work_dir):  # the first section's figures are already on disk
+        written = next((tmp_path / "results").glob("*.md")).read_text()
+        assert "## 1. works" in written
+        raise RuntimeError("out of memory")
+
+    sections = {
+        "ok": fake_section("fake_ok", lambda quick, work_dir: {"x": 1}, lambda r: "## works\n\nx"),
+        "fails": fake_section("fake_fails", second_run, lambda r: "## never"),
+        "bad": fake_section("fake_bad", lambda quick, work_dir: {}, lambda r: f"## {r['x']}"),
+    }
+    monkeypatch.setattr(runner, "SECTIONS", sections)
+    monkeypatch.setattr(runner, "EXTRA", {})
+    monkeypatch.setattr(runner, "RESULTS_DIR", tmp_path / "results")
+    yield stem
+    for name in sections.values():
+        sys.modules.pop(f"benchmarks.{name}")
+
+
+def test_runner_keeps_earlier_sections_and_reports_failures(fake_sections, tmp_path):
+    assert runner.main(["--quick", "--work-dir", str(tmp_path / "work")]) == 1
+    [md] = (tmp_path / "results").glob("*.md")
+    report = json.loads(md.with_suffix(".json").read_text())
+    assert md.name == f"{fake_sections.name}-{report['slug']}.md"
+    assert report["sections"]["ok"]["result"] == {"x": 1}
+    assert report["sections"]["fails"]["error"] == "RuntimeError: out of memory"
+    assert report["sections"]["bad"]["error"] == "KeyError: 'x'"
+    text = md.read_text()
+    assert "## 1. works" in text and "## 2. fails: failed" in text and "## 3. bad: failed" in text
+    assert "Generated by `python -m benchmarks.run --quick --work-dir" in text
+    assert sorted(p.name for p in md.parent.iterdir()) == sorted([md.name, f"{md.stem}.json"])
+
+
+def test_runner_names_a_partial_run_apart(fake_sections, tmp_path):
+    assert runner.main(["--only", "ok"]) == 0
+    [md] = (tmp_path / "results").glob("*.md")
+    assert md.stem.endswith("-ok")
+    with pytest.raises(SystemExit):
+        runner.parse_args(["--only", "nope"])
