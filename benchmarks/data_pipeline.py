@@ -88,6 +88,7 @@ def measure_cache(corpus_path: Path, folder: Path) -> dict:
     from trainer.config import build_config
     from trainer.data.prepare import prepare_data
     from trainer.model.load import load_tokenizer
+    from trainer.tasks.registry import TASKS
 
     datasets.disable_progress_bars()
     raw = base_config("mlm", corpus_path, folder, 1, MAX_LENGTH_MLM)
@@ -97,7 +98,7 @@ def measure_cache(corpus_path: Path, folder: Path) -> dict:
         raw["data"]["cache_dir"] = cache_dir
         cfg = build_config(raw, world_size=1)
         start = time.perf_counter()
-        data, _ = prepare_data(cfg, lambda cfg=cfg: load_tokenizer(cfg.model, cfg.task))
+        data, _ = prepare_data(cfg, lambda cfg=cfg: load_tokenizer(cfg.model, TASKS[cfg.task]))
         seconds = time.perf_counter() - start
         tokens = sum(len(split) for split in data.train) * MAX_LENGTH_MLM
         results[case] = {
@@ -164,8 +165,8 @@ def pipeline_only(corpus_path: Path, folder: Path, blocks: int = 4096) -> dict:
     from trainer.data.prepare import prepare_data
     from trainer.data.sampling import KeyedDataset
     from trainer.model.load import load_tokenizer
-    from trainer.run.train import train_stream
-    from trainer.tasks.spec import TASKS
+    from trainer.run.setup import train_stream
+    from trainer.tasks.registry import TASKS
 
     class OneProcess:
         process_index, num_processes = 0, 1
@@ -174,7 +175,7 @@ def pipeline_only(corpus_path: Path, folder: Path, blocks: int = 4096) -> dict:
     raw["data"]["streaming"] = True
     cfg = build_config(raw, world_size=1)
     spec = TASKS["mlm"]
-    tokenizer = load_tokenizer(cfg.model, cfg.task)
+    tokenizer = load_tokenizer(cfg.model, spec)
     collate = spec.make_collator(tokenizer, cfg)
     stream = train_stream(cfg, spec, tokenizer, OneProcess())
     start = time.perf_counter()

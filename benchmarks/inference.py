@@ -155,7 +155,8 @@ def measure_in_process(folder: Path, texts: Sequence[str]) -> dict[str, Any]:
     each batch size, then ours with int8 Linear layers; every way warmed up and timed alike."""
     import torch
 
-    from trainer.inference import PredictOptions, load_predictor
+    from trainer.commands.predict import load_predictor
+    from trainer.inference import PredictOptions
 
     naive_model = Naive(folder)
     encoded = naive_model.tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH)

@@ -68,11 +68,11 @@ def mlm_batch(model_dir: str, batch_size: int):
     from trainer.config import DataConfig, MlmConfig
     from trainer.data.collate import MaskedLMCollator
     from trainer.data.encode import pack_for_mlm
-    from trainer.data.read import read_split
+    from trainer.data.read import TEXT, read_split
     from trainer.data.sampling import KeyedDataset
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    split = read_split(str(ROOT / "data/text/domain.txt"), "data.train", "mlm", DataConfig())
+    split = read_split(str(ROOT / "data/text/domain.txt"), "data.train", TEXT, DataConfig())
     keyed = KeyedDataset(pack_for_mlm(split, tokenizer, 128), run_seed=0)
     return MaskedLMCollator(tokenizer, MlmConfig())([keyed[(0, i)] for i in range(batch_size)])
 
@@ -107,7 +107,7 @@ def mlm_loss(model, batch, targets_only: bool = True, autocast: bool = False):
     import torch
 
     from trainer.run.forward import forward
-    from trainer.tasks.spec import token_loss
+    from trainer.tasks.losses import token_loss
 
     def loss_of():
         context = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
