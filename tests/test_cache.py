@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_run_config, write_csv
 
+import trainer.data.cache
 import trainer.data.prepare
 from trainer.config import load_config
 from trainer.data.prepare import prepare_data
@@ -124,3 +126,95 @@ def test_concurrent_processes_build_once(setup):
     stats = [json.loads(line) for line in outputs]
     assert sorted(s["status"] for s in stats) == ["built", "hit"]
     assert stats[0]["folder"] == stats[1]["folder"]
+
+
+# --- cluster filesystems: no working lock, damaged entries, hashing once per node ----------
+
+
+@pytest.fixture
+def node_memo(tmp_path, monkeypatch) -> Path:
+    """A node-local memo of digests of this test's own (as on a fresh node)."""
+    folder = tmp_path / "node-memo"
+    monkeypatch.setattr(trainer.data.cache, "DIGESTS_DIR", folder, raising=False)
+    return folder
+
+
+def entry_folder(config: Path) -> Path:
+    (folder,) = (config.parent / "cache").glob(f"*/{trainer.data.cache.META_NAME}")
+    return folder.parent
+
+
+def test_the_first_publish_wins_and_a_later_builder_drops_its_copy(setup, node_memo):
+    config, _ = setup
+    built = prepare(config)
+    folder = Path(built.cache["folder"])
+    entry = trainer.data.cache.load_entry(folder)
+    assert trainer.data.cache.save_entry(entry, folder) == folder  # a second, late builder
+    assert trainer.data.cache.is_cached(folder)
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]
+    assert prepare(config).cache["status"] == "hit"
+
+
+@pytest.mark.parametrize("damage", ["purged", "truncated", "flipped", "meta"])
+def test_a_damaged_entry_is_rebuilt_not_read(setup, node_memo, damage):
+    config, _ = setup
+    expected = prepare(config).train[0].to_list()  # read now: the entry is memory-mapped
+    folder = entry_folder(config)
+    (arrow, *_) = sorted(folder.rglob("*.arrow"))
+    if damage == "purged":
+        arrow.unlink()
+    elif damage == "truncated":
+        arrow.write_bytes(arrow.read_bytes()[:-100])
+    elif damage == "flipped":  # same size: only the hash finds it, on a node that has not
+        shutil.rmtree(node_memo)  # verified the entry yet
+        data = bytearray(arrow.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        arrow.write_bytes(bytes(data))
+    else:
+        (folder / "meta.json").write_text('{"splits": ["train-0"')
+    rebuilt = prepare(config)
+    assert rebuilt.cache["status"] == "built"
+    assert rebuilt.train[0].to_list() == expected
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]
+
+
+def test_the_corpus_is_hashed_once_per_node(setup, node_memo, monkeypatch):
+    config, data = setup
+    hashed = []
+    real = trainer.data.cache.hashlib.file_digest
+
+    def counting(handle, name):
+        hashed.append(Path(handle.name).name)
+        return real(handle, name)
+
+    monkeypatch.setattr(trainer.data.cache.hashlib, "file_digest", counting)
+    cfg = load_config(config, [])
+    first = trainer.data.prepare.data_key(cfg)
+    assert sorted(hashed) == ["sentiment_train.csv", "sentiment_validation.csv"]
+    hashed.clear()
+    assert trainer.data.prepare.data_key(cfg) == first and hashed == []  # the other ranks
+    with (data / "sentiment_train.csv").open("a") as handle:
+        handle.write("one more,positive\n")
+    assert trainer.data.prepare.data_key(cfg) != first
+    assert hashed == ["sentiment_train.csv"]
+
+
+@pytest.mark.slow
+def test_builders_on_nodes_whose_locks_do_not_see_each_other(setup):
+    """Two `trainer prepare` at once with the lock made a no-op (flock on NFS `nolock`):
+    both finish, one entry is published, nothing half-built is left."""
+    config, _ = setup
+    patched = (
+        "import contextlib, sys, trainer.data.cache as c; "
+        "c.lock = lambda *a: contextlib.nullcontext(); "
+        "from trainer.cli import main; sys.exit(main(['prepare', sys.argv[1]]))"
+    )
+    command = [sys.executable, "-c", patched, str(config)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, cwd=REPO, env=env) for _ in "ab"]
+    outputs = [run.communicate(timeout=300)[0].decode().splitlines()[-1] for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    stats = [json.loads(line) for line in outputs]
+    assert stats[0]["folder"] == stats[1]["folder"]
+    published = Path(stats[0]["folder"])
+    assert [p.name for p in published.parent.iterdir() if p.is_dir()] == [published.name]

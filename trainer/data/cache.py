@@ -6,18 +6,26 @@ max_length, labels, validation split and seed, packing). Equal keys mean equal t
 a second run, a resumed run, or another rank or node loads the entry in seconds instead of
 tokenizing again; a changed file or setting gives a new key and a new entry.
 
-One process builds an entry while the others wait for a file lock, not for a collective:
-the wait has no distributed timeout however long tokenization takes. The entry is written
-under a temporary name and renamed into place, so nobody ever reads half of one. On a
-shared filesystem (`data.cache_dir` on clusters) one process of the whole job builds it;
-on node-local disks one per node does.
+Correct on cluster filesystems without working locks. `flock` is node-local on NFS
+(`nolock`, `local_lock`), Lustre (`localflock`) and BeeGFS, so the file lock only spares
+the processes of one node the duplicate work (they wait for it, not for a collective: the
+wait has no distributed timeout however long tokenization takes). What makes the cache
+correct is the publishing: each builder writes into a directory of its own and renames it
+into place; the first rename wins, and a later builder drops its copy and loads the winner's.
+An entry is complete when its `meta.json`, written last, lists every file with its size
+and SHA-256; an entry that does not match its list (half purged, truncated, damaged) is set
+aside and rebuilt, never read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,8 @@ from transformers import PreTrainedTokenizerBase
 # Bump when the encoders change what they produce for the same input.
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
+# Digests of corpus files, memoised per node (see `file_digest`)
+DIGESTS_DIR = Path(tempfile.gettempdir()) / "trainer-file-digests"
 
 
 def digest(value: object) -> str:
@@ -37,9 +47,34 @@ def digest(value: object) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in chunks (GB-sized corpora included)."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    """The SHA-256 of a file's bytes, once per node: the first process of a node hashes it
+    (in chunks: GB-sized corpora included) and the node's other ranks, waiting on a
+    node-local lock, read the digest it left, keyed by the file's path, size, inode and
+    modification time (a changed file is hashed again)."""
+    stat = path.stat()
+    identity = [str(path.resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns]
+    DIGESTS_DIR.mkdir(mode=0o700, exist_ok=True)
+    memo = DIGESTS_DIR / f"{digest(identity)[:32]}.json"
+    with FileLock(str(memo.with_suffix(".lock"))):
+        if memo.is_file():
+            return json.loads(memo.read_text())["sha256"]
+        with path.open("rb") as handle:
+            found = hashlib.file_digest(handle, "sha256").hexdigest()
+        write_json(memo, {"identity": identity, "sha256": found})
+    return found
+
+
+def write_json(path: Path, value: object) -> None:
+    """A small JSON file, whole or not at all (a unique tmp file, fsynced, renamed)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("w") as handle:
+            json.dump(value, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -66,32 +101,78 @@ class Entry:
     meta: dict
 
 
-def save_entry(entry: Entry, folder: Path) -> None:
-    """Write an entry under a temporary name, then rename it into place."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, split in entry.splits.items():
-        split.save_to_disk(str(tmp / name))
-    meta = {**entry.meta, "splits": list(entry.splits)}
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-    tmp.rename(folder)
+def save_entry(entry: Entry, folder: Path) -> Path:
+    """Write an entry into a directory of this builder's own, list its files in meta.json
+    (last), and rename it into place. When another builder's rename came first, drop this
+    copy: both are the same tensors. Returns the published folder."""
+    unique = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = folder.with_name(f".{folder.name}.{unique}.tmp")
+    tmp.mkdir(mode=0o775, parents=True)  # no world write; the umask still applies
+    try:
+        for name, split in entry.splits.items():
+            split.save_to_disk(str(tmp / name))
+        files = {str(p.relative_to(tmp)): file_record(p) for p in tmp.rglob("*") if p.is_file()}
+        write_json(tmp / META_NAME, {**entry.meta, "splits": list(entry.splits), "files": files})
+        try:
+            tmp.rename(folder)
+        except OSError:  # published by another builder meanwhile (or a damaged one is there)
+            if not is_cached(folder):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def file_record(path: Path) -> list:
+    """[size, SHA-256] of a file."""
+    with path.open("rb") as handle:
+        return [path.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest()]
 
 
 def load_entry(folder: Path) -> Entry:
     """An entry's splits, memory-mapped (loading costs no tokenization and little memory)."""
     meta = json.loads((folder / META_NAME).read_text())
+    meta.pop("files", None)
     splits = {name: datasets.load_from_disk(str(folder / name)) for name in meta.pop("splits")}
     return Entry(splits, meta)
 
 
 def is_cached(folder: Path) -> bool:
-    """Whether `folder` holds a complete entry (the rename happens only after the write)."""
-    return (folder / META_NAME).is_file()
+    """Whether `folder` holds a complete, undamaged entry: a meta.json that parses, every
+    file it lists with its size, and (once per node, remembered in a node-local file) with
+    its SHA-256. Later loads on the node check sizes only: reading GBs of arrow files at
+    every start would cost more than it guards."""
+    try:
+        meta = (folder / META_NAME).read_text()
+        files = json.loads(meta)["files"]
+        if any((folder / name).stat().st_size != size for name, (size, _) in files.items()):
+            return False
+        memo = DIGESTS_DIR / f"entry-{digest([str(folder.resolve()), meta])[:32]}.json"
+        if memo.is_file():
+            return True
+        if any(file_record(folder / name) != record for name, record in files.items()):
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    DIGESTS_DIR.mkdir(mode=0o700, exist_ok=True)
+    write_json(memo, {"folder": str(folder)})
+    return True
+
+
+def set_aside(folder: Path) -> None:
+    """Move an incomplete or damaged entry out of the way (atomically: of several processes
+    that find it, one moves it), then delete it."""
+    aside = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.damaged")
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def lock(cache_dir: Path, name: str) -> FileLock:
-    """The lock that lets one process build while the others wait (no timeout: a build of
-    a large corpus may take hours, and waiting here involves no collective)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    """The lock that lets one process of a node build while the node's others wait (no
+    timeout: a build of a large corpus may take hours, and waiting here involves no
+    collective). Not a guarantee across nodes: see the module's docstring."""
+    cache_dir.mkdir(mode=0o775, parents=True, exist_ok=True)
     return FileLock(str(cache_dir / f"{name}.lock"))

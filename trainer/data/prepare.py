@@ -142,6 +142,7 @@ def prepare_data(
             folder = cache_dir / f"{prefix}-{cache.tokenizer_fingerprint(tokenizer)[:20]}"
             status = "hit"
             if not cache.is_cached(folder):
+                cache.set_aside(folder)  # half purged or damaged: rebuilt, never read
                 cache.save_entry(encode(cfg, splits or read_splits(cfg), tokenizer), folder)
                 status = "built"
         entry = cache.load_entry(folder)
