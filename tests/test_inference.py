@@ -316,3 +316,21 @@ def test_bad_inputs_are_one_line_errors(runs, sentences_csv, tmp_path, capsys):
         "has a token-classification head",
     )
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_folder_cannot_turn_on_its_own_remote_code(tiny_bert, tmp_path):
+    """A model folder from someone else whose trainer_config.yaml asks for
+    trust_remote_code runs none of its code unless the user's own override asks."""
+    import shutil
+
+    import yaml
+
+    from trainer.model.saved import RUN_CONFIG_NAME, SavedModel
+
+    folder = tmp_path / "someones_model"
+    shutil.copytree(tiny_bert, folder)
+    planted = {"task": "classification", "model": {"trust_remote_code": True}}
+    (folder / RUN_CONFIG_NAME).write_text(yaml.safe_dump(planted))
+    saved = SavedModel.read(folder)
+    assert saved.run_config().model.trust_remote_code is False
+    assert saved.run_config(["model.trust_remote_code=true"]).model.trust_remote_code is True

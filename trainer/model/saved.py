@@ -98,8 +98,14 @@ class SavedModel:
         """The run config it was trained with, pointed at this folder (and the tokenizer
         saved in it), with `overrides` applied; for `trainer evaluate`, scoring
         `evaluate_on` instead of the training data. A folder without a saved config or
-        task takes the task its architecture says, or the `task=` override."""
-        raw = apply_overrides(self.trained_with, list(overrides))
+        task takes the task its architecture says, or the `task=` override.
+
+        `model.trust_remote_code` never comes from the folder: a folder from someone else
+        whose config turned it on would run its own code here. Only the user's own
+        `model.trust_remote_code=true` override turns it on."""
+        saved = {**self.trained_with, "model": dict(self.trained_with.get("model") or {})}
+        saved["model"].pop("trust_remote_code", None)
+        raw = apply_overrides(saved, list(overrides))
         model = raw.setdefault("model", {})
         model.pop("tokenizer", None)
         model.update(name_or_path=str(self.folder), from_scratch=False)
