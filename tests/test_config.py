@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer.config import RunConfig, build_config, dump_yaml, load_config, train_sources
+from trainer.config import (
+    RunConfig,
+    build_config,
+    dump_yaml,
+    load_config,
+    parse_duration,
+    train_sources,
+)
 from trainer.errors import UserError
 from trainer.yaml_sections import apply_overrides, read_yaml
 
@@ -314,3 +321,24 @@ def test_defaults_are_sane():
     assert math.isclose(cfg.mlm.mask_probability, 0.15)
     assert cfg.model.config_overrides == {}
     assert RunConfig().model.config_overrides is not cfg.model.config_overrides
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90 * 60),  # SLURM: a bare number is minutes
+        ("90:30", 90 * 60 + 30),
+        ("12:00:00", 12 * 3600),
+        ("1-12", 86400 + 12 * 3600),  # a day and 12 hours, not 12 seconds
+        ("1-12:30", 86400 + 12 * 3600 + 30 * 60),
+        ("2-00:00:05", 2 * 86400 + 5),
+    ],
+)
+def test_max_time_reads_like_slurm(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "00:00", "1:2:3:4", "1-", "-5", "1h"])
+def test_max_time_rejects_zero_and_other_formats(text):
+    with pytest.raises(UserError, match=r"train.max_time: .* leave it unset for no limit"):
+        build_config({"train": {"max_time": text}, "data": {"train": "x.csv"}})

@@ -181,7 +181,8 @@ class TrainConfig:
     seed: int = _field(42, "Seed for weights init, data order, masking and splits.")
     resume: str = _field("auto", "auto (newest complete checkpoint) | never | a checkpoint path.")
     max_time: str | int | None = _field(
-        None, "Wall time [[D-]HH:]MM:SS; save and exit at the next step past it."
+        None,
+        "Wall time as SLURM writes it (MM, HH:MM:SS, D-HH, ...); save and exit before it.",
     )
     on_nonfinite: str = _field("skip", "Non-finite loss/grad norm: skip the step | stop.")
     max_nonfinite_in_a_row: int = _field(5, "With skip: stop after this many skipped in a row.")
@@ -262,7 +263,10 @@ def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
     _choice(errors, "peft.method", cfg.peft.method, PEFT_METHODS)
     _choice(errors, "train.on_nonfinite", cfg.train.on_nonfinite, ON_NONFINITE)
     if cfg.train.max_time is not None and parse_duration(cfg.train.max_time) is None:
-        errors.append(f"train.max_time: '{cfg.train.max_time}' is not [[D-]HH:]MM:SS")
+        errors.append(
+            f"train.max_time: '{cfg.train.max_time}' is not a non-zero SLURM time (MM, "
+            "MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS); leave it unset for no limit"
+        )
     for tracker in cfg.log.trackers:
         _choice(errors, "log.trackers", tracker, TRACKERS)
     _check_class_weights(cfg.data.class_weights, errors)
@@ -428,16 +432,20 @@ def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:
 
 
 def parse_duration(text: str | int) -> float | None:
-    """Seconds in `[[D-]HH:]MM:SS` (SLURM's --time format) or a plain number of seconds."""
+    """Seconds in SLURM's --time format, read as SLURM reads it: MM, MM:SS, HH:MM:SS, D-HH,
+    D-HH:MM or D-HH:MM:SS (a bare number is minutes, "1-12" is a day and 12 hours). None
+    for anything else, and for a total of zero (SLURM's "no limit": leave the key unset)."""
     text = str(text).strip()
-    days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
+    days, _, clock = text.partition("-") if "-" in text else ("0", "", text)
     parts = clock.split(":")
     if not days.isdigit() or len(parts) > 3 or not all(p.isdigit() for p in parts):
         return None
-    seconds = 0
-    for part in parts:
-        seconds = seconds * 60 + int(part)
-    return int(days) * 86400 + seconds
+    # after "D-" the hours come first; without days, minutes first unless all three are there
+    units = (3600, 60, 1) if "-" in text or len(parts) == 3 else (60, 1)
+    if len(parts) > len(units):
+        return None
+    total = int(days) * 86400 + sum(int(v) * u for v, u in zip(parts, units, strict=False))
+    return total or None
 
 
 def world_size_from_env() -> int:
