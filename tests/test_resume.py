@@ -120,6 +120,17 @@ def test_truncated_weights_are_detected_and_the_previous_checkpoint_used(stopped
     assert (run_dir / "final" / "model.safetensors").is_file()
 
 
+def test_a_torn_last_metrics_line_is_cut_back_on_resume(stopped_run, capfd):
+    """What a kill during an append leaves: half a record, no newline."""
+    config, run_dir = stopped_run
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 5, "loss": 0.5')
+    capfd.readouterr()
+    assert cli("train", config) == 0
+    assert "Traceback" not in capfd.readouterr().err
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
+
+
 def test_problem_with_names_the_damaged_file(stopped_run):
     _, run_dir = stopped_run
     folder = checkpoint_dir(run_dir, 4)
@@ -192,3 +203,7 @@ def test_truncate_metrics_drops_the_records_after_the_checkpoint(tmp_path):
     truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     truncate_metrics(tmp_path / "missing.jsonl", 4)  # nothing to cut
+    with path.open("a") as handle:
+        handle.write('{"step": 3, "lo')  # torn by a kill
+    truncate_metrics(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]

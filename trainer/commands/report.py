@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.run.records import read_records
 from trainer.tasks.registry import TASKS
 
 # Settings shown in the report's config table; the whole config.yaml follows it.
@@ -76,19 +77,9 @@ class RunRecords:
 
 
 def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """Split metrics.jsonl into step and evaluation records. A run killed mid-write may
-    leave a torn last line: it is dropped, any other bad line is an error naming it."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """Split metrics.jsonl into step and evaluation records (see run/records.py)."""
     steps, evaluations = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise UserError(f"{path} line {number}: not a JSON object") from None
+    for record in read_records(path):
         if any(key.startswith("eval_") for key in record):
             evaluations.append(record)
         elif "loss" in record:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.run.records import read_records
 
 COMMIT_NAME = "COMMIT.json"
 CHECKPOINTS = "checkpoints"
@@ -147,14 +148,15 @@ def changed_keys(saved: dict, current: dict) -> list[str]:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records logged after the checkpoint, so the resumed log has no duplicates."""
+    """Drop the records logged after the checkpoint, so the resumed log has no duplicates,
+    and a torn last line that a kill during an append left (run/records.py). Rewritten by
+    tmp file + fsync + rename: a kill here leaves the old file or the new one."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= step
-    ]
+    kept = [record for record in read_records(path) if record["step"] <= step]
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.rename(path)
+    with tmp.open("w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
