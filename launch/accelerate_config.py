@@ -55,17 +55,37 @@ def deepspeed_config(cfg: RunConfig, profile: ClusterProfile, precision: str) ->
 
 
 def fsdp_settings(profile: ClusterProfile) -> dict:
-    """Accelerate's fsdp_config block for this profile."""
+    """Accelerate's fsdp_config block for this profile, in the keys FSDP2 reads.
+
+    Accelerate's FullyShardedDataParallelPlugin reads `fsdp_sharding_strategy` only under
+    FSDP1; FSDP2 takes `fsdp_reshard_after_forward` (FULL_SHARD: true, free the gathered
+    weights after each unit's forward; SHARD_GRAD_OP: false, keep them until its backward)
+    and hybrid sharding from the parallelism config (`parallelism_settings`). Keys FSDP2
+    calls obsolete (sync_module_states, use_orig_params, backward/forward prefetch) are
+    left out; `accelerate launch`'s own defaults for them pass its checks.
+    """
     return {
         "fsdp_version": 2,
-        "fsdp_sharding_strategy": profile.fsdp.sharding_strategy,
+        "fsdp_reshard_after_forward": profile.fsdp.sharding_strategy != "SHARD_GRAD_OP",
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP"
         if profile.fsdp.auto_wrap == "transformer"
         else "NO_WRAP",
         "fsdp_activation_checkpointing": profile.fsdp.activation_checkpointing,
         "fsdp_state_dict_type": "SHARDED_STATE_DICT",
         "fsdp_cpu_ram_efficient_loading": True,
-        "fsdp_sync_module_states": True,
+    }
+
+
+def parallelism_settings(profile: ClusterProfile) -> dict | None:
+    """Accelerate's parallelism_config block: HYBRID_SHARD is FSDP2 on a 2-D device mesh,
+    the weights replicated across the nodes and sharded over the processes of each node
+    (`accelerate launch` turns these keys into PARALLELISM_CONFIG_DP_*_SIZE for the
+    processes). None for the other strategies, which shard over the whole world."""
+    if profile.backend != "fsdp" or profile.fsdp.sharding_strategy != "HYBRID_SHARD":
+        return None
+    return {
+        "parallelism_config_dp_replicate_size": profile.nodes,
+        "parallelism_config_dp_shard_size": profile.processes_per_node,
     }
 
 
@@ -100,4 +120,6 @@ def accelerate_config(
         }
     if profile.backend == "fsdp":
         settings["fsdp_config"] = fsdp_settings(profile)
+        if (parallelism := parallelism_settings(profile)) is not None:
+            settings["parallelism_config"] = parallelism
     return settings

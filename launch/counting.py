@@ -76,6 +76,7 @@ class ParamCount:
     heads: int = 0
     vocab: int = 0
     model_class: str = ""
+    largest_layer: int = 0  # parameters of the largest module (own, not its children's)
 
 
 def _meta_model(cfg: RunConfig, data: DataCount):
@@ -143,6 +144,10 @@ def count_parameters(cfg: RunConfig, data: DataCount) -> ParamCount:
         "heads": config.num_attention_heads,
         "vocab": config.vocab_size,
         "model_class": type(model).__name__,
+        # what ZeRO-3 materializes at once while loading (DeepSpeed's estimator counts alike)
+        "largest_layer": max(
+            sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()
+        ),
     }
     if cfg.peft.method == "none":
         return ParamCount(total, total, **dims)

@@ -20,13 +20,31 @@ Bytes per parameter (mixed-precision AdamW, the ZeRO paper's accounting, Rajbhan
 - optimizer  (4 fp32 master copy, with mixed precision only + 8 Adam m and v) x trainable.
 
 Sharding divides by the world size: ZeRO-1 the optimizer states, ZeRO-2 also gradients,
-ZeRO-3 also weights; FSDP FULL_SHARD is ZeRO-3, SHARD_GRAD_OP ZeRO-2, NO_SHARD DDP and
-HYBRID_SHARD ZeRO-3 within one node (divides by processes_per_node). Offload puts the
-optimizer states (offload_optimizer) and the weights (offload_params) in CPU memory: 0 on the
-device. Not counted: the CUDA context, communication buckets, ZeRO-3's gathered layers in
-flight, allocator fragmentation. Under torch autocast (ddp, fsdp) weights stay fp32 and the
-master copy is the weights themselves: the same 16 bytes per trained parameter, split 4 + 4 +
-8, but a frozen LoRA base takes 4 bytes per parameter there, not 2.
+ZeRO-3 also weights. FSDP runs as FSDP2 (launch.accelerate_config.fsdp_settings): FULL_SHARD
+is ZeRO-3, SHARD_GRAD_OP (reshard_after_forward false: each unit's gathered weights stay from
+its forward to its backward) ZeRO-2, HYBRID_SHARD ZeRO-3 within one node (divides by
+processes_per_node); NO_SHARD is refused (it is DDP). Offload puts the optimizer states and
+the gradients (offload_optimizer: they go to the host bucket by bucket as they are reduced)
+and the weights (offload_params) in CPU memory: 0 on the device. Not counted: the CUDA
+context, communication buckets, ZeRO-3's gathered layers in flight, allocator fragmentation.
+Under torch autocast (ddp, fsdp) weights stay fp32 and the master copy is the weights
+themselves: the same 16 bytes per trained parameter, split 4 + 4 + 8, but a frozen LoRA base
+takes 4 bytes per parameter there, not 2.
+
+Host (CPU) memory per node, for the model states (DeepSpeed's estimator's accounting,
+checked against it in tests/test_plan_deepspeed_estimator.py; it adds 50% on top for pinned
+buffers and the like, additional_buffer_factor 1.5; the processes themselves are not counted):
+
+- loading        from_pretrained materializes the weights in fp32 (4 bytes) on the host
+                 before they move to the device: in every process (ddp, ZeRO-1/2); in one
+                 per node (FSDP with cpu_ram_efficient_loading); under ZeRO-3's zero.Init
+                 one layer at a time per process (the largest module's own parameters).
+- offloaded      offload_optimizer: 16 bytes per trained parameter (DeepSpeed's CPU Adam
+                 keeps its own fp32 copy, m and v, and the fp32 gradients, in any precision),
+                 the node's share of the partitions; offload_params: the node's share of the
+                 weights, w bytes each.
+- per node       offloaded weights + the larger of loading and the offloaded optimizer
+                 (the loaded copy is freed once on the device, before the optimizer exists).
 
 Activations per device (Korthikanti et al. 2022, "Reducing Activation Recomputation in
 Large Transformer Models", 16-bit activations, no sequence parallelism), with micro batch b,
@@ -47,6 +65,7 @@ The same activations stand in every row: sharding does not change them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +87,10 @@ MASTER_COPY_BYTES = 4  # fp32 weights kept by the optimizer under mixed precisio
 QLORA_BYTES = 0.5 + (8 / 64 + 32 / (64 * 256)) / 8  # NF4 + double-quantized absmax
 LAYER_BYTES_PER_TOKEN_AND_WIDTH = 34  # Korthikanti et al., 16-bit activations
 ATTENTION_BYTES = 5  # x heads x seq² x micro batch, per layer
+LOAD_BYTES = 4  # fp32: the weights as from_pretrained materializes them in host memory
+# DeepSpeed's CPU Adam steps its own fp32 copy of the partition with fp32 gradients copied
+# to the host, whatever train.precision: master copy + m and v + gradients
+OFFLOADED_OPTIMIZER_BYTES = MASTER_COPY_BYTES + ADAM_STATE_BYTES + 4
 
 
 # --- memory per device ---------------------------------------------------------------------
@@ -84,19 +107,26 @@ class Strategy:
     optimizer_shards: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
+    # who holds the weights in host memory while the model loads: every "process"; one per
+    # "node" (FSDP's cpu_ram_efficient_loading: local rank 0 loads, the others get them
+    # from it); ZeRO-3's zero.Init partitions at construction, so one "layer" per process
+    load: str = "process"
 
 
 def _fsdp_strategy(profile: ClusterProfile) -> Strategy:
+    """The FSDP2 row, as fsdp_settings configures it: FULL_SHARD reshards after forward
+    (ZeRO-3), SHARD_GRAD_OP keeps each unit's gathered weights from its forward to its
+    backward, so the peak holds them all (ZeRO-2), HYBRID_SHARD shards within a node
+    (ZeRO-3 over processes_per_node). NO_SHARD is refused by the profile (it is DDP)."""
     sharding = profile.fsdp.sharding_strategy if profile.backend == "fsdp" else "FULL_SHARD"
     world, node = profile.world_size, profile.processes_per_node
     shards = {
         "FULL_SHARD": (world, world, world),
         "SHARD_GRAD_OP": (1, world, world),
-        "NO_SHARD": (1, 1, 1),
         "HYBRID_SHARD": (node, node, node),
     }[sharding]
     name = "fsdp" if sharding == "FULL_SHARD" else f"fsdp {sharding}"
-    return Strategy(name, *shards)
+    return Strategy(name, *shards, load="node")
 
 
 def alternative_strategies(profile: ClusterProfile) -> list[Strategy]:
@@ -106,8 +136,8 @@ def alternative_strategies(profile: ClusterProfile) -> list[Strategy]:
         Strategy("ddp"),
         Strategy("zero1", 1, 1, world),
         Strategy("zero2", 1, world, world),
-        Strategy("zero3", world, world, world),
-        Strategy("zero3+offload", world, world, world, True, True),
+        Strategy("zero3", world, world, world, load="layer"),
+        Strategy("zero3+offload", world, world, world, True, True, load="layer"),
         _fsdp_strategy(profile),
     ]
 
@@ -127,7 +157,11 @@ def chosen_strategy(profile: ClusterProfile) -> Strategy:
     else:
         suffix = ""
     return Strategy(
-        f"zero{stage}{suffix}", *shards, profile.offload_optimizer, profile.offload_params
+        f"zero{stage}{suffix}",
+        *shards,
+        profile.offload_optimizer,
+        profile.offload_params,
+        load="layer" if stage == 3 else "process",
     )
 
 
@@ -140,6 +174,7 @@ class MemoryRow:
     grads: float
     optimizer: float
     activations: float
+    host: float = 0.0  # CPU memory per node (host_bytes), not part of the device total
 
     @property
     def total(self) -> float:
@@ -152,12 +187,35 @@ def state_bytes(params: ParamCount, strategy: Strategy, precision: str) -> tuple
     optimizer_width = ADAM_STATE_BYTES + (MASTER_COPY_BYTES if precision != "no" else 0)
     weights = (params.trainable + params.frozen_other) * width
     weights += params.frozen_quantized * QLORA_BYTES
-    grads = params.trainable * width / strategy.grad_shards
+    # offloaded, the gradients go to the host bucket by bucket as they are reduced
+    grads = 0.0 if strategy.offload_optimizer else params.trainable * width / strategy.grad_shards
     optimizer = params.trainable * optimizer_width / strategy.optimizer_shards
     return (
         0.0 if strategy.offload_params else weights / strategy.weight_shards,
         grads,
         0.0 if strategy.offload_optimizer else optimizer,
+    )
+
+
+def host_bytes(
+    params: ParamCount, strategy: Strategy, profile: ClusterProfile, precision: str
+) -> float:
+    """CPU memory per node for the model states (module docstring): the offloaded weights,
+    plus the larger of the model while it loads and the offloaded optimizer (loading is
+    over before the optimizer is built, and the loaded copy is freed once on the device)."""
+    per_node = profile.processes_per_node
+    on_device = dataclasses.replace(strategy, offload_optimizer=False, offload_params=False)
+    weights = state_bytes(params, on_device, precision)[0] * per_node
+    optimizer = params.trainable * OFFLOADED_OPTIMIZER_BYTES / strategy.optimizer_shards
+    model = (params.trainable + params.frozen_other) * LOAD_BYTES
+    model += params.frozen_quantized * QLORA_BYTES
+    loading = {
+        "process": model * per_node,
+        "node": model,
+        "layer": params.largest_layer * LOAD_BYTES * per_node,
+    }[strategy.load]
+    return (weights if strategy.offload_params else 0.0) + max(
+        loading, optimizer * per_node if strategy.offload_optimizer else 0.0
     )
 
 
@@ -186,7 +244,13 @@ def memory_rows(job: Job, params: ParamCount) -> tuple[list[MemoryRow], str]:
     if chosen.name not in [s.name for s in strategies]:
         strategies.append(chosen)
     rows = [
-        MemoryRow(s.name, *state_bytes(params, s, job.precision), activations) for s in strategies
+        MemoryRow(
+            s.name,
+            *state_bytes(params, s, job.precision),
+            activations,
+            host_bytes(params, s, profile, job.precision),
+        )
+        for s in strategies
     ]
     return rows, chosen.name
 
@@ -313,6 +377,8 @@ def _backend_lines(plan: Plan) -> list[str]:
     elif job.profile.backend == "fsdp":
         lines += ["", "FSDP settings (accelerate fsdp_config):"]
         lines.append(json.dumps(plan.backend_settings, indent=2))
+        if "parallelism_config" in settings:  # HYBRID_SHARD's 2-D mesh
+            lines += ["parallelism_config:", json.dumps(settings["parallelism_config"], indent=2)]
     return lines
 
 
@@ -327,7 +393,7 @@ def _memory_lines(plan: Plan) -> list[str]:
         f"memory per device (estimate; micro batch {cfg.train.micro_batch_size} x "
         f"{cfg.data.max_length} tokens; formulas: launch/plan.py)",
         f"  {'strategy':<22}{'weights':>12}{'grads':>12}{'optimizer':>12}"
-        f"{'activations':>13}{'total':>12}",
+        f"{'activations':>13}{'total':>12}{'host/node':>12}",
     ]
     for row in plan.memory:
         mark = "*" if row.strategy == plan.chosen else " "
@@ -336,8 +402,14 @@ def _memory_lines(plan: Plan) -> list[str]:
             f"{mark} {row.strategy:<22}"
             + "".join(f"{human_bytes(c):>12}" for c in cells)
             + f"{human_bytes(row.activations):>13}{human_bytes(row.total):>12}"
+            + f"{human_bytes(row.host):>12}"
         )
-    lines.append(f"* this profile ({plan.chosen}); offload rows hold the rest in CPU memory")
+    lines += [
+        f"* this profile ({plan.chosen}); total: per device; host/node: CPU memory per node for "
+        "the loaded and offloaded model states",
+        "  (the process itself and pinned buffers come on top; DeepSpeed's own estimator adds "
+        "50% for them)",
+    ]
     return lines
 
 

@@ -88,6 +88,25 @@ def _check(profile: ClusterProfile, errors: list[str]) -> None:
         errors.append("offload_optimizer: offloading needs backend deepspeed")
     if profile.offload_params and profile.zero_stage != 3:
         errors.append("offload_params: parameter offload needs zero_stage 3")
+    if profile.backend == "fsdp":
+        _check_fsdp2_sharding(profile, errors)
+
+
+def _check_fsdp2_sharding(profile: ClusterProfile, errors: list[str]) -> None:
+    """Strategies FSDP2 can not run. Accelerate's FSDP2 needs a mesh dimension to shard
+    over (ParallelismConfig refuses dp_shard_size 1), so NO_SHARD has no FSDP2 form, and
+    HYBRID_SHARD with one process per node would shard over nothing: both are DDP."""
+    strategy = profile.fsdp.sharding_strategy
+    if strategy == "NO_SHARD":
+        errors.append(
+            "fsdp.sharding_strategy: NO_SHARD has no FSDP2 equivalent (FSDP2 always shards); "
+            "use backend: ddp, which is what NO_SHARD does"
+        )
+    if strategy == "HYBRID_SHARD" and profile.processes_per_node == 1:
+        errors.append(
+            "fsdp.sharding_strategy: HYBRID_SHARD shards within a node, and "
+            "processes_per_node is 1; use backend: ddp, or more processes per node"
+        )
 
 
 def load_profile(name_or_path: str) -> ClusterProfile:

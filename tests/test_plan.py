@@ -12,7 +12,7 @@ import yaml
 
 from launch.accelerate_config import deepspeed_config, fsdp_settings
 from launch.job import resolve_job
-from launch.plan import QLORA_BYTES, make_plan
+from launch.plan import QLORA_BYTES, human_bytes, make_plan
 from trainer.cli import main
 from trainer.data.read import TEXT
 
@@ -138,6 +138,35 @@ def test_printed_fsdp_settings_are_the_launch_ones(capsys, run_config):
     assert "DeepSpeed config" not in out
 
 
+def fsdp_profile(tmp_path, strategy: str, nodes: int = 1) -> str:
+    path = tmp_path / f"fsdp-{strategy}.yaml"
+    settings = {"device": "gpu", "nodes": nodes, "processes_per_node": 8, "backend": "fsdp"}
+    path.write_text(yaml.safe_dump({**settings, "fsdp": {"sharding_strategy": strategy}}))
+    return str(path)
+
+
+def test_fsdp2_rows_are_what_runs(capsys, run_config, tiny_bert, tmp_path):
+    """SHARD_GRAD_OP runs as reshard_after_forward false (all gathered weights at the
+    peak), HYBRID_SHARD on a 2-D mesh sharded over the 8 processes of a node, not 16."""
+    n = safetensors_parameters(tiny_bert)
+    config = str(run_config("mlm", train={"global_batch_size": 64}))
+    out = run_plan(capsys, config, "--cluster", fsdp_profile(tmp_path, "SHARD_GRAD_OP"))
+    assert json_after(out, "FSDP settings")["fsdp_reshard_after_forward"] is False
+    row = rows_by_name(make_plan(config, fsdp_profile(tmp_path, "SHARD_GRAD_OP"), []))
+    assert (row["fsdp SHARD_GRAD_OP"].weights, row["fsdp SHARD_GRAD_OP"].grads) == (
+        4 * n,  # fp32 on a profile without a precision
+        4 * n / WORLD,
+    )
+    hybrid = fsdp_profile(tmp_path, "HYBRID_SHARD", nodes=2)
+    out = run_plan(capsys, config, "--cluster", hybrid)
+    assert json_after(out, "parallelism_config") == {
+        "parallelism_config_dp_replicate_size": 2,
+        "parallelism_config_dp_shard_size": 8,
+    }
+    row = rows_by_name(make_plan(config, hybrid, []))["fsdp HYBRID_SHARD"]
+    assert (row.weights, row.optimizer) == (4 * n / 8, 8 * n / 8)
+
+
 # --- memory: bytes per parameter -----------------------------------------------------------
 
 
@@ -156,7 +185,7 @@ def test_full_fine_tuning_bytes_per_parameter(run_config, tiny_bert, profile):
         "zero1": (2 * n, 2 * n, 12 * n / WORLD),
         "zero2": (2 * n, 2 * n / WORLD, 12 * n / WORLD),
         "zero3": (2 * n / WORLD, 2 * n / WORLD, 12 * n / WORLD),
-        "zero3+offload": (0, 2 * n / WORLD, 0),
+        "zero3+offload": (0, 0, 0),  # the gradients go to the host with the optimizer
         "fsdp": (2 * n / WORLD, 2 * n / WORLD, 12 * n / WORLD),
     }
     rows = rows_by_name(plan)
@@ -229,6 +258,17 @@ def test_the_table_marks_the_chosen_strategy(capsys, run_config):
     ]
     assert marked[0] == "zero3+offload"
     assert "parameters          30,752 (BertForMaskedLM)" in out
+
+
+def test_the_table_prints_host_memory_per_node(capsys, run_config, tiny_bert):
+    n = safetensors_parameters(tiny_bert)
+    out = run_plan(capsys, run_config("mlm", train=BATCH_32), "--cluster", "8gpu-zero3-offload")
+    lines = out.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("strategy"))
+    assert header.split()[-1] == "host/node"
+    chosen = next(line for line in lines if line.startswith("* zero3+offload "))
+    # the node's 8 shards: bf16 weights 2 + offloaded optimizer 16 (fp32 master, m, v, grads)
+    assert chosen.split()[-2:] == human_bytes(18 * n).split()
 
 
 def test_a_strategy_outside_the_alternatives_gets_its_own_row(tmp_path, run_config):

@@ -82,11 +82,14 @@ def test_zero_on_cpu_matches_a_plain_run(stage, mlm_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_with_two_cpu_processes_matches_a_plain_run(mlm_run, tmp_path):
+@pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP"])
+def test_fsdp_with_two_cpu_processes_matches_a_plain_run(mlm_run, tmp_path, strategy):
+    """Also SHARD_GRAD_OP, which runs as FSDP2's reshard_after_forward false."""
     config, reference = mlm_run
-    profile = cpu_profile(tmp_path, "fsdp", backend="fsdp", processes_per_node=2)
+    fsdp = {"sharding_strategy": strategy}
+    profile = cpu_profile(tmp_path, "fsdp", backend="fsdp", processes_per_node=2, fsdp=fsdp)
     job = resolve_job(str(config), str(profile), [])
-    run_launched(job, 29410)
+    run_launched(job, 29410 + (strategy == "SHARD_GRAD_OP"))
     summary = json.loads((job.run_dir / "run_summary.json").read_text())
     assert summary["processes"] == 2
     assert_same_run(job.run_dir, reference, atol=1e-6)
