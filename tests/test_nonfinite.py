@@ -15,6 +15,7 @@ from conftest import read_metrics
 from interrupted_runs import assert_same_tensors, cli, loop_state, saved_steps
 from safetensors.torch import load_file
 
+import trainer.run.train
 import trainer.tasks.registry
 from trainer.run.resume import checkpoint_dir, problem_with
 from trainer.run.step import Requests, optimizer_step
@@ -163,3 +164,51 @@ def test_optimizer_step_skips_a_nan_loss(tiny_bert, bert_tokenizer):
         model.state_dict()["bert.embeddings.word_embeddings.weight"],
         before["bert.embeddings.word_embeddings.weight"],
     )
+
+
+# --- non-finite evaluations ----------------------------------------------------------------
+
+
+def strict_json(path: Path) -> dict:
+    """JSON as any reader other than Python's reads it: NaN and Infinity are not JSON."""
+
+    def refuse(token: str):
+        raise AssertionError(f"{path.name} holds {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def nan_evaluations_at(monkeypatch, which: set[int]) -> None:
+    """Make every number of the given evaluations (1-based) NaN."""
+    real, calls = trainer.run.train.evaluate, itertools.count(1)
+
+    def evaluate(*args, **kwargs):
+        results = real(*args, **kwargs)
+        if next(calls) in which:
+            return {k: float("nan") if isinstance(v, float) else v for k, v in results.items()}
+        return results
+
+    monkeypatch.setattr(trainer.run.train, "evaluate", evaluate)
+
+
+def test_a_nan_evaluation_is_never_the_best(run_config, tmp_path, monkeypatch):
+    config = run_config(
+        "classification", train={"max_steps": 6}, eval={"every_steps": 2, "metric": "loss"}
+    )
+    nan_evaluations_at(monkeypatch, {1, 3})  # steps 2 and 6; step 4 is finite
+    assert cli("train", config) == 0
+    results = strict_json(tmp_path / "run" / "eval_results.json")
+    assert results["best_step"] == 4
+    evaluations = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    assert [r["eval_loss"] is None for r in evaluations] == [True, False, True]
+
+
+def test_a_run_whose_every_evaluation_is_nan_finishes_with_its_last_model(
+    run_config, tmp_path, monkeypatch
+):
+    config = run_config("classification", train={"max_steps": 4}, eval={"every_steps": 2})
+    nan_evaluations_at(monkeypatch, {1, 2, 3})
+    assert cli("train", config) == 0
+    results = strict_json(tmp_path / "run" / "eval_results.json")
+    assert results["best_step"] is None and results["steps"] == 4
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -33,6 +33,8 @@ import datasets
 from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
+from trainer import atomic
+
 # Bump when the encoders change what they produce for the same input.
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -60,21 +62,8 @@ def file_digest(path: Path) -> str:
             return json.loads(memo.read_text())["sha256"]
         with path.open("rb") as handle:
             found = hashlib.file_digest(handle, "sha256").hexdigest()
-        write_json(memo, {"identity": identity, "sha256": found})
+        atomic.write_json(memo, {"identity": identity, "sha256": found})
     return found
-
-
-def write_json(path: Path, value: object) -> None:
-    """A small JSON file, whole or not at all (a unique tmp file, fsynced, renamed)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("w") as handle:
-            json.dump(value, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -112,7 +101,9 @@ def save_entry(entry: Entry, folder: Path) -> Path:
         for name, split in entry.splits.items():
             split.save_to_disk(str(tmp / name))
         files = {str(p.relative_to(tmp)): file_record(p) for p in tmp.rglob("*") if p.is_file()}
-        write_json(tmp / META_NAME, {**entry.meta, "splits": list(entry.splits), "files": files})
+        atomic.write_json(
+            tmp / META_NAME, {**entry.meta, "splits": list(entry.splits), "files": files}
+        )
         try:
             tmp.rename(folder)
         except OSError:  # published by another builder meanwhile (or a damaged one is there)
@@ -155,7 +146,7 @@ def is_cached(folder: Path) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     DIGESTS_DIR.mkdir(mode=0o700, exist_ok=True)
-    write_json(memo, {"folder": str(folder)})
+    atomic.write_json(memo, {"folder": str(folder)})
     return True
 
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from trainer import atomic
 from trainer.errors import UserError
 from trainer.run.records import read_records
 
@@ -149,14 +150,8 @@ def changed_keys(saved: dict, current: dict) -> list[str]:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop the records logged after the checkpoint, so the resumed log has no duplicates,
-    and a torn last line that a kill during an append left (run/records.py). Rewritten by
-    tmp file + fsync + rename: a kill here leaves the old file or the new one."""
+    and a torn last line that a kill during an append left (run/records.py)."""
     if not path.exists():
         return
     kept = [record for record in read_records(path) if record["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))

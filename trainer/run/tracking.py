@@ -6,7 +6,6 @@ Only the main process writes. Values arrive already reduced over all processes.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from trainer.config import RunConfig, to_dict
+from trainer.run.records import finite
 
 
 def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
@@ -83,12 +83,8 @@ class RunLog:
         """Log one record (it must hold `step`) to every sink."""
         if not self.accelerator.is_main_process:
             return
-        clean = {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in record.items()
-        }
         with self.path.open("a") as handle:
-            handle.write(json.dumps(clean) + "\n")
+            handle.write(json.dumps(finite(record), allow_nan=False) + "\n")
         self.accelerator.log(
             _scalars({k: v for k, v in record.items() if k != "step"}), step=record["step"]
         )

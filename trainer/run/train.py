@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, parse_duration, to_dict
 from trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model
 from trainer.run.evaluation import evaluate
 from trainer.run.forward import to_device
+from trainer.run.records import finite
 from trainer.run.resume import checkpoint_dir, rotate, truncate_metrics
 from trainer.run.setup import Run, set_up
 from trainer.run.step import Requests, StepSums, optimizer_step
@@ -41,10 +43,12 @@ class Best:
     stale: int = 0
 
     def update(self, results: dict, step: int) -> bool:
-        """Record an evaluation; True when it is the new best."""
+        """Record an evaluation; True when it is the new best. A non-finite value (a NaN
+        evaluation) is never the best, not even the first: it counts as not improving."""
         value = results[self.metric]
-        better = self.value is None or (
-            value < self.value if self.metric in LOWER_IS_BETTER else value > self.value
+        better = math.isfinite(value) and (
+            self.value is None
+            or (value < self.value if self.metric in LOWER_IS_BETTER else value > self.value)
         )
         if better:
             self.value, self.results, self.step, self.stale = value, results, step, 0
@@ -102,7 +106,7 @@ def _write_run_files(run: Run) -> None:
     if run.accelerator.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(dump_yaml(run.cfg))
-        (run.run_dir / "run_summary.json").write_text(json.dumps(run.summary(), indent=2))
+        atomic.write_json(run.run_dir / "run_summary.json", finite(run.summary()), indent=2)
         run.accelerator.print(json.dumps(run.summary()))
         if run.cfg.model.trust_remote_code:
             print(
@@ -317,17 +321,20 @@ def _stop_preempted(run: Run, reason: str) -> None:
 
 
 def _finish(run: Run, best: Best, state: LoopState) -> dict:
-    """final/: the best model by eval.metric (the last one without validation)."""
+    """final/: the best model by eval.metric (the last one without validation, or when no
+    evaluation gave a finite metric)."""
     accelerator = run.accelerator
-    if run.validation_set is not None:
+    if run.validation_set is not None and best.results is not None:
         if accelerator.is_main_process:
             (run.run_dir / "best").rename(run.run_dir / "final")
         results = {**best.results, "best_step": best.step, "metric": best.metric}
     else:
         save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
         results = {"train_loss": state.train_loss}
+        if run.validation_set is not None:
+            results |= {"best_step": None, "metric": best.metric}
     results |= {"steps": state.step, "skipped_steps": state.skipped_steps}
     if accelerator.is_main_process:
-        (run.run_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
+        atomic.write_json(run.run_dir / "eval_results.json", finite(results), indent=2)
     accelerator.wait_for_everyone()
     return results
