@@ -25,7 +25,7 @@ from interrupted_runs import (
 
 from trainer.config import DataConfig
 from trainer.data.encode import Packer
-from trainer.data.stream import RowStream, SourceBlocks, TrainStream
+from trainer.data.stream import RowStream, ShardStream, SourceBlocks, TrainStream
 from trainer.errors import UserError
 from trainer.run.resume import checkpoint_dir
 
@@ -90,9 +90,9 @@ def digits(texts: list[str]) -> dict[str, list[list[int]]]:
     return {"input_ids": [[int(text), 0] for text in texts]}
 
 
-def train_stream(sources: list[Path], weights: list[float], rank: int = 0, world: int = 1):
-    blocks = [SourceBlocks(rows(s, rank, world), digits, Packer(4)) for s in sources]
-    return TrainStream(blocks, weights, buffer_size=16, seed=7, rank=rank)
+def train_stream(sources: list[Path], weights: list[float], shard: int = 0, shards: int = 1):
+    blocks = [SourceBlocks(rows(s, shard, shards), digits, Packer(4)) for s in sources]
+    return ShardStream(blocks, weights, buffer_size=16, seed=7, shard=shard)
 
 
 def test_a_train_stream_resumed_from_its_state_gives_the_same_blocks(tmp_path):
@@ -105,6 +105,50 @@ def test_a_train_stream_resumed_from_its_state_gives_the_same_blocks(tmp_path):
     resumed.load_state_dict(state)
     assert head + list(islice(resumed.examples(), 123)) == reference
     assert len({example["seed"] for example in reference}) == 200  # masking differs per block
+
+
+def processes(sources: list[Path], world: int) -> list[TrainStream]:
+    """The streams of `world` processes, global batches of 8 blocks."""
+
+    def shard(index: int, count: int) -> ShardStream:
+        return train_stream(sources, [0.5, 0.5], index, count)
+
+    return [TrainStream(shard, 8, world, rank) for rank in range(world)]
+
+
+def global_batches(streams: list[TrainStream], steps: int) -> list[list[dict]]:
+    """The blocks of each global batch: every process's micro-batches (of 2), rank after rank."""
+    micro_batches = [stream.micro_batches(2, list) for stream in streams]
+    per_process = 8 // len(streams) // 2
+    return [
+        [block for batches in micro_batches for _ in range(per_process) for block in next(batches)]
+        for _ in range(steps)
+    ]
+
+
+def test_on_as_many_processes_process_i_reads_shard_i_alone(tmp_path):
+    sources = [numbered_files(tmp_path / "a"), numbered_files(tmp_path / "b", first=1000)]
+    streams = processes(sources, 2)
+    assert [list(stream.shards) for stream in streams] == [[0], [1]]
+    batch = global_batches(streams, 1)[0]
+    alone = list(islice(train_stream(sources, [0.5, 0.5], 1, 2).examples(), 4))
+    assert batch[4:] == alone
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_a_stream_resumed_on_another_process_count_trains_the_same_global_batches(
+    tmp_path, saved_on, resumed_on
+):
+    sources = [numbered_files(tmp_path / "a"), numbered_files(tmp_path / "b", first=1000)]
+    reference = global_batches(processes(sources, saved_on), 12)
+    first = processes(sources, saved_on)
+    head = global_batches(first, 5)
+    saved = json.dumps([stream.state_dict() for stream in first])
+    resumed = processes(sources, resumed_on)
+    for stream in resumed:  # each process reads the saved files for itself
+        stream.load_state_dict(json.loads(saved))
+    assert head + global_batches(resumed, 7) == reference
+    assert len({block["seed"] for batch in reference for block in batch}) == 12 * 8
 
 
 def test_mixing_weights_hold(tmp_path):
@@ -186,7 +230,9 @@ def test_two_processes_stream_disjoint_shares(tmp_path, tiny_models_by_task, dat
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     checkpoint = checkpoint_dir(tmp_path / "two" / "run", 6)
     buffers = [
-        json.loads((checkpoint / f"trainer_rank_{rank}.json").read_text())["stream"]["buffer"]
+        json.loads((checkpoint / f"trainer_rank_{rank}.json").read_text())["stream"]["states"][
+            str(rank)
+        ]["buffer"]
         for rank in (0, 1)
     ]
     blocks = [{tuple(block["input_ids"]) for block in buffer} for buffer in buffers]

@@ -1,11 +1,15 @@
 """Streaming a training corpus larger than memory: read, shard, tokenize, pack, mix and
 shuffle on the fly, from a position that every checkpoint saves.
 
-Each rank reads its own share of the rows: row r of a pass (counted over all files, in the
-pass's seeded file order) belongs to rank r mod world size, so the ranks' shares are
-disjoint and together cover every row once per pass. A rank tokenizes only its rows, packs
-them into blocks (carrying what does not fill one), draws blocks from the sources by weight
-and sends them through a seeded shuffle buffer.
+The rows are cut into shards, as many as the run had processes when it first started:
+row r of a pass (counted over all files, in the pass's seeded file order) belongs to shard
+r mod shards, so the shards are disjoint and together cover every row once per pass. A
+shard tokenizes only its rows, packs them into blocks (carrying what does not fill one),
+draws blocks from the sources by weight and sends them through a seeded shuffle buffer.
+Every global batch takes the same number of consecutive blocks from each shard, shard after
+shard, and each process trains its slice of that: on the first start, process i reads
+shard i alone. The shard count is part of the saved state, so a run resumed on another
+number of processes deals the same shards out again and trains the same global batches.
 
 The state of all of it is small and JSON-able: per source the file, byte offset (row for
 parquet) and row counter, the packer's carry and the blocks not yet used; then the buffer,
@@ -104,7 +108,8 @@ READERS = {".txt": _text_lines, ".jsonl": _json_lines, ".parquet": _parquet_rows
 
 @dataclass
 class RowStream:
-    """This rank's texts from one source, pass after pass, from a saved position."""
+    """One shard's texts from one source, pass after pass, from a saved position (`rank`
+    is the shard, `world_size` the number of shards)."""
 
     source: str
     key: str
@@ -197,9 +202,9 @@ class SourceBlocks:
         self.pending = state["pending"]
 
 
-class TrainStream:
-    """Blocks from weighted sources through a seeded shuffle buffer, collated into
-    micro-batches; each block gets a masking seed from this rank's running count."""
+class ShardStream:
+    """One shard's blocks from weighted sources through a seeded shuffle buffer; each block
+    gets a masking seed from the shard's running count."""
 
     def __init__(
         self,
@@ -207,11 +212,11 @@ class TrainStream:
         weights: list[float],
         buffer_size: int,
         seed: int,
-        rank: int,
+        shard: int,
     ) -> None:
         self.sources, self.weights = sources, weights
-        self.buffer_size, self.seed, self.rank = buffer_size, seed, rank
-        self.rng = random.Random(hash_seed(seed, rank))
+        self.buffer_size, self.seed, self.shard = buffer_size, seed, shard
+        self.rng = random.Random(hash_seed(seed, shard))
         self.buffer: list[dict] = []
         self.emitted = 0
 
@@ -228,13 +233,7 @@ class TrainStream:
             self.buffer[chosen] = self.buffer[-1]
             self.buffer.pop()
             self.emitted += 1
-            yield {**block, "seed": example_seed(self.seed, self.rank, self.emitted)}
-
-    def micro_batches(self, micro_batch_size: int, collate: Callable) -> Iterator[dict]:
-        """Collated micro-batches of `micro_batch_size` blocks, endless."""
-        examples = self.examples()
-        while True:
-            yield collate([next(examples) for _ in range(micro_batch_size)])
+            yield {**block, "seed": example_seed(self.seed, self.shard, self.emitted)}
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue with the very next block."""
@@ -254,3 +253,62 @@ class TrainStream:
         self.rng.setstate((version, tuple(internal), gauss))
         self.buffer = state["buffer"]
         self.emitted = state["emitted"]
+
+
+class TrainStream:
+    """This process's micro-batches of the global batches drawn from the shards.
+
+    A global batch of `global_batch` blocks is `global_batch / shards` consecutive blocks of
+    shard 0, then of shard 1, and so on; process `rank` of `world` takes the rank-th
+    world-th of it. A process reads the shards its slice touches: its own one when there
+    are as many shards as processes, several after a resume on fewer processes, and on more
+    processes a shard shared by two is read by both (each keeps its part)."""
+
+    def __init__(
+        self,
+        make_shard: Callable[[int, int], ShardStream],
+        global_batch: int,
+        world: int,
+        rank: int,
+    ) -> None:
+        self.make_shard, self.global_batch = make_shard, global_batch
+        self.world, self.rank = world, rank
+        self.shards = self._deal(world)
+
+    def _deal(self, count: int) -> dict[int, ShardStream]:
+        """The shards (of `count`) that this process's slice of a global batch touches."""
+        self.count = count
+        per_rank, per_shard = self.global_batch // self.world, self.global_batch // count
+        first, last = self.rank * per_rank, (self.rank + 1) * per_rank - 1
+        touched = range(first // per_shard, last // per_shard + 1)
+        return {shard: self.make_shard(shard, count) for shard in touched}
+
+    def micro_batches(self, micro_batch_size: int, collate: Callable) -> Iterator[dict]:
+        """Collated micro-batches of `micro_batch_size` blocks, endless; every shard is
+        advanced by a whole step before the step's first micro-batch, so the state between
+        two steps is exact."""
+        per_rank, per_shard = self.global_batch // self.world, self.global_batch // self.count
+        mine = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        streams = {shard: stream.examples() for shard, stream in self.shards.items()}
+        while True:
+            step = []
+            for shard, examples in streams.items():
+                blocks = [next(examples) for _ in range(per_shard)]
+                step += [b for i, b in enumerate(blocks, shard * per_shard) if i in mine]
+            for start in range(0, per_rank, micro_batch_size):
+                yield collate(step[start : start + micro_batch_size])
+
+    def state_dict(self) -> dict:
+        """The shard count and the state of each shard this process reads."""
+        states = {str(shard): stream.state_dict() for shard, stream in self.shards.items()}
+        return {"shards": self.count, "states": states}
+
+    def load_state_dict(self, saved: list[dict]) -> None:
+        """Continue from the `state_dict()` of every process that saved (call before
+        `micro_batches()`): the saved shards are dealt out to this run's processes."""
+        if "shards" not in saved[0]:  # saved before the shard count was: process i, shard i
+            saved = [{"shards": len(saved), "states": {str(i): s}} for i, s in enumerate(saved)]
+        states = {shard: state for one in saved for shard, state in one["states"].items()}
+        self.shards = self._deal(saved[0]["shards"])
+        for shard, stream in self.shards.items():
+            stream.load_state_dict(states[str(shard)])

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import PreTrainedTokenizerBase
 
 from trainer.config import RunConfig, dump_yaml
+from trainer.errors import UserError
 from trainer.model import adapters
 from trainer.model.saved import RUN_CONFIG_NAME
 from trainer.run.resume import write_commit
@@ -78,9 +80,10 @@ def save_checkpoint(
     """Everything needed to continue exactly: model (or adapter), optimizer, grad scaler and
     per-process RNG states through Accelerate (weights as safetensors), the LR scheduler,
     the loop's counters (`state`, the same on every process) and this process's unlogged
-    sums (`rank_state`). Written to `step-N.partial`, committed (manifest last, after every
-    process finished), then renamed: a crash at any point leaves no folder that resume
-    would trust, and the previous checkpoint untouched."""
+    sums (`rank_state`), with the process count and backend that wrote it. Written to
+    `step-N.partial`, committed (manifest last, after every process finished), then
+    renamed: a crash at any point leaves no folder that resume would trust, and the
+    previous checkpoint untouched."""
     partial = folder.with_name(folder.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -91,7 +94,8 @@ def save_checkpoint(
     (partial / f"trainer_rank_{rank}.json").write_text(json.dumps(rank_state))
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), partial / SCHEDULER_NAME)
-        (partial / TRAINER_STATE_NAME).write_text(json.dumps(state, indent=1))
+        layout = {"processes": accelerator.num_processes, "backend": backend_of(accelerator)}
+        (partial / TRAINER_STATE_NAME).write_text(json.dumps({**state, **layout}, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_commit(partial)
@@ -99,11 +103,58 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path, scheduler) -> tuple[dict, dict]:
-    """Restore what `save_checkpoint` wrote; returns (loop state, this process's state).
+def backend_of(accelerator: Accelerator) -> str:
+    """How a checkpoint holds the model and optimizer: `deepspeed` (ZeRO's per-rank
+    partitions), `fsdp` (torch.distributed.checkpoint shards) or `ddp` (full states, written
+    by the main process: one process and DDP write the same files)."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "fsdp" if kind == DistributedType.FSDP else "ddp"
+
+
+def saved_layout(folder: Path) -> tuple[int, str | None]:
+    """(processes, backend) that wrote the checkpoint. Checkpoints from before both were
+    recorded: the count of their per-process files, and no backend."""
+    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    if "processes" in state:
+        return state["processes"], state["backend"]
+    return len(list(folder.glob("trainer_rank_*.json"))), None
+
+
+def check_layout(folder: Path, accelerator: Accelerator) -> None:
+    """Refuse, before the model loads, a resume that could not continue the same run: under
+    another backend (the files differ), or under ZeRO on another process count. DDP and
+    FSDP resume on any count: full states load anywhere, torch.distributed.checkpoint
+    reshards FSDP's shards on load, and streams deal their saved shards out again. ZeRO's
+    partitions would need DeepSpeed's offline universal-checkpoint conversion."""
+    processes, backend = saved_layout(folder)
+    now, count = backend_of(accelerator), accelerator.num_processes
+    where = f"train.resume: checkpoint {folder.name} was saved"
+    if backend is not None and backend != now:
+        raise UserError(
+            f"{where} under {backend} and this run uses {now}; "
+            f"resume it under {backend} (the cluster profile's backend)"
+        )
+    if now == "deepspeed" and processes != count:
+        raise UserError(
+            f"{where} by {processes} DeepSpeed processes and this run has {count}; ZeRO "
+            f"state resumes only on {processes} (universal checkpoints are not supported)"
+        )
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, scheduler) -> tuple[dict, list[dict]]:
+    """Restore what `save_checkpoint` wrote; returns (loop state, every saved process's
+    state, by rank: after a change of process count they do not map one to one).
     Every tensor file is read with `weights_only=True` (Accelerate's default, and ours)."""
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
     state = json.loads((folder / TRAINER_STATE_NAME).read_text())
-    rank_file = folder / f"trainer_rank_{accelerator.process_index}.json"
-    return state, json.loads(rank_file.read_text())
+    processes, _ = saved_layout(folder)
+    if processes != accelerator.num_processes:
+        # Accelerate restored its micro-batch counter (a window ends at each multiple of
+        # the accumulation steps) from the saving process, which accumulated over another
+        # number of micro-batches: windows would end mid-step. Count them as this run would.
+        accelerator.step = state["loop"]["step"] * accelerator.gradient_accumulation_steps
+    ranks = [folder / f"trainer_rank_{rank}.json" for rank in range(processes)]
+    return state, [json.loads(path.read_text()) for path in ranks]

@@ -37,11 +37,11 @@ from trainer.data.sampling import (
     Shuffled,
     StreamPlan,
 )
-from trainer.data.stream import RowStream, SourceBlocks, TrainStream
+from trainer.data.stream import RowStream, ShardStream, SourceBlocks, TrainStream
 from trainer.errors import UserError
 from trainer.model.adapters import attach_adapter, quantization_config
 from trainer.model.load import check_document_isolation, load_model, load_tokenizer
-from trainer.run.checkpoint import TRAINER_STATE_NAME
+from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout
 from trainer.run.optim import build_optimizer, build_scheduler
 from trainer.run.resume import changed_keys, select_checkpoint
 from trainer.tasks.registry import task_spec
@@ -262,19 +262,25 @@ def batch_plan(
 def train_stream(
     cfg: RunConfig, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, accelerator: Accelerator
 ) -> TrainStream:
-    """The streamed train sources of data.train, this process's share of them."""
+    """The streamed train sources of data.train, this process's share of them: one shard
+    per process (a resumed run deals the saved shards out again, see data/stream.py)."""
     sources = train_sources(cfg.data)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    blocks = [
-        SourceBlocks(
-            RowStream(s.path, source_key(i, len(sources)), cfg.data, rank, world, cfg.train.seed),
-            lambda texts: spec.documents(tokenizer, texts),
-            Packer(cfg.data.max_length),
-        )
-        for i, s in enumerate(sources)
-    ]
     weights = [s.weight for s in sources]
-    return TrainStream(blocks, weights, cfg.data.shuffle_buffer, cfg.train.seed, rank)
+
+    def shard(index: int, count: int) -> ShardStream:
+        seed = cfg.train.seed
+        blocks = [
+            SourceBlocks(
+                RowStream(s.path, source_key(i, len(sources)), cfg.data, index, count, seed),
+                lambda texts: spec.documents(tokenizer, texts),
+                Packer(cfg.data.max_length),
+            )
+            for i, s in enumerate(sources)
+        ]
+        return ShardStream(blocks, weights, cfg.data.shuffle_buffer, seed, index)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    return TrainStream(shard, cfg.train.global_batch_size, world, rank)
 
 
 def set_up(cfg: RunConfig) -> Run:
@@ -283,6 +289,8 @@ def set_up(cfg: RunConfig) -> Run:
     run_dir, resume_from = prepare_run_dir(cfg)
     world_size = world_size_from_env()
     accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size))
+    if resume_from is not None:
+        check_layout(resume_from, accelerator)
     if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
         _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)

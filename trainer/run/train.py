@@ -137,12 +137,12 @@ class Loop:
         state, best = LoopState(), Best(run.cfg.eval_metric)
         since_log = StepSums.zeros(len(run.spec.extra_heads), run.accelerator.device)
         if run.resume_from is not None:
-            saved, mine = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
+            saved, ranks = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
             state = LoopState(**saved["loop"])
             best = Best(**state.best) if state.best else best
-            since_log = StepSums.from_list(mine["since_log"], run.accelerator.device)
+            since_log = restored_sums(run, [rank["since_log"] for rank in ranks])
             if run.stream is not None:
-                run.stream.load_state_dict(mine["stream"])
+                run.stream.load_state_dict([rank["stream"] for rank in ranks])
             if run.accelerator.is_main_process:
                 truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
                 print(f"resuming from {run.resume_from} (step {state.step})", file=sys.stderr)
@@ -277,6 +277,22 @@ class Loop:
             keep = {checkpoint_dir(run.run_dir, self.best.step).resolve()}
             for old in rotate(run.run_dir, run.cfg.checkpoint.keep_last, keep):
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def restored_sums(run: Run, saved: list[list[float]]) -> StepSums:
+    """The checkpoint's unlogged sums, one list per saving process. On as many processes,
+    each takes its own (the continuation is bitwise the same). On another count, process 0
+    takes them all and the others none: the next log line all-reduces them to the same
+    totals. The gradient norms are the same on every process, so each takes process 0's."""
+    accelerator, heads = run.accelerator, len(run.spec.extra_heads)
+    if len(saved) == accelerator.num_processes:
+        return StepSums.from_list(saved[accelerator.process_index], accelerator.device)
+    sums = StepSums.zeros(heads, accelerator.device)
+    if accelerator.is_main_process:
+        for values in saved:
+            sums += StepSums.from_list(values, accelerator.device)
+    sums.grad_norm = StepSums.from_list(saved[0], accelerator.device).grad_norm
+    return sums
 
 
 def log_record(run: Run, step: int, since_log: StepSums, seconds: float) -> dict:
