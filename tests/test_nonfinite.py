@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from conftest import read_metrics
 from interrupted_runs import assert_same_tensors, cli, loop_state, saved_steps
+from nonfinite_launch import nan_loss_in
 from safetensors.torch import load_file
 
 import trainer.run.train
@@ -24,16 +25,7 @@ from trainer.tasks.registry import TASKS
 
 def nan_loss_at(monkeypatch, steps: set[int], accumulation: int = 2) -> None:
     """Make the MLM loss NaN in every micro-batch of the given optimizer steps."""
-    spec = TASKS["mlm"]
-    calls = itertools.count()
-
-    def loss(logits, labels, weight=None):
-        loss_sum, count = spec.loss(logits, labels, weight)
-        step = next(calls) // accumulation + 1
-        return (loss_sum * float("nan") if step in steps else loss_sum), count
-
-    patched = {**TASKS, "mlm": dataclasses.replace(spec, loss=loss)}
-    monkeypatch.setattr(trainer.tasks.registry, "TASKS", patched)  # what task_spec looks up
+    monkeypatch.setattr(trainer.tasks.registry, "TASKS", nan_loss_in(steps, accumulation))
 
 
 def checkpoint_weights(run_dir: Path, step: int) -> dict:

@@ -1,7 +1,9 @@
 """Sharded backends on CPU, started the way `trainer launch` starts them: DeepSpeed ZeRO-2
 and ZeRO-3 (DeepSpeed's CPU accelerator, one process) and FSDP (two processes, gloo). The
-loss curve and the gathered final weights equal a plain single-process run's, and the
-generated DeepSpeed JSON agrees with the run config."""
+loss curve and the gathered final weights equal a plain single-process run's, also when a
+step is skipped as non-finite, and the generated DeepSpeed JSON agrees with the run config.
+The ZeRO runs check in run_summary.json that Accelerate really ran DeepSpeed: on a CPU
+machine they once ran as plain runs."""
 
 from __future__ import annotations
 
@@ -11,13 +13,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, make_run_config, read_metrics, reset_accelerate
-from safetensors.torch import load_file
+from interrupted_runs import assert_same_tensors
+from nonfinite_launch import nan_loss_in
+from transformers import AutoModelForMaskedLM
 
+import trainer.tasks.registry
 from launch.accelerate_config import deepspeed_config
 from launch.job import accelerate_command, resolve_job, write_launch_files
 from trainer.cli import main
+from trainer.run.resume import checkpoint_dir
 
 VOLATILE = ("elapsed_s", "tokens_per_s")
 NO_DROPOUT = {"config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
@@ -29,10 +36,14 @@ def cpu_profile(folder: Path, name: str, **settings) -> Path:
     return path
 
 
-def run_launched(job, port: int) -> None:
+def run_launched(job, port: int, module: str = "trainer", **env: str) -> None:
+    """`accelerate launch` as `trainer launch` runs it, of `python -m module` (a test's
+    wrapper of `trainer`, started from tests/, or trainer itself)."""
     config_file, _ = write_launch_files(job)
     command = accelerate_command(job, config_file, "0", "127.0.0.1", str(port))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command[command.index("trainer")] = module
+    env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **env, "PYTHONPATH": str(Path(__file__).parent)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -40,10 +51,16 @@ def run_launched(job, port: int) -> None:
 def assert_same_run(run_dir: Path, reference: Path, atol: float) -> None:
     if atol == 0.0:
         assert curve(run_dir) == curve(reference)
-    else:  # two processes sum gradients in another order: equal up to float rounding
-        assert curve(run_dir) == [pytest.approx(r, rel=1e-5) for r in curve(reference)]
-    ours = load_file(run_dir / "final" / "model.safetensors")
-    expected = load_file(reference / "final" / "model.safetensors")
+    else:  # two processes, or ZeRO's flat partitions, sum in another order: float rounding
+        assert curve(run_dir) == [
+            {k: pytest.approx(v, rel=1e-5) if isinstance(v, float) else v for k, v in r.items()}
+            for r in curve(reference)
+        ]
+    # As loaded, not as stored: DeepSpeed's gathered state dict also holds the tied decoder
+    # weights (ZeRO-2) and comes out of save_pretrained with BERT's legacy LayerNorm names
+    # (ZeRO-3); from_pretrained reads both into the same model.
+    ours = AutoModelForMaskedLM.from_pretrained(run_dir / "final").state_dict()
+    expected = AutoModelForMaskedLM.from_pretrained(reference / "final").state_dict()
     assert ours.keys() == expected.keys()
     for name, tensor in expected.items():
         assert (ours[name] - tensor).abs().max().item() <= atol, name
@@ -78,7 +95,9 @@ def test_zero_on_cpu_matches_a_plain_run(stage, mlm_run, tmp_path):
     assert settings["gradient_clipping"] == job.cfg.train.max_grad_norm
     run_launched(job, 29400 + stage)
     assert json.loads((job.run_dir / "launch" / "deepspeed.json").read_text()) == settings
-    assert_same_run(job.run_dir, reference, atol=0.0)
+    summary = json.loads((job.run_dir / "run_summary.json").read_text())
+    assert summary["distributed_type"] == "DEEPSPEED"  # not a plain run under another name
+    assert_same_run(job.run_dir, reference, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -93,3 +112,44 @@ def test_fsdp_with_two_cpu_processes_matches_a_plain_run(mlm_run, tmp_path, stra
     summary = json.loads((job.run_dir / "run_summary.json").read_text())
     assert summary["processes"] == 2
     assert_same_run(job.run_dir, reference, atol=1e-6)
+
+
+def zero_weights(run_dir: Path, step: int) -> dict:
+    """The fp32 weights in a DeepSpeed checkpoint, gathered from its ZeRO partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = checkpoint_dir(run_dir, step)
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_skips_a_nonfinite_step_as_a_plain_run_does(
+    stage, tmp_path, tiny_models_by_task, data_dir, monkeypatch
+):
+    """The engine steps inside Accelerate's backward; the shared decision must come first.
+    The NaN loss has finite gradients, so DeepSpeed's own overflow check would let it pass."""
+    config = make_run_config(
+        tmp_path,
+        "mlm",
+        tiny_models_by_task,
+        data_dir,
+        model=NO_DROPOUT,
+        data={"validation": None},
+        train={"max_steps": 4},
+        checkpoint={"every_steps": 1, "keep_last": 0},
+    )
+    reference = tmp_path / "reference"
+    monkeypatch.setattr(trainer.tasks.registry, "TASKS", nan_loss_in({2}, finite_gradients=True))
+    assert main(["train", str(config), f"output_dir={reference}"]) == 0
+    profile = cpu_profile(tmp_path, f"zero{stage}", backend="deepspeed", zero_stage=stage)
+    job = resolve_job(str(config), str(profile), [])
+    run_launched(job, 29420 + stage, "nonfinite_launch", NAN_STEPS="2", NAN_GRADIENTS="finite")
+    summary = json.loads((job.run_dir / "run_summary.json").read_text())
+    assert summary["distributed_type"] == "DEEPSPEED"
+    assert [r["skipped_steps"] for r in read_metrics(job.run_dir)] == [0, 1, 1, 1]
+    # The same losses, learning rates and final weights as the plain run that skipped step 2.
+    assert_same_run(job.run_dir, reference, atol=1e-6)
+    before, skipped, after = (zero_weights(job.run_dir, step) for step in (1, 2, 3))
+    assert_same_tensors(skipped, before)
+    assert any(not torch.equal(after[name], t) for name, t in skipped.items())

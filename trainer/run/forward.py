@@ -11,6 +11,13 @@ states of the labelled positions only, so the logits come back as [targets, voca
 the matching labels. The loss is the same sum over the same targets; only the wasted work
 goes. The hook runs inside the model's own forward, so ZeRO-3 and FSDP still gather the
 projection's parameters as they do for any module.
+
+No forward here keeps a key/value cache. A decoder (GPT-2, Llama, also under a classification
+head) builds one on every forward when its config's `use_cache` is on, as it is in every
+saved checkpoint: a `DynamicCache` holding each layer's keys and values, returned in the
+output and kept alive with it, i.e. until after the backward pass and through the next
+micro-batch's forward. Training and evaluation never decode step by step, so the forward
+asks for none.
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
+def without_cache(model: torch.nn.Module) -> dict[str, bool]:
+    """`use_cache=False` for a model that can cache keys and values, which its config says by
+    having a `use_cache` setting (BERT's does too and accepts the argument); nothing for a
+    model without one, whose forward may not take the argument."""
+    config = getattr(extract_model_from_parallel(model), "config", None)
+    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+
+
 def output_projection(model: torch.nn.Module) -> torch.nn.Module | None:
     """The module that maps hidden states onto the vocabulary (BERT's decoder), through
     DDP / DeepSpeed / torch.compile wrappers and PEFT models; None when the model has none."""
@@ -51,9 +66,10 @@ def forward(
     projection gets hidden states of another shape (one that already selects positions
     itself) is left alone and its labels returned whole."""
     labels = batch["labels"]
+    inputs = model_inputs(batch) | without_cache(model)
     head = output_projection(model) if targets_only else None
     if head is None:
-        return model(**model_inputs(batch)), labels
+        return model(**inputs), labels
     selected = labels != IGNORE_INDEX
     applied = []
 
@@ -66,7 +82,7 @@ def forward(
 
     handle = head.register_forward_pre_hook(select)
     try:
-        output = model(**model_inputs(batch))
+        output = model(**inputs)
     finally:
         handle.remove()
     return output, labels[selected] if applied else labels

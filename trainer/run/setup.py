@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -94,7 +94,9 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # so that torchrun on CPU gives gloo DDP
+        # cpu=True so that torchrun on CPU gives gloo DDP; but Accelerate then ignores a
+        # DeepSpeed launch, which on CPU runs on DeepSpeed's own CPU accelerator
+        cpu=not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
         mixed_precision=cfg.train.precision,
         dynamo_backend="inductor" if cfg.train.compile else "no",
         gradient_accumulation_steps=accumulation_steps,
@@ -189,12 +191,13 @@ class Run:
         """What this run will do, printed at start and kept in run_summary.json."""
         parameters = list(self.model.parameters())
         total = sum(_logical_numel(p) for p in parameters)
-        trainable = sum(p.numel() for p in parameters if p.requires_grad)
+        trainable = sum(_logical_numel(p) for p in parameters if p.requires_grad)
         sources = train_sources(self.cfg.data)
         sizes = [len(split) for split in self.data.train] or [None] * len(sources)
         return {
             "task": self.cfg.task,
             "processes": self.accelerator.num_processes,
+            "distributed_type": self.accelerator.distributed_type.value,  # NO, DEEPSPEED, FSDP..
             "train_examples": sum(sizes) if sizes[0] is not None else None,
             "examples_per_epoch": len(self.train_examples) if self.train_examples else None,
             "train_sources": [
@@ -222,9 +225,12 @@ class Run:
 
 
 def _logical_numel(param: torch.nn.Parameter) -> int:
-    """Parameters a tensor stands for: a 4-bit tensor packs two per stored byte."""
+    """Parameters a tensor stands for: a 4-bit tensor packs two per stored byte, and under
+    ZeRO-3 a parameter holds only its partition (`ds_numel` is the whole)."""
     quant_state = getattr(param, "quant_state", None)
-    return quant_state.shape.numel() if quant_state is not None else param.numel()
+    if quant_state is not None:
+        return quant_state.shape.numel()
+    return getattr(param, "ds_numel", None) or param.numel()
 
 
 def batch_plan(

@@ -113,8 +113,9 @@ def optimizer_step(
     sum(all target losses) / (all targets). Each extra head (NSP) is normalised the same
     way by its own targets and added. Before the update one all-reduce tells every
     process whether any saw a non-finite loss or gradient norm (then nobody steps) and
-    which `requests` any raised. With `class_weights` the targets count by their class
-    weight (see data/class_weights.py)."""
+    which `requests` any raised; under DeepSpeed, whose engine steps inside the last
+    backward, that decision comes before it (see `_poisoned_if`). With `class_weights` the
+    targets count by their class weight (see data/class_weights.py)."""
     device = accelerator.device
     heads = spec.extra_heads
     targets = sum(count_targets(b["labels"], spec.shifted_targets, class_weights) for b in window)
@@ -123,22 +124,29 @@ def optimizer_step(
     all_counts = accelerator.reduce(counts.clone(), "sum").clamp(min=1)  # reduce is in place
     scales = accelerator.num_processes * len(window) / all_counts
     totals = torch.zeros(len(counts), device=device)  # loss sums: the task's, each head's
+    engine = deepspeed_engine(accelerator)
+    decided = None
     for batch in window:
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 output, labels = forward(model, batch, spec.targets_only)
             loss_sum, _ = spec.loss(output[spec.logits_key], labels, class_weights)
             parts = torch.stack([loss_sum, *(head.loss(output, batch)[0] for head in heads)])
-            accelerator.backward((parts * scales).sum())
             totals += parts.detach()
+            loss = (parts * scales).sum()
+            if engine is not None and accelerator.sync_gradients:
+                decided = _agree(accelerator, totals, None, requests)
+                loss = _poisoned_if(decided[0], loss)
+            accelerator.backward(loss)  # DeepSpeed: the engine steps in here at the boundary
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
-    grad_norm = norm.detach().float() if norm is not None else torch.zeros((), device=device)
-    skipped, raised = _agree(accelerator, totals, grad_norm, requests)
-    if not skipped:
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:
-            scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = torch.as_tensor(0.0 if norm is None else norm, device=device).float()
+    if decided is None:
+        skipped, raised = _agree(accelerator, totals, grad_norm, requests)
+    else:
+        skipped, raised = decided
+        _check_engine_skipped(engine, skipped)
+        skipped |= not engine.was_step_applied() and not engine.fp16_enabled()
+    _update(accelerator, optimizer, scheduler, skipped)
     tokens = sum(real_tokens(b) for b in window).float()
     positions = tokens.new_tensor(sum(b["input_ids"].numel() for b in window))
     sums = StepSums(totals[0], counts[0], tokens, positions, grad_norm, totals[1:], counts[1:])
@@ -147,17 +155,63 @@ def optimizer_step(
     return StepResult(sums, skipped, raised)
 
 
+def _update(accelerator: Accelerator, optimizer, scheduler, skipped: bool) -> None:
+    """The optimizer and schedule step (no-ops for the optimizer under DeepSpeed, whose
+    engine stepped in `backward`), or for a skipped fp16 step the grad scaler's update:
+    `clip_grad_norm_` has unscaled the gradients, and until `update()` the scaler refuses
+    to unscale again ("unscale_() has already been called") at the next step."""
+    if not skipped:
+        optimizer.step()
+        if not accelerator.optimizer_step_was_skipped:
+            scheduler.step()
+    elif accelerator.scaler is not None:
+        accelerator.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def _agree(
-    accelerator: Accelerator, totals: torch.Tensor, grad_norm: torch.Tensor, requests: Requests
+    accelerator: Accelerator,
+    totals: torch.Tensor,
+    grad_norm: torch.Tensor | None,
+    requests: Requests,
 ) -> tuple[bool, Requests]:
     """One all-reduce: whether any process saw a non-finite value (then nobody steps),
-    and which requests any process raised."""
+    and which requests any process raised. Without a `grad_norm` (DeepSpeed decides before
+    it computes one) only the losses count."""
     bad = ~torch.isfinite(totals).all()
-    if accelerator.scaler is None:  # fp16: the grad scaler handles inf gradients itself
+    if grad_norm is not None and accelerator.scaler is None:  # fp16: the scaler sees inf
         bad |= ~torch.isfinite(grad_norm)
     flags = torch.tensor([float(bad), *requests.flags()], device=accelerator.device)
     skipped, *raised = (accelerator.reduce(flags, "sum") > 0).tolist()
     return skipped, Requests(*raised)
+
+
+def deepspeed_engine(accelerator: Accelerator):
+    """The DeepSpeed engine the model was prepared into, or None without DeepSpeed."""
+    wrapper = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return None if wrapper is None else wrapper.engine
+
+
+def _poisoned_if(skip: bool, loss: torch.Tensor) -> torch.Tensor:
+    """The window's last loss, NaN when the step is to be skipped.
+
+    Accelerate's DeepSpeed `backward` runs the engine's `step()` on the last micro-batch, so
+    the shared decision is taken before that backward. DeepSpeed has no call that drops the
+    gradients it has reduced into its partitions; its own overflow path does (ZeRO-1/2/3
+    discard them, leave weights, optimizer state and the engine's schedule alone, and count
+    a skipped step). A NaN gradient, which every process gets from the all-reduce, takes
+    that path: ZeRO-3 and ZeRO-1/2 in fp32 always treat a non-finite norm as overflow, bf16
+    does with `check_grad_overflow` (its default), fp16 with its loss scaler."""
+    return loss * math.nan if skip else loss
+
+
+def _check_engine_skipped(engine, skipped: bool) -> None:
+    """A skipped step must not have reached the weights (see `_poisoned_if`)."""
+    if skipped and engine.was_step_applied():
+        raise RuntimeError(  # a DeepSpeed JSON that switches its overflow checks off
+            "DeepSpeed applied an update the run skipped as non-finite: keep "
+            "bf16.check_grad_overflow and zero_optimization.compute_grad_norm on"
+        )
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
