@@ -90,6 +90,14 @@ def _check(profile: ClusterProfile, errors: list[str]) -> None:
         errors.append("offload_params: parameter offload needs zero_stage 3")
     if profile.backend == "fsdp":
         _check_fsdp2_sharding(profile, errors)
+    if profile.backend == "fsdp" and profile.device == "cpu":
+        # Accelerate 1.15 turns FSDP on only for GPU-type processes (AcceleratorState picks
+        # FSDP from MULTI_GPU, MULTI_XPU, ...), never from MULTI_CPU: on CPU the run would
+        # silently train as gloo DDP while the profile and `trainer plan` say FSDP.
+        errors.append(
+            "backend: fsdp needs device gpu (Accelerate runs FSDP only on GPUs; on CPU it "
+            "would silently train as DDP); use backend ddp, or deepspeed on CPU"
+        )
 
 
 def _check_fsdp2_sharding(profile: ClusterProfile, errors: list[str]) -> None:
