@@ -14,12 +14,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -44,6 +45,7 @@ from trainer.model.load import check_document_isolation, load_model, load_tokeni
 from trainer.run.checkpoint import TRAINER_STATE_NAME
 from trainer.run.optim import build_optimizer, build_scheduler
 from trainer.run.resume import changed_keys, select_checkpoint
+from trainer.run.rundir import claim_run_dir
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
 
@@ -100,6 +102,11 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
         gradient_accumulation_steps=accumulation_steps,
         log_with=list(cfg.log.trackers) or None,
         project_dir=str(run_dir),
+        # torch's default is 30 minutes: a rank that never joins a collective (hung, or
+        # dead without its process group noticing) should fail the job much sooner
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))
+        ],
     )
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not _native_bf16():
         _report(
@@ -280,9 +287,11 @@ def train_stream(
 def set_up(cfg: RunConfig) -> Run:
     """Read and check the data before loading the model (a bad row costs seconds, not a
     model download), then the model, optimizer and schedule, prepared by Accelerate."""
-    run_dir, resume_from = prepare_run_dir(cfg)
     world_size = world_size_from_env()
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
     accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size))
+    claim_run_dir(accelerator, run_dir)  # before any process decides to resume
+    run_dir, resume_from = prepare_run_dir(cfg)
     if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
         _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)
