@@ -288,3 +288,47 @@ def test_no_profile_or_template_sets_the_deprecated_nccl_variable():
 def test_collective_timeout_is_a_validated_key(run_config, capsys):
     assert cli("train", run_config("mlm", train={**BATCH, "collective_timeout": 0})) == 2
     assert "train.collective_timeout: must be > 0, got 0" in error_line(capsys)
+
+
+def accelerate_launch(theirs: Path, config: Path) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file theirs.yaml -m trainer train CONFIG` (one process,
+    DeepSpeed's CPU accelerator)."""
+    from launch.local import free_port
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(theirs)]
+    command += ["--main_process_port", str(free_port()), "-m", "trainer", "train", str(config)]
+    env = {**_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_users_own_deepspeed_files(run_config, tmp_path):
+    """Their "auto" values are filled from the run config (Accelerate alone would fail on
+    the micro batch, this loop passes no dataloader to prepare()); a value that contradicts
+    the run config is refused by `trainer train` with one line."""
+    train = {"max_steps": 2, "global_batch_size": 8, "micro_batch_size": 2, "max_grad_norm": 0.5}
+    config = run_config("mlm", train=train, eval={"every_steps": 0}, log={"trackers": []})
+    theirs = tmp_path / "theirs.yaml"
+    settings = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "DEEPSPEED",
+        "num_processes": 1,
+        "num_machines": 1,
+        "machine_rank": 0,
+        "use_cpu": True,
+        "deepspeed_config": {"deepspeed_config_file": str(deepspeed_json(tmp_path))},
+    }
+    theirs.write_text(yaml.safe_dump(settings))
+    done = accelerate_launch(theirs, config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (config.parent / "run" / "final").is_dir()
+
+    wrong = deepspeed_json(tmp_path, gradient_accumulation_steps=2)
+    settings["deepspeed_config"]["deepspeed_config_file"] = str(wrong)
+    theirs.write_text(yaml.safe_dump(settings))
+    done = accelerate_launch(theirs, config)
+    assert done.returncode != 0
+    assert (
+        f"error: DeepSpeed JSON {wrong}: gradient_accumulation_steps is 2 but the run config "
+        "gives 4 (train.global_batch_size / (train.micro_batch_size x 1 processes))"
+    ) in done.stderr.splitlines(), done.stderr[-3000:]

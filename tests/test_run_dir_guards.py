@@ -87,19 +87,21 @@ def test_without_flock_the_owner_file_decides(tmp_path, monkeypatch):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
-    owner = tmp_path / rundir.OWNER_NAME
+    run_dir = tmp_path / "run"
+    owner = run_dir / rundir.OWNER_NAME
     for pid, host, refused in [
         (os.getppid(), socket.gethostname(), True),
         (dead_pid(), socket.gethostname(), False),
         (dead_pid(), "another-node", True),
     ]:
+        run_dir.mkdir(exist_ok=True)
         owner.write_text(f'{{"pid": {pid}, "host": "{host}"}}')
         if refused:
             with pytest.raises(UserError, match=f"in use by another run \\(pid {pid} on {host}\\)"):
-                rundir.take_lock(tmp_path)
+                rundir.take_lock(run_dir)
         else:
-            rundir.take_lock(tmp_path).release()
-            assert not owner.exists()
+            rundir.take_lock(run_dir).release()
+            assert list(run_dir.iterdir()) == [], "a run that ended leaves no lock file behind"
 
 
 def torchrun(mode: str, config: Path) -> subprocess.CompletedProcess:

@@ -55,6 +55,7 @@ def _train(args: argparse.Namespace) -> int:
     check_train_environment(cfg)  # how it was started: SLURM tasks, accelerate launch files
     _quiet_libraries()
     from trainer.run.collectives import timed_out_collective
+    from trainer.run.rundir import release_run_dir
     from trainer.run.setup import RunFinished
     from trainer.run.stop import EXIT_PREEMPTED, Preempted
     from trainer.run.train import TrainingFailed, train
@@ -75,6 +76,8 @@ def _train(args: argparse.Namespace) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
+    finally:
+        release_run_dir()
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
     return 0

@@ -15,7 +15,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -40,13 +39,19 @@ class RunLock:
 
     run_dir: Path
     fd: int
+    created: bool  # the directory did not exist before this run
 
     def release(self) -> None:
-        """Unlock and forget the owner (also for filesystems without flock); idempotent."""
+        """Unlock and remove the lock files (and the directory if this run created it and
+        wrote nothing into it): a refused or finished run leaves the directory as it was.
+        Idempotent."""
         global _held
         if self.fd < 0:
             return
         (self.run_dir / OWNER_NAME).unlink(missing_ok=True)
+        (self.run_dir / LOCK_NAME).unlink(missing_ok=True)  # take_lock checks the inode
+        if self.created and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
         os.close(self.fd)
         self.fd = -1
         if _held is self:
@@ -54,6 +59,12 @@ class RunLock:
 
 
 _held: RunLock | None = None  # this process's lock: one process trains one run at a time
+
+
+def release_run_dir() -> None:
+    """Release this process's run-directory lock, if it holds one (the run has ended)."""
+    if _held is not None:
+        _held.release()
 
 
 def _owner(run_dir: Path) -> dict:
@@ -97,8 +108,22 @@ def take_lock(run_dir: Path) -> RunLock:
     global _held
     if _held is not None:  # the run before, in this process (tests, notebooks), has ended
         _held.release()
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        _flock(fd, run_dir)
+        if _same_file(fd, run_dir / LOCK_NAME):
+            break
+        os.close(fd)  # a run released (and unlinked) it between our open and flock: again
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    _write_atomic(run_dir / OWNER_NAME, json.dumps(owner))
+    _held = RunLock(run_dir, fd, created)
+    return _held
+
+
+def _flock(fd: int, run_dir: Path) -> None:
+    """flock `fd` without waiting, or close it and raise UserError naming the holder."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -111,10 +136,13 @@ def take_lock(run_dir: Path) -> RunLock:
         if _alive(owner := _owner(run_dir)):
             os.close(fd)
             raise UserError(_in_use(run_dir, owner)) from None
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    _write_atomic(run_dir / OWNER_NAME, json.dumps(owner))
-    _held = RunLock(run_dir, fd)
-    return _held
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -164,7 +192,6 @@ def _check_markers(accelerator: Accelerator, folder: Path) -> str | None:
     verdict = [None]
     if accelerator.is_main_process:
         missing = _missing_markers(folder, accelerator.num_processes)
-        shutil.rmtree(folder, ignore_errors=True)
         if missing:
             unseen = ", ".join(f"rank {rank} on {hosts[rank]}" for rank in missing)
             verdict = [
@@ -173,4 +200,15 @@ def _check_markers(accelerator: Accelerator, folder: Path) -> str | None:
                 "output_dir must be on a filesystem all nodes share"
             ]
     broadcast_object_list(verdict)
+    _remove_marker(folder, accelerator.process_index)
     return verdict[0]
+
+
+def _remove_marker(folder: Path, rank: int) -> None:
+    """Each process removes its own marker; the last one out removes the folders."""
+    (folder / str(rank)).unlink(missing_ok=True)
+    for empty in (folder, folder.parent):
+        try:
+            empty.rmdir()
+        except OSError:  # another process's marker is still there
+            return

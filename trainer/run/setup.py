@@ -114,12 +114,29 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
             "products are emulated (17x slower than fp32 in benchmarks/optimisations.py); "
             "train.precision=no is faster here"
         )
+    _fill_deepspeed_auto(accelerator, cfg)
     if accelerator.num_processes != world_size_from_env():
         raise RuntimeError(  # ranks would overwrite each other's files: a launch bug
             f"WORLD_SIZE={world_size_from_env()} but Accelerate runs "
             f"{accelerator.num_processes} process(es)"
         )
     return accelerator
+
+
+def _fill_deepspeed_auto(accelerator: Accelerator, cfg: RunConfig) -> None:
+    """A user's DeepSpeed JSON (`accelerate launch --config_file`) may say "auto": Accelerate
+    takes the micro batch from the dataloaders given to prepare(), which this loop keeps to
+    itself, and puts 1.0 for the clipping; take both from the run config instead."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_clipping": cfg.train.max_grad_norm,
+    }
+    for key, value in values.items():
+        if plugin.is_auto(key):
+            plugin.deepspeed_config[key] = value
 
 
 def _native_bf16() -> bool:
