@@ -83,6 +83,27 @@ def _deepspeed_settings(job: Job) -> dict:
     return settings
 
 
+def _inline_deepspeed_values(job: Job) -> dict[str, tuple]:
+    """The deepspeed_config keys an Accelerate config may repeat: (value, origin)."""
+    profile = job.profile
+    return {
+        "deepspeed_config.gradient_accumulation_steps": (
+            job.cfg.gradient_accumulation_steps(profile.world_size),
+            "train.global_batch_size / (train.micro_batch_size x processes)",
+        ),
+        "deepspeed_config.gradient_clipping": (job.cfg.train.max_grad_norm, "train.max_grad_norm"),
+        "deepspeed_config.zero_stage": (profile.zero_stage, "the profile's zero_stage"),
+        "deepspeed_config.offload_optimizer_device": (
+            "cpu" if profile.offload_optimizer else "none",
+            "the profile's offload_optimizer",
+        ),
+        "deepspeed_config.offload_param_device": (
+            "cpu" if profile.offload_params else "none",
+            "the profile's offload_params",
+        ),
+    }
+
+
 def _accelerate_settings(job: Job, deepspeed_file: Path | None) -> dict:
     """Ours, or the user's Accelerate config laid over ours (refused where it contradicts
     the run config or the profile)."""
@@ -101,13 +122,7 @@ def _accelerate_settings(job: Job, deepspeed_file: Path | None) -> dict:
         "train.compile",
     )
     if deepspeed_file is not None:
-        ds = job.cfg.gradient_accumulation_steps(job.profile.world_size)
-        values["deepspeed_config.gradient_accumulation_steps"] = (ds, "train.global_batch_size")
-        values["deepspeed_config.gradient_clipping"] = (
-            job.cfg.train.max_grad_norm,
-            "train.max_grad_norm",
-        )
-        values["deepspeed_config.zero_stage"] = (job.profile.zero_stage, "the profile's zero_stage")
+        values.update(_inline_deepspeed_values(job))
     theirs = read_user_file(job.user_accelerate, "--accelerate-config")
     return merge_accelerate(ours, theirs, f"--accelerate-config {job.user_accelerate}", values)
 
@@ -221,6 +236,9 @@ def checked_job(
     if errors:
         raise UserError("; ".join(errors))
     job.user_accelerate = Path(accelerate_file) if accelerate_file else None
+    if accelerate_file and not deepspeed_file:  # the JSON their Accelerate config names
+        theirs = read_user_file(accelerate_file, "--accelerate-config")
+        deepspeed_file = (theirs.get("deepspeed_config") or {}).get("deepspeed_config_file")
     job.user_deepspeed = Path(deepspeed_file) if deepspeed_file else None
     if deepspeed_file and job.profile.backend != "deepspeed":
         raise UserError(

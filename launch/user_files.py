@@ -21,6 +21,15 @@ from trainer.config import RunConfig
 from trainer.errors import UserError
 
 AUTO = "auto"
+# deepspeed_config keys of an Accelerate config that Accelerate refuses next to a JSON file
+INLINE_DEEPSPEED = (
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_param_device",
+    "zero3_save_16bit_model",
+)
 
 
 def deepspeed_values(cfg: RunConfig, world_size: int, precision: str) -> dict[str, tuple]:
@@ -113,7 +122,7 @@ def merge_accelerate(ours: dict, theirs: dict, source: str, values: dict[str, tu
             merged[key] = value
     if "deepspeed_config" in merged:
         merged.pop("mixed_precision", None)
-        for key in ("gradient_accumulation_steps", "gradient_clipping", "zero_stage"):
+        for key in INLINE_DEEPSPEED:
             merged["deepspeed_config"].pop(key, None)
         merged["deepspeed_config"]["deepspeed_config_file"] = ours["deepspeed_config"][
             "deepspeed_config_file"

@@ -175,6 +175,25 @@ def test_launch_files_keep_the_users_accelerate_settings(run_config, tmp_path):
         write_launch_files(job)
 
 
+def test_the_deepspeed_json_an_accelerate_config_names_is_checked_too(run_config, tmp_path, capsys):
+    config = run_config("mlm", train=BATCH)
+    theirs = tmp_path / "theirs.yaml"
+    named = deepspeed_json(tmp_path, optimizer={"type": "AdamW"})
+    theirs.write_text(yaml.safe_dump({"deepspeed_config": {"deepspeed_config_file": str(named)}}))
+    code = cli(
+        "submit", config, "--cluster", "8gpu-zero2", "--accelerate-config", theirs, "--dry-run"
+    )
+    assert code == 2
+    assert f"--deepspeed {named}: remove its 'optimizer' block" in error_line(capsys)
+    theirs.write_text(yaml.safe_dump({"deepspeed_config": {"offload_optimizer_device": "cpu"}}))
+    code = cli(
+        "submit", config, "--cluster", "8gpu-zero2", "--accelerate-config", theirs, "--dry-run"
+    )
+    assert code == 2
+    line = error_line(capsys)
+    assert "offload_optimizer_device is cpu but the run config gives none" in line
+
+
 def test_a_deepspeed_json_needs_a_deepspeed_profile(run_config, tmp_path, capsys):
     config = run_config("mlm", train=BATCH)
     code = cli("submit", config, "--cluster", "8gpu-ddp", "--deepspeed", deepspeed_json(tmp_path))
