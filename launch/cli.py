@@ -17,6 +17,19 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
 
 
+def _user_files(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accelerate-config",
+        metavar="FILE",
+        help="your Accelerate config: kept, checked against the run config, 'auto' filled in",
+    )
+    parser.add_argument(
+        "--deepspeed",
+        metavar="FILE",
+        help="your DeepSpeed JSON (deepspeed profiles): checked, 'auto' filled in",
+    )
+
+
 def _plan(args: argparse.Namespace) -> int:
     from launch.plan import plan
 
@@ -27,13 +40,15 @@ def _plan(args: argparse.Namespace) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from launch.local import launch
 
-    return launch(args.config, args.cluster, args.overrides)
+    user_files = (args.accelerate_config, args.deepspeed)
+    return launch(args.config, args.cluster, args.overrides, user_files)
 
 
 def _submit(args: argparse.Namespace) -> int:
     from launch.slurm import submit
 
-    return submit(args.config, args.cluster, args.overrides, dry_run=args.dry_run)
+    user_files = (args.accelerate_config, args.deepspeed)
+    return submit(args.config, args.cluster, args.overrides, args.dry_run, user_files)
 
 
 def add_commands(commands) -> None:
@@ -45,8 +60,10 @@ def add_commands(commands) -> None:
         "launch", help="start the processes on this machine (torchrun on CPU, accelerate on GPU)"
     )
     _job_arguments(launch)
+    _user_files(launch)
     launch.set_defaults(run=_launch)
     submit = commands.add_parser("submit", help="render an sbatch script and submit it")
     _job_arguments(submit)
+    _user_files(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     submit.set_defaults(run=_submit)

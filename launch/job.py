@@ -8,6 +8,7 @@ allocation. The files a launch needs are written into the run directory.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 
 from launch.accelerate_config import accelerate_config, deepspeed_config, effective_precision
 from launch.profiles import ClusterProfile, load_profile
+from launch.user_files import check_deepspeed, deepspeed_values, merge_accelerate, read_user_file
 from trainer.config import RunConfig, build_config
 from trainer.errors import UserError
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml
@@ -30,6 +32,8 @@ class Job:
     cfg: RunConfig
     profile: ClusterProfile
     precision: str
+    user_accelerate: Path | None = None  # --accelerate-config: the user's file, checked
+    user_deepspeed: Path | None = None  # --deepspeed: the user's JSON, checked
 
     @property
     def run_dir(self) -> Path:
@@ -59,20 +63,82 @@ def resolve_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
     return Job(path, list(overrides), cfg, profile, precision)
 
 
-def write_launch_files(job: Job) -> tuple[Path, Path | None]:
-    """accelerate_config.yaml (and deepspeed.json) in RUN_DIR/launch/; returns their paths."""
-    folder = job.run_dir / "launch"
-    folder.mkdir(parents=True, exist_ok=True)
-    deepspeed_file = None
-    if job.profile.backend == "deepspeed":
-        deepspeed_file = folder / "deepspeed.json"
-        settings = deepspeed_config(job.cfg, job.profile, job.precision)
-        deepspeed_file.write_text(json.dumps(settings, indent=2))
-    config_file = folder / "accelerate_config.yaml"
-    settings = accelerate_config(
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _deepspeed_settings(job: Job) -> dict:
+    """Ours, or the user's JSON with "auto" filled in (refused where it contradicts us)."""
+    if job.user_deepspeed is None:
+        return deepspeed_config(job.cfg, job.profile, job.precision)
+    values = deepspeed_values(job.cfg, job.profile.world_size, job.precision)
+    theirs = read_user_file(job.user_deepspeed, "--deepspeed")
+    settings, errors = check_deepspeed(
+        theirs, f"--deepspeed {job.user_deepspeed}", values, job.profile.zero_stage
+    )
+    if errors:
+        raise UserError("; ".join(errors))
+    return settings
+
+
+def _inline_deepspeed_values(job: Job) -> dict[str, tuple]:
+    """The deepspeed_config keys an Accelerate config may repeat: (value, origin)."""
+    profile = job.profile
+    return {
+        "deepspeed_config.gradient_accumulation_steps": (
+            job.cfg.gradient_accumulation_steps(profile.world_size),
+            "train.global_batch_size / (train.micro_batch_size x processes)",
+        ),
+        "deepspeed_config.gradient_clipping": (job.cfg.train.max_grad_norm, "train.max_grad_norm"),
+        "deepspeed_config.zero_stage": (profile.zero_stage, "the profile's zero_stage"),
+        "deepspeed_config.offload_optimizer_device": (
+            "cpu" if profile.offload_optimizer else "none",
+            "the profile's offload_optimizer",
+        ),
+        "deepspeed_config.offload_param_device": (
+            "cpu" if profile.offload_params else "none",
+            "the profile's offload_params",
+        ),
+    }
+
+
+def _accelerate_settings(job: Job, deepspeed_file: Path | None) -> dict:
+    """Ours, or the user's Accelerate config laid over ours (refused where it contradicts
+    the run config or the profile)."""
+    ours = accelerate_config(
         job.cfg, job.profile, job.precision, str(deepspeed_file) if deepspeed_file else None
     )
-    config_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+    if job.user_accelerate is None:
+        return ours
+    values = {
+        key: (ours[key], "the profile")
+        for key in ("distributed_type", "num_processes", "num_machines", "use_cpu")
+    }
+    values["mixed_precision"] = (job.precision, "train.precision")
+    values["dynamo_config.dynamo_backend"] = (
+        "INDUCTOR" if job.cfg.train.compile else "NO",
+        "train.compile",
+    )
+    if deepspeed_file is not None:
+        values.update(_inline_deepspeed_values(job))
+    theirs = read_user_file(job.user_accelerate, "--accelerate-config")
+    return merge_accelerate(ours, theirs, f"--accelerate-config {job.user_accelerate}", values)
+
+
+def write_launch_files(job: Job) -> tuple[Path, Path | None]:
+    """accelerate_config.yaml (and deepspeed.json) in RUN_DIR/launch/; returns their paths.
+    Both are computed (and a user's file checked) before either is written."""
+    folder = job.run_dir / "launch"
+    deepspeed_file = folder / "deepspeed.json" if job.profile.backend == "deepspeed" else None
+    deepspeed = _deepspeed_settings(job) if deepspeed_file else None
+    settings = _accelerate_settings(job, deepspeed_file)
+    folder.mkdir(parents=True, exist_ok=True)
+    if deepspeed_file is not None:
+        _write(deepspeed_file, json.dumps(deepspeed, indent=2))
+    config_file = folder / "accelerate_config.yaml"
+    _write(config_file, yaml.safe_dump(settings, sort_keys=False))
     return config_file, deepspeed_file
 
 
@@ -150,8 +216,15 @@ def _errors_beside(config_path: str, cluster: str, overrides: list[str]) -> list
     return combination_errors(cfg, profile, effective_precision(cfg, profile, explicit))
 
 
-def checked_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
-    """The job, with every run config, profile and combination problem in one UserError."""
+def checked_job(
+    config_path: str,
+    cluster: str,
+    overrides: list[str],
+    accelerate_file: str | None = None,
+    deepspeed_file: str | None = None,
+) -> Job:
+    """The job, with every run config, profile and combination problem in one UserError;
+    the user's launch files (if any) are checked when they are written."""
     check_cli_overrides(overrides)
     try:
         job = resolve_job(config_path, cluster, overrides)
@@ -162,4 +235,14 @@ def checked_job(config_path: str, cluster: str, overrides: list[str]) -> Job:
     errors = combination_errors(job.cfg, job.profile, job.precision)
     if errors:
         raise UserError("; ".join(errors))
+    job.user_accelerate = Path(accelerate_file) if accelerate_file else None
+    if accelerate_file and not deepspeed_file:  # the JSON their Accelerate config names
+        theirs = read_user_file(accelerate_file, "--accelerate-config")
+        deepspeed_file = (theirs.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    job.user_deepspeed = Path(deepspeed_file) if deepspeed_file else None
+    if deepspeed_file and job.profile.backend != "deepspeed":
+        raise UserError(
+            f"--deepspeed: profile {job.profile.name} runs backend {job.profile.backend}; "
+            "a DeepSpeed JSON needs a deepspeed profile"
+        )
     return job

@@ -2,8 +2,9 @@
 
 The run config and the profile are checked together first (`resolve_job`), the Accelerate
 config and DeepSpeed JSON are written into RUN_DIR/launch/, then one launcher process starts
-the training processes. Its exit code is ours, except that a preempted run (every training
-process saved and exited with 75) gives 75 even though the launcher reports a failure.
+the training processes. Its exit code is ours, except that the codes the training processes
+mean something by (2: a user error, 3: training failed, 75: preempted, every process saved)
+come through unchanged, though the launcher itself reports 1 for them.
 Inside a requeue-enabled SLURM job (TRAINER_SLURM_REQUEUE=1) a 75 then requeues the job
 (launch/requeue.py), as the batch script of `trainer submit` does.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from launch.job import Job, accelerate_command, checked_job, write_launch_files
 from launch.requeue import requeue_preempted_job, slurm_job_to_requeue
-from trainer.errors import UserError
+from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
 from trainer.run.stop import EXIT_PREEMPTED
 
 # How the launchers report their children's exit codes on stderr: torch.distributed.run
@@ -31,6 +32,10 @@ _EXIT_CODE_REPORTS = (
     re.compile(rb"returned non-zero exit status (-?\d+)"),
 )
 _STDERR_TAIL = 1 << 16  # the failure report is at the end of the launcher's stderr
+PASSED_THROUGH = (EXIT_USER_ERROR, EXIT_TRAINING_FAILED, EXIT_PREEMPTED)
+# torchrun stops the other processes with SIGTERM once one has exited: they report -15. Any
+# other signal (SIGKILL from the OOM killer: -9) is a failure of its own.
+_STOPPED_BY_LAUNCHER = -signal.SIGTERM
 
 
 def node_command(job: Job, config_file: Path, node_rank: str, address: str, port: str) -> list[str]:
@@ -84,15 +89,31 @@ def profile_environment(job: Job) -> dict[str, str]:
 
 
 def children_exit_code(launcher_code: int, stderr_tail: bytes) -> int:
-    """75 when the launcher failed only because training processes exited with 75 (or were
-    stopped by a signal after one did); otherwise the launcher's own code."""
+    """The training processes' own code when they all exited with the same one of 2, 3
+    and 75 (those stopped by the launcher after the first one left aside), which the
+    launcher reports as 1; otherwise the launcher's own code."""
     if launcher_code == 0:
         return 0
-    reported = [int(m) for pattern in _EXIT_CODE_REPORTS for m in pattern.findall(stderr_tail)]
-    preempted = EXIT_PREEMPTED in reported
-    if preempted and all(code == EXIT_PREEMPTED or code < 0 for code in reported):
-        return EXIT_PREEMPTED
+    reported = {int(m) for pattern in _EXIT_CODE_REPORTS for m in pattern.findall(stderr_tail)}
+    own = reported - {_STOPPED_BY_LAUNCHER}
+    if len(own) == 1 and (code := own.pop()) in PASSED_THROUGH:
+        return code
     return launcher_code
+
+
+def check_devices(job: Job) -> None:
+    """A GPU profile starts one process per GPU: refuse it on a machine with fewer."""
+    if job.profile.device != "gpu":
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < job.profile.processes_per_node:
+        raise UserError(
+            f"--cluster: {job.profile.name} starts {job.profile.processes_per_node} processes, "
+            f"one per GPU, but this machine has {found} GPU(s) (torch.cuda.device_count()); "
+            "use a profile with fewer processes_per_node"
+        )
 
 
 def run_streaming(command: list[str], env: dict[str, str]) -> int:
@@ -119,15 +140,19 @@ def run_streaming(command: list[str], env: dict[str, str]) -> int:
     return children_exit_code(code, tail)
 
 
-def launch(config: str, cluster: str, overrides: list[str]) -> int:
+def launch(
+    config: str, cluster: str, overrides: list[str], user_files: tuple[str | None, ...] = ()
+) -> int:
     """`trainer launch`: the job's processes on this machine; returns their exit code, after
-    requeueing the SLURM job it runs in when they were preempted (see the module docstring)."""
-    job = checked_job(config, cluster, overrides)
+    requeueing the SLURM job it runs in when they were preempted (see the module docstring).
+    `user_files`: the user's Accelerate config and DeepSpeed JSON (or None)."""
+    job = checked_job(config, cluster, overrides, *user_files)
     if job.profile.nodes > 1:
         raise UserError(
             f"--cluster: {job.profile.name} spans {job.profile.nodes} nodes and `trainer launch` "
             "starts only this machine; use `trainer submit` (SLURM)"
         )
+    check_devices(job)
     config_file, _ = write_launch_files(job)
     command = node_command(job, config_file, "0", "127.0.0.1", str(free_port()))
     print(f"launch: {job.profile.world_size} process(es) on this machine", file=sys.stderr)

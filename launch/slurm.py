@@ -151,10 +151,17 @@ def render_script(job: Job, config_file: Path) -> str:
     return "\n".join(header) + body
 
 
-def submit(config: str, cluster: str, overrides: list[str], dry_run: bool = False) -> int:
+def submit(
+    config: str,
+    cluster: str,
+    overrides: list[str],
+    dry_run: bool = False,
+    user_files: tuple[str | None, ...] = (),
+) -> int:
     """`trainer submit`: write RUN_DIR/launch/ (script, Accelerate config, DeepSpeed JSON)
-    and pass the script to sbatch, or print it with --dry-run."""
-    job = checked_job(config, cluster, overrides)
+    and pass the script to sbatch, or print it with --dry-run. `user_files`: the user's
+    Accelerate config and DeepSpeed JSON (or None)."""
+    job = checked_job(config, cluster, overrides, *user_files)
     if not dry_run and shutil.which("sbatch") is None:
         raise UserError(
             "sbatch: not found on PATH; submit from a SLURM login node, or use --dry-run"
@@ -162,7 +169,9 @@ def submit(config: str, cluster: str, overrides: list[str], dry_run: bool = Fals
     config_file, _ = write_launch_files(job)
     (job.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     script = config_file.parent / "job.sbatch"
-    script.write_text(render_script(job, config_file))
+    tmp = script.with_name(f".{script.name}.tmp")
+    tmp.write_text(render_script(job, config_file))
+    tmp.replace(script)
     if dry_run:
         print(script.read_text(), end="")
         print(f"# written to {script}; not submitted (--dry-run)", file=sys.stderr)

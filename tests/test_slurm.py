@@ -124,7 +124,8 @@ def test_dry_run_prints_the_script_and_submits_nothing(zero3_config, fake_slurm,
         "#SBATCH --requeue",
         "#SBATCH --open-mode=append",
         "export TRAINER_SLURM_REQUEUE=1",
-        "export NCCL_ASYNC_ERROR_HANDLING=1",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "export TORCH_NCCL_DUMP_ON_TIMEOUT=1",
         'MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
     ):
         assert line in script.splitlines(), line
@@ -292,7 +293,14 @@ def template(name: str, config: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "status"),
-    [("rendered", 75), ("rendered", 1), ("single-node", 75), ("multi-node", 75)],
+    [
+        ("rendered", 75),
+        ("rendered", 1),
+        ("rendered", 2),  # a user error, and 3 (training failed): the job exits with them
+        ("rendered", 3),
+        ("single-node", 75),
+        ("multi-node", 75),
+    ],
 )
 def test_the_batch_scripts_requeue_only_after_75(
     tmp_path, tiny_models_by_task, data_dir, fake_slurm, capsys, script, status

@@ -14,6 +14,7 @@ import sys
 from dataclasses import MISSING
 
 from launch.cli import add_commands as add_launch_commands
+from launch.guard import check_train_environment
 from trainer.config import all_keys, load_config
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
 
@@ -51,7 +52,10 @@ def format_results(results: dict) -> str:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_train_environment(cfg)  # how it was started: SLURM tasks, accelerate launch files
     _quiet_libraries()
+    from trainer.run.collectives import timed_out_collective
+    from trainer.run.rundir import release_run_dir
     from trainer.run.setup import RunFinished
     from trainer.run.stop import EXIT_PREEMPTED, Preempted
     from trainer.run.train import TrainingFailed, train
@@ -67,6 +71,13 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingFailed as failed:
         print(f"error: {failed}", file=sys.stderr)
         return EXIT_TRAINING_FAILED
+    except RuntimeError as err:
+        if (line := timed_out_collective(err, cfg.train.collective_timeout)) is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return EXIT_TRAINING_FAILED
+    finally:
+        release_run_dir()
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_results(results))
     return 0

@@ -186,6 +186,10 @@ class TrainConfig:
     )
     on_nonfinite: str = _field("skip", "Non-finite loss/grad norm: skip the step | stop.")
     max_nonfinite_in_a_row: int = _field(5, "With skip: stop after this many skipped in a row.")
+    collective_timeout: float = _field(
+        600.0,
+        "Seconds a collective may wait for every process before the job fails (torch: 1800).",
+    )
 
 
 @dataclass
@@ -283,6 +287,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "log.every_steps": cfg.log.every_steps,
         "train.max_nonfinite_in_a_row": cfg.train.max_nonfinite_in_a_row,
+        "train.collective_timeout": cfg.train.collective_timeout,
         "peft.r": cfg.peft.r,
         "peft.alpha": cfg.peft.alpha,
     }

@@ -33,6 +33,7 @@ SAFE_TO_CHANGE = frozenset(
         "train.max_time",
         "train.on_nonfinite",
         "train.max_nonfinite_in_a_row",
+        "train.collective_timeout",
         "log.every_steps",
         "log.trackers",
         "eval.every_steps",

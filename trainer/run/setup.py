@@ -14,12 +14,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -44,6 +45,7 @@ from trainer.model.load import check_document_isolation, load_model, load_tokeni
 from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout
 from trainer.run.optim import build_optimizer, build_scheduler
 from trainer.run.resume import changed_keys, select_checkpoint
+from trainer.run.rundir import claim_run_dir
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
 
@@ -102,6 +104,11 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
         gradient_accumulation_steps=accumulation_steps,
         log_with=list(cfg.log.trackers) or None,
         project_dir=str(run_dir),
+        # torch's default is 30 minutes: a rank that never joins a collective (hung, or
+        # dead without its process group noticing) should fail the job much sooner
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout))
+        ],
     )
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not _native_bf16():
         _report(
@@ -109,12 +116,29 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
             "products are emulated (17x slower than fp32 in benchmarks/optimisations.py); "
             "train.precision=no is faster here"
         )
+    _fill_deepspeed_auto(accelerator, cfg)
     if accelerator.num_processes != world_size_from_env():
         raise RuntimeError(  # ranks would overwrite each other's files: a launch bug
             f"WORLD_SIZE={world_size_from_env()} but Accelerate runs "
             f"{accelerator.num_processes} process(es)"
         )
     return accelerator
+
+
+def _fill_deepspeed_auto(accelerator: Accelerator, cfg: RunConfig) -> None:
+    """A user's DeepSpeed JSON (`accelerate launch --config_file`) may say "auto": Accelerate
+    takes the micro batch from the dataloaders given to prepare(), which this loop keeps to
+    itself, and puts 1.0 for the clipping; take both from the run config instead."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_clipping": cfg.train.max_grad_norm,
+    }
+    for key, value in values.items():
+        if plugin.is_auto(key):
+            plugin.deepspeed_config[key] = value
 
 
 def _native_bf16() -> bool:
@@ -292,9 +316,11 @@ def train_stream(
 def set_up(cfg: RunConfig) -> Run:
     """Read and check the data before loading the model (a bad row costs seconds, not a
     model download), then the model, optimizer and schedule, prepared by Accelerate."""
-    run_dir, resume_from = prepare_run_dir(cfg)
     world_size = world_size_from_env()
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
     accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size))
+    claim_run_dir(accelerator, run_dir)  # before any process decides to resume
+    run_dir, resume_from = prepare_run_dir(cfg)
     if resume_from is not None:
         check_layout(resume_from, accelerator)
     if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
