@@ -46,9 +46,11 @@ def node_command(job: Job, config_file: Path, node_rank: str, address: str, port
     path starts ONE process (without RANK / WORLD_SIZE) unless it is given an MPI hostfile
     and mpirun, and the CPU parity tests and SLURM simulation must not need MPI. torchrun
     starts the processes itself and the training code's `Accelerator(cpu=True)` picks up
-    gloo DDP from its environment (the same launcher accelerate uses for GPUs).
+    gloo DDP from its environment (the same launcher accelerate uses for GPUs). DeepSpeed
+    profiles on CPU go through `accelerate launch` as on GPUs: under plain torchrun the
+    training code would see no DeepSpeed config and silently train as DDP.
     """
-    if job.profile.device == "cpu":
+    if job.profile.device == "cpu" and job.profile.backend == "ddp":
         return [
             sys.executable,
             "-m",
@@ -84,8 +86,12 @@ def free_port() -> int:
 
 
 def profile_environment(job: Job) -> dict[str, str]:
-    """This process's environment plus the profile's `env` block."""
-    return {**os.environ, **{key: str(value) for key, value in job.profile.env.items()}}
+    """This process's environment plus the profile's `env` block; DeepSpeed on a CPU
+    profile runs on DeepSpeed's CPU accelerator (gloo), not on a GPU it would look for."""
+    env = {**os.environ, **{key: str(value) for key, value in job.profile.env.items()}}
+    if job.profile.device == "cpu" and job.profile.backend == "deepspeed":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
 
 
 def children_exit_code(launcher_code: int, stderr_tail: bytes) -> int:

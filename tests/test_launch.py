@@ -14,7 +14,7 @@ from conftest import make_run_config, read_metrics, reset_accelerate
 from safetensors.torch import load_file
 
 from launch.job import resolve_job, write_launch_files
-from launch.local import children_exit_code, node_command
+from launch.local import children_exit_code, node_command, profile_environment
 from trainer.cli import main
 
 # Dropout off, so that the only randomness left is the (process-count independent) masking.
@@ -102,6 +102,17 @@ def test_cpu_profiles_start_torchrun_and_gpu_profiles_accelerate(run_config):
         "data.max_length=16",
         "train.precision=bf16",
     ]
+
+
+def test_deepspeed_on_cpu_starts_accelerate_on_deepspeeds_cpu_accelerator(run_config, tmp_path):
+    """Under plain torchrun the processes would see no DeepSpeed config: DDP, silently."""
+    config = run_config("mlm", train={"global_batch_size": 16, "micro_batch_size": 2})
+    profile = tmp_path / "zero2-cpu.yaml"
+    profile.write_text(yaml.safe_dump({"device": "cpu", "backend": "deepspeed", "zero_stage": 2}))
+    job = resolve_job(str(config), str(profile), [])
+    command = node_command(job, Path("acc.yaml"), "0", "127.0.0.1", "29500")
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    assert profile_environment(job)["DS_ACCELERATOR"] == "cpu"
 
 
 def test_multi_node_deepspeed_starts_one_launcher_per_node(run_config):

@@ -9,7 +9,6 @@ runs are in test_cuda_runs.py)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from transformers import AutoModelForMaskedLM
 
 import trainer.tasks.registry
 from launch.accelerate_config import deepspeed_config
-from launch.job import accelerate_command, resolve_job, write_launch_files
+from launch.job import resolve_job, write_launch_files
+from launch.local import node_command, profile_environment
 from trainer.cli import main
 from trainer.run.resume import checkpoint_dir
 
@@ -38,13 +38,14 @@ def cpu_profile(folder: Path, name: str, **settings) -> Path:
 
 
 def run_launched(job, port: int, module: str = "trainer", **env: str) -> None:
-    """`accelerate launch` as `trainer launch` runs it, of `python -m module` (a test's
-    wrapper of `trainer`, started from tests/, or trainer itself)."""
+    """The command and environment `trainer launch` runs (for DeepSpeed on CPU: `accelerate
+    launch` on DeepSpeed's CPU accelerator), of `python -m module` (a test's wrapper of
+    `trainer`, started from tests/, or trainer itself)."""
     config_file, _ = write_launch_files(job)
-    command = accelerate_command(job, config_file, "0", "127.0.0.1", str(port))
+    command = node_command(job, config_file, "0", "127.0.0.1", str(port))
     command[command.index("trainer")] = module
-    env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env = {**os.environ, **env, "PYTHONPATH": str(Path(__file__).parent)}
+    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**profile_environment(job), **env, "PYTHONPATH": str(Path(__file__).parent)}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
