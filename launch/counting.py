@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from trainer.config import RunConfig
 from trainer.errors import UserError
+from trainer.model import dtypes
 from trainer.tasks.registry import TASKS, task_spec
 
 
@@ -76,6 +77,7 @@ class ParamCount:
     heads: int = 0
     vocab: int = 0
     model_class: str = ""
+    checkpoint_dtype: str = "fp32"  # what model.dtype=auto loads (trainer/model/dtypes.py)
 
 
 def _meta_model(cfg: RunConfig, data: DataCount):
@@ -143,6 +145,7 @@ def count_parameters(cfg: RunConfig, data: DataCount) -> ParamCount:
         "heads": config.num_attention_heads,
         "vocab": config.vocab_size,
         "model_class": type(model).__name__,
+        "checkpoint_dtype": dtypes.from_torch(getattr(config, "dtype", None)),
     }
     if cfg.peft.method == "none":
         return ParamCount(total, total, **dims)
