@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import make_run_config, read_metrics, reset_accelerate
 from test_sharded_backends import cpu_profile, run_launched
 
@@ -43,9 +44,10 @@ def qlora_run(tmp_path, tiny_models_by_task, data_dir):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="until issue 15 point 1 lands: under the DeepSpeed branch (now really taken on "
-    "CPU) clip_grad_norm_ returns a float and run/step.py calls .detach() on it; with that "
-    "line fixed locally this test passed (losses equal to the plain run's to 1e-5)",
+    reason="until issue 15 point 1 lands: on CPU Accelerate(cpu=True) ignores a DeepSpeed "
+    "launch (point 1 changes that and records distributed_type in run_summary.json), and "
+    "in the DeepSpeed branch clip_grad_norm_ returns a float that run/step.py .detach()es; "
+    "with both fixed locally this test passed (losses equal to the plain run's to 1e-5)",
     strict=False,
 )
 def test_qlora_under_zero3_on_cpu_trains_and_follows_a_plain_run(qlora_run, tmp_path):
@@ -53,17 +55,18 @@ def test_qlora_under_zero3_on_cpu_trains_and_follows_a_plain_run(qlora_run, tmp_
     profile = cpu_profile(tmp_path, "zero3", backend="deepspeed", zero_stage=3)
     job = resolve_job(str(config), str(profile), [])
     run_launched(job, 29427)
+    summary = json.loads((job.run_dir / "run_summary.json").read_text())
+    assert summary.get("distributed_type") == "DEEPSPEED"  # not a plain run in disguise
     assert (job.run_dir / "final" / "adapter_model.safetensors").is_file()
     assert losses(job.run_dir) == pytest.approx(losses(reference), rel=1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_under_fsdp2_on_gpu_trains_and_follows_a_plain_run(qlora_run, tmp_path):
     """Accelerate takes its FSDP branch only on GPUs (a gloo CPU group stays MULTI_CPU), so
     sharded QLoRA under FSDP2 is checked here, with every GPU of the machine."""
-    import torch
-
     config, reference = qlora_run
     gpus = torch.cuda.device_count()
     profile = tmp_path / "fsdp.yaml"

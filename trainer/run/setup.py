@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -96,9 +96,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     accelerator = Accelerator(
-        # cpu=True so that torchrun on CPU gives gloo DDP; but Accelerate then ignores a
-        # DeepSpeed launch, which on CPU runs on DeepSpeed's own CPU accelerator
-        cpu=cpu_only() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
+        cpu=cpu_only(),  # so that torchrun on CPU gives gloo DDP
         mixed_precision=cfg.train.precision,
         dynamo_backend="inductor" if cfg.train.compile else "no",
         gradient_accumulation_steps=accumulation_steps,
