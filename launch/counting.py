@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from trainer.config import RunConfig
 from trainer.errors import UserError
+from trainer.model import dtypes
 from trainer.tasks.registry import TASKS, task_spec
 
 
@@ -77,6 +78,7 @@ class ParamCount:
     vocab: int = 0
     model_class: str = ""
     largest_layer: int = 0  # parameters of the largest module (own, not its children's)
+    checkpoint_dtype: str = "fp32"  # what model.dtype=auto loads (trainer/model/dtypes.py)
 
 
 def _meta_model(cfg: RunConfig, data: DataCount):
@@ -148,6 +150,7 @@ def count_parameters(cfg: RunConfig, data: DataCount) -> ParamCount:
         "largest_layer": max(
             sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules()
         ),
+        "checkpoint_dtype": dtypes.from_torch(getattr(config, "dtype", None)),
     }
     if cfg.peft.method == "none":
         return ParamCount(total, total, **dims)

@@ -181,13 +181,6 @@ def combination_errors(cfg: RunConfig, profile: ClusterProfile, precision: str) 
     (Offload without DeepSpeed is rejected by the profile itself, a global batch the
     processes can not divide by the run config check.)"""
     errors = []
-    sharded = profile.backend == "fsdp" or profile.zero_stage == 3
-    if cfg.peft.method == "qlora" and sharded:
-        errors.append(
-            f"peft.method: qlora can't run on profile {profile.name} "
-            f"({'FSDP' if profile.backend == 'fsdp' else 'ZeRO-3'}): its 4-bit base "
-            "(bitsandbytes, uint8 storage) can't be sharded; use lora, or a ddp / ZeRO-1/2 profile"
-        )
     if precision == "fp16" and profile.device == "cpu":
         errors.append(
             f"train.precision: fp16 needs CUDA, profile {profile.name} runs on cpu (DeepSpeed's "

@@ -9,15 +9,22 @@ Parameters are counted on the meta device (`AutoModelFor*.from_config` under
 `torch.device("meta")`: shapes, no storage); LoRA adapters are attached there with peft, as
 training attaches them, so the trainable count is peft's own.
 
-Bytes per parameter (mixed-precision AdamW, the ZeRO paper's accounting, Rajbhandari et al.
-2020), with w = 2 for bf16/fp16 and 4 for fp32 (train.precision `no`):
+Bytes per parameter (AdamW; the ZeRO paper's accounting, Rajbhandari et al. 2020). The
+weights' dtypes follow model.dtype as training resolves it (trainer/model/dtypes.py: fp32
+trained weights unless model.dtype asks for 16 bits; a frozen LoRA base in train.precision's
+dtype; 'auto': the checkpoint config's dtype), t = the trained weights' width, f = the frozen:
 
-- weights    w x every parameter; under QLoRA the quantized Linear weights take
-             0.5 + 0.0159 bytes (NF4 plus double-quantized absmax: an 8-bit constant per 64
-             weights and an fp32 one per 256 such blocks), the rest w.
-- gradients  w x trainable parameters (all of them for full fine-tuning; LoRA: the adapters
-             and the heads trained in full).
-- optimizer  (4 fp32 master copy, with mixed precision only + 8 Adam m and v) x trainable.
+- DeepSpeed at bf16/fp16: the engine casts the module to 16 bits and keeps an fp32 master
+  copy: weights 2 x every parameter, gradients 2 x trainable, optimizer (4 master + 8 Adam
+  m and v) x trainable.
+- otherwise (torch autocast under ddp / fsdp, or precision `no`): weights t x trainable +
+  f x frozen, gradients t x trainable, optimizer 2t x trainable (torch's AdamW keeps m and v
+  in the parameter's dtype; no master copy: fp32 weights are their own). Default fp32 full
+  fine-tuning: 4 + 4 + 8 = 16 bytes, the same total as mixed precision, split otherwise.
+- QLoRA: the quantized Linear weights take 0.5 + 0.0159 bytes (NF4 plus double-quantized
+  absmax: an 8-bit constant per 64 weights and an fp32 one per 256 such blocks); the other
+  frozen weights f when sharded (FSDP, ZeRO-3: the 4-bit base is stored in that dtype), 4
+  otherwise (peft's k-bit preparation upcasts them to fp32).
 
 Sharding divides by the world size: ZeRO-1 the optimizer states, ZeRO-2 also gradients,
 ZeRO-3 also weights. FSDP runs as FSDP2 (launch.accelerate_config.fsdp_settings): FULL_SHARD
@@ -27,9 +34,7 @@ processes_per_node); NO_SHARD is refused (it is DDP). Offload puts the optimizer
 the gradients (offload_optimizer: they go to the host bucket by bucket as they are reduced)
 and the weights (offload_params) in CPU memory: 0 on the device. Not counted: the CUDA
 context, communication buckets, ZeRO-3's gathered layers in flight, allocator fragmentation.
-Under torch autocast (ddp, fsdp) weights stay fp32 and the master copy is the weights
-themselves: the same 16 bytes per trained parameter, split 4 + 4 + 8, but a frozen LoRA base
-takes 4 bytes per parameter there, not 2.
+Sharded QLoRA divides the 4-bit base like any weights.
 
 Host (CPU) memory per node, for the model states (DeepSpeed's estimator's accounting,
 checked against it in tests/test_plan_deepspeed_estimator.py; it adds 50% on top for pinned
@@ -80,6 +85,7 @@ from launch.job import Job, checked_job
 from launch.profiles import ClusterProfile
 from trainer.config import RunConfig
 from trainer.errors import UserError
+from trainer.model import dtypes
 from trainer.tasks.registry import TASKS
 
 ADAM_STATE_BYTES = 8  # Adam m and v, fp32
@@ -181,14 +187,41 @@ class MemoryRow:
         return self.weights + self.grads + self.optimizer + self.activations
 
 
-def state_bytes(params: ParamCount, strategy: Strategy, precision: str) -> tuple[float, ...]:
+def parameter_widths(
+    strategy: Strategy, precision: str, model_dtype: str | None, peft: str, checkpoint: str
+) -> tuple[int, int, int]:
+    """Bytes per (trained weight, frozen weight, trained weight's optimizer states): the
+    module docstring's rules, with model.dtype resolved as training resolves it
+    (trainer/model/dtypes.py; `checkpoint`: the dtype 'auto' stands for)."""
+    if strategy.name.startswith("zero") and precision != "no":
+        return 2, 2, ADAM_STATE_BYTES + MASTER_COPY_BYTES  # the engine casts the module
+    trained, frozen = (
+        dtypes.BYTES[checkpoint if name == "auto" else name]
+        for name in (
+            dtypes.trained_dtype(model_dtype, peft, precision),
+            dtypes.base_dtype(model_dtype, peft, precision),
+        )
+    )
+    if peft == "qlora" and not strategy.name.startswith(("fsdp", "zero3")):
+        frozen = 4  # peft's k-bit preparation upcasts what is not 4-bit to fp32
+    return trained, frozen, 2 * trained  # torch's AdamW: m and v in the parameter's dtype
+
+
+def state_bytes(
+    params: ParamCount,
+    strategy: Strategy,
+    precision: str,
+    model_dtype: str | None = None,
+    peft: str = "none",
+) -> tuple[float, ...]:
     """(weights, gradients, optimizer states) per device, by the module docstring's rules."""
-    width = 4 if precision == "no" else 2
-    optimizer_width = ADAM_STATE_BYTES + (MASTER_COPY_BYTES if precision != "no" else 0)
-    weights = (params.trainable + params.frozen_other) * width
+    trained, frozen, optimizer_width = parameter_widths(
+        strategy, precision, model_dtype, peft, params.checkpoint_dtype
+    )
+    weights = params.trainable * trained + params.frozen_other * frozen
     weights += params.frozen_quantized * QLORA_BYTES
     # offloaded, the gradients go to the host bucket by bucket as they are reduced
-    grads = 0.0 if strategy.offload_optimizer else params.trainable * width / strategy.grad_shards
+    grads = 0.0 if strategy.offload_optimizer else params.trainable * trained / strategy.grad_shards
     optimizer = params.trainable * optimizer_width / strategy.optimizer_shards
     return (
         0.0 if strategy.offload_params else weights / strategy.weight_shards,
@@ -243,10 +276,11 @@ def memory_rows(job: Job, params: ParamCount) -> tuple[list[MemoryRow], str]:
     strategies = alternative_strategies(profile)
     if chosen.name not in [s.name for s in strategies]:
         strategies.append(chosen)
+    dtype, peft = cfg.model.dtype, cfg.peft.method
     rows = [
         MemoryRow(
             s.name,
-            *state_bytes(params, s, job.precision),
+            *state_bytes(params, s, job.precision, dtype, peft),
             activations,
             host_bytes(params, s, profile, job.precision),
         )

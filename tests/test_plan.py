@@ -180,13 +180,14 @@ def test_parameter_count_matches_the_weights_file(run_config, tiny_bert):
 def test_full_fine_tuning_bytes_per_parameter(run_config, tiny_bert, profile):
     n = safetensors_parameters(tiny_bert)
     plan = make_plan(str(run_config("mlm", train=BATCH_32)), profile, [])  # bf16 on these profiles
-    expected = {  # weights 2, grads 2, optimizer 4 master + 8 Adam, sharded over 8
-        "ddp": (2 * n, 2 * n, 12 * n),
+    expected = {  # DeepSpeed: weights 2, grads 2, optimizer 4 master + 8 Adam, sharded over 8;
+        # autocast (ddp, fsdp): fp32 weights 4, grads 4, Adam 8, no master copy
+        "ddp": (4 * n, 4 * n, 8 * n),
         "zero1": (2 * n, 2 * n, 12 * n / WORLD),
         "zero2": (2 * n, 2 * n / WORLD, 12 * n / WORLD),
         "zero3": (2 * n / WORLD, 2 * n / WORLD, 12 * n / WORLD),
         "zero3+offload": (0, 0, 0),  # the gradients go to the host with the optimizer
-        "fsdp": (2 * n / WORLD, 2 * n / WORLD, 12 * n / WORLD),
+        "fsdp": (4 * n / WORLD, 4 * n / WORLD, 8 * n / WORLD),
     }
     rows = rows_by_name(plan)
     assert list(rows) == list(expected)
@@ -213,11 +214,47 @@ def test_lora_trains_only_the_adapters(run_config, tiny_bert):
     assert (plan.params.total, plan.params.trainable) == (n, adapters)
     rows = rows_by_name(plan)
     assert (rows["ddp"].weights, rows["ddp"].grads, rows["ddp"].optimizer) == (
-        2 * (n + adapters),
-        2 * adapters,
-        12 * adapters,
+        2 * n + 4 * adapters,  # the frozen base in bf16, the adapters in fp32
+        4 * adapters,
+        8 * adapters,
     )
-    assert rows["zero3"].weights == 2 * (n + adapters) / WORLD
+    assert rows["zero3"].weights == 2 * (n + adapters) / WORLD  # the engine casts it all
+
+
+def test_model_dtype_bf16_trains_without_a_master_copy(run_config, tiny_bert):
+    n = safetensors_parameters(tiny_bert)
+    config = str(run_config("mlm", train=BATCH_32))
+    rows = rows_by_name(make_plan(config, "8gpu-ddp", ["model.dtype=bf16"]))
+    assert (rows["ddp"].weights, rows["ddp"].grads, rows["ddp"].optimizer) == (2 * n, 2 * n, 4 * n)
+    assert rows["zero2"].optimizer == 12 * n / WORLD  # DeepSpeed keeps its fp32 master copy
+
+
+def test_model_dtype_auto_reads_the_checkpoint_dtype(run_config, tiny_bert, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(tiny_bert, tmp_path / "bf16-bert")
+    saved = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**saved, "dtype": "bfloat16"}))
+    n = safetensors_parameters(tiny_bert)
+    config = str(run_config("mlm", train=BATCH_32, model={"name_or_path": str(folder)}))
+    for dtype, width in (("auto", 2), ("fp32", 4)):
+        plan = make_plan(config, "8gpu-ddp", [f"model.dtype={dtype}", "train.precision=no"])
+        assert rows_by_name(plan)["ddp"].weights == width * n, dtype
+
+
+@pytest.mark.parametrize("cluster", ["8gpu-fsdp", "8gpu-zero3-offload"])
+def test_sharded_qlora_divides_the_4bit_base_over_the_processes(run_config, tiny_bert, cluster):
+    n = safetensors_parameters(tiny_bert)
+    adapters = LAYERS * 2 * 8 * (HIDDEN + HIDDEN)
+    quantized = LAYERS * (4 * HIDDEN * HIDDEN + 2 * HIDDEN * INTERMEDIATE)
+    config = str(run_config("mlm", train=BATCH_32))
+    plan = make_plan(config, cluster, ["peft.method=qlora"])
+    rows = rows_by_name(plan)
+    # fsdp (autocast): the rest of the base in the storage dtype bf16, the adapters in fp32
+    fsdp = (2 * (n - quantized) + 4 * adapters + QLORA_BYTES * quantized) / WORLD
+    assert rows["fsdp"].weights == pytest.approx(fsdp)
+    zero3 = (2 * (n + adapters - quantized) + QLORA_BYTES * quantized) / WORLD
+    assert rows["zero3"].weights == pytest.approx(zero3)
 
 
 def test_qlora_stores_the_linear_weights_in_4_bits(run_config, tiny_bert):
@@ -312,8 +349,6 @@ def fsdp_checkpointing_profile(tmp_path) -> str:
 @pytest.mark.parametrize(
     ("cluster", "overrides", "fragments"),
     [
-        ("8gpu-zero3-offload", ["peft.method=qlora"], ["peft.method: qlora", "ZeRO-3"]),
-        ("8gpu-fsdp", ["peft.method=qlora"], ["peft.method: qlora", "(FSDP)", "sharded"]),
         ("cpu-debug", ["train.precision=fp16"], ["train.precision: fp16 needs CUDA"]),
         (
             "8gpu-ddp",
@@ -355,11 +390,11 @@ def test_every_problem_in_one_line(capsys, run_config, tmp_path):
             config,
             "--cluster",
             fsdp_checkpointing_profile(tmp_path),
-            "peft.method=qlora",
+            "model.dtype=fp16",
             "train.gradient_checkpointing=true",
         ],
     )
-    for key in ("train.global_batch_size:", "peft.method:", "train.gradient_checkpointing:"):
+    for key in ("train.global_batch_size:", "model.dtype:", "train.gradient_checkpointing:"):
         assert key in line
 
 

@@ -26,6 +26,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 PEFT_METHODS = ("none", "lora", "qlora")
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "auto")
 ON_NONFINITE = ("skip", "stop")
 CLASS_WEIGHTS = ("none", "auto")
 AUGMENT_OPERATIONS = ("deletion", "swap", "insertion", "synonym_replacement")
@@ -51,6 +52,12 @@ class ModelConfig:
         None, "eager | sdpa | flash_attention_2 | ...; unset: transformers' default (sdpa)."
     )
     trust_remote_code: bool = _field(False, "Allow model code from the hub (off: safer).")
+    dtype: str | None = _field(
+        None,
+        "fp32 | bf16 | fp16 | auto (the checkpoint's). Unset: fp32 when training in full, else "
+        "the frozen base in train.precision's dtype (adapters, heads: fp32). bf16 in full keeps "
+        "no fp32 master copy: updates below a weight's rounding step are lost.",
+    )
 
 
 @dataclass
@@ -265,6 +272,8 @@ def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
     if cfg.model.attn_implementation is not None:
         _choice(errors, "model.attn_implementation", cfg.model.attn_implementation, ATTENTION)
     _choice(errors, "peft.method", cfg.peft.method, PEFT_METHODS)
+    if cfg.model.dtype is not None:
+        _choice(errors, "model.dtype", cfg.model.dtype, WEIGHT_DTYPES)
     _choice(errors, "train.on_nonfinite", cfg.train.on_nonfinite, ON_NONFINITE)
     if cfg.train.max_time is not None and parse_duration(cfg.train.max_time) is None:
         errors.append(
@@ -403,6 +412,8 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
         )
     if cfg.peft.method == "qlora" and cfg.model.from_scratch:
         errors.append("peft.method: qlora quantizes pretrained weights; not with from_scratch")
+    if cfg.model.dtype == "fp16" and cfg.peft.method == "none":
+        errors.append("model.dtype: fp16 weights can't train in full (no fp32 master); use bf16")
     if cfg.data.validation and cfg.data.validation_split:
         errors.append("data.validation_split: can't use both data.validation and a split")
     train_sources(cfg.data, errors)

@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from trainer.config import RunConfig
+from trainer.devices import compute_device
 from trainer.errors import UserError
 from trainer.model import adapters
 from trainer.model.load import load_tokenizer
@@ -107,8 +108,10 @@ class Predictor:
         self.head = task_spec(cfg).prediction
         self.precision = precision
         self.quantized = cfg.peft.method == "qlora"
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if not self.quantized:  # a 4-bit model was placed on its device when loaded
+        if self.quantized:  # a 4-bit model was placed on its device when loaded
+            self.device = next(self.model.parameters()).device
+        else:
+            self.device = compute_device()
             self.model.to(self.device)
         self.active = adapter  # the adapter in use; None for a full model
         self.labels: dict[str | None, list[str]] = {adapter: labels or []}
@@ -142,7 +145,16 @@ class Predictor:
         _check_head(saved, cfg.task)
         spec = task_spec(cfg)
         tokenizer = load_tokenizer(cfg.model, spec)
-        model = saved.load(spec, tokenizer, cfg.peft, precision, cfg.train.seed, base, adapter_name)
+        model = saved.load(
+            spec,
+            tokenizer,
+            cfg.peft,
+            precision,
+            cfg.train.seed,
+            base,
+            adapter_name,
+            cfg.model.dtype,
+        )
         if saved.is_adapter:
             recorded_base, active = saved.base, adapter_name
         else:

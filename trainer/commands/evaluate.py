@@ -7,10 +7,10 @@ architecture does not say (e.g. a base `BertModel` scored with `task=mlm`).
 
 from __future__ import annotations
 
-import torch
 from accelerate import Accelerator
 
 from trainer.data.read import check_labels, read_split
+from trainer.devices import cpu_only
 from trainer.errors import UserError
 from trainer.model.load import load_tokenizer
 from trainer.model.saved import SavedModel
@@ -23,9 +23,7 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     saved = SavedModel.read(model_dir)
     cfg = saved.run_config(overrides, evaluate_on=data)
     spec = task_spec(cfg)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.precision
-    )
+    accelerator = Accelerator(cpu=cpu_only(), mixed_precision=cfg.train.precision)
     tokenizer = load_tokenizer(cfg.model, spec)
     label_names = None
     if spec.has_labels:
@@ -36,7 +34,9 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     if label_names is not None:
         check_labels(split, label_names, spec.rows)
     examples = spec.encode(split, tokenizer, label_names, cfg.data.max_length)
-    model = saved.load(spec, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed)
+    model = saved.load(
+        spec, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed, model_dtype=cfg.model.dtype
+    )
     results = evaluate(
         accelerator.prepare(model),
         examples,

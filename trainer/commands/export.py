@@ -15,7 +15,7 @@ import torch
 
 from trainer.config import RunConfig, dump_yaml
 from trainer.errors import UserError
-from trainer.model import adapters
+from trainer.model import adapters, dtypes
 from trainer.model.load import load_model, load_tokenizer
 from trainer.model.saved import RUN_CONFIG_NAME, SavedModel
 from trainer.tasks.registry import task_spec
@@ -64,7 +64,11 @@ def _merged(saved: SavedModel, cfg: RunConfig, spec: TaskSpec, tokenizer) -> tor
     base_cfg = type(cfg.model)(name_or_path=saved.base)
     qlora = cfg.peft.method == "qlora"
     quantization = adapters.quantization_config(cfg.train.precision) if qlora else None
-    base = load_model(base_cfg, spec, tokenizer, saved.label_names, cfg.train.seed, quantization)
+    # the dtype of the adapted model it is checked against (trainer/model/dtypes.py)
+    dtype = dtypes.base_dtype(cfg.model.dtype, cfg.peft.method, cfg.train.precision)
+    base = load_model(
+        base_cfg, spec, tokenizer, saved.label_names, cfg.train.seed, quantization, dtype=dtype
+    )
     if qlora:
         base = base.dequantize()
     return adapters.load_adapter(base, saved.folder).merge_and_unload()
@@ -84,7 +88,14 @@ def export(run_or_model_dir: str, out: str, merge: bool) -> dict:
     tokenizer = load_tokenizer(cfg.model, spec)
     summary = {"source": str(saved.folder), "out": str(target), "merged": merge}
     if merge:
-        adapted = saved.load(spec, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed)
+        adapted = saved.load(
+            spec,
+            tokenizer,
+            cfg.peft,
+            cfg.train.precision,
+            cfg.train.seed,
+            model_dtype=cfg.model.dtype,
+        )
         merged = _merged(saved, cfg, spec, tokenizer)
         difference = max_logit_difference(adapted, merged, _sample_batch(tokenizer))
         tolerance = TOLERANCE[cfg.train.precision]

@@ -21,6 +21,7 @@ from transformers import BitsAndBytesConfig
 
 from trainer.config import PeftConfig
 from trainer.errors import UserError
+from trainer.model.dtypes import COMPUTE, to_torch
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -36,14 +37,25 @@ NOT_QUANTIZED = ["classifier", "score", "lm_head", "cls", "pooler", ".*pooler"]
 COMPUTE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def quantization_config(precision: str) -> BitsAndBytesConfig:
-    """4-bit NF4 with double quantization, computing in the run's precision."""
+def quantization_config(precision: str, sharded_storage: str | None = None) -> BitsAndBytesConfig:
+    """4-bit NF4 with double quantization, computing in the run's precision.
+
+    `sharded_storage`: the base's dtype name when FSDP or ZeRO-3 shard it. The packed 4-bit
+    bytes are then stored as that float dtype (`bnb_4bit_quant_storage`), so that every
+    parameter has the one float dtype those backends flatten and cast: a uint8 weight would
+    be refused, or cast by value to bf16 by FSDP's mixed precision and by DeepSpeed's
+    `module.bfloat16()`, which would destroy it. 'auto' stores in the compute dtype."""
+    storage = {}
+    if sharded_storage is not None:
+        name = COMPUTE[precision] if sharded_storage == "auto" else sharded_storage
+        storage["bnb_4bit_quant_storage"] = to_torch(name)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=COMPUTE_DTYPES[precision],
         llm_int8_skip_modules=NOT_QUANTIZED,
+        **storage,
     )
 
 
@@ -86,12 +98,19 @@ def default_target_modules(model: torch.nn.Module) -> list[str] | str:
 
 
 def attach_adapter(
-    model: torch.nn.Module, cfg: PeftConfig, spec: TaskSpec, gradient_checkpointing: bool
+    model: torch.nn.Module,
+    cfg: PeftConfig,
+    spec: TaskSpec,
+    gradient_checkpointing: bool,
+    sharded: bool = False,
 ) -> PeftModel:
-    """Wrap `model` with a fresh LoRA adapter (after k-bit preparation for QLoRA)."""
+    """Wrap `model` with a fresh LoRA adapter (after k-bit preparation for QLoRA, except
+    when sharded: that preparation upcasts every non-4-bit weight, embeddings included, to
+    fp32, where sharded QLoRA keeps the frozen base in its storage dtype as trl does;
+    build_model already sets gradient checkpointing up)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if cfg.method == "qlora":
+    if cfg.method == "qlora" and not sharded:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,

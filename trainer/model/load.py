@@ -22,10 +22,12 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from trainer.config import ModelConfig
+from trainer.devices import accelerator_type
 from trainer.errors import UserError
-from trainer.model import adapters, vocabulary
+from trainer.model import adapters, dtypes, vocabulary
 from trainer.tasks.spec import TaskSpec
 
 
@@ -129,10 +131,13 @@ def load_model(
     seed: int = 0,
     quantization: BitsAndBytesConfig | None = None,
     config: PretrainedConfig | None = None,
+    dtype: str = "fp32",
 ) -> torch.nn.Module:
     """The model with the task's head: pretrained weights, or random ones (`from_scratch`),
     optionally quantized on load (QLoRA). A head whose size differs from the saved one
-    (new labels) is re-initialised. `config`: the folder's config when already read."""
+    (new labels) is re-initialised. `config`: the folder's config when already read;
+    `dtype`: the weights' (trainer/model/dtypes.py), never left to transformers, whose
+    default is the checkpoint's own."""
     config = config or load_model_config(cfg, label_names)
     if cfg.from_scratch and cfg.tokenizer:
         _fit_to_tokenizer(config, tokenizer)
@@ -145,6 +150,8 @@ def load_model(
     attention = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     if cfg.from_scratch:
         model = auto_class.from_config(config, trust_remote_code=cfg.trust_remote_code, **attention)
+        if dtype != "auto":
+            model.to(dtypes.to_torch(dtype))
     else:
         model = _loading(
             "weights",
@@ -154,6 +161,7 @@ def load_model(
                 config=config,
                 trust_remote_code=cfg.trust_remote_code,
                 ignore_mismatched_sizes=label_names is not None,
+                dtype=dtypes.to_torch(dtype),
                 **_quantized_loading(quantization),
                 **attention,
             ),
@@ -179,12 +187,14 @@ def _fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBa
 
 
 def _quantized_loading(quantization: BitsAndBytesConfig | None) -> dict:
+    """bitsandbytes quantizes where the weights are placed: on this process's accelerator
+    (its own GPU of a node's several; bitsandbytes has CUDA, XPU and MPS kernels), else the
+    CPU, unless ZeRO-3 places them."""
     if quantization is None:
         return {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    index = PartialState().local_process_index if device == "cuda" else None
-    return {
-        "quantization_config": quantization,
-        "device_map": {"": index if index is not None else device},
-        "dtype": quantization.bnb_4bit_compute_dtype,
-    }
+    if is_deepspeed_zero3_enabled():  # ZeRO-3 places (and partitions) the weights itself
+        return {"quantization_config": quantization}
+    device = accelerator_type() or "cpu"
+    if device in ("cuda", "xpu"):
+        device = f"{device}:{PartialState().local_process_index}"
+    return {"quantization_config": quantization, "device_map": {"": device}}

@@ -19,7 +19,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from trainer.config import ModelConfig, PeftConfig, RunConfig, build_config
 from trainer.errors import UserError
-from trainer.model import adapters
+from trainer.model import adapters, dtypes
 from trainer.model.load import load_model
 from trainer.tasks.registry import TASKS, task_of_architectures
 from trainer.tasks.spec import TaskSpec
@@ -131,17 +131,21 @@ class SavedModel:
         seed: int,
         base: str | None = None,
         adapter_name: str = DEFAULT_ADAPTER,
+        model_dtype: str | None = None,
     ) -> torch.nn.Module:
         """The model: a full one as saved, or an adapter on its base (`base`, or the one
         recorded), quantized again for QLoRA, with the heads saved next to the adapter.
         Base weights missing from the base checkpoint (e.g. the pooler of an MLM-only BERT)
         are frozen under LoRA and not saved: `seed`, the run's, draws them again exactly as
-        in training."""
+        in training. `model_dtype`: the run's model.dtype (trainer/model/dtypes.py)."""
+        method = peft.method if self.is_adapter else "none"
+        dtype = dtypes.base_dtype(model_dtype, method, precision)
         if not self.is_adapter:
-            return load_model(
-                ModelConfig(name_or_path=str(self.folder)), spec, tokenizer, config=self.config
-            )
+            folder = ModelConfig(name_or_path=str(self.folder))
+            return load_model(folder, spec, tokenizer, config=self.config, dtype=dtype)
         base_cfg = ModelConfig(name_or_path=base or self.base)
         quantization = adapters.quantization_config(precision) if peft.method == "qlora" else None
-        model = load_model(base_cfg, spec, tokenizer, self.label_names, seed, quantization)
+        model = load_model(
+            base_cfg, spec, tokenizer, self.label_names, seed, quantization, dtype=dtype
+        )
         return adapters.load_adapter(model, self.folder, adapter_name)

@@ -20,7 +20,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env, set_seed
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -39,7 +39,9 @@ from trainer.data.sampling import (
     StreamPlan,
 )
 from trainer.data.stream import RowStream, ShardStream, SourceBlocks, TrainStream
+from trainer.devices import cpu_only
 from trainer.errors import UserError
+from trainer.model import dtypes
 from trainer.model.adapters import attach_adapter, quantization_config
 from trainer.model.load import check_document_isolation, load_model, load_tokenizer
 from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout
@@ -98,7 +100,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
     accelerator = Accelerator(
         # cpu=True so that torchrun on CPU gives gloo DDP; but Accelerate then ignores a
         # DeepSpeed launch, which on CPU runs on DeepSpeed's own CPU accelerator
-        cpu=not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
+        cpu=cpu_only() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"),
         mixed_precision=cfg.train.precision,
         dynamo_backend="inductor" if cfg.train.compile else "no",
         gradient_accumulation_steps=accumulation_steps,
@@ -148,19 +150,39 @@ def _native_bf16() -> bool:
 
 
 def build_model(
-    cfg: RunConfig, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, label_names
+    cfg: RunConfig,
+    spec: TaskSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names,
+    sharded: bool = False,
 ) -> torch.nn.Module:
-    """The model to train: full, or the base (4-bit for QLoRA) wrapped with a LoRA adapter."""
-    quantization = quantization_config(cfg.train.precision) if cfg.peft.method == "qlora" else None
-    model = load_model(cfg.model, spec, tokenizer, label_names, cfg.train.seed, quantization)
+    """The model to train: full, or the base (4-bit for QLoRA) wrapped with a LoRA adapter,
+    in the dtypes of trainer/model/dtypes.py. `sharded`: FSDP or ZeRO-3 shard the weights,
+    so a 4-bit base is stored in its float dtype (adapters.quantization_config)."""
+    dtype = dtypes.base_dtype(cfg.model.dtype, cfg.peft.method, cfg.train.precision)
+    quantization = None
+    if cfg.peft.method == "qlora":
+        quantization = quantization_config(cfg.train.precision, dtype if sharded else None)
+    model = load_model(
+        cfg.model, spec, tokenizer, label_names, cfg.train.seed, quantization, dtype=dtype
+    )
     if cfg.data.isolate_documents:
         check_document_isolation(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
     if cfg.peft.method != "none":
-        model = attach_adapter(model, cfg.peft, spec, cfg.train.gradient_checkpointing)
+        model = attach_adapter(model, cfg.peft, spec, cfg.train.gradient_checkpointing, sharded)
+        dtypes.keep_trained_in_fp32(model)
     return model
+
+
+def shards_weights(accelerator: Accelerator) -> bool:
+    """Whether the backend shards the weights themselves: FSDP, or DeepSpeed ZeRO-3."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin.zero_stage == 3
 
 
 @dataclass
@@ -340,7 +362,7 @@ def set_up(cfg: RunConfig) -> Run:
         stream, plan = None, batch_plan(cfg, data, len(examples), accelerator)
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
 
-    model = build_model(cfg, spec, tokenizer, data.label_names)
+    model = build_model(cfg, spec, tokenizer, data.label_names, shards_weights(accelerator))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
