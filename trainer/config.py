@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from trainer.durations import parse_duration
 from trainer.errors import UserError
 from trainer.tasks.registry import TASKS, task_spec
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml, yaml11_float
@@ -445,23 +446,6 @@ def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:
         )
     if cfg.data.isolate_documents and not packed:
         errors.append(f"data.isolate_documents: only for {packing_tasks} (packed documents)")
-
-
-def parse_duration(text: str | int) -> float | None:
-    """Seconds in SLURM's --time format, read as SLURM reads it: MM, MM:SS, HH:MM:SS, D-HH,
-    D-HH:MM or D-HH:MM:SS (a bare number is minutes, "1-12" is a day and 12 hours). None
-    for anything else, and for a total of zero (SLURM's "no limit": leave the key unset)."""
-    text = str(text).strip()
-    days, _, clock = text.partition("-") if "-" in text else ("0", "", text)
-    parts = clock.split(":")
-    if not days.isdigit() or len(parts) > 3 or not all(p.isdigit() for p in parts):
-        return None
-    # after "D-" the hours come first; without days, minutes first unless all three are there
-    units = (3600, 60, 1) if "-" in text or len(parts) == 3 else (60, 1)
-    if len(parts) > len(units):
-        return None
-    total = int(days) * 86400 + sum(int(v) * u for v, u in zip(parts, units, strict=False))
-    return total or None
 
 
 def world_size_from_env() -> int:

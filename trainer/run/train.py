@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from trainer import atomic
-from trainer.config import RunConfig, dump_yaml, parse_duration, to_dict
+from trainer.config import RunConfig, dump_yaml, to_dict
+from trainer.durations import parse_duration
 from trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model
 from trainer.run.evaluation import evaluate
 from trainer.run.forward import to_device
