@@ -9,6 +9,7 @@ install (a wheel too), not only from a checkout.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ BACKENDS = ("ddp", "deepspeed", "fsdp")
 DEVICES = ("cpu", "gpu")
 SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 AUTO_WRAP = ("transformer", "none")
+SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -117,6 +119,40 @@ def _check_fsdp2_sharding(profile: ClusterProfile, errors: list[str]) -> None:
         )
 
 
+def control_character(value: object) -> bool:
+    """Whether `value` holds a control character (newline, carriage return, tab, ...). In the
+    rendered sbatch script a newline ends the line it is on, even inside quotes or an
+    #SBATCH comment: the rest runs as a bash command, and the #SBATCH block ends early,
+    silently dropping --requeue and --signal after it."""
+    return any(ord(c) < 32 or ord(c) == 127 for c in str(value))
+
+
+def unsafe_value(key: str, value: object) -> str:
+    """The error for a value that can not go into a script line."""
+    return f"{key}: {str(value)!r} holds a control character; a script line can not hold it"
+
+
+def _check_script_values(profile: ClusterProfile, errors: list[str]) -> None:
+    """Every profile value `trainer submit` writes into job.sbatch is one line, and every
+    env key a shell variable name (`export` of anything else fails, or runs it)."""
+    slurm = profile.slurm
+    values = {
+        "name": profile.name,
+        **{f"slurm.{key}": getattr(slurm, key) for key in ("partition", "account", "qos")},
+        **{f"slurm.{key}": getattr(slurm, key) for key in ("time", "constraint", "gres")},
+        **{f"slurm.extra[{index}]": line for index, line in enumerate(slurm.extra)},
+    }
+    for key, value in profile.env.items():
+        if SHELL_NAME.fullmatch(str(key)):
+            values[f"env.{key}"] = value
+        else:
+            errors.append(
+                f"env: {str(key)!r} is not a shell variable name (letters, digits and _, "
+                "not starting with a digit)"
+            )
+    errors += [unsafe_value(k, v) for k, v in values.items() if v and control_character(v)]
+
+
 def load_profile(name_or_path: str) -> ClusterProfile:
     """A profile by name (a shipped one, launch/clusters/NAME.yaml) or path, validated."""
     path = Path(name_or_path)
@@ -130,6 +166,7 @@ def load_profile(name_or_path: str) -> ClusterProfile:
     errors: list[str] = []
     profile = build_section(ClusterProfile, raw, "", errors)
     _check(profile, errors)
+    _check_script_values(profile, errors)
     if errors:
         raise UserError(f"cluster profile {path.name}: " + "; ".join(errors))
     return profile

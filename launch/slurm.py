@@ -12,6 +12,7 @@ slurm/*.sbatch are the same script as editable templates.
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -20,10 +21,11 @@ from pathlib import Path
 
 from launch.job import Job, checked_job, write_launch_files
 from launch.local import node_command
-from launch.profiles import ClusterProfile
+from launch.profiles import ClusterProfile, control_character, unsafe_value
 from launch.requeue import REQUEUE_ENV
 from trainer.errors import UserError
 from trainer.run.stop import EXIT_PREEMPTED
+from trainer.security import is_secret
 
 # Shell variables the per-node command leaves for the node to expand.
 NODE_RANK, MAIN_ADDR, MAIN_PORT = "$SLURM_NODEID", "$MAIN_ADDR", "$MAIN_PORT"
@@ -120,10 +122,42 @@ def shell_word(argument: str) -> str:
 
 
 def exports(profile: ClusterProfile) -> str:
-    """`export KEY=VALUE` lines for the profile's env block."""
-    return "\n".join(
-        f"export {key}={shlex.quote(str(value))}" for key, value in profile.env.items()
-    )
+    """`export KEY=VALUE` lines for the profile's env block. A secret (HF_TOKEN,
+    WANDB_API_KEY: see trainer.security.is_secret) is never written into the script, which
+    lies in the run directory and is printed by --dry-run: `submit` hands it to sbatch in
+    its environment, which sbatch passes to the job, and the script checks that it came."""
+    lines = []
+    for key, value in profile.env.items():
+        if is_secret(key):
+            lines.append(
+                f'[ -n "${{{key}+set}}" ] || {{ echo "error: env.{key}: the secret did not '
+                "reach the job (sbatch passes it from the submitting environment; check "
+                '--export)" >&2; exit 2; }'
+            )
+        else:
+            lines.append(f"export {key}={shlex.quote(str(value))}")
+    return "\n".join(lines)
+
+
+def secret_environment(profile: ClusterProfile) -> dict[str, str]:
+    """The profile's secrets, for sbatch's environment instead of the script."""
+    return {key: str(value) for key, value in profile.env.items() if is_secret(key)}
+
+
+def check_script_values(job: Job, workdir: Path) -> None:
+    """Refuse any value the script would hold (the profile's are checked when it loads)
+    that has a control character: a newline in output_dir or an override would end its
+    line and run the rest as a bash command (see launch.profiles.control_character)."""
+    values = {
+        "output_dir": job.run_dir,
+        "CONFIG": job.config_path.resolve(),
+        "the working directory": workdir,
+        "python": sys.executable,
+        **{f"override {index + 1}": item for index, item in enumerate(job.overrides)},
+    }
+    errors = [unsafe_value(key, value) for key, value in values.items() if control_character(value)]
+    if errors:
+        raise UserError("; ".join(errors))
 
 
 def render_script(job: Job, config_file: Path) -> str:
@@ -162,6 +196,7 @@ def submit(
     and pass the script to sbatch, or print it with --dry-run. `user_files`: the user's
     Accelerate config and DeepSpeed JSON (or None)."""
     job = checked_job(config, cluster, overrides, *user_files)
+    check_script_values(job, Path.cwd())
     if not dry_run and shutil.which("sbatch") is None:
         raise UserError(
             "sbatch: not found on PATH; submit from a SLURM login node, or use --dry-run"
@@ -176,5 +211,6 @@ def submit(
         print(script.read_text(), end="")
         print(f"# written to {script}; not submitted (--dry-run)", file=sys.stderr)
         return 0
-    result = subprocess.run(["sbatch", str(script)], check=False)
+    environment = {**os.environ, **secret_environment(job.profile)}
+    result = subprocess.run(["sbatch", str(script)], check=False, env=environment)
     return result.returncode

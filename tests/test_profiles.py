@@ -125,3 +125,33 @@ def test_every_problem_is_reported_at_once(tmp_path):
     for key in ("device:", "nodes:", "zero_stage:", "precision:"):
         assert key in message
     assert message.startswith("cluster profile profile.yaml: ")
+
+
+@pytest.mark.parametrize(
+    "key, values",
+    [
+        ("slurm.partition", {"slurm": {"partition": "gpu\necho pwned"}}),
+        ("slurm.account", {"slurm": {"account": "proj\r"}}),
+        ("slurm.qos", {"slurm": {"qos": "high\nrm -rf ~"}}),
+        ("slurm.constraint", {"slurm": {"constraint": "a100\n"}}),
+        ("slurm.gres", {"slurm": {"gres": "gpu:8\n#"}}),
+        ("slurm.time", {"slurm": {"time": "1:00:00\ntouch x"}}),
+        ("slurm.extra[1]", {"slurm": {"extra": ["--exclusive", "--mem=0\necho pwned"]}}),
+        ("env.NCCL_DEBUG", {"env": {"NCCL_DEBUG": "INFO\necho pwned"}}),
+    ],
+)
+def test_a_control_character_in_a_script_value_is_refused(tmp_path, key, values):
+    message = rejected(tmp_path, **values)
+    assert f"{key}: " in message and "control character" in message
+
+
+@pytest.mark.parametrize("name", ["1ABC", "A B", "X;echo", "A\nB", "A-B", ""])
+def test_env_keys_must_be_shell_variable_names(tmp_path, name):
+    message = rejected(tmp_path, env={name: "1"})
+    assert f"env: {name!r} is not a shell variable name" in message
+
+
+def test_shell_variable_names_and_plain_values_load(tmp_path):
+    env = {"_X": "a b", "NCCL_DEBUG": "INFO", "HF_TOKEN": "hf_abc"}
+    profile = load_profile(write_profile(tmp_path, env=env, slurm={"partition": "gpu a"}))
+    assert profile.env == env

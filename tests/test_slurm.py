@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, make_run_config, read_metrics, reset_accelerate
 from interrupted_runs import run_and_signal, saved_steps
 from test_launch import PARITY, assert_same_training, losses
@@ -180,6 +181,72 @@ def test_paths_with_spaces_and_quotes_survive_the_node_shell(
     assert str(config.resolve()) in words
     assert "$SLURM_NODEID" in words
     assert '--node_rank "$SLURM_NODEID"' in node_shell
+
+
+# --- values that could break out of their line, secrets ------------------------------------
+
+
+def submit_error(capsys, *argv) -> str:
+    assert cli("submit", *argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_a_newline_in_output_dir_or_an_override_is_refused_before_anything_is_written(
+    run_config, tmp_path, fake_slurm, capsys
+):
+    # unchecked, the newline ended the comment and #SBATCH lines that hold the run
+    # directory: the rest ran as a bash command, and --signal and --requeue were dropped
+    config = run_config("mlm", output_dir=str(tmp_path / "run\ntouch pwned"))
+    line = submit_error(capsys, config, "--cluster", "cpu-debug", "--dry-run")
+    assert line.startswith("error: output_dir: ") and "control character" in line
+    assert not any(tmp_path.glob("run*")), "nothing written"
+    line = submit_error(
+        capsys, run_config("mlm"), "--cluster", "cpu-debug", "data.text_column=t\necho x"
+    )
+    assert line.startswith("error: override 1: 'data.text_column=t\\necho x' holds a control")
+    assert not (tmp_path / "run").exists() and not (fake_slurm / "sbatch").exists()
+
+
+def test_a_newline_in_a_profile_value_is_refused(zero3_config, tmp_path, capsys):
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text(yaml.safe_dump({"slurm": {"partition": "gpu\necho pwned"}}))
+    line = submit_error(capsys, zero3_config, "--cluster", profile, "--dry-run")
+    assert "slurm.partition: 'gpu\\necho pwned' holds a control character" in line
+
+
+SECRETS_PROFILE = {"env": {"HF_TOKEN": "hf_s3cret", "WANDB_API_KEY": "wb_s3cret", "X_A": "1"}}
+RECORD_ENV_SBATCH = """#!/bin/bash
+env > "$FAKE_SLURM_LOG/sbatch-env"
+echo "Submitted batch job 4243"
+"""
+
+
+def test_profile_secrets_reach_the_job_through_sbatch_never_the_script(
+    run_config, tmp_path, fake_slurm, capsys
+):
+    profile = tmp_path / "cluster.yaml"
+    profile.write_text(yaml.safe_dump(SECRETS_PROFILE))
+    sbatch = Path(os.environ["PATH"].split(os.pathsep)[0]) / "sbatch"
+    sbatch.write_text(RECORD_ENV_SBATCH)
+    config = run_config("mlm")
+    assert cli("submit", config, "--cluster", profile, "--dry-run") == 0
+    printed = capsys.readouterr().out
+    script = (tmp_path / "run" / "launch" / "job.sbatch").read_text()
+    for text in (printed, script):
+        assert "s3cret" not in text
+        assert "export X_A=1" in text.splitlines()
+    assert cli("submit", config, "--cluster", profile) == 0
+    passed = (fake_slurm / "sbatch-env").read_text().splitlines()
+    assert "HF_TOKEN=hf_s3cret" in passed and "WANDB_API_KEY=wb_s3cret" in passed
+    # the job checks that they arrived (sbatch --export=NONE would drop them)
+    check = next(line for line in script.splitlines() if "HF_TOKEN" in line)
+    bare = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    missing = subprocess.run(["bash", "-c", check], env=bare, capture_output=True, text=True)
+    assert missing.returncode == 2 and "error: env.HF_TOKEN: " in missing.stderr
+    arrived = {**bare, "HF_TOKEN": "hf_s3cret"}
+    assert subprocess.run(["bash", "-c", check], env=arrived).returncode == 0
 
 
 # --- a two-node job, simulated on this machine ------------------------------------------------

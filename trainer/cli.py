@@ -17,6 +17,7 @@ from launch.cli import add_commands as add_launch_commands
 from launch.guard import check_train_environment
 from trainer.config import all_keys, load_config
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
+from trainer.security import no_world_write
 
 
 def _quiet_libraries() -> None:
@@ -266,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     try:
-        return args.run(args)
+        with no_world_write():
+            return args.run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -20,6 +20,7 @@ import yaml
 
 from trainer.durations import parse_duration
 from trainer.errors import UserError
+from trainer.security import redact, untrusted_resume
 from trainer.tasks.registry import TASKS, task_spec
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml, yaml11_float
 
@@ -188,6 +189,7 @@ class TrainConfig:
     layerwise_lr_decay: float = _field(1.0, "LR factor per layer below the top (1.0: off).")
     seed: int = _field(42, "Seed for weights init, data order, masking and splits.")
     resume: str = _field("auto", "auto (newest complete checkpoint) | never | a checkpoint path.")
+    resume_trusted: bool = _field(False, "Allow train.resume=PATH outside output_dir (pickles).")
     max_time: str | int | None = _field(
         None,
         "Wall time as SLURM writes it (MM, HH:MM:SS, D-HH, ...); save and exit before it.",
@@ -419,6 +421,7 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
         errors.append("data.validation_split: can't use both data.validation and a split")
     train_sources(cfg.data, errors)
     _check_data_layout(cfg, errors)
+    errors += untrusted_resume(cfg.train.resume, cfg.output_dir, cfg.train.resume_trusted)
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
     if cfg.eval.early_stopping_patience and not has_validation:
         errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
@@ -468,22 +471,6 @@ def build_config(raw: dict, for_training: bool = True, world_size: int | None = 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Load a run config file, apply command-line overrides, validate for training."""
     return build_config(apply_overrides(read_yaml(path), overrides or []))
-
-
-SECRET_SUFFIXES = ("_token", "_key", "_secret", "_password")
-
-
-def redact(values: Any) -> Any:
-    """A copy with the value of every key named like a secret (`hub_token`, `api_key`, ...)
-    replaced, at any depth: what goes to files, logs and trackers never holds one."""
-    if isinstance(values, dict):
-        return {
-            key: "<redacted>" if str(key).lower().endswith(SECRET_SUFFIXES) else redact(value)
-            for key, value in values.items()
-        }
-    if isinstance(values, list):
-        return [redact(value) for value in values]
-    return values
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -146,7 +146,9 @@ def check_layout(folder: Path, accelerator: Accelerator) -> None:
 def load_checkpoint(accelerator: Accelerator, folder: Path, scheduler) -> tuple[dict, list[dict]]:
     """Restore what `save_checkpoint` wrote; returns (loop state, every saved process's
     state, by rank: after a change of process count they do not map one to one).
-    Every tensor file is read with `weights_only=True` (Accelerate's default, and ours)."""
+    Our files and Accelerate's are read with `weights_only=True`, but DeepSpeed's states
+    (`torch.load(weights_only=False)`) and FSDP's DCP `.metadata` (`pickle.load`) are
+    pickles: a checkpoint from elsewhere needs train.resume_trusted (trainer.security)."""
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
     state = json.loads((folder / TRAINER_STATE_NAME).read_text())

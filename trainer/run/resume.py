@@ -30,6 +30,7 @@ SAFE_TO_CHANGE = frozenset(
         "train.max_steps",
         "train.epochs",
         "train.resume",
+        "train.resume_trusted",
         "train.max_time",
         "train.on_nonfinite",
         "train.max_nonfinite_in_a_row",
