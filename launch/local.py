@@ -11,6 +11,7 @@ Inside a requeue-enabled SLURM job (TRAINER_SLURM_REQUEUE=1) a 75 then requeues 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 from launch.job import Job, accelerate_command, checked_job, write_launch_files
 from launch.requeue import requeue_preempted_job, slurm_job_to_requeue
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
-from trainer.run.stop import EXIT_PREEMPTED
+from trainer.run.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 # How the launchers report their children's exit codes on stderr: torch.distributed.run
 # (also under `accelerate launch`) lists "exitcode  : 75 (pid: ...)" per failed rank;
@@ -36,6 +37,7 @@ PASSED_THROUGH = (EXIT_USER_ERROR, EXIT_TRAINING_FAILED, EXIT_PREEMPTED)
 # torchrun stops the other processes with SIGTERM once one has exited: they report -15. Any
 # other signal (SIGKILL from the OOM killer: -9) is a failure of its own.
 _STOPPED_BY_LAUNCHER = -signal.SIGTERM
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGALRM)  # ALRM: resend
 
 
 def node_command(job: Job, config_file: Path, node_rank: str, address: str, port: str) -> list[str]:
@@ -122,27 +124,85 @@ def check_devices(job: Job) -> None:
         )
 
 
+class SignalForwarder:
+    """While the launcher runs: SIGTERM, SIGUSR1 and SIGINT to this process are passed on
+    to the launcher's process group (its own, so that a terminal's Ctrl-C reaches only us)
+    as SIGUSR1, and again every `RESEND_S` seconds until it exits: training processes that
+    were not up yet (or not yet handling signals) get it too.
+
+    SIGUSR1, not the signal itself: the launcher ignores SIGUSR1 (inherited from us) but
+    handles SIGTERM and SIGINT by stopping its processes after a short grace (torchrun: 30 s,
+    then SIGKILL), which would kill them in the middle of their checkpoint; the training
+    processes treat all three alike (trainer/run/stop.py). A second SIGINT (Ctrl-C twice)
+    kills the launcher's group at once."""
+
+    RESEND_S = 5.0
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+        self.asked: str | None = None
+        self.interrupts = 0
+        self._previous = {n: signal.signal(n, self._on_signal) for n in FORWARDED}
+
+    def _on_signal(self, number: int, _frame) -> None:
+        if number == signal.SIGALRM:  # the resend timer
+            self._send(signal.SIGUSR1)
+            return
+        self.interrupts += number == signal.SIGINT
+        if self.interrupts > 1:
+            print("launch: second SIGINT: killing the training processes", file=sys.stderr)
+            self._send(signal.SIGKILL)
+            return
+        if self.asked is None:
+            self.asked = signal.Signals(number).name
+            print(
+                f"launch: {self.asked}: the training processes save a checkpoint and stop "
+                "(passed on as SIGUSR1)",
+                file=sys.stderr,
+            )
+            signal.setitimer(signal.ITIMER_REAL, self.RESEND_S, self.RESEND_S)
+        self._send(signal.SIGUSR1)
+
+    def _send(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+            os.killpg(self.group, number)
+
+    def close(self) -> None:
+        """Stop resending and put the previous handlers back."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+
+
 def run_streaming(command: list[str], env: dict[str, str]) -> int:
     """Run `command`, passing its stderr through unchanged (progress bars included) while
     keeping the tail to read the children's exit codes from; returns the exit code.
 
-    SIGUSR1 is ignored meanwhile, here and (inherited) in the launcher: a cluster that
-    signals every process of the job must not kill them, since they have to outlive the
-    training processes' checkpoint to report its 75; the training processes catch it."""
+    The launcher starts in a process group of its own with SIGUSR1 ignored: a cluster that
+    signals every process of the job must not kill it, since it has to outlive the
+    training processes' checkpoint to report its 75; the training processes catch it.
+    The signals this process gets are forwarded (SignalForwarder)."""
+    # SIG_IGN until the forwarder is in: a Python handler would be SIG_DFL in the launcher
     previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-        assert process.stderr is not None
-        tail = b""
-        try:
-            while chunk := os.read(process.stderr.fileno(), 8192):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.buffer.flush()
-                tail = (tail + chunk)[-_STDERR_TAIL:]
-        finally:
-            code = process.wait()
-    finally:
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    except OSError:
         signal.signal(signal.SIGUSR1, previous)
+        raise
+    forwarder = SignalForwarder(process.pid)
+    assert process.stderr is not None
+    tail = b""
+    try:
+        while chunk := os.read(process.stderr.fileno(), 8192):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail = (tail + chunk)[-_STDERR_TAIL:]
+    finally:
+        code = process.wait()
+        forwarder.close()
+        signal.signal(signal.SIGUSR1, previous)
+    if forwarder.interrupts > 1:
+        return EXIT_INTERRUPTED
     return children_exit_code(code, tail)
 
 
