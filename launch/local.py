@@ -37,7 +37,7 @@ PASSED_THROUGH = (EXIT_USER_ERROR, EXIT_TRAINING_FAILED, EXIT_PREEMPTED)
 # torchrun stops the other processes with SIGTERM once one has exited: they report -15. Any
 # other signal (SIGKILL from the OOM killer: -9) is a failure of its own.
 _STOPPED_BY_LAUNCHER = -signal.SIGTERM
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGALRM)  # ALRM: resend
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)  # ALRM: resend; and SIGUSR1
 
 
 def node_command(job: Job, config_file: Path, node_rank: str, address: str, port: str) -> list[str]:
@@ -138,11 +138,21 @@ class SignalForwarder:
 
     RESEND_S = 5.0
 
-    def __init__(self, group: int) -> None:
-        self.group = group
+    def __init__(self) -> None:
+        self.group: int | None = None  # known once the launcher runs
         self.asked: str | None = None
         self.interrupts = 0
         self._previous = {n: signal.signal(n, self._on_signal) for n in FORWARDED}
+        # SIGUSR1 ignored until the launcher runs, for it to inherit the ignore (a handler
+        # of ours would be SIG_DFL in it): forward_to takes SIGUSR1 over after that.
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    def forward_to(self, group: int) -> None:
+        """The launcher is up: send to its group, SIGUSR1 included from now on."""
+        self.group = group
+        signal.signal(signal.SIGUSR1, self._on_signal)
+        if self.asked is not None:
+            self._send(signal.SIGUSR1)
 
     def _on_signal(self, number: int, _frame) -> None:
         if number == signal.SIGALRM:  # the resend timer
@@ -150,20 +160,21 @@ class SignalForwarder:
             return
         self.interrupts += number == signal.SIGINT
         if self.interrupts > 1:
-            print("launch: second SIGINT: killing the training processes", file=sys.stderr)
+            _say("launch: second SIGINT: killing the training processes")
             self._send(signal.SIGKILL)
             return
         if self.asked is None:
             self.asked = signal.Signals(number).name
-            print(
+            _say(
                 f"launch: {self.asked}: the training processes save a checkpoint and stop "
-                "(passed on as SIGUSR1)",
-                file=sys.stderr,
+                "(passed on as SIGUSR1)"
             )
             signal.setitimer(signal.ITIMER_REAL, self.RESEND_S, self.RESEND_S)
         self._send(signal.SIGUSR1)
 
     def _send(self, number: int) -> None:
+        if self.group is None:
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
             os.killpg(self.group, number)
 
@@ -174,6 +185,12 @@ class SignalForwarder:
             signal.signal(number, previous)
 
 
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler: os.write, since the handler may interrupt a
+    write to sys.stderr's buffer, which raises on a reentrant call."""
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 def run_streaming(command: list[str], env: dict[str, str]) -> int:
     """Run `command`, passing its stderr through unchanged (progress bars included) while
     keeping the tail to read the children's exit codes from; returns the exit code.
@@ -182,14 +199,13 @@ def run_streaming(command: list[str], env: dict[str, str]) -> int:
     signals every process of the job must not kill it, since it has to outlive the
     training processes' checkpoint to report its 75; the training processes catch it.
     The signals this process gets are forwarded (SignalForwarder)."""
-    # SIG_IGN until the forwarder is in: a Python handler would be SIG_DFL in the launcher
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    forwarder = SignalForwarder()
     try:
         process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
     except OSError:
-        signal.signal(signal.SIGUSR1, previous)
+        forwarder.close()
         raise
-    forwarder = SignalForwarder(process.pid)
+    forwarder.forward_to(process.pid)
     assert process.stderr is not None
     tail = b""
     try:
@@ -200,7 +216,6 @@ def run_streaming(command: list[str], env: dict[str, str]) -> int:
     finally:
         code = process.wait()
         forwarder.close()
-        signal.signal(signal.SIGUSR1, previous)
     if forwarder.interrupts > 1:
         return EXIT_INTERRUPTED
     return children_exit_code(code, tail)

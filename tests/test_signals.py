@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from conftest import read_metrics
-from interrupted_runs import cli, saved_steps, stop_in_process
+from conftest import REPO, read_metrics
+from interrupted_runs import cli, saved_steps, stop_in_process, subprocess_env
 
 import trainer.run.train
 from trainer.run.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED
@@ -114,3 +118,33 @@ def test_signal_during_a_save_is_acted_on_after_it(run_config, tmp_path, monkeyp
     signal_inside(monkeypatch, "save_checkpoint", signal.SIGINT)
     assert cli("train", config) == EXIT_PREEMPTED
     assert saved_steps(tmp_path / "run") == [2, 3]
+
+
+def catches(pid: int, number: int) -> bool:
+    """Whether process `pid` has a handler for signal `number` (Linux /proc SigCgt)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(
+        next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16
+    )
+    return bool(mask >> (number - 1) & 1)
+
+
+@pytest.mark.slow
+def test_sigusr1_during_set_up_through_the_scripts_trap(run_config, tmp_path):
+    """`trap "" USR1; exec python -m trainer train ...`, as each node's command in the SLURM
+    scripts starts it: SIGUSR1 as soon as the process catches it (within its first second,
+    long before the model is loaded) stops it before step 1, with exit 75."""
+    config = run_config("mlm", data={"validation": None}, train={"max_steps": 6})
+    command = f'trap "" USR1; exec {sys.executable} -m trainer train {config}'
+    process = subprocess.Popen(
+        ["bash", "-c", command], cwd=REPO, env=subprocess_env(), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while process.poll() is None and not catches(process.pid, signal.SIGUSR1):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGUSR1)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "stopped by SIGUSR1 before step 1 (nothing new saved)" in err
+    assert saved_steps(tmp_path / "run") == []
