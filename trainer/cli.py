@@ -57,7 +57,9 @@ def _train(args: argparse.Namespace) -> int:
     stop_flag = StopFlag().install()
     try:
         return _train_with(args, stop_flag)
-    except KeyboardInterrupt:  # the second Ctrl-C (see trainer/run/stop.py)
+    except KeyboardInterrupt:
+        if stop_flag.interrupts < 2:  # not the second Ctrl-C (see trainer/run/stop.py)
+            raise
         print("interrupted: aborted without saving (Ctrl-C twice)", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
