@@ -11,6 +11,7 @@ Inside a requeue-enabled SLURM job (TRAINER_SLURM_REQUEUE=1) a 75 then requeues 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ from pathlib import Path
 from launch.job import Job, accelerate_command, checked_job, write_launch_files
 from launch.requeue import requeue_preempted_job, slurm_job_to_requeue
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
-from trainer.run.stop import EXIT_PREEMPTED
+from trainer.run.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 # How the launchers report their children's exit codes on stderr: torch.distributed.run
 # (also under `accelerate launch`) lists "exitcode  : 75 (pid: ...)" per failed rank;
@@ -36,6 +37,7 @@ PASSED_THROUGH = (EXIT_USER_ERROR, EXIT_TRAINING_FAILED, EXIT_PREEMPTED)
 # torchrun stops the other processes with SIGTERM once one has exited: they report -15. Any
 # other signal (SIGKILL from the OOM killer: -9) is a failure of its own.
 _STOPPED_BY_LAUNCHER = -signal.SIGTERM
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)  # ALRM: resend; and SIGUSR1
 
 
 def node_command(job: Job, config_file: Path, node_rank: str, address: str, port: str) -> list[str]:
@@ -122,27 +124,100 @@ def check_devices(job: Job) -> None:
         )
 
 
+class SignalForwarder:
+    """While the launcher runs: SIGTERM, SIGUSR1 and SIGINT to this process are passed on
+    to the launcher's process group (its own, so that a terminal's Ctrl-C reaches only us)
+    as SIGUSR1, and again every `RESEND_S` seconds until it exits: training processes that
+    were not up yet (or not yet handling signals) get it too.
+
+    SIGUSR1, not the signal itself: the launcher ignores SIGUSR1 (inherited from us) but
+    handles SIGTERM and SIGINT by stopping its processes after a short grace (torchrun: 30 s,
+    then SIGKILL), which would kill them in the middle of their checkpoint; the training
+    processes treat all three alike (trainer/run/stop.py). A second SIGINT (Ctrl-C twice)
+    kills the launcher's group at once."""
+
+    RESEND_S = 5.0
+
+    def __init__(self) -> None:
+        self.group: int | None = None  # known once the launcher runs
+        self.asked: str | None = None
+        self.interrupts = 0
+        self._previous = {n: signal.signal(n, self._on_signal) for n in FORWARDED}
+        # SIGUSR1 ignored until the launcher runs, for it to inherit the ignore (a handler
+        # of ours would be SIG_DFL in it): forward_to takes SIGUSR1 over after that.
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    def forward_to(self, group: int) -> None:
+        """The launcher is up: send to its group, SIGUSR1 included from now on."""
+        self.group = group
+        signal.signal(signal.SIGUSR1, self._on_signal)
+        if self.asked is not None:
+            self._send(signal.SIGUSR1)
+
+    def _on_signal(self, number: int, _frame) -> None:
+        if number == signal.SIGALRM:  # the resend timer
+            self._send(signal.SIGUSR1)
+            return
+        self.interrupts += number == signal.SIGINT
+        if self.interrupts > 1:
+            _say("launch: second SIGINT: killing the training processes")
+            self._send(signal.SIGKILL)
+            return
+        if self.asked is None:
+            self.asked = signal.Signals(number).name
+            _say(
+                f"launch: {self.asked}: the training processes save a checkpoint and stop "
+                "(passed on as SIGUSR1)"
+            )
+            signal.setitimer(signal.ITIMER_REAL, self.RESEND_S, self.RESEND_S)
+        self._send(signal.SIGUSR1)
+
+    def _send(self, number: int) -> None:
+        if self.group is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+            os.killpg(self.group, number)
+
+    def close(self) -> None:
+        """Stop resending and put the previous handlers back."""
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+
+
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler: os.write, since the handler may interrupt a
+    write to sys.stderr's buffer, which raises on a reentrant call."""
+    os.write(sys.stderr.fileno(), (line + "\n").encode())
+
+
 def run_streaming(command: list[str], env: dict[str, str]) -> int:
     """Run `command`, passing its stderr through unchanged (progress bars included) while
     keeping the tail to read the children's exit codes from; returns the exit code.
 
-    SIGUSR1 is ignored meanwhile, here and (inherited) in the launcher: a cluster that
-    signals every process of the job must not kill them, since they have to outlive the
-    training processes' checkpoint to report its 75; the training processes catch it."""
-    previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    The launcher starts in a process group of its own with SIGUSR1 ignored: a cluster that
+    signals every process of the job must not kill it, since it has to outlive the
+    training processes' checkpoint to report its 75; the training processes catch it.
+    The signals this process gets are forwarded (SignalForwarder)."""
+    forwarder = SignalForwarder()
     try:
-        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
-        assert process.stderr is not None
-        tail = b""
-        try:
-            while chunk := os.read(process.stderr.fileno(), 8192):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.buffer.flush()
-                tail = (tail + chunk)[-_STDERR_TAIL:]
-        finally:
-            code = process.wait()
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True)
+    except OSError:
+        forwarder.close()
+        raise
+    forwarder.forward_to(process.pid)
+    assert process.stderr is not None
+    tail = b""
+    try:
+        while chunk := os.read(process.stderr.fileno(), 8192):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail = (tail + chunk)[-_STDERR_TAIL:]
     finally:
-        signal.signal(signal.SIGUSR1, previous)
+        code = process.wait()
+        forwarder.close()
+    if forwarder.interrupts > 1:
+        return EXIT_INTERRUPTED
     return children_exit_code(code, tail)
 
 

@@ -19,6 +19,9 @@ import sys
 REQUEUE_ENV = "TRAINER_SLURM_REQUEUE"  # "1": requeue this SLURM job when training exits 75
 _JOB_ID = re.compile(r"\d+(_\d+)?")
 RESUME_HINT = "run the same command to resume"
+# scontrol asks slurmctld, which answers in well under a second when healthy; a minute
+# covers a busy controller without keeping a finished job's allocation for long.
+SCONTROL_TIMEOUT_S = 60.0
 
 
 def slurm_job_to_requeue() -> str | None:
@@ -31,28 +34,32 @@ def slurm_job_to_requeue() -> str | None:
     return job_id if _JOB_ID.fullmatch(job_id) else None
 
 
-def requeue(job_id: str) -> bool:
-    """`scontrol requeue JOB` (an argument list, no shell); True when scontrol accepted it.
-    A missing scontrol (e.g. inside a container) is a refusal, not a crash: the checkpoint
+def requeue(job_id: str, timeout_s: float | None = None) -> str | None:
+    """`scontrol requeue JOB` (an argument list, no shell); None when scontrol accepted it,
+    otherwise why not. A missing scontrol (e.g. inside a container) is a refusal, not a
+    crash, and so is one that hangs (a slurmctld that does not answer): it is killed after
+    `timeout_s` (default SCONTROL_TIMEOUT_S), so that the batch script ends; the checkpoint
     is saved either way."""
+    timeout_s = timeout_s or SCONTROL_TIMEOUT_S
     try:
-        result = subprocess.run(["scontrol", "requeue", job_id], check=False, capture_output=True)
+        result = subprocess.run(
+            ["scontrol", "requeue", job_id], check=False, capture_output=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return f"scontrol requeue did not answer within {timeout_s:g} s"
     except OSError:
-        return False
-    return result.returncode == 0
+        return "scontrol requeue refused or not found"
+    return None if result.returncode == 0 else "scontrol requeue refused or not found"
 
 
 def requeue_preempted_job(job_id: str) -> bool:
     """Requeue `job_id`, whose training just stopped at a saved checkpoint (exit 75), and
     say on stderr what happened, or what to do when SLURM would not."""
-    if requeue(job_id):
+    problem = requeue(job_id)
+    if problem is None:
         print(f"requeued SLURM job {job_id}: it resumes from the saved checkpoint", file=sys.stderr)
         return True
-    print(
-        f"could not requeue SLURM job {job_id} (scontrol requeue refused or not found); "
-        + RESUME_HINT,
-        file=sys.stderr,
-    )
+    print(f"could not requeue SLURM job {job_id} ({problem}); {RESUME_HINT}", file=sys.stderr)
     return False
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from interrupted_runs import (
 )
 
 import launch.local
+import launch.requeue
 from launch.requeue import main as requeue_main
 from launch.requeue import slurm_job_to_requeue
 from trainer.run.resume import checkpoint_dir, problem_with
@@ -260,3 +262,20 @@ def test_sigusr1_under_slurm_as_a_process(run_config, tmp_path, job, expected):
     assert f"requeued SLURM job {expected}" in stopped.stderr
     assert calls.read_text().splitlines() == ["requeue", expected]
     assert problem_with(checkpoint_dir(tmp_path / "run", saved_steps(tmp_path / "run")[-1])) is None
+
+
+def test_hung_scontrol_is_given_up_after_a_timeout(tmp_path, monkeypatch, capsys):
+    """A slurmctld that never answers: scontrol is killed after SCONTROL_TIMEOUT_S and the
+    batch script goes on (exit 1, the hint to run again) instead of waiting forever."""
+    (tmp_path / "bin").mkdir()
+    script = tmp_path / "bin" / "scontrol"
+    script.write_text("#!/bin/sh\nexec sleep 20\n")
+    script.chmod(0o755)
+    slurm_env(monkeypatch, JOBS[0][0], with_fake_bin(tmp_path))
+    monkeypatch.setattr(launch.requeue, "SCONTROL_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    assert requeue_main([]) == 1
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    expected = "could not requeue SLURM job 12345 (scontrol requeue did not answer within 0.5 s)"
+    assert err == f"{expected}; {RESUME}\n"

@@ -15,8 +15,10 @@ from dataclasses import MISSING
 
 from launch.cli import add_commands as add_launch_commands
 from launch.guard import check_train_environment
+from launch.restarts import checked_start
 from trainer.config import all_keys, load_config
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
+from trainer.run.stop import EXIT_INTERRUPTED, StopFlag
 from trainer.security import no_world_write
 
 
@@ -52,8 +54,23 @@ def format_results(results: dict) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # First: a signal during everything below (imports, tokenizing, loading) must be kept.
+    stop_flag = StopFlag().install()
+    try:
+        return _train_with(args, stop_flag)
+    except KeyboardInterrupt:
+        if stop_flag.interrupts < 2:  # not the second Ctrl-C (see trainer/run/stop.py)
+            raise
+        print("interrupted: aborted without saving (Ctrl-C twice)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        stop_flag.restore()
+
+
+def _train_with(args: argparse.Namespace, stop_flag: StopFlag) -> int:
     cfg = load_config(args.config, args.overrides)
     check_train_environment(cfg)  # how it was started: SLURM tasks, accelerate launch files
+    cfg = checked_start(cfg, os.environ)  # a requeued SLURM job: resume, restarts
     _quiet_libraries()
     from trainer.run.collectives import timed_out_collective
     from trainer.run.rundir import release_run_dir
@@ -62,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.run.train import TrainingFailed, train
 
     try:
-        results = train(cfg)
+        results = train(cfg, stop_flag)
     except RunFinished as done:
         print(done)
         return 0

@@ -76,11 +76,14 @@ class LoopState:
     best: dict = field(default_factory=dict)
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run training as configured; returns the metrics written to eval_results.json."""
+def train(cfg: RunConfig, stop_flag: StopFlag | None = None) -> dict:
+    """Run training as configured; returns the metrics written to eval_results.json.
+    `stop_flag`: the one `trainer train` installed at process start (see run/stop.py)."""
+    stop_flag = stop_flag or StopFlag().install()
     run = set_up(cfg)
     _write_run_files(run)
-    loop = Loop.start(run)
+    loop = Loop.start(run, stop_flag)
+    loop.stop_if_asked_during_set_up()
     state, early_stop = loop.state, False
     run.model.train()
     while state.step < run.total_steps and not early_stop:
@@ -132,7 +135,7 @@ class Loop:
     last_log_s: float = 0.0
 
     @classmethod
-    def start(cls, run: Run) -> Loop:
+    def start(cls, run: Run, stop_flag: StopFlag) -> Loop:
         """Fresh, or from the checkpoint being resumed (metrics.jsonl is cut back to its
         step, so the continued log has no duplicated or missing steps)."""
         state, best = LoopState(), Best(run.cfg.eval_metric)
@@ -149,9 +152,21 @@ class Loop:
                 print(f"resuming from {run.resume_from} (step {state.step})", file=sys.stderr)
         log = RunLog(run.accelerator, run.run_dir, run.cfg, run.total_steps, state.step)
         max_time = run.cfg.train.max_time
-        stop_flag = StopFlag(parse_duration(max_time) if max_time else None)
-        stop_flag.install()
+        stop_flag.limit_time(parse_duration(max_time) if max_time else None)
+        stop_flag.install()  # again: in case set-up's libraries installed handlers of their own
         return cls(run, state, best, since_log, log, stop_flag)
+
+    def stop_if_asked_during_set_up(self) -> None:
+        """A signal during set-up (tokenizing, loading the model, hashing and loading the
+        checkpoint) stops the run before its first step, with nothing new to save. One
+        all-reduce, so that every process stops when any one was signalled."""
+        accelerator = self.run.accelerator
+        asked = torch.tensor([float(self.stop_flag.requested())], device=accelerator.device)
+        if accelerator.reduce(asked, "sum").item() > 0:
+            reason = self.stop_flag.reason or "a signal on another process"
+            _stop_preempted(
+                self.run, reason, f"before step {self.state.step + 1} (nothing new saved)"
+            )
 
     # --- one optimizer step, and the faults it may bring
     def step(self, batches) -> Requests:
@@ -330,11 +345,11 @@ def _losses(spec: TaskSpec, total: StepSums) -> dict[str, float]:
     return {"loss": sum(means), **{f"{n}_loss": m for n, m in zip(names, means, strict=True)}}
 
 
-def _stop_preempted(run: Run, reason: str) -> None:
+def _stop_preempted(run: Run, reason: str, where: str = "at a saved checkpoint") -> None:
     """After the checkpoint: stop with EXIT_PREEMPTED. Requeueing is the launcher's business
     (launch/requeue.py): the same words fit a laptop, a container and a cluster job."""
     run.accelerator.end_training()
-    raise Preempted(f"stopped by {reason} at a saved checkpoint; run the same command to resume")
+    raise Preempted(f"stopped by {reason} {where}; run the same command to resume")
 
 
 def _finish(run: Run, best: Best, state: LoopState) -> dict:
