@@ -93,12 +93,16 @@ def sync_tree(folder: Path) -> None:
     """Flush every file under `folder` and then its directories to disk: a commit marker or
     rename is durable only once the data it vouches for is."""
     for path in sorted(folder.rglob("*")):
-        if path.is_file():
+        if not path.is_file():
+            continue
+        try:
             handle = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(handle)
-            finally:
-                os.close(handle)
+        except FileNotFoundError:
+            continue  # renamed by the process that writes it: that one flushes it
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
     for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
         atomic.sync_directory(path)
     atomic.sync_directory(folder)

@@ -92,14 +92,17 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
     recover_replaced(run_dir / "best")
     if (run_dir / "final").is_dir() or _complete_finish(run_dir):
         raise RunFinished(f"run already finished: {run_dir / 'final'} exists; nothing to do")
-    checkpoint = select_checkpoint(run_dir, cfg.train.resume, _report)
+    skipped: list[str] = []  # one line each, or part of the one error line
+    checkpoint = select_checkpoint(run_dir, cfg.train.resume, skipped.append)
     if checkpoint is None and cfg.train.resume == "auto" and (run_dir / "metrics.jsonl").exists():
         if any(_was_committed(folder) for _, folder in step_folders(run_dir)):
             raise UserError(
-                f"output_dir: {run_dir} holds an unfinished run without a complete checkpoint; "
-                "train.resume=never starts over (its files are kept aside)"
+                f"output_dir: {run_dir} holds an unfinished run without a complete checkpoint "
+                f"({'; '.join(skipped)}); train.resume=never starts over (its files are kept aside)"
             )
-        _report(f"{run_dir} holds a run stopped before its first checkpoint: starting over")
+        skipped.append(f"{run_dir} holds a run stopped before its first checkpoint: starting over")
+    for line in skipped:
+        _report(line)
     if checkpoint is None:
         _set_aside_previous(run_dir)
         return None
