@@ -218,6 +218,8 @@ def test_unfinished_run_is_not_overwritten(capsys, run_config, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n')
+    # committed once and damaged now (a run stopped before any checkpoint starts over)
+    (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
     before = snapshot(run_dir)
     expect_user_error(capsys, ["train", run_config("classification")], "output_dir", str(run_dir))
     assert snapshot(run_dir) == before

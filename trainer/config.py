@@ -219,7 +219,7 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = _field(0, "Save the full training state every N steps; 0: off.")
-    every_minutes: float = _field(0.0, "Also save when this many minutes passed; 0: off.")
+    every_minutes: float = _field(30.0, "Also save when this many minutes passed; 0: off.")
     keep_last: int = _field(2, "Complete checkpoints kept (the best one is kept as well).")
 
 

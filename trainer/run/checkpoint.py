@@ -17,22 +17,47 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from transformers import PreTrainedTokenizerBase
 
+from trainer import atomic
 from trainer.config import RunConfig, dump_yaml
 from trainer.errors import UserError
 from trainer.model import adapters
 from trainer.model.saved import RUN_CONFIG_NAME
-from trainer.run.resume import write_commit
+from trainer.run.resume import sync_tree, write_commit
 
 TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
 
 
 def _replace(tmp: Path, target: Path) -> None:
-    old = target.with_name(target.name + ".old")
+    """Put the complete folder `tmp` in place of `target`, durably: its files are on disk
+    before the renames, and the renames before the old folder goes. A kill between the two
+    renames leaves `target.old`; it is recovered first (see `recover_replaced`)."""
+    recover_replaced(target)
+    sync_tree(tmp)
+    old = _old(target)
     if target.exists():
         target.rename(old)
     tmp.rename(target)
+    atomic.sync_directory(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _old(target: Path) -> Path:
+    return target.with_name(target.name + ".old")
+
+
+def recover_replaced(target: Path) -> None:
+    """Undo what a kill inside `_replace` left: beside a `target`, `target.old` is stale (it
+    would make the next replacement fail with ENOTEMPTY); without a `target`, `target.old`
+    is the complete previous folder (the best model so far), and goes back into place."""
+    old = _old(target)
+    if not old.is_dir():
+        return
+    if target.exists():
+        shutil.rmtree(old)
+    else:
+        old.rename(target)
+        atomic.sync_directory(target.parent)
 
 
 COMPILED_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to parameter names
@@ -96,10 +121,14 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), partial / SCHEDULER_NAME)
         layout = {"processes": accelerator.num_processes, "backend": backend_of(accelerator)}
         (partial / TRAINER_STATE_NAME).write_text(json.dumps({**state, **layout}, indent=1))
+    # Each process flushes what its node wrote (on one node the first fsync does the work,
+    # the others find the pages clean), so the marker never lands before the data.
+    sync_tree(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_commit(partial)
         partial.rename(folder)
+        atomic.sync_directory(folder.parent)  # durable before rotation deletes older ones
     accelerator.wait_for_everyone()
 
 

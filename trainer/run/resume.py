@@ -1,19 +1,26 @@
 """Which checkpoint a run continues from, and whether it may.
 
 A checkpoint folder counts only once its commit marker (`COMMIT.json`, a manifest of every
-file's size and SHA-256) exists; the marker is written last, after every process finished
-writing, and the folder is renamed from `step-N.partial` to `step-N` after it. Resume
-checks the manifest again, so a truncated or missing file sends it to the previous
-complete checkpoint instead of crashing the restart.
+file's size and the SHA-256 of each 64 MiB piece of it) exists; the marker is written
+last, after every process finished writing, and the folder is renamed from
+`step-N.partial` to `step-N` after it. Resume checks the manifest again, so a truncated
+or missing file sends it to the previous complete checkpoint instead of crashing the
+restart.
+
+Durable as well as atomic: every file is fsynced before the marker is written, and the
+directories after the renames, so that after a power loss or a node crash the newest
+checkpoint is whole before rotation deletes the older ones.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from trainer import atomic
@@ -21,6 +28,8 @@ from trainer.errors import UserError
 from trainer.run.records import read_records
 
 COMMIT_NAME = "COMMIT.json"
+HASH_PIECE = 64 << 20  # bytes of a file hashed on their own (manifest: a list per file)
+HASH_THREADS = min(16, os.cpu_count() or 1)
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys that may change between the interrupted run and its continuation.
@@ -52,30 +61,68 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step-{step:08d}"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, start: int = 0, length: int | None = None) -> str:
+    """SHA-256 of `length` bytes of `path` from `start` (None: to the end)."""
     digest = hashlib.sha256()
+    left = math.inf if length is None else length
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        handle.seek(start)
+        while left > 0 and (block := handle.read(int(min(1 << 20, left)))):
             digest.update(block)
+            left -= len(block)
     return digest.hexdigest()
 
 
+def _piece_digests(paths: list[Path]) -> list[list[str]]:
+    """Each file's SHA-256 per HASH_PIECE bytes, every piece of every file hashed side by
+    side (hashlib releases the GIL): one SHA-256 of a whole multi-GB file would take one
+    core for as long as a save of it, while its pieces spread over the node's cores."""
+    pieces = [
+        (index, path, start)
+        for index, path in enumerate(paths)
+        for start in range(0, max(path.stat().st_size, 1), HASH_PIECE)
+    ]
+    with ThreadPoolExecutor(min(HASH_THREADS, len(pieces) or 1)) as pool:
+        hashed = pool.map(lambda piece: _sha256(piece[1], piece[2], HASH_PIECE), pieces)
+        digests: list[list[str]] = [[] for _ in paths]
+        for (index, _, _), digest in zip(pieces, hashed, strict=True):
+            digests[index].append(digest)
+    return digests
+
+
+def sync_tree(folder: Path) -> None:
+    """Flush every file under `folder` and then its directories to disk: a commit marker or
+    rename is durable only once the data it vouches for is."""
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # renamed by the process that writes it: that one flushes it
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        atomic.sync_directory(path)
+    atomic.sync_directory(folder)
+
+
 def write_commit(folder: Path) -> None:
-    """Write the manifest of every file in `folder`, atomically, as its last file."""
+    """Write the manifest of every file in `folder`, atomically and durably, as its last
+    file (the files themselves are synced before: `sync_tree`)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_NAME)
     manifest = {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": digests}
+        for p, digests in zip(files, _piece_digests(files), strict=True)
     }
-    tmp = folder / (COMMIT_NAME + ".tmp")
-    with tmp.open("w") as handle:
-        json.dump({"files": manifest}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.rename(folder / COMMIT_NAME)
+    atomic.write_json(folder / COMMIT_NAME, {"files": manifest})
 
 
 def problem_with(folder: Path) -> str | None:
-    """Why `folder` cannot be resumed from (None when its files match the manifest)."""
+    """Why `folder` cannot be resumed from (None when its files match the manifest). Sizes
+    first: a truncated or missing file, what a kill or a full disk leaves, costs no hashing."""
     marker = folder / COMMIT_NAME
     if not marker.is_file():
         return "incomplete (no commit marker)"
@@ -89,7 +136,12 @@ def problem_with(folder: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, expected {expected['size']}"
-        if _sha256(path) != expected["sha256"]:
+    names = [name for name, entry in manifest.items() if isinstance(entry["sha256"], list)]
+    pieces = dict(zip(names, _piece_digests([folder / name for name in names]), strict=True))
+    for name, expected in manifest.items():
+        # a whole-file digest: a checkpoint from before the pieces
+        found = pieces.get(name) or _sha256(folder / name)
+        if found != expected["sha256"]:
             return f"{name} does not match its SHA-256"
     return None
 
@@ -125,7 +177,8 @@ def select_checkpoint(run_dir: Path, resume: str, report: Callable[[str], None])
 
 def rotate(run_dir: Path, keep_last: int, keep: set[Path]) -> list[Path]:
     """Paths of checkpoints beyond the newest `keep_last` complete ones, except `keep`
-    (the best one); called only after a new checkpoint is complete."""
+    (the best one); called only after a new checkpoint is complete and durable (its files
+    and its rename synced), so that only what is older than it goes."""
     complete = [f for _, f in step_folders(run_dir) if (f / COMMIT_NAME).is_file()]
     return [f for f in complete[keep_last:] if f.resolve() not in keep] if keep_last else []
 

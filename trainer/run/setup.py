@@ -20,10 +20,17 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, parse_flag_from_env, set_seed
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    parse_flag_from_env,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from trainer import atomic
 from trainer.config import RunConfig, to_dict, train_sources, world_size_from_env
 from trainer.data.augment import training_examples
 from trainer.data.class_weights import resolve_class_weights, target_counts
@@ -44,9 +51,9 @@ from trainer.errors import UserError
 from trainer.model import dtypes
 from trainer.model.adapters import attach_adapter, quantization_config
 from trainer.model.load import check_document_isolation, load_model, load_tokenizer
-from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout
+from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout, recover_replaced
 from trainer.run.optim import build_optimizer, build_scheduler
-from trainer.run.resume import changed_keys, select_checkpoint
+from trainer.run.resume import COMMIT_NAME, changed_keys, select_checkpoint, step_folders
 from trainer.run.rundir import claim_run_dir
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
@@ -62,31 +69,80 @@ def _report(message: str) -> None:
         print(message, file=sys.stderr)
 
 
-def prepare_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, Path | None]:
     """The run directory and the checkpoint to resume from (None: start fresh); refuses
-    to overwrite an earlier run's results or to resume under a changed run config."""
+    to overwrite an earlier run's results or to resume under a changed run config. The
+    main process decides and the others take its answer: every process hashing the same
+    multi-GB checkpoint would multiply the cost of a start by the processes on a node."""
     run_dir = Path(cfg.output_dir).expanduser().resolve()
-    if (run_dir / "final").is_dir():
+    answer: list = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [_resume_point(cfg, run_dir)]
+        except (RunFinished, UserError) as stop:
+            answer = [stop]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return run_dir, answer[0]
+
+
+def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
+    """`prepare_run_dir` on the main process: also repairs what a kill left (a `best/`
+    replaced halfway, a finish halfway) and sets an earlier run's files aside when the run
+    starts over."""
+    recover_replaced(run_dir / "best")
+    if (run_dir / "final").is_dir() or _complete_finish(run_dir):
         raise RunFinished(f"run already finished: {run_dir / 'final'} exists; nothing to do")
-    checkpoint = select_checkpoint(run_dir, cfg.train.resume, _report)
+    skipped: list[str] = []  # one line each, or part of the one error line
+    checkpoint = select_checkpoint(run_dir, cfg.train.resume, skipped.append)
     if checkpoint is None and cfg.train.resume == "auto" and (run_dir / "metrics.jsonl").exists():
-        raise UserError(
-            f"output_dir: {run_dir} holds an unfinished run without a complete checkpoint; "
-            "train.resume=never starts over (its files are kept aside)"
-        )
-    if checkpoint is not None:
-        saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
-        changed = changed_keys(saved, to_dict(cfg))
-        if changed:
+        if any(_was_committed(folder) for _, folder in step_folders(run_dir)):
             raise UserError(
-                f"train.resume: the run config differs from checkpoint {checkpoint.name} in "
-                f"{', '.join(changed)}; restore them or use another output_dir"
+                f"output_dir: {run_dir} holds an unfinished run without a complete checkpoint "
+                f"({'; '.join(skipped)}); train.resume=never starts over (its files are kept aside)"
             )
-    return run_dir, checkpoint
+        skipped.append(f"{run_dir} holds a run stopped before its first checkpoint: starting over")
+    for line in skipped:
+        _report(line)
+    if checkpoint is None:
+        _set_aside_previous(run_dir)
+        return None
+    saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
+    changed = changed_keys(saved, to_dict(cfg))
+    if changed:
+        raise UserError(
+            f"train.resume: the run config differs from checkpoint {checkpoint.name} in "
+            f"{', '.join(changed)}; restore them or use another output_dir"
+        )
+    return checkpoint
+
+
+def _was_committed(folder: Path) -> bool:
+    """A checkpoint that was complete once (renamed into place, or with its marker), even if
+    damaged now: a run that reached it is not started over without being asked."""
+    return not folder.name.endswith(".partial") or (folder / COMMIT_NAME).exists()
+
+
+def _complete_finish(run_dir: Path) -> bool:
+    """Finishing writes eval_results.json first and then renames best/ to final/ (see
+    train._finish): after a kill between the two, do the rename. Without a best/ the final
+    model was the last one, which only training again can give back."""
+    try:
+        results = json.loads((run_dir / "eval_results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not isinstance(results.get("best_step"), int) or not (run_dir / "best").is_dir():
+        return False
+    (run_dir / "best").rename(run_dir / "final")
+    atomic.sync_directory(run_dir)
+    _report(f"completed the interrupted finish of {run_dir}: best/ is final/")
+    return True
 
 
 def _set_aside_previous(run_dir: Path) -> None:
-    """train.resume=never over an earlier run: keep its log and checkpoints, renamed."""
+    """Starting over an earlier run: keep its log and checkpoints, renamed."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in ("metrics.jsonl", "checkpoints", "eval_results.json", "best"):
         if (run_dir / name).exists():
@@ -342,11 +398,9 @@ def set_up(cfg: RunConfig) -> Run:
     run_dir = Path(cfg.output_dir).expanduser().resolve()
     accelerator = make_accelerator(cfg, run_dir, cfg.gradient_accumulation_steps(world_size))
     claim_run_dir(accelerator, run_dir)  # before any process decides to resume
-    run_dir, resume_from = prepare_run_dir(cfg)
+    run_dir, resume_from = prepare_run_dir(cfg, accelerator)
     if resume_from is not None:
         check_layout(resume_from, accelerator)
-    if resume_from is None and cfg.train.resume == "never" and accelerator.is_main_process:
-        _set_aside_previous(run_dir)
     set_seed(cfg.train.seed)
     spec = task_spec(cfg)
     data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, spec))

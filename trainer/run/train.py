@@ -109,7 +109,7 @@ def _write_run_files(run: Run) -> None:
     """config.yaml and run_summary.json (the summary printed too), by the main process."""
     if run.accelerator.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(dump_yaml(run.cfg))
+        atomic.write_text(run.run_dir / "config.yaml", dump_yaml(run.cfg))
         atomic.write_json(run.run_dir / "run_summary.json", finite(run.summary()), indent=2)
         run.accelerator.print(json.dumps(run.summary()))
         if run.cfg.model.trust_remote_code:
@@ -354,19 +354,24 @@ def _stop_preempted(run: Run, reason: str, where: str = "at a saved checkpoint")
 
 def _finish(run: Run, best: Best, state: LoopState) -> dict:
     """final/: the best model by eval.metric (the last one without validation, or when no
-    evaluation gave a finite metric)."""
+    evaluation gave a finite metric). One commit: eval_results.json is written first and
+    final/ appears last, by one rename, so a run with final/ always has its results; after
+    a kill between the two, the restart does the rename (setup._complete_finish)."""
     accelerator = run.accelerator
-    if run.validation_set is not None and best.results is not None:
-        if accelerator.is_main_process:
-            (run.run_dir / "best").rename(run.run_dir / "final")
+    from_best = run.validation_set is not None and best.results is not None
+    if from_best:
         results = {**best.results, "best_step": best.step, "metric": best.metric}
     else:
-        save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
         results = {"train_loss": state.train_loss}
         if run.validation_set is not None:
             results |= {"best_step": None, "metric": best.metric}
     results |= {"steps": state.step, "skipped_steps": state.skipped_steps}
     if accelerator.is_main_process:
         atomic.write_json(run.run_dir / "eval_results.json", finite(results), indent=2)
+    if not from_best:
+        save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
+    elif accelerator.is_main_process:
+        (run.run_dir / "best").rename(run.run_dir / "final")
+        atomic.sync_directory(run.run_dir)
     accelerator.wait_for_everyone()
     return results
