@@ -46,13 +46,13 @@ def test_pinned_resume_only_on_the_first_start(run_config, tmp_path, monkeypatch
 
 def test_pinned_resume_is_kept_while_the_run_has_no_checkpoint(run_config, tmp_path, monkeypatch):
     other = tmp_path / "elsewhere" / "step-7"  # e.g. another run's checkpoint
-    cfg = load_config(run_config("mlm"), [f"train.resume={other}"])
+    cfg = load_config(run_config("mlm"), [f"train.resume={other}", "train.resume_trusted=true"])
     slurm_start(monkeypatch, 2)
     assert checked_start(cfg, {"SLURM_JOB_ID": "1", "SLURM_RESTART_COUNT": "2"}) == cfg
 
 
 def test_outside_slurm_nothing_changes_or_is_written(run_config, tmp_path):
-    cfg = load_config(run_config("mlm"), ["train.resume=/some/step-3"])
+    cfg = load_config(run_config("mlm"), ["train.resume=/some/step-3", "train.resume_trusted=true"])
     assert checked_start(cfg, {"SLURM_RESTART_COUNT": "4"}) == cfg
     assert not (tmp_path / "run").exists()
 
