@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -148,5 +149,7 @@ def test_a_process_that_never_joins_a_collective_fails_the_job_within_the_timeou
     started, exited = stamps[STARTED][0], stamps[EXITED][0]
     assert exited - started < 10 + 10, "rank 0 failed within the timeout (and a margin)"
     line = next(s for s in done.stderr.splitlines() if s.startswith("error: collective"))
-    assert line.startswith("error: collective all_reduce called from step.py:"), line
+    # rank 1 skips its first all-reduce, wherever the loop has it (the stop check before
+    # the first step, today): the line names the file and line of that call
+    assert re.match(r"error: collective all_reduce called from \w+\.py:\d+ ", line), line
     assert "timed out after 10 s (train.collective_timeout)" in line
