@@ -221,6 +221,7 @@ class CheckpointConfig:
     every_steps: int = _field(0, "Save the full training state every N steps; 0: off.")
     every_minutes: float = _field(30.0, "Also save when this many minutes passed; 0: off.")
     keep_last: int = _field(2, "Complete checkpoints kept (the best one is kept as well).")
+    at_epoch_end: bool = _field(True, "Also save at each epoch's end but the last (once a step).")
 
 
 @dataclass

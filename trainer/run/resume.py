@@ -52,6 +52,7 @@ SAFE_TO_CHANGE = frozenset(
         "checkpoint.every_steps",
         "checkpoint.every_minutes",
         "checkpoint.keep_last",
+        "checkpoint.at_epoch_end",
     }
 )
 
@@ -205,8 +206,10 @@ def changed_keys(saved: dict, current: dict) -> list[str]:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop the records logged after the checkpoint, so the resumed log has no duplicates,
-    and a torn last line that a kill during an append left (run/records.py)."""
+    and a torn last line that a kill during an append left (run/records.py). Written whole
+    or not at all: a full disk stops the run (TrainingFailed) with the file untouched."""
     if not path.exists():
         return
     kept = [record for record in read_records(path) if record["step"] <= step]
-    atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+    with atomic.stop_on_failed_write(path):
+        atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
