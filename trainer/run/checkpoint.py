@@ -23,9 +23,8 @@ from trainer.config import RunConfig, dump_yaml
 from trainer.errors import TrainingFailed, UserError
 from trainer.model import adapters
 from trainer.model.saved import RUN_CONFIG_NAME
-from trainer.run.resume import sync_tree, write_commit
+from trainer.run.resume import TRAINER_STATE_NAME, sync_tree, write_commit
 
-TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
 
 

@@ -206,7 +206,7 @@ class Loop:
         state.skipped_steps += 1
         state.nonfinite_in_a_row += 1
         if cfg.on_nonfinite == "stop" or state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-            self.checkpoint()
+            self.checkpoint(fault=True)  # pushes no good checkpoint out (resume.rotate)
             raise TrainingFailed(
                 f"non-finite loss or gradient norm at step {state.step} "
                 f"({state.nonfinite_in_a_row} in a row, train.on_nonfinite="
@@ -286,12 +286,16 @@ class Loop:
                 self.checkpoint()
             self.last_save = time.monotonic()
 
-    def checkpoint(self) -> None:
-        """Save a checkpoint of this step, then drop the ones beyond checkpoint.keep_last."""
+    def checkpoint(self, fault: bool = False) -> None:
+        """Save a checkpoint of this step, then drop the ones beyond checkpoint.keep_last.
+        `fault`: saved at a stop for non-finite values, marked so that it never rotates
+        the last good checkpoints out."""
         run, state = self.run, self.state
         state.best = dataclasses.asdict(self.best)
         folder = checkpoint_dir(run.run_dir, state.step)
         loop = {"loop": dataclasses.asdict(state), "config": to_dict(run.cfg)}
+        if fault:
+            loop["fault"] = True
         mine = {"since_log": self.since_log.tolist()}
         if run.stream is not None:
             mine["stream"] = run.stream.state_dict()  # exact: taken after the step's last batch
