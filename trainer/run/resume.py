@@ -26,6 +26,7 @@ from pathlib import Path
 from trainer import atomic
 from trainer.errors import UserError
 from trainer.run.records import read_records
+from trainer.security import umask_modes
 
 COMMIT_NAME = "COMMIT.json"
 TRAINER_STATE_NAME = "trainer_state.json"  # the loop's counters (run/checkpoint.py)
@@ -94,7 +95,9 @@ def _piece_digests(paths: list[Path]) -> list[list[str]]:
 
 def sync_tree(folder: Path) -> None:
     """Flush every file under `folder` and then its directories to disk: a commit marker or
-    rename is durable only once the data it vouches for is."""
+    rename is durable only once the data it vouches for is. The weight files get the
+    umask's mode first (trainer.security.umask_modes)."""
+    umask_modes(folder)
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
