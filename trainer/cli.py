@@ -21,6 +21,8 @@ from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
 from trainer.run.stop import EXIT_INTERRUPTED, StopFlag
 from trainer.security import no_world_write
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
 
 def _quiet_libraries() -> None:
     """Keep the console for our own progress bar and results."""
@@ -289,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # `trainer keys | head`: the reader left. Python's own advice: point stdout at
+        # devnull so that the flush at exit does not raise again, and exit as a shell would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":
