@@ -151,9 +151,10 @@ def test_merge_entities_follows_iob2():
     ]
     assert entities[0]["score"] == pytest.approx(0.8)
     assert entities[2]["score"] == pytest.approx(0.5)
-    # an I- tag after O or another type starts an entity
-    stray = merge_entities([WordTag("I-ORG", 0.5, 0, 4), WordTag("I-LOC", 0.5, 5, 8)], "Acme Ulm")
-    assert [e["text"] for e in stray] == ["Acme", "Ulm"]
+    # read strictly, as evaluation reads it: in IOB2 an I- tag without its B- is no entity
+    stray = [WordTag("I-ORG", 0.5, 0, 4), WordTag("I-LOC", 0.5, 5, 8)]
+    assert merge_entities(stray, "Acme Ulm", "iob2") == []
+    assert [e["text"] for e in merge_entities(stray, "Acme Ulm", "io")] == ["Acme", "Ulm"]
 
 
 def test_mlm_fills_each_mask(tiny_bert, tmp_path, capsys):

@@ -21,6 +21,7 @@ import yaml
 from trainer.durations import parse_duration
 from trainer.errors import UserError
 from trainer.security import redact, untrusted_resume
+from trainer.tasks import tag_schemes
 from trainer.tasks.registry import TASKS, task_spec
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml, yaml11_float
 
@@ -86,6 +87,9 @@ class DataConfig:
     label_column: str = _field("label", "Column holding the class (int or string).")
     tokens_column: str = _field("tokens", "token-classification: column of word lists.")
     tags_column: str = _field("tags", "token-classification: column of tag lists.")
+    tag_scheme: str | None = _field(
+        None, "token-classification: io | iob1 | iob2 (bio) | bioes (iobes); unset: from the tags."
+    )
     max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
     streaming: bool = _field(False, "MLM/CLM: read, tokenize and pack train on the fly.")
     shuffle_buffer: int = _field(1000, "Streaming: packed blocks in the seeded shuffle buffer.")
@@ -285,6 +289,8 @@ def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
         )
     for tracker in cfg.log.trackers:
         _choice(errors, "log.trackers", tracker, TRACKERS)
+    if cfg.data.tag_scheme is not None:
+        _choice(errors, "data.tag_scheme", cfg.data.tag_scheme, tag_schemes.SCHEMES)
     _check_class_weights(cfg.data.class_weights, errors)
 
 

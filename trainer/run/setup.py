@@ -404,6 +404,8 @@ def set_up(cfg: RunConfig) -> Run:
     set_seed(cfg.train.seed)
     spec = task_spec(cfg)
     data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, spec))
+    if data.label_names is not None:  # after a cache hit too: the tag scheme is no cache key
+        spec.rows.check_names(data.label_names, cfg.data)
     weights = None
     if data.label_names is not None and cfg.data.class_weights != "none":
         counts = target_counts(data.train, data.label_names)  # a pass over every label
