@@ -9,6 +9,7 @@ import torch
 from seqeval.metrics import f1_score as seq_f1
 from seqeval.scheme import IOB1, IOB2, IOBES, Entities
 
+from trainer.cli import main
 from trainer.config import DataConfig
 from trainer.data.encode import IGNORE_INDEX
 from trainer.errors import UserError
@@ -163,3 +164,18 @@ def test_a_perfect_prediction_scores_one_in_every_scheme(scheme):
     results = metrics.compute(lambda t: t)
     assert results["f1"] == results["precision"] == results["recall"] == 1.0
     assert set(results["f1_per_type"]) == {"PER", "LOC"}
+
+
+# --- data.tag_scheme through `trainer train` ------------------------------------------------
+
+
+def test_a_bad_tag_scheme_stops_the_run_before_training(capsys, run_config, tmp_path):
+    config = run_config("token-classification")
+    assert main(["train", str(config), "data.tag_scheme=bilou"]) == 2
+    assert "data.tag_scheme: 'bilou' is not one of io, iob1, iob2" in capsys.readouterr().err
+    for attempt in ("first read", "cache hit"):  # the scheme is no part of the cache key
+        assert main(["train", str(config), "data.tag_scheme=io"]) == 2, attempt
+        err = capsys.readouterr().err
+        assert err.startswith("error: data.tag_scheme: io (set) has no tag like 'B-"), err
+        assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "final").exists()
