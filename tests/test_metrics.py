@@ -155,9 +155,7 @@ def test_entity_scores_match_seqeval_strict():
     results = fill(EntityMetrics(NER_LABELS), logits, labels).compute(alone)
     strict = {"mode": "strict", "scheme": IOB2}
     assert results["f1"] == pytest.approx(seq_f1(GOLD, PREDICTED, **strict), abs=1e-9)
-    assert results["precision"] == pytest.approx(
-        seq_precision(GOLD, PREDICTED, **strict), abs=1e-9
-    )
+    assert results["precision"] == pytest.approx(seq_precision(GOLD, PREDICTED, **strict), abs=1e-9)
     assert results["recall"] == pytest.approx(seq_recall(GOLD, PREDICTED, **strict), abs=1e-9)
     per_type = seq_f1(GOLD, PREDICTED, average=None, **strict)
     assert list(results["f1_per_type"]) == ["LOC", "ORG", "PER"]
