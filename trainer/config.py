@@ -94,7 +94,9 @@ class DataConfig:
     streaming: bool = _field(False, "MLM/CLM: read, tokenize and pack train on the fly.")
     shuffle_buffer: int = _field(1000, "Streaming: packed blocks in the seeded shuffle buffer.")
     cache_dir: str | None = _field(
-        "~/.cache/trainer/data", "Tokenized-data cache shared by ranks and nodes; null: off."
+        "auto",
+        "Tokenized-data cache shared by ranks and nodes; auto: $HF_HOME/trainer/data, else "
+        "$XDG_CACHE_HOME/trainer/data, else ~/.cache/trainer/data; null: off.",
     )
     group_by_length: bool = _field(False, "Fine-tuning: batch texts of similar length.")
     isolate_documents: bool = _field(False, "MLM/CLM: no attention across packed documents.")
