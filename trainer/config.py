@@ -46,6 +46,9 @@ def _field(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     name_or_path: str = _field("", "Hub id or local folder of the model (and its tokenizer).")
+    revision: str | None = _field(
+        None, "Hub branch, tag or commit of the model, its config and its own tokenizer."
+    )
     tokenizer: str | None = _field(
         None, "Tokenizer folder or hub id when not the model's own (trained or extended)."
     )

@@ -228,7 +228,9 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
     if cfg.peft.method != "none":
-        model = attach_adapter(model, cfg.peft, spec, cfg.train.gradient_checkpointing, sharded)
+        model = attach_adapter(
+            model, cfg.peft, spec, cfg.train.gradient_checkpointing, sharded, cfg.model.revision
+        )
         dtypes.keep_trained_in_fp32(model)
     return model
 
