@@ -12,7 +12,7 @@ guesses an entity from such fragments, would make IOB1 and IOB2 the same scheme.
 - iob2 (bio): B-X starts every entity, I-X continues it.
 - bioes (iobes): S-X is a one-word entity; B-X, I-X..., E-X a longer one.
 
-Plain Python, no imports: config validation and the data reader use it before torch.
+Plain Python (no torch): config validation and the data reader use it before torch loads.
 """
 
 from __future__ import annotations
