@@ -25,8 +25,13 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
 def _quiet_libraries() -> None:
-    """Keep the console for our own progress bar and results."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Keep the console for our own progress bar and results.
+
+    TOKENIZERS_PARALLELISM is left as the user set it (unset: the fast tokenizers use every
+    core). It only has to be false in a process that forks after tokenizing, and nothing
+    here does: the DataLoader has no workers, `datasets.map` runs in-process (no num_proc),
+    and subprocesses (launch, scontrol) start through vfork/exec, which runs no fork
+    handlers. Whoever adds workers or num_proc sets it there, next to the fork."""
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed otherwise warns that it fell back to CPU

@@ -62,7 +62,7 @@ def max_logit_difference(first: torch.nn.Module, second: torch.nn.Module, batch:
 
 def _merged(saved: SavedModel, cfg: RunConfig, spec: TaskSpec, tokenizer) -> torch.nn.Module:
     """Base (dequantized for QLoRA) + adapter, merged into plain layers."""
-    base_cfg = type(cfg.model)(name_or_path=saved.base)
+    base_cfg = type(cfg.model)(name_or_path=saved.base, revision=saved.base_revision)
     qlora = cfg.peft.method == "qlora"
     quantization = adapters.quantization_config(cfg.train.precision) if qlora else None
     # the dtype of the adapted model it is checked against (trainer/model/dtypes.py)

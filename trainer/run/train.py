@@ -255,7 +255,7 @@ class Loop:
                 run.validation_set,
                 run.collator,
                 run.spec,
-                run.spec.make_metrics(run.label_names),
+                run.spec.make_metrics(run.label_names, run.cfg.data),
                 run.accelerator,
                 run.cfg.eval.batch_size,
                 run.cfg.train.seed,
