@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from trainer.errors import UserError
 from trainer.tasks import tag_schemes
+from trainer.text_files import decoded_lines, read_text
 
 if TYPE_CHECKING:  # the task specs import this module, and config validation imports them
     from trainer.config import DataConfig
@@ -43,30 +44,28 @@ class Split:
 
 
 def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        for number, row in enumerate(reader, start=1):
-            if None in row:  # more fields than the header names
-                raise UserError(f"{path.name} row {number}: more fields than the header has")
-            yield f"{path.name} row {number}", row
+    reader = csv.DictReader(decoded_lines(path), delimiter=delimiter)
+    for number, row in enumerate(reader, start=1):
+        if None in row:  # more fields than the header names
+            raise UserError(f"{path.name} row {number}: more fields than the header has")
+        yield f"{path.name} row {number}", row
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path.name} line {number}: expected a JSON object")
-            yield f"{path.name} line {number}", row
+    for number, line in enumerate(decoded_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path.name} line {number}: expected a JSON object")
+        yield f"{path.name} line {number}", row
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -93,10 +92,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _read_text_lines(path: Path, column: str) -> Iterator[tuple[str, dict]]:
     """One document per non-blank line (blank lines separate paragraphs, so they are skipped)."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield f"{path.name} line {number}", {column: line.rstrip("\n")}
+    for number, line in enumerate(decoded_lines(path), start=1):
+        if line.strip():
+            yield f"{path.name} line {number}", {column: line.rstrip("\r\n")}
 
 
 def _read_conll(path: Path, tokens_col: str, tags_col: str) -> Iterator[tuple[str, dict]]:
@@ -104,21 +102,20 @@ def _read_conll(path: Path, tokens_col: str, tags_col: str) -> Iterator[tuple[st
     tokens: list[str] = []
     tags: list[str] = []
     start = 1
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if fields and fields[0] == "-DOCSTART-":
-                continue
-            if fields and len(fields) < 2:
-                raise UserError(f"{path.name} line {number}: expected 'TOKEN ... TAG' columns")
-            if fields:
-                if not tokens:
-                    start = number
-                tokens.append(fields[0])
-                tags.append(fields[-1])
-            elif tokens:
-                yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
-                tokens, tags = [], []
+    for number, line in enumerate(decoded_lines(path), start=1):
+        fields = line.split()
+        if fields and fields[0] == "-DOCSTART-":
+            continue
+        if fields and len(fields) < 2:
+            raise UserError(f"{path.name} line {number}: expected 'TOKEN ... TAG' columns")
+        if fields:
+            if not tokens:
+                start = number
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+        elif tokens:
+            yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
+            tokens, tags = [], []
     if tokens:
         yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
 
@@ -178,6 +175,11 @@ def source_files(source: str, key: str) -> list[Path] | None:
         return files
     if path.is_file():
         return [path]
+    if path.is_dir() and looks_like_file(source):  # a bare name may be a datasets folder
+        raise UserError(
+            f"{key}: {source} is a directory; name a file in it (or a glob such as "
+            f"{path / '*.jsonl'})"
+        )
     if looks_like_file(source):
         raise UserError(f"{key}: file not found: {source}")
     return None
@@ -208,8 +210,6 @@ def read_split(source: str, key: str, rows: RowFormat, cfg: DataConfig) -> Split
             split.where.append(where)
     except UserError as err:
         raise UserError(f"{key}: {err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{key}: {source} is not UTF-8 text") from None
     if not split.rows:
         raise UserError(f"{key}: {source} holds no examples")
     return split
@@ -232,8 +232,6 @@ def read_split_keeping_going(
                 empty.append(where)
     except UserError as err:
         raise UserError(f"{key}: {err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{key}: {source} is not UTF-8 text") from None
     return split, empty
 
 
