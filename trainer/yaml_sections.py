@@ -48,12 +48,28 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path}{where}: not valid YAML") from None
+        raise UserError(f"config file {path}{_yaml_problem(err, text)}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path}: must be a mapping of keys to values")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """Where and why PyYAML stopped, in the user's terms: ` line N column C: not valid
+    YAML (PyYAML's reason; a hint for the usual two causes)`."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or "not valid YAML"
+    if mark is None:
+        return f": not valid YAML ({problem})"
+    line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+    if "\t" in line[: mark.column + 1] or "'\\t'" in problem:
+        hint = "; YAML indents with spaces, not tabs"
+    elif "mapping values are not allowed" in problem or "expected <block end>" in problem:
+        hint = "; check the indentation of this line and the one above"
+    else:
+        hint = ""
+    where = f" line {mark.line + 1} column {mark.column + 1}"
+    return f"{where}: not valid YAML ({problem}{hint}): {line.strip()!r}"
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
