@@ -237,7 +237,7 @@ def read_split_keeping_going(
 
 def _text_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """A text, non-empty."""
-    text = _column(row, cfg.text_column, where)
+    text = _column(row, cfg, "text_column", where)
     if not isinstance(text, str) or not text.strip():
         raise EmptyValue(f"{where}: empty text in column '{cfg.text_column}'")
     return {"text": text}
@@ -246,7 +246,7 @@ def _text_row(row: dict, where: str, cfg: DataConfig) -> dict:
 def _labelled_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """A text and its class (a string or an integer, kept as a string)."""
     checked = _text_row(row, where, cfg)
-    label = _column(row, cfg.label_column, where)
+    label = _column(row, cfg, "label_column", where)
     if label is None or (isinstance(label, str) and not label.strip()):
         raise EmptyValue(f"{where}: empty label in column '{cfg.label_column}'")
     if not isinstance(label, (str, int)) or isinstance(label, bool):
@@ -256,7 +256,10 @@ def _labelled_row(row: dict, where: str, cfg: DataConfig) -> dict:
 
 def _tagged_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """Words and one tag per word."""
-    tokens, tags = _column(row, cfg.tokens_column, where), _column(row, cfg.tags_column, where)
+    tokens, tags = (
+        _column(row, cfg, "tokens_column", where),
+        _column(row, cfg, "tags_column", where),
+    )
     if tokens == []:
         raise EmptyValue(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
@@ -266,10 +269,37 @@ def _tagged_row(row: dict, where: str, cfg: DataConfig) -> dict:
     return {"tokens": tokens, "tags": [str(tag) for tag in tags]}
 
 
-def _column(row: dict, column: str, where: str):
-    if column not in row:
-        raise UserError(f"{where}: missing column '{column}' (columns: {', '.join(map(str, row))})")
-    return row[column]
+LABEL_LIKE = ("label", "labels", "sentiment", "class", "category", "target", "y")
+
+
+def _column(row: dict, cfg: DataConfig, key: str, where: str):
+    """The value of the column `data.<key>` names; missing: one line with the columns the
+    row has, and the one that looks meant (`data.text_column=review`)."""
+    column = getattr(cfg, key)
+    if column in row:
+        return row[column]
+    guess = _likely_column(row, key)
+    hint = f"; set data.{key}={guess}" if guess is not None else ""
+    columns = ", ".join(map(str, row))
+    raise UserError(f"{where}: missing column '{column}' (columns: {columns}){hint}")
+
+
+def _likely_column(row: dict, key: str) -> str | None:
+    """The column a user most likely meant for `data.<key>`: the longest text for the
+    text, a label-like name (or the shortest value) for the label, list values for words
+    and tags."""
+    if key in ("tokens_column", "tags_column"):
+        lists = [name for name, value in row.items() if isinstance(value, list)]
+        return lists[0 if key == "tokens_column" else -1] if lists else None
+    texts = {name: value for name, value in row.items() if isinstance(value, str)}
+    if key == "text_column":
+        return max(texts, key=lambda name: len(texts[name]), default=None)
+    named = [name for name in row if str(name).lower() in LABEL_LIKE]
+    if named:
+        return named[0]
+    longest = max(texts, key=lambda name: len(texts[name]), default=None)
+    others = [name for name, value in row.items() if name != longest and value is not None]
+    return min(others, key=lambda name: len(str(row[name])), default=None)
 
 
 def join_splits(splits: list[Split], key: str) -> Split:
