@@ -103,15 +103,20 @@ def test_training_still_rejects_the_empty_row(stats_config, tmp_path):
         read_split(str(tmp_path / "train.csv"), "data.train", LABELLED_TEXT, DataConfig())
 
 
-def test_report_goes_to_data_stats_json_in_the_current_folder(
+def test_report_goes_to_data_stats_json_in_the_output_dir(
     stats_config, tmp_path, monkeypatch, capsys
 ):
+    """Not into whatever folder the command was started from."""
     config = stats_config()
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     code, out, _ = data_stats(capsys, config)
-    assert code == 0
-    assert (tmp_path / "data-stats.json").is_file()
-    assert out.strip().splitlines()[-1] == "wrote data-stats.json"
+    report = tmp_path / "run" / "data-stats.json"
+    assert code == 0 and report.is_file() and not list((tmp_path / "elsewhere").iterdir())
+    assert out.strip().splitlines()[-1] == f"wrote {report}"
+    reset_accelerate()
+    assert main(["train", str(config)]) == 0, "the run then trains into its output_dir"
+    assert report.is_file() and (tmp_path / "run" / "final").is_dir()
 
 
 def test_validation_split_is_carved_as_training_would(stats_config, tmp_path, capsys):
@@ -124,8 +129,9 @@ def test_validation_split_is_carved_as_training_would(stats_config, tmp_path, ca
 
 
 def test_overrides_and_unwritable_report_path(stats_config, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")  # a file where the report's folder should be
     code, _, err = data_stats(
-        capsys, stats_config(), "data.max_length=16", "--json", tmp_path / "no" / "s.json"
+        capsys, stats_config(), "data.max_length=16", "--json", tmp_path / "a-file" / "s.json"
     )
     assert code == 2
     assert err.startswith("error: --json: could not write") and err.count("\n") == 1

@@ -169,7 +169,8 @@ def _data_stats(args: argparse.Namespace) -> int:
 
     report = data_stats(cfg)
     print(format_report(report))
-    print(f"wrote {write_report(report, args.json)}")
+    path = args.json or os.path.join(cfg.output_dir, "data-stats.json")  # next to the run
+    print(f"wrote {write_report(report, path)}")
     return 0
 
 
@@ -263,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     stats = _add_config_command(
         commands, "data-stats", "lengths, labels, duplicates of a run's data", _data_stats
     )
-    stats.add_argument("--json", default="data-stats.json", help="report file (data-stats.json)")
+    stats.add_argument(
+        "--json", help="report file (default: data-stats.json in the config's output_dir)"
+    )
     export = commands.add_parser("export", help="export a LoRA/QLoRA run: adapter or merged")
     export.add_argument("run_dir", help="a run directory or its final/ adapter folder")
     export.add_argument("--out", required=True, help="folder to write (must not exist)")

@@ -26,6 +26,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from trainer import atomic
 from trainer.config import RunConfig, train_sources
 from trainer.data.class_weights import label_counts
 from trainer.data.prepare import source_key
@@ -256,7 +257,8 @@ def write_report(report: dict, path: str | Path) -> Path:
     """Write the report as JSON; a folder that can't be written is a one-line error."""
     path = Path(path).expanduser()
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(path, json.dumps(report, indent=2) + "\n")
     except OSError as err:
         raise UserError(f"--json: could not write {path}: {err.strerror or err}") from None
     return path
