@@ -104,10 +104,10 @@ def test_training_still_rejects_the_empty_row(stats_config, tmp_path):
 
 
 def test_report_goes_to_data_stats_json_in_the_output_dir(
-    stats_config, tmp_path, monkeypatch, capsys
+    run_config, tmp_path, monkeypatch, capsys
 ):
-    """Not into whatever folder the command was started from."""
-    config = stats_config()
+    """Not into whatever folder the command was started from; the run then trains there."""
+    config = run_config("classification")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     code, out, _ = data_stats(capsys, config)
@@ -115,7 +115,7 @@ def test_report_goes_to_data_stats_json_in_the_output_dir(
     assert code == 0 and report.is_file() and not list((tmp_path / "elsewhere").iterdir())
     assert out.strip().splitlines()[-1] == f"wrote {report}"
     reset_accelerate()
-    assert main(["train", str(config)]) == 0, "the run then trains into its output_dir"
+    assert main(["train", str(config)]) == 0
     assert report.is_file() and (tmp_path / "run" / "final").is_dir()
 
 
