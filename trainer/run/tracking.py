@@ -51,11 +51,13 @@ class RunLog:
         cfg: RunConfig,
         total_steps: int,
         start_step: int = 0,
+        elapsed_s: float = 0.0,
     ):
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - elapsed_s  # a resumed run's clock continues
         self.paused_s = 0.0
+        self.paused_at: float | None = None
         if cfg.log.trackers:
             accelerator.init_trackers("tensorboard", config=_hyperparameters(cfg))
         self.progress = tqdm(
@@ -67,17 +69,20 @@ class RunLog:
         )
 
     def elapsed(self) -> float:
-        """Seconds spent training so far (evaluation and saving excluded)."""
-        return time.perf_counter() - self.started - self.paused_s
+        """Seconds spent training so far, over all starts of the run (evaluation and saving
+        excluded: the clock stands still while paused, so a checkpoint saves where it is)."""
+        now = self.paused_at if self.paused_at is not None else time.perf_counter()
+        return now - self.started - self.paused_s
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Leave the enclosed work (evaluation, saving) out of the training clock."""
-        start = time.perf_counter()
+        self.paused_at = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - start
+            self.paused_s += time.perf_counter() - self.paused_at
+            self.paused_at = None
 
     def write(self, record: dict) -> None:
         """Log one record (it must hold `step`) to every sink."""
