@@ -6,6 +6,7 @@ Only the main process writes. Values arrive already reduced over all processes.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +99,12 @@ class RunLog:
         """Move the progress bar to `step` with the latest numbers."""
         self.progress.update(step - self.progress.n)
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def warn(self, line: str) -> None:
+        """One warning line on stderr from the main process, on a line of its own above the
+        progress bar."""
+        if self.accelerator.is_main_process:
+            self.progress.write(f"warning: {line}", file=sys.stderr)
 
     def close(self) -> None:
         """Flush the trackers and the progress bar."""

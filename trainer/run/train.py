@@ -213,12 +213,10 @@ class Loop:
             return
         state.skipped_steps += 1
         state.nonfinite_in_a_row += 1
-        if self.run.accelerator.is_main_process:
-            print(
-                f"warning: non-finite loss or gradient norm at step {state.step}: the update "
-                f"was skipped on all processes ({state.skipped_steps} skipped so far)",
-                file=sys.stderr,
-            )
+        self.log.warn(
+            f"non-finite loss or gradient norm at step {state.step}: the update was skipped "
+            f"on all processes ({state.skipped_steps} skipped so far)"
+        )
         if cfg.on_nonfinite == "stop" or state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
             self.checkpoint()
             raise TrainingFailed(
