@@ -16,7 +16,7 @@ from conftest import REPO, make_run_config, write_csv
 
 import trainer.data.cache
 import trainer.data.prepare
-from trainer.config import load_config
+from trainer.config import DataConfig, load_config
 from trainer.data.prepare import prepare_data
 from trainer.errors import UserError
 from trainer.model.load import load_tokenizer
@@ -218,3 +218,25 @@ def test_builders_on_nodes_whose_locks_do_not_see_each_other(setup):
     assert stats[0]["folder"] == stats[1]["folder"]
     published = Path(stats[0]["folder"])
     assert [p.name for p in published.parent.iterdir() if p.is_dir()] == [published.name]
+
+
+def test_the_default_cache_follows_hf_home_then_xdg_cache_home(setup, monkeypatch, tmp_path):
+    root = trainer.data.cache.cache_root
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert root("auto") == tmp_path / "home" / ".cache" / "trainer" / "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert root("auto") == tmp_path / "xdg" / "trainer" / "data"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert root("auto") == tmp_path / "hf" / "trainer" / "data"
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    assert root("$SCRATCH/cache") == tmp_path / "scratch" / "cache"
+    # a run config that leaves data.cache_dir unset builds its entry under HF_HOME
+    config, _ = setup
+    cfg = load_config(config, ["data.cache_dir=auto"])
+    assert load_config(config).data.cache_dir != "auto"  # the test configs name a folder
+    data, _ = prepare_data(cfg, lambda: load_tokenizer(cfg.model, TASKS[cfg.task]))
+    assert data.cache["status"] == "built"
+    assert Path(data.cache["folder"]).parent == tmp_path / "hf" / "trainer" / "data"
+    assert DataConfig().cache_dir == "auto"

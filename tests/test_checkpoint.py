@@ -54,15 +54,18 @@ def test_failed_save_resumes_from_the_previous_checkpoint(
             "No space left on device; the previous checkpoint is intact\n"
         )
         assert message in err and err.count("error:") == 1
+        assert not partial.exists(), "a failed save removes its partial folder"
+    else:
+        assert partial.is_dir() and not (partial / COMMIT_NAME).exists()
+        assert problem_with(partial) == "incomplete (no commit marker)"
     assert saved_steps(run_dir) == [2]
-    assert partial.is_dir() and not (partial / COMMIT_NAME).exists()
-    assert problem_with(partial) == "incomplete (no commit marker)"
     assert problem_with(checkpoint_dir(run_dir, 2)) is None
     assert not (run_dir / "final").exists()
 
     assert cli("train", config) == 0
     err = capfd.readouterr().err
-    assert f"skipping checkpoint {partial}: incomplete (no commit marker)" in err
+    skipped = f"skipping checkpoint {partial}: incomplete (no commit marker)"
+    assert (skipped in err) == (failure == "crash")
     assert f"resuming from {checkpoint_dir(run_dir, 2)} (step 2)" in err
     assert not partial.exists(), "the step-4 save should replace the partial folder"
     assert saved_steps(run_dir) == [4, 6]

@@ -270,3 +270,13 @@ def test_keys_lists_every_config_key(capsys):
     listed = [line.split()[0] for line in out.splitlines()]
     assert listed == list(all_keys())
     assert "train.global_batch_size" in listed
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`trainer keys | head -1`: the pipe closes under the writer."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    process.stdout.close()  # gone before the first line: every write finds no reader
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr

@@ -6,6 +6,7 @@ each adapter loaded alone, and bad input rejected in one line."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from peft import PeftModel
 
 from trainer.cli import main
 from trainer.inference import PredictOptions, Predictor, WordTag, merge_entities
+from trainer.tasks.tag_schemes import decode
 
 SENTENCES = [
     "the film was really good .",
@@ -151,9 +153,50 @@ def test_merge_entities_follows_iob2():
     ]
     assert entities[0]["score"] == pytest.approx(0.8)
     assert entities[2]["score"] == pytest.approx(0.5)
-    # an I- tag after O or another type starts an entity
-    stray = merge_entities([WordTag("I-ORG", 0.5, 0, 4), WordTag("I-LOC", 0.5, 5, 8)], "Acme Ulm")
-    assert [e["text"] for e in stray] == ["Acme", "Ulm"]
+    # read strictly, as evaluation reads it: in IOB2 an I- tag without its B- is no entity
+    stray = [WordTag("I-ORG", 0.5, 0, 4), WordTag("I-LOC", 0.5, 5, 8)]
+    assert merge_entities(stray, "Acme Ulm", "iob2") == []
+    assert [e["text"] for e in merge_entities(stray, "Acme Ulm", "io")] == ["Acme", "Ulm"]
+
+
+def test_predict_shows_the_entities_evaluation_counts(runs, data_dir, tmp_path, capsys):
+    """On a trained model: the precision, recall and per-type F1 of `trainer evaluate` are
+    exactly those of the entities `trainer predict` shows, scored against the gold tags read
+    by the same decoder. The tiny model tags its validation set perfectly, so a fifth of
+    the gold tags are redrawn (ill-formed sequences too): some entities right, some not."""
+    rng = random.Random(0)
+    names = ["O", "B-LOC", "B-ORG", "I-ORG", "B-PER"]  # the tags the model knows
+    rows = read_rows(data_dir / "ner_validation.jsonl")
+    for row in rows:
+        row["tags"] = [rng.choice(names) if rng.random() < 0.2 else t for t in row["tags"]]
+    gold_file = write_jsonl(tmp_path / "redrawn.jsonl", rows)
+    texts = [" ".join(row["tokens"]) for row in rows]
+    predicted = Predictor.load(str(runs["final"]["ner"])).predict(texts)
+    counts: dict[str, list[int]] = {}  # type: tp, fp, fn
+    for row, result in zip(rows, predicted, strict=True):
+        starts = [0]
+        for word in row["tokens"][:-1]:
+            starts.append(starts[-1] + len(word) + 1)
+        ends = [start + len(word) for start, word in zip(starts, row["tokens"], strict=True)]
+        shown = {
+            (e["type"], starts.index(e["start"]), ends.index(e["end"]) + 1)
+            for e in result["entities"]
+        }
+        gold = set(decode(row["tags"], "iob2"))
+        for kind in {e[0] for e in shown | gold}:
+            mine = {e for e in shown if e[0] == kind}
+            theirs = {e for e in gold if e[0] == kind}
+            found = [len(mine & theirs), len(mine - theirs), len(theirs - mine)]
+            counts[kind] = [a + b for a, b in zip(counts.get(kind, [0, 0, 0]), found, strict=True)]
+    code, out, err = cli(capsys, "evaluate", runs["final"]["ner"], "--data", gold_file)
+    assert code == 0, err
+    results = json.loads(out.splitlines()[-1])
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    assert tp > 0 and fp + fn > 0  # some right and some wrong: the comparison means something
+    assert results["precision"] == pytest.approx(tp / (tp + fp), abs=1e-9)
+    assert results["recall"] == pytest.approx(tp / (tp + fn), abs=1e-9)
+    for kind, (tp, fp, fn) in counts.items():
+        assert results["f1_per_type"][kind] == pytest.approx(2 * tp / (2 * tp + fp + fn), abs=1e-9)
 
 
 def test_mlm_fills_each_mask(tiny_bert, tmp_path, capsys):

@@ -9,6 +9,7 @@ import torch
 from seqeval.metrics import f1_score as seq_f1
 from seqeval.metrics import precision_score as seq_precision
 from seqeval.metrics import recall_score as seq_recall
+from seqeval.scheme import IOB2
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 from trainer.data.encode import IGNORE_INDEX
@@ -130,7 +131,7 @@ GOLD = [
 PREDICTED = [
     ["B-PER", "I-PER", "O", "O", "B-PER"],  # one right, one wrong type
     ["O", "B-ORG", "I-ORG", "O", "O", "B-PER"],  # span cut short, PER right
-    ["B-LOC", "O", "I-LOC", "I-LOC"],  # I- without B- starts an entity
+    ["B-LOC", "O", "I-LOC", "I-LOC"],  # I- without B- is no entity in IOB2
     ["O", "B-PER", "O"],  # spurious entity
     ["B-ORG", "O", "B-PER", "I-PER", "I-PER"],
 ]
@@ -149,13 +150,14 @@ def ner_batch(gold, predicted, pad_to: int = 16):
     return logits, labels
 
 
-def test_entity_scores_match_seqeval():
+def test_entity_scores_match_seqeval_strict():
     logits, labels = ner_batch(GOLD, PREDICTED)
     results = fill(EntityMetrics(NER_LABELS), logits, labels).compute(alone)
-    assert results["f1"] == pytest.approx(seq_f1(GOLD, PREDICTED), abs=1e-9)
-    assert results["precision"] == pytest.approx(seq_precision(GOLD, PREDICTED), abs=1e-9)
-    assert results["recall"] == pytest.approx(seq_recall(GOLD, PREDICTED), abs=1e-9)
-    per_type = seq_f1(GOLD, PREDICTED, average=None)
+    strict = {"mode": "strict", "scheme": IOB2}
+    assert results["f1"] == pytest.approx(seq_f1(GOLD, PREDICTED, **strict), abs=1e-9)
+    assert results["precision"] == pytest.approx(seq_precision(GOLD, PREDICTED, **strict), abs=1e-9)
+    assert results["recall"] == pytest.approx(seq_recall(GOLD, PREDICTED, **strict), abs=1e-9)
+    per_type = seq_f1(GOLD, PREDICTED, average=None, **strict)
     assert list(results["f1_per_type"]) == ["LOC", "ORG", "PER"]
     assert list(results["f1_per_type"].values()) == pytest.approx(list(per_type), abs=1e-9)
     tokens = [

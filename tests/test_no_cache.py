@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from trainer.config import DataConfig
 from trainer.run.evaluation import evaluate
 from trainer.run.forward import forward
 from trainer.run.step import optimizer_step
@@ -61,5 +62,7 @@ def test_training_and_evaluation_forwards_ask_for_no_cache(tiny_gpt2):
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
         return {key: torch.tensor([e[key] for e in examples]) for key in examples[0]}
 
-    evaluate(model, rows, collate, spec, spec.make_metrics(None), accelerator, 2, seed=0)
+    evaluate(
+        model, rows, collate, spec, spec.make_metrics(None, DataConfig()), accelerator, 2, seed=0
+    )
     assert calls.seen == [(False, False)] * 4  # two micro-batches, two evaluation batches

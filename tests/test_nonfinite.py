@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 import trainer.run.train
 import trainer.tasks.registry
 from launch.local import free_port
-from trainer.run.resume import checkpoint_dir, problem_with
+from trainer.run.resume import checkpoint_dir, is_fault_checkpoint, problem_with
 from trainer.run.step import Requests, optimizer_step
 from trainer.tasks.registry import TASKS
 
@@ -271,3 +271,32 @@ def test_a_run_whose_every_evaluation_is_nan_finishes_with_its_last_model(
     results = strict_json(tmp_path / "run" / "eval_results.json")
     assert results["best_step"] is None and results["steps"] == 4
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_restarts_that_stop_on_nan_again_keep_the_last_good_checkpoint(run_config, tmp_path, capfd):
+    """keep_last=1, and every start meets a NaN again at its first step: each stop saves a
+    checkpoint, which must never push the last good one (step 4) out."""
+    config = run_config(
+        "mlm",
+        data={"validation": None},
+        train={"max_steps": 10, "on_nonfinite": "stop"},
+        checkpoint={"every_steps": 2, "keep_last": 1},
+    )
+    run_dir = tmp_path / "run"
+    for nan_at, stop in ((5, 5), (1, 6), (1, 7)):  # counted from each start's first step
+        with pytest.MonkeyPatch.context() as patch:
+            nan_loss_at(patch, {nan_at})
+            assert cli("train", config) == 3
+        err = capfd.readouterr().err
+        assert f"non-finite loss or gradient norm at step {stop} (" in err, err
+        assert saved_steps(run_dir) == [4, stop]
+    assert problem_with(checkpoint_dir(run_dir, 4)) is None
+    assert is_fault_checkpoint(checkpoint_dir(run_dir, 7))
+    assert not is_fault_checkpoint(checkpoint_dir(run_dir, 4))
+    # The good checkpoint still resumes (say once the data is fixed); once a good one is
+    # newer than the fault one (step 8), the fault one goes, and keep_last rules again.
+    good = checkpoint_dir(run_dir, 4)
+    assert cli("train", config, f"train.resume={good}") == 0
+    assert f"resuming from {good} (step 4)" in capfd.readouterr().err
+    assert json.loads((run_dir / "eval_results.json").read_text())["skipped_steps"] == 0
+    assert saved_steps(run_dir) == [10]

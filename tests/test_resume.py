@@ -5,6 +5,7 @@ config is refused except in the keys that are safe to change."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from interrupted_runs import (
 )
 
 import trainer.errors
+import trainer.run.train
 from trainer.run.resume import (
     COMMIT_NAME,
     SAFE_TO_CHANGE,
@@ -88,6 +90,71 @@ def test_restarting_a_finished_run_does_nothing(exact_runs, capfd):
     assert "already finished" in out
     assert "resuming" not in err
     assert (reference / "metrics.jsonl").read_bytes() == before
+
+
+# --- a checkpoint at each epoch's end ------------------------------------------------------
+
+NO_STEP_CHECKPOINTS = {**EXACT, "checkpoint": {"every_steps": 0, "every_minutes": 0}}
+
+
+def crash_at_step(monkeypatch, step: int) -> None:
+    """A kill during optimizer step `step` (no checkpoint of its own, unlike a signal)."""
+    real = trainer.run.train.optimizer_step
+    calls = itertools.count(1)
+
+    def step_or_crash(*args, **kwargs):
+        if next(calls) == step:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.run.train, "optimizer_step", step_or_crash)
+
+
+def test_each_epoch_end_is_checkpointed_and_resumes_exactly(
+    exact_runs, tmp_path, tiny_models_by_task, data_dir, capfd
+):
+    """No step checkpoints: a crash two steps into epoch 2 loses only those two steps."""
+    reference, _, _ = exact_runs
+    epoch = json.loads((reference / "run_summary.json").read_text())["steps_per_epoch"]
+    config = make_run_config(tmp_path, "mlm", tiny_models_by_task, data_dir, **NO_STEP_CHECKPOINTS)
+    run_dir = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        crash_at_step(patch, epoch + 3)
+        cli("train", config)
+    assert saved_steps(run_dir) == [epoch]
+    state = loop_state(run_dir, epoch)
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (epoch, 1, 0)
+    capfd.readouterr()
+    assert cli("train", config) == 0
+    assert (
+        f"resuming from {checkpoint_dir(run_dir, epoch)} (step {epoch})" in capfd.readouterr().err
+    )
+    assert saved_steps(run_dir) == [epoch], "no checkpoint at the last epoch's end"
+    assert comparable(run_dir) == comparable(reference)
+    assert_same_tensors(final_weights(run_dir), final_weights(reference))
+
+
+def test_an_epoch_end_already_saved_by_its_step_is_not_saved_twice(
+    run_config, tmp_path, monkeypatch
+):
+    sections = {"data": {"validation": None}, "train": {"epochs": 2}}
+    probe = run_config("mlm", **sections, checkpoint={"at_epoch_end": False})
+    assert cli("train", probe, "train.max_steps=1") == 0
+    epoch = json.loads((tmp_path / "run" / "run_summary.json").read_text())["steps_per_epoch"]
+    saved = []
+    real = trainer.run.train.save_checkpoint
+    monkeypatch.setattr(
+        trainer.run.train,
+        "save_checkpoint",
+        lambda accelerator, folder, *rest: (
+            saved.append(folder.name) or real(accelerator, folder, *rest)
+        ),
+    )
+    config = run_config(
+        "mlm", **sections, checkpoint={"every_steps": epoch}, output_dir=str(tmp_path / "twice")
+    )
+    assert cli("train", config) == 0
+    assert saved == [f"step-{epoch:08d}", f"step-{2 * epoch:08d}"]
 
 
 # --- damaged checkpoints -------------------------------------------------------------------

@@ -111,3 +111,18 @@ def test_no_world_write_adds_only_o_w_and_restores_the_umask(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o644
+
+
+def test_weights_get_the_mode_of_the_files_beside_them(run_config, tmp_path):
+    """safetensors writes its files 0600 (safetensors#782): another user could read a
+    model's config but not its weights."""
+    config = run_config("mlm", **TINY)
+    previous = os.umask(0o022)
+    try:
+        assert cli("train", config) == 0
+    finally:
+        os.umask(previous)
+    run_dir = tmp_path / "run"
+    weights = [*run_dir.rglob("*.safetensors")]
+    assert {p.parent for p in weights} >= {run_dir / "final", checkpoint_dir(run_dir, 2)}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in weights} == {0o644}

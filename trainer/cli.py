@@ -21,10 +21,17 @@ from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
 from trainer.run.stop import EXIT_INTERRUPTED, StopFlag
 from trainer.security import no_world_write
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
 
 def _quiet_libraries() -> None:
-    """Keep the console for our own progress bar and results."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """Keep the console for our own progress bar and results.
+
+    TOKENIZERS_PARALLELISM is left as the user set it (unset: the fast tokenizers use every
+    core). It only has to be false in a process that forks after tokenizing, and nothing
+    here does: the DataLoader has no workers, `datasets.map` runs in-process (no num_proc),
+    and subprocesses (launch, scontrol) start through vfork/exec, which runs no fork
+    handlers. Whoever adds workers or num_proc sets it there, next to the fork."""
     import torch
 
     if not torch.cuda.is_available():  # DeepSpeed otherwise warns that it fell back to CPU
@@ -289,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        # `trainer keys | head`: the reader left. Python's own advice: point stdout at
+        # devnull so that the flush at exit does not raise again, and exit as a shell would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

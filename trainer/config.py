@@ -21,6 +21,7 @@ import yaml
 from trainer.durations import parse_duration
 from trainer.errors import UserError
 from trainer.security import redact, untrusted_resume
+from trainer.tasks import tag_schemes
 from trainer.tasks.registry import TASKS, task_spec
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml, yaml11_float
 
@@ -45,6 +46,9 @@ def _field(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     name_or_path: str = _field("", "Hub id or local folder of the model (and its tokenizer).")
+    revision: str | None = _field(
+        None, "Hub branch, tag or commit of the model, its config and its own tokenizer."
+    )
     tokenizer: str | None = _field(
         None, "Tokenizer folder or hub id when not the model's own (trained or extended)."
     )
@@ -86,11 +90,16 @@ class DataConfig:
     label_column: str = _field("label", "Column holding the class (int or string).")
     tokens_column: str = _field("tokens", "token-classification: column of word lists.")
     tags_column: str = _field("tags", "token-classification: column of tag lists.")
+    tag_scheme: str | None = _field(
+        None, "token-classification: io | iob1 | iob2 (bio) | bioes (iobes); unset: from the tags."
+    )
     max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
     streaming: bool = _field(False, "MLM/CLM: read, tokenize and pack train on the fly.")
     shuffle_buffer: int = _field(1000, "Streaming: packed blocks in the seeded shuffle buffer.")
     cache_dir: str | None = _field(
-        "~/.cache/trainer/data", "Tokenized-data cache shared by ranks and nodes; null: off."
+        "auto",
+        "Tokenized-data cache shared by ranks and nodes; auto: $HF_HOME/trainer/data, else "
+        "$XDG_CACHE_HOME/trainer/data, else ~/.cache/trainer/data; null: off.",
     )
     group_by_length: bool = _field(False, "Fine-tuning: batch texts of similar length.")
     isolate_documents: bool = _field(False, "MLM/CLM: no attention across packed documents.")
@@ -221,6 +230,7 @@ class CheckpointConfig:
     every_steps: int = _field(0, "Save the full training state every N steps; 0: off.")
     every_minutes: float = _field(30.0, "Also save when this many minutes passed; 0: off.")
     keep_last: int = _field(2, "Complete checkpoints kept (the best one is kept as well).")
+    at_epoch_end: bool = _field(True, "Also save at each epoch's end but the last (once a step).")
 
 
 @dataclass
@@ -285,6 +295,8 @@ def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
         )
     for tracker in cfg.log.trackers:
         _choice(errors, "log.trackers", tracker, TRACKERS)
+    if cfg.data.tag_scheme is not None:
+        _choice(errors, "data.tag_scheme", cfg.data.tag_scheme, tag_schemes.SCHEMES)
     _check_class_weights(cfg.data.class_weights, errors)
 
 

@@ -74,3 +74,16 @@ def no_world_write() -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+def umask_modes(folder: Path) -> None:
+    """Give the weight files under `folder` the mode of every other file there (0o666 less
+    the umask). safetensors 0.8 writes through a tmp file it creates 0600 and renames
+    (safetensors#782, unfixed in 0.8.x), so weights were readable by their owner only while
+    their config was not: a model trained by one user, served by another, failed to load."""
+    umask = os.umask(0o077)  # read it (a restrictive value in between, never 0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for path in folder.rglob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)

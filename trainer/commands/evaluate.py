@@ -42,7 +42,7 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
         examples,
         spec.make_collator(tokenizer, cfg),
         spec,
-        spec.make_metrics(label_names),
+        spec.make_metrics(label_names, cfg.data),
         accelerator,
         cfg.eval.batch_size,
         cfg.train.seed,

@@ -18,6 +18,7 @@ from trainer.errors import UserError
 from trainer.model import adapters, dtypes
 from trainer.model.load import load_model, load_tokenizer
 from trainer.model.saved import RUN_CONFIG_NAME, SavedModel
+from trainer.security import umask_modes
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
 
@@ -61,7 +62,7 @@ def max_logit_difference(first: torch.nn.Module, second: torch.nn.Module, batch:
 
 def _merged(saved: SavedModel, cfg: RunConfig, spec: TaskSpec, tokenizer) -> torch.nn.Module:
     """Base (dequantized for QLoRA) + adapter, merged into plain layers."""
-    base_cfg = type(cfg.model)(name_or_path=saved.base)
+    base_cfg = type(cfg.model)(name_or_path=saved.base, revision=saved.base_revision)
     qlora = cfg.peft.method == "qlora"
     quantization = adapters.quantization_config(cfg.train.precision) if qlora else None
     # the dtype of the adapted model it is checked against (trainer/model/dtypes.py)
@@ -113,6 +114,7 @@ def export(run_or_model_dir: str, out: str, merge: bool) -> dict:
     tokenizer.save_pretrained(tmp)
     cfg.model.name_or_path = str(target.resolve())
     (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
+    umask_modes(tmp)
     if target.exists():
         target.rmdir()
     tmp.rename(target)

@@ -42,6 +42,22 @@ META_NAME = "meta.json"
 DIGESTS_DIR = Path(tempfile.gettempdir()) / "trainer-file-digests"
 
 
+def cache_root(setting: str) -> Path:
+    """The folder `data.cache_dir` names. `auto` (the default) goes where the hub's own
+    caches go, so that a cluster that points HF_HOME at shared scratch (not a home quota)
+    gets ours there too: $HF_HOME/trainer/data, else $XDG_CACHE_HOME/trainer/data, else
+    ~/.cache/trainer/data. Any other value is a path ($VARIABLES and ~ expanded)."""
+    if setting != "auto":
+        return Path(os.path.expandvars(setting)).expanduser()
+    if os.environ.get("HF_HOME"):
+        base = Path(os.environ["HF_HOME"]).expanduser()
+    elif os.environ.get("XDG_CACHE_HOME"):
+        base = Path(os.environ["XDG_CACHE_HOME"]).expanduser()
+    else:
+        base = Path.home() / ".cache"
+    return base / "trainer" / "data"
+
+
 def digest(value: object) -> str:
     """A stable hex digest of a JSON-able value."""
     text = json.dumps(value, sort_keys=True, default=str)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -133,7 +132,7 @@ def prepare_data(
         tokenizer = load_tokenizer()
         entry, status, folder = encode(cfg, splits, tokenizer), "off", None
     else:
-        cache_dir = Path(cfg.data.cache_dir).expanduser()
+        cache_dir = cache.cache_root(cfg.data.cache_dir)
         prefix = data_key(cfg)
         with cache.lock(cache_dir, prefix):
             checked = any(cache_dir.glob(f"{prefix}-*/{cache.META_NAME}"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.errors import UserError
+from trainer.tasks import tag_schemes
 
 if TYPE_CHECKING:  # the task specs import this module, and config validation imports them
     from trainer.config import DataConfig
@@ -309,7 +310,7 @@ def _class_order(values: set[str]) -> list[str]:
 
 def _tag_order(values: set[str]) -> list[str]:
     """'O' first, then by entity type (B- before I- of one type)."""
-    rest = sorted(values - {"O"}, key=lambda tag: (tag[2:], tag))
+    rest = sorted(values - {"O"}, key=lambda tag: (tag_schemes.entity_type(tag), tag))
     return (["O"] if "O" in values else []) + rest
 
 
@@ -343,6 +344,8 @@ class RowFormat:
     check: Callable[[dict, str, DataConfig], dict]  # (row, where, data config) -> kept columns
     labels: Callable[[dict], list[str]] | None = None
     order_labels: Callable[[set[str]], list[str]] = sorted
+    # the label names as a whole, against the data config (NER: a tag scheme they fit)
+    check_names: Callable[[list[str], DataConfig], object] = lambda names, data: None
     plain_text_suffixes: tuple[str, ...] = ()
     read_plain_text: Callable[[Path, DataConfig], Iterator[tuple[str, dict]]] | None = None
 
@@ -366,6 +369,7 @@ TAGGED_WORDS = RowFormat(
     _tagged_row,
     labels=lambda row: row["tags"],
     order_labels=_tag_order,
+    check_names=lambda names, data: tag_schemes.resolve(data.tag_scheme, names),
     plain_text_suffixes=(".txt", ".conll"),
     read_plain_text=lambda path, cfg: _read_conll(path, cfg.tokens_column, cfg.tags_column),
 )

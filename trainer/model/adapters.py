@@ -103,6 +103,7 @@ def attach_adapter(
     spec: TaskSpec,
     gradient_checkpointing: bool,
     sharded: bool = False,
+    revision: str | None = None,
 ) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter (after k-bit preparation for QLoRA, except
     when sharded: that preparation upcasts every non-4-bit weight, embeddings included, to
@@ -128,6 +129,7 @@ def attach_adapter(
             lora_dropout=cfg.dropout,
             target_modules=targets,
             modules_to_save=to_save or None,
+            revision=revision,  # of the base: adapter_config.json records it for loading
             **options,
         )
     except TypeError as err:

@@ -44,6 +44,11 @@ def _source(cfg: ModelConfig) -> str:
     return name
 
 
+def _revision(cfg: ModelConfig) -> dict:
+    """`revision=` for a from_pretrained of model.name_or_path (none: the hub's default)."""
+    return {"revision": cfg.revision} if cfg.revision else {}
+
+
 def _tokenizer_source(cfg: ModelConfig) -> tuple[str, str]:
     """The config key and the folder or hub id of the tokenizer to load."""
     if not cfg.tokenizer:
@@ -68,10 +73,13 @@ def load_tokenizer(cfg: ModelConfig, spec: TaskSpec) -> PreTrainedTokenizerBase:
     """The model's tokenizer (or `model.tokenizer`), with a pad token (EOS for GPT-style
     models that lack one) and the special tokens the task needs."""
     key, source = _tokenizer_source(cfg)
+    revision = {} if cfg.tokenizer else _revision(cfg)  # model.revision is the model repo's
     tokenizer = _loading(
         "tokenizer",
         cfg.tokenizer or cfg.name_or_path,
-        lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code),
+        lambda: AutoTokenizer.from_pretrained(
+            source, trust_remote_code=cfg.trust_remote_code, **revision
+        ),
         key,
     )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -89,7 +97,9 @@ def load_model_config(cfg: ModelConfig, label_names: list[str] | None) -> Pretra
     config = _loading(
         "config",
         cfg.name_or_path,
-        lambda: AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code),
+        lambda: AutoConfig.from_pretrained(
+            source, trust_remote_code=cfg.trust_remote_code, **_revision(cfg)
+        ),
     )
     unknown = [key for key in cfg.config_overrides if not hasattr(config, key)]
     if unknown:
@@ -161,6 +171,7 @@ def load_model(
                 config=config,
                 trust_remote_code=cfg.trust_remote_code,
                 ignore_mismatched_sizes=label_names is not None,
+                **_revision(cfg),
                 dtype=dtypes.to_torch(dtype),
                 **_quantized_loading(quantization),
                 **attention,

@@ -75,6 +75,11 @@ class SavedModel:
         return self.adapter["base_model_name_or_path"] if self.adapter else None
 
     @property
+    def base_revision(self) -> str | None:
+        """The hub revision of the base an adapter was trained on (model.revision)."""
+        return self.adapter.get("revision") if self.adapter else None
+
+    @property
     def task(self) -> TaskSpec | None:
         """The task whose head the folder has, from its architectures (None: no head)."""
         return task_of_architectures(self.config.architectures or [])
@@ -108,7 +113,9 @@ class SavedModel:
         raw = apply_overrides(saved, list(overrides))
         model = raw.setdefault("model", {})
         model.pop("tokenizer", None)
-        model.update(name_or_path=str(self.folder), from_scratch=False)
+        # the folder is local: a hub revision means nothing to it (an adapter's base keeps
+        # its own, base_revision)
+        model.update(name_or_path=str(self.folder), from_scratch=False, revision=None)
         if evaluate_on is not None:
             raw.setdefault("data", {}).update(
                 validation=evaluate_on, train=None, validation_split=0.0
@@ -143,7 +150,9 @@ class SavedModel:
         if not self.is_adapter:
             folder = ModelConfig(name_or_path=str(self.folder))
             return load_model(folder, spec, tokenizer, config=self.config, dtype=dtype)
-        base_cfg = ModelConfig(name_or_path=base or self.base)
+        base_cfg = ModelConfig(
+            name_or_path=base or self.base, revision=None if base else self.base_revision
+        )
         quantization = adapters.quantization_config(precision) if peft.method == "qlora" else None
         model = load_model(
             base_cfg, spec, tokenizer, self.label_names, seed, quantization, dtype=dtype

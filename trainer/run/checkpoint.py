@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,12 +20,11 @@ from transformers import PreTrainedTokenizerBase
 
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml
-from trainer.errors import UserError
+from trainer.errors import TrainingFailed, UserError
 from trainer.model import adapters
 from trainer.model.saved import RUN_CONFIG_NAME
-from trainer.run.resume import sync_tree, write_commit
+from trainer.run.resume import TRAINER_STATE_NAME, sync_tree, write_commit
 
-TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
 
 
@@ -73,20 +73,58 @@ def save_model(
     """Save weights (safetensors), tokenizer and run config so that
     `AutoModelFor*.from_pretrained(target)` and `pipeline(...)` load it on one device.
     `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); the
-    names lose torch.compile's `_orig_mod.` so the folder loads into an uncompiled model."""
+    names lose torch.compile's `_orig_mod.` so the folder loads into an uncompiled model.
+    A full disk removes the half-written `target.tmp` and stops (TrainingFailed); the
+    previous `target` stays."""
     state_dict = accelerator.get_state_dict(model)
+    tmp = target.with_name(target.name + ".tmp")
+    reason = None
     if accelerator.is_main_process:
         state_dict = {name.removeprefix(COMPILED_PREFIX): t for name, t in state_dict.items()}
-        tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if adapters.is_peft_model(unwrapped):
-            _save_base_config(unwrapped.get_base_model(), tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
-        _replace(tmp, target)
-    accelerator.wait_for_everyone()
+        reason = _attempt(target, _write_model, unwrapped, state_dict, tokenizer, tmp, cfg)
+        if reason is None:
+            reason = _attempt(target, _replace, tmp, target)
+    _stop_if_any_failed(accelerator, str(target), reason, tmp)
+
+
+def _write_model(unwrapped, state_dict: dict, tokenizer, tmp: Path, cfg: RunConfig) -> None:
+    unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if adapters.is_peft_model(unwrapped):
+        _save_base_config(unwrapped.get_base_model(), tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
+
+
+def _attempt(what: Path, write: Callable[..., None], *args) -> str | None:
+    """Run `write(*args)`; why it failed when the file system refused it (a full disk, a size
+    limit, an unwritable folder), None when it succeeded. Anything else propagates."""
+    try:
+        write(*args)
+    except Exception as err:
+        reason = atomic.write_failure(err, what)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+def _stop_if_any_failed(
+    accelerator: Accelerator, what: str, reason: str | None, half_written: Path
+) -> None:
+    """All processes learn whether a write failed on any of them (one all-reduce, where the
+    barrier was), so that none waits for the others forever; then the half-written folder
+    goes and every process stops with TrainingFailed (exit 3), what was committed before
+    untouched."""
+    failed = torch.tensor([float(reason is not None)], device=accelerator.device)
+    if accelerator.reduce(failed, "sum").item() == 0:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(half_written, ignore_errors=True)
+    raise TrainingFailed(
+        atomic.failed_write_message(what, reason or "a write failed on another process")
+    )
 
 
 def _save_base_config(base, folder: Path) -> None:
@@ -108,12 +146,24 @@ def save_checkpoint(
     sums (`rank_state`), with the process count and backend that wrote it. Written to
     `step-N.partial`, committed (manifest last, after every process finished), then
     renamed: a crash at any point leaves no folder that resume would trust, and the
-    previous checkpoint untouched."""
+    previous checkpoint untouched. A write refused on any process (a full disk) removes
+    the partial folder and stops every process with TrainingFailed."""
     partial = folder.with_name(folder.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     accelerator.wait_for_everyone()
+    reason = _attempt(folder, _write_state, accelerator, partial, scheduler, state, rank_state)
+    _stop_if_any_failed(accelerator, f"checkpoint {folder}", reason, partial)
+    if accelerator.is_main_process:
+        reason = _attempt(folder, _commit, partial, folder)
+    _stop_if_any_failed(accelerator, f"checkpoint {folder}", reason, partial)
+
+
+def _write_state(
+    accelerator: Accelerator, partial: Path, scheduler, state: dict, rank_state: dict
+) -> None:
+    """This process's part of a checkpoint, flushed to disk."""
     accelerator.save_state(str(partial), safe_serialization=True)
     rank = accelerator.process_index
     (partial / f"trainer_rank_{rank}.json").write_text(json.dumps(rank_state))
@@ -124,12 +174,13 @@ def save_checkpoint(
     # Each process flushes what its node wrote (on one node the first fsync does the work,
     # the others find the pages clean), so the marker never lands before the data.
     sync_tree(partial)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_commit(partial)
-        partial.rename(folder)
-        atomic.sync_directory(folder.parent)  # durable before rotation deletes older ones
-    accelerator.wait_for_everyone()
+
+
+def _commit(partial: Path, folder: Path) -> None:
+    """The manifest last, then the rename, durable before rotation deletes older ones."""
+    write_commit(partial)
+    partial.rename(folder)
+    atomic.sync_directory(folder.parent)
 
 
 def backend_of(accelerator: Accelerator) -> str:

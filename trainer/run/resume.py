@@ -26,8 +26,10 @@ from pathlib import Path
 from trainer import atomic
 from trainer.errors import UserError
 from trainer.run.records import read_records
+from trainer.security import umask_modes
 
 COMMIT_NAME = "COMMIT.json"
+TRAINER_STATE_NAME = "trainer_state.json"  # the loop's counters (run/checkpoint.py)
 HASH_PIECE = 64 << 20  # bytes of a file hashed on their own (manifest: a list per file)
 HASH_THREADS = min(16, os.cpu_count() or 1)
 CHECKPOINTS = "checkpoints"
@@ -52,6 +54,7 @@ SAFE_TO_CHANGE = frozenset(
         "checkpoint.every_steps",
         "checkpoint.every_minutes",
         "checkpoint.keep_last",
+        "checkpoint.at_epoch_end",
     }
 )
 # Of those, safe only while the learning-rate schedule does not depend on them.
@@ -94,7 +97,9 @@ def _piece_digests(paths: list[Path]) -> list[list[str]]:
 
 def sync_tree(folder: Path) -> None:
     """Flush every file under `folder` and then its directories to disk: a commit marker or
-    rename is durable only once the data it vouches for is."""
+    rename is durable only once the data it vouches for is. The weight files get the
+    umask's mode first (trainer.security.umask_modes)."""
+    umask_modes(folder)
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
@@ -180,9 +185,29 @@ def select_checkpoint(run_dir: Path, resume: str, report: Callable[[str], None])
 def rotate(run_dir: Path, keep_last: int, keep: set[Path]) -> list[Path]:
     """Paths of checkpoints beyond the newest `keep_last` complete ones, except `keep`
     (the best one); called only after a new checkpoint is complete and durable (its files
-    and its rename synced), so that only what is older than it goes."""
-    complete = [f for _, f in step_folders(run_dir) if (f / COMMIT_NAME).is_file()]
-    return [f for f in complete[keep_last:] if f.resolve() not in keep] if keep_last else []
+    and its rename synced), so that only what is older than it goes.
+
+    A fault checkpoint (saved at a stop for non-finite values) does not count toward
+    `keep_last`: restarts that meet the NaN again, each saving at its stop, would otherwise
+    push the last good checkpoints out. Only the newest fault checkpoint is kept, and only
+    while no good one is newer."""
+    if not keep_last:
+        return []
+    complete = [(s, f) for s, f in step_folders(run_dir) if (f / COMMIT_NAME).is_file()]
+    good = [(s, f) for s, f in complete if not is_fault_checkpoint(f)]
+    faults = [(s, f) for s, f in complete if is_fault_checkpoint(f)]
+    newest_good = good[0][0] if good else -1
+    drop = [f for _, f in good[keep_last:]]
+    drop += [f for i, (s, f) in enumerate(faults) if i > 0 or s < newest_good]
+    return [f for f in drop if f.resolve() not in keep]
+
+
+def is_fault_checkpoint(folder: Path) -> bool:
+    """Whether `folder` was saved at a stop for non-finite values (its state says so)."""
+    try:
+        return bool(json.loads((folder / TRAINER_STATE_NAME).read_text()).get("fault"))
+    except (OSError, ValueError, AttributeError):
+        return False  # unreadable: counted as a good one, so that it is never the one kept
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -243,8 +268,10 @@ def config_change_problem(saved: dict, current: dict, checkpoint: str) -> str | 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop the records logged after the checkpoint, so the resumed log has no duplicates,
-    and a torn last line that a kill during an append left (run/records.py)."""
+    and a torn last line that a kill during an append left (run/records.py). Written whole
+    or not at all: a full disk stops the run (TrainingFailed) with the file untouched."""
     if not path.exists():
         return
     kept = [record for record in read_records(path) if record["step"] <= step]
-    atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+    with atomic.stop_on_failed_write(path):
+        atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))

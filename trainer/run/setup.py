@@ -225,7 +225,9 @@ def build_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
     if cfg.peft.method != "none":
-        model = attach_adapter(model, cfg.peft, spec, cfg.train.gradient_checkpointing, sharded)
+        model = attach_adapter(
+            model, cfg.peft, spec, cfg.train.gradient_checkpointing, sharded, cfg.model.revision
+        )
         dtypes.keep_trained_in_fp32(model)
     return model
 
@@ -401,6 +403,8 @@ def set_up(cfg: RunConfig) -> Run:
     set_seed(cfg.train.seed)
     spec = task_spec(cfg)
     data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, spec))
+    if data.label_names is not None:  # after a cache hit too: the tag scheme is no cache key
+        spec.rows.check_names(data.label_names, cfg.data)
     weights = None
     if data.label_names is not None and cfg.data.class_weights != "none":
         counts = target_counts(data.train, data.label_names)  # a pass over every label

@@ -5,7 +5,9 @@ Only the main process writes. Values arrive already reduced over all processes.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from trainer import atomic
 from trainer.config import RunConfig, to_dict
 from trainer.run.records import finite
 
@@ -86,11 +89,16 @@ class RunLog:
             self.paused_at = None
 
     def write(self, record: dict) -> None:
-        """Log one record (it must hold `step`) to every sink."""
+        """Log one record (it must hold `step`) to every sink. A full disk stops the run
+        (TrainingFailed) with metrics.jsonl as it was before the record."""
         if not self.accelerator.is_main_process:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(finite(record), allow_nan=False) + "\n")
+        line = json.dumps(finite(record), allow_nan=False) + "\n"
+        size = self.path.stat().st_size if self.path.exists() else 0
+        # On a full disk the torn line goes: the file ends at its last whole record again.
+        undo = functools.partial(os.truncate, self.path, size)
+        with atomic.stop_on_failed_write(self.path, undo), self.path.open("a") as handle:
+            handle.write(line)
         self.accelerator.log(
             _scalars({k: v for k, v in record.items() if k != "step"}), step=record["step"]
         )

@@ -21,7 +21,7 @@ import torch
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, to_dict
 from trainer.durations import parse_duration
-from trainer.errors import UserError
+from trainer.errors import TrainingFailed, UserError
 from trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model
 from trainer.run.evaluation import evaluate
 from trainer.run.forward import to_device
@@ -57,10 +57,6 @@ class Best:
         else:
             self.stale += 1
         return better
-
-
-class TrainingFailed(Exception):
-    """Training stopped on a fault it cannot train through (non-finite values, a failed save)."""
 
 
 @dataclass
@@ -101,6 +97,7 @@ def train(cfg: RunConfig, stop_flag: StopFlag | None = None) -> dict:
             if early_stop or state.step >= run.total_steps:
                 break
         early_stop = loop.end_of_epoch() or early_stop
+        loop.checkpoint_at_epoch_end(done=early_stop or state.step >= run.total_steps)
     if run.validation_set is not None and state.evaluated_at != state.step:
         loop.evaluate_and_keep_best()
     results = _finish(run, loop.best, state)
@@ -112,8 +109,10 @@ def _write_run_files(run: Run) -> None:
     """config.yaml and run_summary.json (the summary printed too), by the main process."""
     if run.accelerator.is_main_process:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run.run_dir / "config.yaml", dump_yaml(run.cfg))
-        atomic.write_json(run.run_dir / "run_summary.json", finite(run.summary()), indent=2)
+        with atomic.stop_on_failed_write(run.run_dir / "config.yaml"):
+            atomic.write_text(run.run_dir / "config.yaml", dump_yaml(run.cfg))
+        with atomic.stop_on_failed_write(run.run_dir / "run_summary.json"):
+            atomic.write_json(run.run_dir / "run_summary.json", finite(run.summary()), indent=2)
         run.accelerator.print(json.dumps(run.summary()))
         if run.cfg.model.trust_remote_code:
             print(
@@ -135,6 +134,7 @@ class Loop:
     log: RunLog
     stop_flag: StopFlag
     last_save: float = field(default_factory=time.monotonic)
+    saved_step: int = -1  # the step of the newest checkpoint: never saved twice
 
     @classmethod
     def start(cls, run: Run, stop_flag: StopFlag) -> Loop:
@@ -162,7 +162,8 @@ class Loop:
         log = RunLog(
             run.accelerator, run.run_dir, run.cfg, run.total_steps, state.step, state.elapsed_s
         )
-        return cls(run, state, best, since_log, log, stop_flag)
+        saved_step = state.step if run.resume_from is not None else -1
+        return cls(run, state, best, since_log, log, stop_flag, saved_step=saved_step)
 
     # --- one optimizer step, and the faults it may bring
     def step(self, batches) -> Requests:
@@ -218,7 +219,7 @@ class Loop:
             f"on all processes ({state.skipped_steps} skipped so far)"
         )
         if cfg.on_nonfinite == "stop" or state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
-            self.checkpoint()
+            self.checkpoint(fault=True)  # pushes no good checkpoint out (resume.rotate)
             raise TrainingFailed(
                 f"non-finite loss or gradient norm at step {state.step} "
                 f"({state.nonfinite_in_a_row} in a row, train.on_nonfinite="
@@ -268,7 +269,7 @@ class Loop:
                 run.validation_set,
                 run.collator,
                 run.spec,
-                run.spec.make_metrics(run.label_names),
+                run.spec.make_metrics(run.label_names, run.cfg.data),
                 run.accelerator,
                 run.cfg.eval.batch_size,
                 run.cfg.train.seed,
@@ -290,24 +291,34 @@ class Loop:
                 self.checkpoint()
             self.last_save = time.monotonic()
 
-    def checkpoint(self) -> None:
-        """Save a checkpoint of this step, then drop the ones beyond checkpoint.keep_last."""
+    def checkpoint_at_epoch_end(self, done: bool) -> None:
+        """checkpoint.at_epoch_end: a checkpoint once an epoch is over (after its evaluation,
+        so the best model is in it), unless the step's own checkpoint was just saved or the
+        run is finishing (final/ follows)."""
+        if not self.run.cfg.checkpoint.at_epoch_end or done or self.state.step_in_epoch:
+            return
+        if self.saved_step != self.state.step:
+            with self.log.paused():
+                self.checkpoint()
+            self.last_save = time.monotonic()
+
+    def checkpoint(self, fault: bool = False) -> None:
+        """Save a checkpoint of this step, then drop the ones beyond checkpoint.keep_last.
+        `fault`: saved at a stop for non-finite values, marked so that it never rotates
+        the last good checkpoints out."""
         run, state, budget = self.run, self.state, self.stop_flag.budget
         state.best = dataclasses.asdict(self.best)
         state.elapsed_s, state.save_s = self.log.elapsed(), budget.save_s
         started = time.monotonic()
         folder = checkpoint_dir(run.run_dir, state.step)
         loop = {"loop": dataclasses.asdict(state), "config": to_dict(run.cfg)}
+        if fault:
+            loop["fault"] = True
         mine = {"since_log": self.since_log.tolist()}
         if run.stream is not None:
             mine["stream"] = run.stream.state_dict()  # exact: taken after the step's last batch
-        try:
-            save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine)
-        except OSError as err:
-            raise TrainingFailed(
-                f"could not write checkpoint {folder}: {err.strerror or err}; "
-                "the previous checkpoint is intact"
-            ) from None
+        save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine)  # or TrainingFailed
+        self.saved_step = state.step
         budget.save_s = max(budget.save_s, time.monotonic() - started)
         if run.accelerator.is_main_process:
             keep = {checkpoint_dir(run.run_dir, self.best.step).resolve()}
@@ -410,7 +421,8 @@ def _finish(run: Run, best: Best, state: LoopState) -> dict:
             results |= {"best_step": None, "metric": best.metric}
     results |= {"steps": state.step, "skipped_steps": state.skipped_steps}
     if accelerator.is_main_process:
-        atomic.write_json(run.run_dir / "eval_results.json", finite(results), indent=2)
+        with atomic.stop_on_failed_write(run.run_dir / "eval_results.json"):
+            atomic.write_json(run.run_dir / "eval_results.json", finite(results), indent=2)
     if not from_best:
         save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
     elif accelerator.is_main_process:

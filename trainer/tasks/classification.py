@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
+    from trainer.config import DataConfig
     from trainer.data.read import Split
     from trainer.tasks.metrics import ClassificationMetrics
 
@@ -32,7 +33,7 @@ def encode(
     return encode_classification(split, tokenizer, label_ids(names), max_length)
 
 
-def metrics(names: list[str] | None) -> ClassificationMetrics:
+def metrics(names: list[str] | None, data: DataConfig) -> ClassificationMetrics:
     """Accuracy, precision, recall and F1 from a confusion matrix."""
     from trainer.tasks.metrics import ClassificationMetrics
 

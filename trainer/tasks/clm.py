@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-    from trainer.config import RunConfig
+    from trainer.config import DataConfig, RunConfig
     from trainer.data.collate import CausalLMCollator
     from trainer.data.read import Split
     from trainer.tasks.metrics import LossMetrics
@@ -41,7 +41,7 @@ def loss(logits: Any, labels: Any, weight: Any = None) -> tuple[Any, Any]:
     return next_token_loss(logits, labels, weight)
 
 
-def metrics(names: list[str] | None) -> LossMetrics:
+def metrics(names: list[str] | None, data: DataConfig) -> LossMetrics:
     """Loss and perplexity."""
     from trainer.tasks.metrics import LossMetrics
 

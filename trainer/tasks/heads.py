@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from trainer.tasks.tag_schemes import decode, resolve
+
 if TYPE_CHECKING:
     from trainer.inference import Predictor
 
@@ -38,10 +40,11 @@ class WordTag:
 
 
 def tag_entities(predictor: Predictor, chunk, inputs, options) -> list[dict]:
-    """`entities`: spans of consecutive words tagged B-X / I-X, with character offsets."""
+    """`entities`: the words' tags read in the run's tag scheme, with character offsets."""
     probs = predictor.model(**inputs).logits.float().softmax(-1).cpu()
     best_probs, best_ids = probs.max(-1)
     names = predictor.label_names
+    scheme = resolve(predictor.cfg.data.tag_scheme, names)
     rows = []
     for b, example in enumerate(chunk):
         words: dict[int, WordTag] = {}
@@ -53,40 +56,28 @@ def tag_entities(predictor: Predictor, chunk, inputs, options) -> list[dict]:
                 tag = names[best_ids[b, t].item()]
                 words[word] = WordTag(tag, best_probs[b, t].item(), start, end)
             words[word].end = end
-        rows.append({"entities": merge_entities(list(words.values()), example.text)})
+        rows.append({"entities": merge_entities(list(words.values()), example.text, scheme)})
     return rows
 
 
-def _split_tag(tag: str) -> tuple[str, str]:
-    """('B', 'PER') for B-PER; an unprefixed tag (IO scheme) counts as inside its type."""
-    if tag[:2] in ("B-", "I-", "E-", "S-"):
-        return tag[0], tag[2:]
-    return ("O", "") if tag == "O" else ("I", tag)
-
-
-def merge_entities(words: list[WordTag], text: str) -> list[dict]:
-    """Entities from word tags: B-X starts one, I-X right after an X word continues it
-    (an I-X after anything else starts one, as seqeval reads it), O ends it. The score is
-    the mean probability of the entity's words."""
-    spans: list[tuple[str, list[WordTag]]] = []
-    previous_type = ""
-    for word in words:
-        prefix, kind = _split_tag(word.tag)
-        if prefix == "I" and kind == previous_type:
-            spans[-1][1].append(word)
-        elif prefix != "O":
-            spans.append((kind, [word]))
-        previous_type = kind
-    return [
-        {
-            "type": kind,
-            "text": text[members[0].start : members[-1].end],
-            "start": members[0].start,
-            "end": members[-1].end,
-            "score": sum(w.score for w in members) / len(members),
-        }
-        for kind, members in spans
-    ]
+def merge_entities(words: list[WordTag], text: str, scheme: str | None = None) -> list[dict]:
+    """Entities from word tags, decoded as evaluation decodes them (tasks/tag_schemes.py);
+    `scheme` unset: detected from these tags. The score is the mean probability of the
+    entity's words."""
+    tags = [word.tag for word in words]
+    entities = []
+    for kind, first, stop in decode(tags, scheme or resolve(None, tags)):
+        members = words[first:stop]
+        entities.append(
+            {
+                "type": kind,
+                "text": text[members[0].start : members[-1].end],
+                "start": members[0].start,
+                "end": members[-1].end,
+                "score": sum(w.score for w in members) / len(members),
+            }
+        )
+    return entities
 
 
 def fill_masks(predictor: Predictor, chunk, inputs, options) -> list[dict]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from trainer.data.encode import IGNORE_INDEX
+from trainer.tasks.tag_schemes import decode, entity_type
 
 SumAcrossProcesses = Callable[[torch.Tensor], torch.Tensor]
 
@@ -72,11 +73,7 @@ class ClassificationMetrics(LossMetrics):
     Two classes: binary scores for class 1; more: the macro average over classes."""
 
     def __init__(self, label_names: list[str]) -> None:
-        # imported here: seqeval brings scikit-learn, ~1.5 s that only NER runs need
-        from seqeval.metrics.sequence_labeling import get_entities
-
         super().__init__()
-        self.get_entities = get_entities
         self.label_names = label_names
         self.confusion = torch.zeros(len(label_names), len(label_names), dtype=torch.float64)
 
@@ -111,16 +108,15 @@ class ClassificationMetrics(LossMetrics):
 
 class EntityMetrics(LossMetrics):
     """Entity-level precision, recall and F1 (an entity counts only when its type and exact
-    span match, as in seqeval/conlleval), plus token accuracy on first sub-tokens."""
+    span match, each sequence read strictly in its tag scheme as seqeval's strict mode
+    reads it), plus token accuracy on first sub-tokens. Entities come from the decoder
+    `trainer predict` uses (tasks/tag_schemes.py), so what it shows is what is counted."""
 
-    def __init__(self, label_names: list[str]) -> None:
-        # imported here: seqeval brings scikit-learn, ~1.5 s that only NER runs need
-        from seqeval.metrics.sequence_labeling import get_entities
-
+    def __init__(self, label_names: list[str], scheme: str = "iob2") -> None:
         super().__init__()
-        self.get_entities = get_entities
         self.label_names = label_names
-        self.types = sorted({name[2:] for name in label_names if name != "O"})
+        self.scheme = scheme
+        self.types = sorted({entity_type(name) for name in label_names if name != "O"})
         self.counts = torch.zeros(len(self.types), 3, dtype=torch.float64)  # tp, fp, fn
         self.tokens = torch.zeros(2, dtype=torch.float64)  # correct, total
 
@@ -134,7 +130,8 @@ class EntityMetrics(LossMetrics):
             guess = [self.label_names[i] for i in predicted_row[keep].tolist()]
             correct = sum(g == p for g, p in zip(gold, guess, strict=True))
             self.tokens += torch.tensor([correct, len(gold)])
-            true_set, pred_set = set(self.get_entities(gold)), set(self.get_entities(guess))
+            true_set = set(decode(gold, self.scheme))
+            pred_set = set(decode(guess, self.scheme))
             for kind in {entity[0] for entity in true_set | pred_set}:
                 if kind not in self.types:
                     continue

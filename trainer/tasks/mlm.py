@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from trainer.config import RunConfig
+    from trainer.config import DataConfig, RunConfig
     from trainer.data.collate import MaskedLMCollator, SentencePairCollator
     from trainer.data.read import Split
     from trainer.tasks.metrics import LossMetrics, PretrainingMetrics
@@ -36,7 +36,7 @@ def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> MaskedLMColl
     return MaskedLMCollator(tokenizer, cfg.mlm, cfg.data.isolate_documents)
 
 
-def metrics(names: list[str] | None) -> LossMetrics:
+def metrics(names: list[str] | None, data: DataConfig) -> LossMetrics:
     """Loss and perplexity over the masked positions."""
     from trainer.tasks.metrics import LossMetrics
 
@@ -87,7 +87,7 @@ def pair_collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> Sentenc
     return SentencePairCollator(collator(tokenizer, cfg))
 
 
-def pretraining_metrics(names: list[str] | None) -> PretrainingMetrics:
+def pretraining_metrics(names: list[str] | None, data: DataConfig) -> PretrainingMetrics:
     """MLM perplexity and loss, NSP accuracy and loss, and their sum."""
     from trainer.tasks.metrics import PretrainingMetrics
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from trainer.config import RunConfig
+    from trainer.config import DataConfig, RunConfig
     from trainer.data.read import Split
     from trainer.tasks.metrics import LossMetrics
 
@@ -81,7 +81,7 @@ class TaskSpec:
     encode: Callable[[Split, PreTrainedTokenizerBase, list[str] | None, int], datasets.Dataset]
     make_collator: Callable[[PreTrainedTokenizerBase, RunConfig], Callable]
     loss: Loss
-    make_metrics: Callable[[list[str] | None], LossMetrics]
+    make_metrics: Callable[[list[str] | None, DataConfig], LossMetrics]  # (names, data)
     lengths: Callable[[PreTrainedTokenizerBase, list[dict]], list[int]]  # tokens per row
     prediction: PredictionHead
     packed: bool = False  # texts are packed into max_length blocks (MLM, CLM)

@@ -1,4 +1,4 @@
-"""Token classification (NER): one tag per word, BIO or IO, scored by entity."""
+"""Token classification (NER): one tag per word (IO, IOB1, IOB2 or BIOES), scored by entity."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
+    from trainer.config import DataConfig
     from trainer.data.read import Split
     from trainer.tasks.metrics import EntityMetrics
 
@@ -25,11 +26,12 @@ def encode(
     return encode_token_classification(split, tokenizer, label_ids(names), max_length)
 
 
-def metrics(names: list[str] | None) -> EntityMetrics:
-    """Entity-level precision, recall and F1 (seqeval's definition), token accuracy."""
+def metrics(names: list[str] | None, data: DataConfig) -> EntityMetrics:
+    """Entity-level precision, recall and F1 in the run's tag scheme, token accuracy."""
     from trainer.tasks.metrics import EntityMetrics
+    from trainer.tasks.tag_schemes import resolve
 
-    return EntityMetrics(names)
+    return EntityMetrics(names, resolve(data.tag_scheme, names))
 
 
 def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
