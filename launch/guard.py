@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from launch.user_files import check_deepspeed, deepspeed_values, read_user_file, same
 from trainer.config import RunConfig
 from trainer.errors import UserError
+from trainer.input_checks import installed
 
 
 def slurm_tasks(environ: Mapping[str, str]) -> int:
@@ -68,6 +69,11 @@ def accelerate_env_errors(cfg: RunConfig, environ: Mapping[str, str]) -> list[st
         for name, (want, origin) in expected.items()
         if environ.get(name, "auto") != "auto" and not same(environ[name], want)
     ]
+    if deepspeed and not installed("deepspeed"):
+        errors.append(
+            "ACCELERATE_USE_DEEPSPEED=true (a deepspeed profile or accelerate config) but the "
+            "deepspeed package is not installed (pip install deepspeed)"
+        )
     json_file = environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if deepspeed and json_file != "none":
         settings = read_user_file(json_file, "ACCELERATE_DEEPSPEED_CONFIG_FILE")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trainer.config import PRECISIONS
 from trainer.errors import UserError
+from trainer.input_checks import installed
 from trainer.yaml_sections import build_section, read_yaml
 
 PROFILE_DIR = Path(__file__).resolve().parent / "clusters"
@@ -84,6 +85,11 @@ def _check(profile: ClusterProfile, errors: list[str]) -> None:
             errors.append(f"{key}: must be >= 1, got {value}")
     if profile.backend == "deepspeed" and profile.zero_stage not in (1, 2, 3):
         errors.append(f"zero_stage: DeepSpeed needs 1, 2 or 3, got {profile.zero_stage}")
+    if profile.backend == "deepspeed" and not installed("deepspeed"):
+        errors.append(
+            "backend: deepspeed needs the deepspeed package, which is not installed "
+            "(pip install deepspeed)"
+        )
     if profile.backend != "deepspeed" and profile.zero_stage:
         errors.append(f"zero_stage: only with backend deepspeed (backend is {profile.backend})")
     if (profile.offload_optimizer or profile.offload_params) and profile.backend != "deepspeed":

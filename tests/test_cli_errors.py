@@ -150,7 +150,21 @@ def test_missing_column(capsys, run_config):
         "row 1",
         "missing column 'review'",
         "columns: text, label",
+        "; set data.text_column=text",
     )
+
+
+def test_missing_columns_suggest_the_ones_meant(capsys, run_config, tmp_path):
+    """A CSV of reviews: the text is the longest value, the label the label-like name."""
+    rows = [("A long review of the film goes here", "positive"), ("bad", "negative")]
+    write_csv(tmp_path / "reviews.csv", [{"review": r, "sentiment": s} for r, s in rows])
+    config = run_config("classification", data={"train": str(tmp_path / "reviews.csv")})
+    expect_user_error(capsys, ["train", config], "; set data.text_column=review")
+    config = run_config(
+        "classification",
+        data={"train": str(tmp_path / "reviews.csv"), "text_column": "review"},
+    )
+    expect_user_error(capsys, ["train", config], "; set data.label_column=sentiment")
 
 
 def test_model_folder_that_does_not_exist(capsys, run_config, tmp_path):

@@ -301,7 +301,7 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         read_yaml(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: mlm\ntrain: {lr: [1, 2\n")
-    with pytest.raises(UserError, match=r"bad.yaml line \d+: not valid YAML"):
+    with pytest.raises(UserError, match=r"bad.yaml line \d+ column \d+: not valid YAML"):
         read_yaml(bad)
     listed = tmp_path / "list.yaml"
     listed.write_text("- a\n- b\n")
@@ -342,3 +342,20 @@ def test_max_time_reads_like_slurm(text, seconds):
 def test_max_time_rejects_zero_and_other_formats(text):
     with pytest.raises(UserError, match=r"train.max_time: .* leave it unset for no limit"):
         build_config({"train": {"max_time": text}, "data": {"train": "x.csv"}})
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("task: mlm\ntrain:\n\tlr: 1\n", "line 3 column 1: .*YAML indents with spaces, not tabs"),
+        (
+            "task: mlm\ntrain:\n  lr: 1\n   epochs: 2\n",
+            "line 4 column 10: .*check the indentation of this line and the one above.*'epochs: 2'",
+        ),
+    ],
+)
+def test_a_yaml_error_says_why(tmp_path, text, why):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(UserError, match=why):
+        read_yaml(bad)

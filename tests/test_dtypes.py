@@ -108,5 +108,8 @@ def test_a_bad_dtype_and_fp16_full_fine_tuning_are_refused_naming_the_key():
     raw["model"]["dtype"] = "fp16"
     with pytest.raises(UserError, match=r"model\.dtype: fp16 weights can't train in full"):
         build_config(raw, world_size=1)
-    raw["peft"] = {"method": "lora"}  # a frozen fp16 base is fine
+    raw["peft"] = {"method": "lora"}  # a frozen fp16 base is fine, computing in fp16
+    with pytest.raises(UserError, match=r"model\.dtype: a fp16 LoRA base needs train.precision"):
+        build_config(raw, world_size=1)
+    raw["train"] = {"precision": "fp16"}
     assert build_config(raw, world_size=1).model.dtype == "fp16"

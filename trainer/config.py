@@ -20,6 +20,7 @@ import yaml
 
 from trainer.durations import parse_duration
 from trainer.errors import UserError
+from trainer.input_checks import check_inputs
 from trainer.security import redact, untrusted_resume
 from trainer.tasks import tag_schemes
 from trainer.tasks.registry import TASKS, task_spec
@@ -475,6 +476,7 @@ def build_config(raw: dict, for_training: bool = True, world_size: int | None = 
     _check_choices(cfg, errors)  # fields that failed their type check hold defaults here
     _check_ranges(cfg, errors)
     _check_consistency(cfg, world_size or world_size_from_env(), for_training, errors)
+    check_inputs(cfg, for_training, errors)  # folders, packages, seed range, LoRA dtypes
     if errors:
         raise UserError("; ".join(errors))
     return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.text_files import read_text
 
 
 def dotted_keys(cls: type, prefix: str = "") -> list[str]:
@@ -38,17 +40,36 @@ def _closest(name: str, root: type) -> str:
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, turning a missing file or bad YAML into a one-line error."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; name the YAML file in it")
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
+    text = read_text(path, f"config file {path}")  # UTF-8, a BOM dropped, else one line
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path}{where}: not valid YAML") from None
+        raise UserError(f"config file {path}{_yaml_problem(err, text)}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path}: must be a mapping of keys to values")
     return data
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """Where and why PyYAML stopped, in the user's terms: ` line N column C: not valid
+    YAML (PyYAML's reason; a hint for the usual two causes)`."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or "not valid YAML"
+    if mark is None:
+        return f": not valid YAML ({problem})"
+    line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+    if "\t" in line[: mark.column + 1] or "'\\t'" in problem:
+        hint = "; YAML indents with spaces, not tabs"
+    elif "mapping values are not allowed" in problem or "expected <block end>" in problem:
+        hint = "; check the indentation of this line and the one above"
+    else:
+        hint = ""
+    where = f" line {mark.line + 1} column {mark.column + 1}"
+    return f"{where}: not valid YAML ({problem}{hint}): {line.strip()!r}"
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -107,6 +128,15 @@ def yaml11_float(value: Any) -> Any:
     return value
 
 
+def _integral(value: Any) -> Any:
+    """A whole number written as a float (`3.0`) or in e-notation, which YAML 1.1 reads as a
+    string (`1e3`), as the integer it is; anything else unchanged (and refused if not an int)."""
+    number = yaml11_float(value)
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    return value
+
+
 def build_section(
     cls: type, values: Any, prefix: str, errors: list[str], root: type | None = None
 ) -> Any:
@@ -128,10 +158,14 @@ def build_section(
             continue
         if hints[key] is float:
             value = yaml11_float(value)
+        elif hints[key] is int:
+            value = _integral(value)
         if key == "precision" and value is False:
             value = "no"  # YAML 1.1 reads a bare `no` as false
         if not _type_ok(value, hints[key]):
             errors.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
+        elif hints[key] is float and not math.isfinite(value):  # `inf`, or 1e400 overflowing
+            errors.append(f"{dotted}: expected a finite number, got {value!r}")
         else:
             kwargs[key] = float(value) if hints[key] is float else value
     return cls(**kwargs)

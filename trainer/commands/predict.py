@@ -23,6 +23,8 @@ INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
 def read_texts(source: str, data: DataConfig) -> list[str]:
     """Texts from `data.text_column` of a csv/tsv/jsonl file, or one per non-blank .txt line."""
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise UserError(f"--input: {source} is a directory; name a file in it")
     if not path.is_file():
         raise UserError(f"--input: file not found: {source}")
     if path.suffix.lower() not in INPUT_SUFFIXES:
@@ -96,6 +98,8 @@ def predict_file(
     The input is read before the model is loaded, so a bad file fails in a second."""
     options = options or PredictOptions()
     options.check()
+    if Path(target).is_dir():  # found now, not after predicting every row
+        raise UserError(f"--output: {target} is a directory; name the .jsonl file to write")
     pairs = parse_adapters(adapter_items)
     primary = _primary(model_dir, pairs)
     texts = read_texts(source, primary[0].run_config(overrides).data)

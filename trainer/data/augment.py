@@ -28,6 +28,7 @@ from trainer.data.collate import example_seed
 from trainer.data.prepare import read_splits
 from trainer.data.sampling import KeyedDataset
 from trainer.errors import UserError
+from trainer.text_files import read_text
 
 Synonyms = dict[str, list[str]]
 Operation = Callable[[list[str], float, Synonyms, random.Random], list[str]]
@@ -39,7 +40,8 @@ def read_synonyms(path: str) -> Synonyms:
     blank lines and `#` comments skipped; words match case-insensitively."""
     table: Synonyms = {}
     source = Path(path).expanduser()
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+    text = read_text(source, f"data.augment.synonyms: {source.name}")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         word, sep, rest = line.partition("\t")

@@ -34,6 +34,7 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from trainer import atomic
+from trainer.errors import UserError
 
 # Bump when the encoders change what they produce for the same input.
 FORMAT_VERSION = 1
@@ -181,5 +182,8 @@ def lock(cache_dir: Path, name: str) -> FileLock:
     """The lock that lets one process of a node build while the node's others wait (no
     timeout: a build of a large corpus may take hours, and waiting here involves no
     collective). Not a guarantee across nodes: see the module's docstring."""
-    cache_dir.mkdir(mode=0o775, parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(mode=0o775, parents=True, exist_ok=True)
+    except OSError as err:  # read-only, not permitted, a file in the way (config checks most)
+        raise UserError(f"data.cache_dir: can't create {cache_dir}: {err.strerror}") from None
     return FileLock(str(cache_dir / f"{name}.lock"))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from trainer.errors import UserError
 from trainer.tasks import tag_schemes
+from trainer.text_files import decoded_lines, read_text
 
 if TYPE_CHECKING:  # the task specs import this module, and config validation imports them
     from trainer.config import DataConfig
@@ -43,30 +44,28 @@ class Split:
 
 
 def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        for number, row in enumerate(reader, start=1):
-            if None in row:  # more fields than the header names
-                raise UserError(f"{path.name} row {number}: more fields than the header has")
-            yield f"{path.name} row {number}", row
+    reader = csv.DictReader(decoded_lines(path), delimiter=delimiter)
+    for number, row in enumerate(reader, start=1):
+        if None in row:  # more fields than the header names
+            raise UserError(f"{path.name} row {number}: more fields than the header has")
+        yield f"{path.name} row {number}", row
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path.name} line {number}: expected a JSON object")
-            yield f"{path.name} line {number}", row
+    for number, line in enumerate(decoded_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path.name} line {number}: expected a JSON object")
+        yield f"{path.name} line {number}", row
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -93,10 +92,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
 
 def _read_text_lines(path: Path, column: str) -> Iterator[tuple[str, dict]]:
     """One document per non-blank line (blank lines separate paragraphs, so they are skipped)."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield f"{path.name} line {number}", {column: line.rstrip("\n")}
+    for number, line in enumerate(decoded_lines(path), start=1):
+        if line.strip():
+            yield f"{path.name} line {number}", {column: line.rstrip("\r\n")}
 
 
 def _read_conll(path: Path, tokens_col: str, tags_col: str) -> Iterator[tuple[str, dict]]:
@@ -104,21 +102,20 @@ def _read_conll(path: Path, tokens_col: str, tags_col: str) -> Iterator[tuple[st
     tokens: list[str] = []
     tags: list[str] = []
     start = 1
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.split()
-            if fields and fields[0] == "-DOCSTART-":
-                continue
-            if fields and len(fields) < 2:
-                raise UserError(f"{path.name} line {number}: expected 'TOKEN ... TAG' columns")
-            if fields:
-                if not tokens:
-                    start = number
-                tokens.append(fields[0])
-                tags.append(fields[-1])
-            elif tokens:
-                yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
-                tokens, tags = [], []
+    for number, line in enumerate(decoded_lines(path), start=1):
+        fields = line.split()
+        if fields and fields[0] == "-DOCSTART-":
+            continue
+        if fields and len(fields) < 2:
+            raise UserError(f"{path.name} line {number}: expected 'TOKEN ... TAG' columns")
+        if fields:
+            if not tokens:
+                start = number
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+        elif tokens:
+            yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
+            tokens, tags = [], []
     if tokens:
         yield f"{path.name} line {start}", {tokens_col: tokens, tags_col: tags}
 
@@ -178,6 +175,11 @@ def source_files(source: str, key: str) -> list[Path] | None:
         return files
     if path.is_file():
         return [path]
+    if path.is_dir() and looks_like_file(source):  # a bare name may be a datasets folder
+        raise UserError(
+            f"{key}: {source} is a directory; name a file in it (or a glob such as "
+            f"{path / '*.jsonl'})"
+        )
     if looks_like_file(source):
         raise UserError(f"{key}: file not found: {source}")
     return None
@@ -208,8 +210,6 @@ def read_split(source: str, key: str, rows: RowFormat, cfg: DataConfig) -> Split
             split.where.append(where)
     except UserError as err:
         raise UserError(f"{key}: {err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{key}: {source} is not UTF-8 text") from None
     if not split.rows:
         raise UserError(f"{key}: {source} holds no examples")
     return split
@@ -232,14 +232,12 @@ def read_split_keeping_going(
                 empty.append(where)
     except UserError as err:
         raise UserError(f"{key}: {err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{key}: {source} is not UTF-8 text") from None
     return split, empty
 
 
 def _text_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """A text, non-empty."""
-    text = _column(row, cfg.text_column, where)
+    text = _column(row, cfg, "text_column", where)
     if not isinstance(text, str) or not text.strip():
         raise EmptyValue(f"{where}: empty text in column '{cfg.text_column}'")
     return {"text": text}
@@ -248,7 +246,7 @@ def _text_row(row: dict, where: str, cfg: DataConfig) -> dict:
 def _labelled_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """A text and its class (a string or an integer, kept as a string)."""
     checked = _text_row(row, where, cfg)
-    label = _column(row, cfg.label_column, where)
+    label = _column(row, cfg, "label_column", where)
     if label is None or (isinstance(label, str) and not label.strip()):
         raise EmptyValue(f"{where}: empty label in column '{cfg.label_column}'")
     if not isinstance(label, (str, int)) or isinstance(label, bool):
@@ -258,7 +256,10 @@ def _labelled_row(row: dict, where: str, cfg: DataConfig) -> dict:
 
 def _tagged_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """Words and one tag per word."""
-    tokens, tags = _column(row, cfg.tokens_column, where), _column(row, cfg.tags_column, where)
+    tokens, tags = (
+        _column(row, cfg, "tokens_column", where),
+        _column(row, cfg, "tags_column", where),
+    )
     if tokens == []:
         raise EmptyValue(f"{where}: '{cfg.tokens_column}' must be a non-empty list of words")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
@@ -268,10 +269,37 @@ def _tagged_row(row: dict, where: str, cfg: DataConfig) -> dict:
     return {"tokens": tokens, "tags": [str(tag) for tag in tags]}
 
 
-def _column(row: dict, column: str, where: str):
-    if column not in row:
-        raise UserError(f"{where}: missing column '{column}' (columns: {', '.join(map(str, row))})")
-    return row[column]
+LABEL_LIKE = ("label", "labels", "sentiment", "class", "category", "target", "y")
+
+
+def _column(row: dict, cfg: DataConfig, key: str, where: str):
+    """The value of the column `data.<key>` names; missing: one line with the columns the
+    row has, and the one that looks meant (`data.text_column=review`)."""
+    column = getattr(cfg, key)
+    if column in row:
+        return row[column]
+    guess = _likely_column(row, key)
+    hint = f"; set data.{key}={guess}" if guess is not None else ""
+    columns = ", ".join(map(str, row))
+    raise UserError(f"{where}: missing column '{column}' (columns: {columns}){hint}")
+
+
+def _likely_column(row: dict, key: str) -> str | None:
+    """The column a user most likely meant for `data.<key>`: the longest text for the
+    text, a label-like name (or the shortest value) for the label, list values for words
+    and tags."""
+    if key in ("tokens_column", "tags_column"):
+        lists = [name for name, value in row.items() if isinstance(value, list)]
+        return lists[0 if key == "tokens_column" else -1] if lists else None
+    texts = {name: value for name, value in row.items() if isinstance(value, str)}
+    if key == "text_column":
+        return max(texts, key=lambda name: len(texts[name]), default=None)
+    named = [name for name in row if str(name).lower() in LABEL_LIKE]
+    if named:
+        return named[0]
+    longest = max(texts, key=lambda name: len(texts[name]), default=None)
+    others = [name for name, value in row.items() if name != longest and value is not None]
+    return min(others, key=lambda name: len(str(row[name])), default=None)
 
 
 def join_splits(splits: list[Split], key: str) -> Split:

@@ -33,12 +33,15 @@ from trainer.data.encode import Columns, Packer
 from trainer.data.read import load_hub, source_files
 from trainer.data.sampling import hash_seed
 from trainer.errors import UserError
+from trainer.text_files import strip_bom
 
 READ_BATCH = 64  # documents tokenized per tokenizer call
 STREAM_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def _decode(line: bytes, path: Path, offset: int) -> str:
+    if offset == 0:  # a UTF-8 byte-order mark is dropped, a UTF-16/32 one refused
+        line = strip_bom(path.name, line)
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError:
@@ -128,7 +131,10 @@ class RowStream:
     def texts(self) -> Iterator[str]:
         """Endless: a new pass starts (with a new file order) where the last one ended."""
         while True:
-            yield from self._hub_pass() if self.files is None else self._file_pass()
+            try:
+                yield from self._hub_pass() if self.files is None else self._file_pass()
+            except UserError as err:  # read on the fly: name the source as read_split does
+                raise UserError(f"{self.key}: {err}") from None
             self.position.update({"pass": self.position["pass"] + 1, "file": 0, "offset": 0})
             self.position["row"] = 0
 

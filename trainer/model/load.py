@@ -35,6 +35,8 @@ def _source(cfg: ModelConfig) -> str:
     """The folder or hub id to load; a path-like name must exist locally."""
     name = cfg.name_or_path
     path = Path(name).expanduser()
+    if path.is_file():
+        raise UserError(f"model.name_or_path: {name} is a file; name the model folder")
     if path.exists():
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path: {name} has no config.json (not a model folder)")
@@ -54,6 +56,8 @@ def _tokenizer_source(cfg: ModelConfig) -> tuple[str, str]:
     if not cfg.tokenizer:
         return "model.name_or_path", _source(cfg)
     path = Path(cfg.tokenizer).expanduser()
+    if path.is_file():
+        raise UserError(f"model.tokenizer: {cfg.tokenizer} is a file; name the tokenizer folder")
     if path.exists():
         return "model.tokenizer", str(path.resolve())
     if cfg.tokenizer.startswith(("/", ".", "~")) or cfg.tokenizer.count("/") > 1:
@@ -66,6 +70,10 @@ def _loading(what: str, name: str, load, key: str = "model.name_or_path"):
         return load()
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not Path(name).expanduser().exists():  # a hub id: offline, unknown, or private
+            raise UserError(
+                f"{key}: '{name}' is neither a local folder nor reachable on the hub ({first})"
+            ) from None
         raise UserError(f"{key}: could not load the {what} of '{name}': {first}") from None
 
 
@@ -114,6 +122,36 @@ def load_model_config(cfg: ModelConfig, label_names: list[str] | None) -> Pretra
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
     return config
+
+
+# position ids start after the padding index, so that two positions fewer are usable
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "longformer")
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The longest sequence a model with learned position embeddings can take (BERT's
+    max_position_embeddings, GPT-2's n_positions); None for rotary ones, which extrapolate,
+    and for DeBERTa-v2/v3 without absolute positions (`position_biased_input: false`)."""
+    if any(hasattr(config, name) for name in ("rope_parameters", "rope_theta", "rotary_dim")):
+        return None
+    if getattr(config, "position_biased_input", True) is False:
+        return None
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0)
+    if limit and config.model_type in PADDING_OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit or None
+
+
+def check_max_length(cfg: ModelConfig, max_length: int) -> None:
+    """Refuse data.max_length beyond the model's positions before anything is tokenized: a
+    longer sequence indexes past the position embeddings, an error at the first batch that
+    is that long (step 1 for packed blocks, maybe mid-epoch for fine-tuning texts)."""
+    limit = position_limit(load_model_config(cfg, None))
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"data.max_length: {max_length} is more than the {limit} positions of "
+            f"{cfg.name_or_path}; lower it to {limit} or less"
+        )
 
 
 def check_document_isolation(model: torch.nn.Module) -> None:

@@ -109,9 +109,8 @@ def take_lock(run_dir: Path) -> RunLock:
     if _held is not None:  # the run before, in this process (tests, notebooks), has ended
         _held.release()
     created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock_file(run_dir)
         _flock(fd, run_dir)
         if _same_file(fd, run_dir / LOCK_NAME):
             break
@@ -120,6 +119,16 @@ def take_lock(run_dir: Path) -> RunLock:
     _write_atomic(run_dir / OWNER_NAME, json.dumps(owner))
     _held = RunLock(run_dir, fd, created)
     return _held
+
+
+def _open_lock_file(run_dir: Path) -> int:
+    """The lock file's descriptor, the run directory created first if need be; a directory
+    that can't be written (read-only, not permitted, under /proc) is the user's to fix."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise UserError(f"output_dir: can't write to {run_dir}: {err.strerror}") from None
 
 
 def _flock(fd: int, run_dir: Path) -> None:

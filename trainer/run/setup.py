@@ -50,7 +50,12 @@ from trainer.devices import cpu_only
 from trainer.errors import UserError
 from trainer.model import dtypes
 from trainer.model.adapters import attach_adapter, quantization_config
-from trainer.model.load import check_document_isolation, load_model, load_tokenizer
+from trainer.model.load import (
+    check_document_isolation,
+    check_max_length,
+    load_model,
+    load_tokenizer,
+)
 from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout, recover_replaced
 from trainer.run.optim import build_optimizer, build_scheduler
 from trainer.run.resume import COMMIT_NAME, config_change_problem, select_checkpoint, step_folders
@@ -90,8 +95,9 @@ def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, Pat
 
 def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
     """`prepare_run_dir` on the main process: also repairs what a kill left (a `best/`
-    replaced halfway, a finish halfway) and sets an earlier run's files aside when the run
-    starts over."""
+    replaced halfway, a finish halfway). An earlier run's files, when the run starts over,
+    are set aside by `set_up` at its end, so that a bad input found on the way (a data
+    file, data.max_length) leaves them where they were."""
     recover_replaced(run_dir / "best")
     if (run_dir / "final").is_dir() or _complete_finish(run_dir):
         raise RunFinished(f"run already finished: {run_dir / 'final'} exists; nothing to do")
@@ -106,8 +112,7 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
         skipped.append(f"{run_dir} holds a run stopped before its first checkpoint: starting over")
     for line in skipped:
         _report(line)
-    if checkpoint is None:
-        _set_aside_previous(run_dir)
+    if checkpoint is None:  # an earlier run's files are set aside once set_up has succeeded
         return None
     saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
     problem = config_change_problem(saved, to_dict(cfg), checkpoint.name)
@@ -390,6 +395,13 @@ def train_stream(
     return TrainStream(shard, cfg.train.global_batch_size, world, rank)
 
 
+def _checked_tokenizer(cfg: RunConfig, spec: TaskSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer, once the model is known to take data.max_length tokens: prepare_data
+    loads it after checking the rows and before encoding them."""
+    check_max_length(cfg.model, cfg.data.max_length)
+    return load_tokenizer(cfg.model, spec)
+
+
 def set_up(cfg: RunConfig) -> Run:
     """Read and check the data before loading the model (a bad row costs seconds, not a
     model download), then the model, optimizer and schedule, prepared by Accelerate."""
@@ -402,7 +414,7 @@ def set_up(cfg: RunConfig) -> Run:
         check_layout(resume_from, accelerator)
     set_seed(cfg.train.seed)
     spec = task_spec(cfg)
-    data, tokenizer = prepare_data(cfg, lambda: load_tokenizer(cfg.model, spec))
+    data, tokenizer = prepare_data(cfg, lambda: _checked_tokenizer(cfg, spec))
     if data.label_names is not None:  # after a cache hit too: the tag scheme is no cache key
         spec.rows.check_names(data.label_names, cfg.data)
     weights = None
@@ -421,6 +433,8 @@ def set_up(cfg: RunConfig) -> Run:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is None and accelerator.is_main_process:
+        _set_aside_previous(run_dir)  # only now: a bad input found above leaves them as they were
     return Run(
         cfg,
         resume_from,

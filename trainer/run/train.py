@@ -85,19 +85,23 @@ def train(cfg: RunConfig, stop_flag: StopFlag | None = None) -> dict:
     loop = Loop.start(run, stop_flag)
     state, early_stop = loop.state, False
     run.model.train()
-    while state.step < run.total_steps and not early_stop:
-        batches = run.train_batches(state.epoch, state.step_in_epoch)
-        while state.step_in_epoch < run.plan.steps_per_epoch:
-            requests = loop.step(batches)  # raises TrainingFailed on too many faults
-            loop.log_if_due()
-            early_stop = loop.evaluate_if_due()
-            loop.checkpoint_if_due(requests)
-            if requests.stop:
-                _stop_preempted(run, loop.stop_flag.reason or "a signal on another process")
-            if early_stop or state.step >= run.total_steps:
-                break
-        early_stop = loop.end_of_epoch() or early_stop
-        loop.checkpoint_at_epoch_end(done=early_stop or state.step >= run.total_steps)
+    try:
+        while state.step < run.total_steps and not early_stop:
+            batches = run.train_batches(state.epoch, state.step_in_epoch)
+            while state.step_in_epoch < run.plan.steps_per_epoch:
+                requests = loop.step(batches)  # raises TrainingFailed on too many faults
+                loop.log_if_due()
+                early_stop = loop.evaluate_if_due()
+                loop.checkpoint_if_due(requests)
+                if requests.stop:
+                    _stop_preempted(run, loop.stop_flag.reason or "a signal on another process")
+                if early_stop or state.step >= run.total_steps:
+                    break
+            early_stop = loop.end_of_epoch() or early_stop
+            loop.checkpoint_at_epoch_end(done=early_stop or state.step >= run.total_steps)
+    except UserError:  # a streamed row read mid-run: its error line starts a line of its own
+        loop.log.progress.close()
+        raise
     if run.validation_set is not None and state.evaluated_at != state.step:
         loop.evaluate_and_keep_best()
     results = _finish(run, loop.best, state)
