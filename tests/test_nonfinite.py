@@ -7,18 +7,28 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import read_metrics
-from interrupted_runs import assert_same_tensors, cli, loop_state, saved_steps
+from conftest import REPO, read_metrics
+from interrupted_runs import (
+    assert_same_tensors,
+    cli,
+    final_weights,
+    loop_state,
+    saved_steps,
+    subprocess_env,
+)
 from nonfinite_launch import nan_loss_in
 from safetensors.torch import load_file
 
 import trainer.run.train
 import trainer.tasks.registry
+from launch.local import free_port
 from trainer.run.resume import checkpoint_dir, is_fault_checkpoint, problem_with
 from trainer.run.step import Requests, optimizer_step
 from trainer.tasks.registry import TASKS
@@ -111,6 +121,62 @@ def test_too_many_nonfinite_steps_in_a_row_stop(run_config, tmp_path, monkeypatc
     assert cli("train", config) == 3
     assert "at step 5 (2 in a row, train.on_nonfinite=skip)" in capfd.readouterr().err
     assert loop_state(tmp_path / "run", 5)["skipped_steps"] == 3
+
+
+NO_DROPOUT = {"config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+
+
+@pytest.mark.slow
+def test_a_nan_loss_on_one_process_is_skipped_on_both(run_config, tmp_path, monkeypatch):
+    """Under torchrun, the loss of step 3 is NaN on rank 1 only, with finite gradients: only
+    the shared decision stops rank 0 from stepping. Both skip it, their weights stay
+    bitwise equal, and the run is the one process run that skipped step 3."""
+    config = run_config(
+        "mlm",
+        model=NO_DROPOUT,
+        data={"validation": None},
+        train={"max_steps": 5, "micro_batch_size": 2},  # 2 per step on each of 2 processes
+    )
+    sums = tmp_path / "checksums"
+    sums.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(free_port()), "tests/nonfinite_launch.py", "train", config]
+    env = subprocess_env(
+        PYTHONPATH=f"{REPO}:{REPO / 'tests'}",
+        NAN_STEPS="3",
+        NAN_RANK="1",
+        NAN_GRADIENTS="finite",
+        CHECKSUMS=str(sums),
+    )
+    done = subprocess.run(
+        [str(part) for part in command], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert [r["skipped_steps"] for r in read_metrics(run_dir)] == [0, 0, 1, 1, 1]
+    ranks = [[json.loads(line) for line in (sums / f"rank{r}.jsonl").open()] for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # bitwise the same weights on both, after every step
+    assert [step["skipped"] for step in ranks[0]] == [False, False, True, False, False]
+    digests = [step["sha256"] for step in ranks[0]]
+    assert digests[2] == digests[1] != digests[3]
+    warnings = [line for line in done.stderr.splitlines() if "warning: non-finite" in line]
+    assert warnings == [
+        "warning: non-finite loss or gradient norm at step 3: the update was skipped on all "
+        "processes (1 skipped so far)"
+    ]
+
+    # One process (4 micro-batches a step), NaN in step 3: the same run up to float rounding.
+    reference = tmp_path / "reference"
+    nan_loss_at(monkeypatch, {3}, accumulation=4)
+    assert cli("train", config, f"output_dir={reference}") == 0
+    expected = read_metrics(reference)
+    assert [r["skipped_steps"] for r in expected] == [0, 0, 1, 1, 1]
+    for got, want in zip(read_metrics(run_dir), expected, strict=True):
+        assert (got["loss"] is None) == (want["loss"] is None)
+        assert got["loss"] is None or got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    ours, theirs = final_weights(run_dir), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
 
 
 def test_optimizer_step_skips_a_nan_loss(tiny_bert, bert_tokenizer):

@@ -130,8 +130,13 @@ def test_bad_run_dir_is_one_line_error(capsys, tmp_path, make):
 
 
 def test_training_clock_adds_up_resumed_segments():
-    """elapsed_s restarts at 0 after a resume: each segment's last value counts."""
+    """Runs from before elapsed_s continued across resumes: each segment's last value."""
     steps = [{"elapsed_s": s} for s in (1.0, 2.0, 3.0, 0.5, 1.5)]
+    assert training_seconds(steps) == pytest.approx(4.5)
+
+
+def test_training_clock_continued_across_a_resume_is_its_last_value():
+    steps = [{"elapsed_s": s} for s in (1.0, 2.0, 3.0, 3.5, 4.5)]
     assert training_seconds(steps) == pytest.approx(4.5)
 
 

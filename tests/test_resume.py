@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from conftest import make_run_config, read_metrics
@@ -230,33 +231,77 @@ def test_no_complete_checkpoint_left_refuses_to_start_over(stopped_run, capfd):
 # --- a changed run config ------------------------------------------------------------------
 
 
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run, by path: what a refused start must leave as it was."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
 def test_resume_refuses_a_changed_learning_rate(stopped_run, capfd):
     config, run_dir = stopped_run
-    before = (run_dir / "metrics.jsonl").read_bytes()
+    before = run_files(run_dir)
     capfd.readouterr()
     assert cli("train", config, "train.lr=0.002") == 2
     errors = capfd.readouterr().err.splitlines()
     assert errors == [
         "error: train.resume: the run config differs from checkpoint step-00000004 in "
-        "train.lr; restore them or use another output_dir"
+        "train.lr (saved 0.001, now 0.002); restore them or use another output_dir"
     ]
-    assert (run_dir / "metrics.jsonl").read_bytes() == before
-    assert not (run_dir / "final").exists()
+    assert run_files(run_dir) == before
 
 
-def test_resume_accepts_a_changed_max_steps(stopped_run, capfd):
+def test_resume_refuses_a_max_steps_that_would_make_the_lr_jump(stopped_run, capfd):
+    """The linear decay is stretched over train.max_steps: 8 -> 6 would move the LR of
+    step 5 from 0.5x to 0.33x the peak at once."""
     config, run_dir = stopped_run
+    before = run_files(run_dir)
     capfd.readouterr()
-    assert cli("train", config, "train.max_steps=6", "log.every_steps=2") == 0
+    assert cli("train", config, "train.max_steps=6", "log.every_steps=2") == 2
+    assert capfd.readouterr().err.splitlines() == [
+        "error: train.resume: the run config differs from checkpoint step-00000004 in "
+        "train.max_steps (saved 8, now 6); restore them or use another output_dir (the "
+        "learning-rate schedule is stretched over the steps they set)"
+    ]
+    assert run_files(run_dir) == before
+    assert cli("train", config) == 0  # unchanged, it continues
     assert "(step 4)" in capfd.readouterr().err
-    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 6]
-    assert json.loads((run_dir / "eval_results.json").read_text())["steps"] == 6
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "changed"),
+    [
+        ({"max_steps": 8}, {"max_steps": 6}, ["train.max_steps"]),
+        ({"max_steps": 0, "epochs": 3}, {"max_steps": 0, "epochs": 4}, ["train.epochs"]),
+        ({"max_steps": 0, "epochs": 3}, {"max_steps": 9, "epochs": 3}, ["train.max_steps"]),
+        ({"max_steps": 8, "epochs": 3}, {"max_steps": 8, "epochs": 4}, []),  # epochs unused
+        (
+            {"max_steps": 8, "scheduler": "cosine"},
+            {"max_steps": 9, "scheduler": "cosine"},
+            ["train.max_steps"],
+        ),
+        (
+            {"max_steps": 8, "scheduler": "constant", "warmup_ratio": 0.1},
+            {"max_steps": 9, "scheduler": "constant", "warmup_ratio": 0.1},
+            ["train.max_steps"],
+        ),
+        (
+            {"max_steps": 8, "scheduler": "constant", "warmup_ratio": 0.0},
+            {"max_steps": 9, "scheduler": "constant", "warmup_ratio": 0.0},
+            [],
+        ),
+    ],
+)
+def test_the_length_of_the_run_may_change_only_where_the_lr_does_not_depend_on_it(
+    saved, now, changed
+):
+    defaults = {"epochs": 3, "scheduler": "linear", "warmup_ratio": 0.1}
+    assert changed_keys({"train": {**defaults, **saved}}, {"train": {**defaults, **now}}) == changed
 
 
 def test_changed_keys_ignores_only_the_safe_keys():
     saved = {"train": {"lr": 1e-3, "max_steps": 4, "seed": 0}, "model": {"config_overrides": {}}}
     current = {
-        "train": {"lr": 2e-3, "max_steps": 8, "seed": 0},
+        "train": {"lr": 2e-3, "max_steps": 4, "seed": 0, "max_time": "10:00"},
         "model": {"config_overrides": {"hidden_dropout_prob": 0.0}},
         "output_dir": "elsewhere",
     }

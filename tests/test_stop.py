@@ -5,6 +5,7 @@ torchrun, and at an epoch boundary with loss sums not yet logged."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -25,7 +26,10 @@ from interrupted_runs import (
     trainer_command,
 )
 
-from trainer.run.stop import EXIT_PREEMPTED
+import trainer.run.stop
+import trainer.run.train
+from trainer.commands.report import training_seconds
+from trainer.run.stop import EXIT_PREEMPTED, StopFlag, TimeBudget
 
 # --- exact resume through `python -m trainer`, in their own processes -----------------------
 
@@ -104,23 +108,95 @@ def test_stop_at_the_end_of_an_epoch_resumes_exactly(tmp_path, tiny_models_by_ta
 # --- train.max_time ------------------------------------------------------------------------
 
 
-def test_max_time_saves_exits_75_and_resumes(run_config, tmp_path, capfd):
+def slow_set_up(monkeypatch, seconds: float) -> None:
+    """Make the set-up of `trainer train` take `seconds` longer."""
+    real = trainer.run.train.set_up
+
+    def set_up(cfg):
+        time.sleep(seconds)
+        return real(cfg)
+
+    monkeypatch.setattr(trainer.run.train, "set_up", set_up)
+
+
+def test_max_time_saves_exits_75_and_resumes(run_config, tmp_path, monkeypatch, capfd):
+    """Stopped by its time limit, counted from the start of `trainer train` (a set-up made
+    a second longer included), with room for the last step and save; resumed, its training
+    clock (elapsed_s) continues."""
     config = run_config(
         "mlm",
         data={"validation": None},
-        train={"max_steps": 100000, "max_time": "00:00:02"},
+        # a constant LR: the resume may then shorten the run (see test_resume.py)
+        train={"max_steps": 100000, "max_time": "00:00:05", "scheduler": "constant"},
+        checkpoint={"every_steps": 10},  # saves measured before the one at the stop
         log={"every_steps": 1, "trackers": []},
     )
-    started = time.monotonic()
-    assert cli("train", config) == EXIT_PREEMPTED
-    assert time.monotonic() - started < 60
+    with monkeypatch.context() as patch:
+        slow_set_up(patch, 1.0)
+        started = time.monotonic()
+        assert cli("train", config) == EXIT_PREEMPTED
+        # set-up, training and the last save within the limit (0.25 s of slack, and as much
+        # again for the variation of a loaded machine); counted from the loop's start: 6.4 s
+        assert time.monotonic() - started < 5.5
     err = capfd.readouterr().err
     assert "stopped by train.max_time at a saved checkpoint; run the same command to resume" in err
     run_dir = tmp_path / "run"
     stop = saved_steps(run_dir)[-1]
-    assert 0 < stop < 100000
-    assert max(r["step"] for r in read_metrics(run_dir)) == stop
+    assert 10 < stop < 100000
+    before = read_metrics(run_dir)
+    assert max(r["step"] for r in before) == stop
     assert cli("train", config, f"train.max_steps={stop + 2}", "train.max_time=null") == 0
     assert f"(step {stop})" in capfd.readouterr().err
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, stop + 3))
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, stop + 3))
     assert json.loads((run_dir / "eval_results.json").read_text())["steps"] == stop + 2
+    clock = [r["elapsed_s"] for r in records]
+    assert clock == sorted(clock) and clock[-2] > before[-1]["elapsed_s"]
+    assert training_seconds(records) == clock[-1]
+
+
+def test_max_time_counts_the_set_up(run_config, tmp_path, monkeypatch, capfd):
+    """A budget spent before the first step is an error (exit 2), not a stop that a requeue
+    would repeat forever."""
+    config = run_config("mlm", data={"validation": None}, train={"max_time": "00:00:02"})
+    slow_set_up(monkeypatch, 2.5)
+    assert cli("train", config) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1
+    assert re.fullmatch(
+        r"error: train.max_time: 00:00:02 \(2 s\) is spent before the first step: the set-up "
+        r"took [0-9.]+ s and the stop keeps [0-9.]+ s for a step and a save; raise it",
+        errors[0],
+    ), errors
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_time_budget_runs_from_process_start(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(trainer.run.stop.time, "monotonic", lambda: clock[0])
+    flag = StopFlag()
+    clock[0] = 160.0  # a minute of set-up
+    flag.limit_time(90)
+    assert not flag.requested()
+    clock[0] = 185.0  # 85 s since the start, and the slack is 5% of 90 s
+    assert not flag.requested()
+    clock[0] = 186.0
+    assert flag.requested() and flag.reason == "train.max_time"
+
+
+def test_the_time_budget_keeps_room_for_a_step_an_evaluation_and_a_save(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(trainer.run.stop.time, "monotonic", lambda: clock[0])
+    budget = TimeBudget(0.0, seconds=3600)
+    budget.note_step(120.0)  # the first step (warm-up, compilation): not counted
+    budget.note_step(2.0)
+    budget.note_step(1.0)
+    budget.eval_s, budget.save_s = 50.0, 40.0
+    assert budget.margin_s() == 30 + 2 + 40  # the slack is 30 s at most
+    assert budget.margin_s(evaluating=True) == 30 + 2 + 40 + 50
+    clock[0] = 3600 - 72 - 1
+    assert not budget.spent() and budget.spent(evaluating=True)
+    clock[0] = 3600 - 72 + 1
+    assert budget.spent()
+    assert TimeBudget(0.0, seconds=10).margin_s() == 0.5  # 5% of a limit of seconds
+    assert not TimeBudget(0.0).spent()  # no limit

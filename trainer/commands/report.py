@@ -132,8 +132,9 @@ def read_run(run_dir: str | Path) -> RunRecords:
 
 
 def training_seconds(steps: list[dict]) -> float | None:
-    """The training clock (evaluation and saving left out). It restarts at 0 when a run
-    resumes, so each segment's last value is added up."""
+    """The training clock (evaluation and saving left out). It continues across resumes, so
+    its last value is the total; in runs from before it did, it restarted at 0 at each
+    resume, and each segment's last value is added up."""
     total, previous = 0.0, 0.0
     for record in steps:
         now = record.get("elapsed_s")

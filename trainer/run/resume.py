@@ -34,7 +34,7 @@ HASH_PIECE = 64 << 20  # bytes of a file hashed on their own (manifest: a list p
 HASH_THREADS = min(16, os.cpu_count() or 1)
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Keys that may change between the interrupted run and its continuation.
+# Keys that may change between the interrupted run and its continuation (see changed_keys).
 SAFE_TO_CHANGE = frozenset(
     {
         "output_dir",
@@ -57,6 +57,8 @@ SAFE_TO_CHANGE = frozenset(
         "checkpoint.at_epoch_end",
     }
 )
+# Of those, safe only while the learning-rate schedule does not depend on them.
+SCHEDULE_LENGTH = ("train.max_steps", "train.epochs")
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -221,10 +223,46 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 def changed_keys(saved: dict, current: dict) -> list[str]:
     """Config keys whose values differ and that are not safe to change on resume."""
     old, new = _flatten(saved), _flatten(current)
-    return sorted(
+    unsafe = (
         key
         for key in old.keys() | new.keys()
         if key not in SAFE_TO_CHANGE and old.get(key) != new.get(key)
+    )
+    return sorted([*unsafe, *_schedule_length_keys(old, new)])
+
+
+def _schedule_length_keys(old: dict, new: dict) -> list[str]:
+    """`train.max_steps` / `train.epochs` when their change would make the learning rate
+    jump: they set the total steps, over which the warmup ratio and a linear or cosine
+    decay are stretched (run/optim.py), and the scheduler is rebuilt at every start. A
+    constant schedule without warmup does not depend on them; `epochs` does not count
+    while `max_steps` is set."""
+    if new.get("train.scheduler") == "constant" and not new.get("train.warmup_ratio"):
+        return []
+
+    def length(flat: dict) -> tuple:
+        steps = flat.get("train.max_steps")
+        return steps, None if steps else flat.get("train.epochs")
+
+    if length(old) == length(new):
+        return []
+    return [key for key in SCHEDULE_LENGTH if old.get(key) != new.get(key)]
+
+
+def config_change_problem(saved: dict, current: dict, checkpoint: str) -> str | None:
+    """The one line that refuses a resume under a changed run config (None: unchanged
+    where it matters), each key with its saved and new value."""
+    keys = changed_keys(saved, current)
+    if not keys:
+        return None
+    old, new = _flatten(saved), _flatten(current)
+    changes = ", ".join(f"{key} (saved {old.get(key)!r}, now {new.get(key)!r})" for key in keys)
+    why = ""
+    if any(key in SCHEDULE_LENGTH for key in keys):
+        why = " (the learning-rate schedule is stretched over the steps they set)"
+    return (
+        f"train.resume: the run config differs from checkpoint {checkpoint} in {changes}; "
+        f"restore them or use another output_dir{why}"
     )
 
 

@@ -58,7 +58,7 @@ from trainer.model.load import (
 )
 from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout, recover_replaced
 from trainer.run.optim import build_optimizer, build_scheduler
-from trainer.run.resume import COMMIT_NAME, changed_keys, select_checkpoint, step_folders
+from trainer.run.resume import COMMIT_NAME, config_change_problem, select_checkpoint, step_folders
 from trainer.run.rundir import claim_run_dir
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
@@ -115,12 +115,9 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
     if checkpoint is None:  # an earlier run's files are set aside once set_up has succeeded
         return None
     saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
-    changed = changed_keys(saved, to_dict(cfg))
-    if changed:
-        raise UserError(
-            f"train.resume: the run config differs from checkpoint {checkpoint.name} in "
-            f"{', '.join(changed)}; restore them or use another output_dir"
-        )
+    problem = config_change_problem(saved, to_dict(cfg), checkpoint.name)
+    if problem:
+        raise UserError(problem)
     return checkpoint
 
 

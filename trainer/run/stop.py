@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import dataclass
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C: nothing was saved
@@ -25,20 +26,64 @@ class Preempted(Exception):
     """Training stopped early on purpose (signal or time limit) after saving a checkpoint."""
 
 
-class StopFlag:
-    """Set by SIGTERM / SIGUSR1 / SIGINT or when `max_seconds` of wall time are about to
-    run out."""
+# What is kept free before train.max_time besides the measured step, evaluation and save:
+# their variation and the exit. 5% of the limit, at most 30 s (so also for limits of seconds).
+SLACK_SHARE, SLACK_MAX_S = 0.05, 30.0
 
-    def __init__(self, max_seconds: float | None = None, margin_s: float = 0.0) -> None:
+
+@dataclass
+class TimeBudget:
+    """`train.max_time`, counted from process start (`trainer train` creates its StopFlag
+    first thing), so that the set-up counts as the scheduler counts it.
+
+    The stop is decided before a step, and a step, maybe an evaluation, and a checkpoint
+    save follow it before the process exits: the budget is spent once what is left is less
+    than the longest step measured (the first of this process, with its warm-up, not
+    counted), the longest evaluation when one is due after that step, the longest save
+    (before this process saved, the one the resumed run measured, or the time its
+    checkpoint took to load), and a slack of 5% of the limit, at most 30 s."""
+
+    started: float  # time.monotonic() at process start
+    seconds: float | None = None  # None: no limit
+    step_s: float = 0.0
+    eval_s: float = 0.0
+    save_s: float = 0.0
+    steps: int = 0  # measured so far
+
+    def note_step(self, seconds: float) -> None:
+        """One optimizer step took `seconds`."""
+        if self.steps:
+            self.step_s = max(self.step_s, seconds)
+        self.steps += 1
+
+    def margin_s(self, evaluating: bool = False) -> float:
+        """Seconds kept free before the limit (see the class)."""
+        slack = min(SLACK_MAX_S, SLACK_SHARE * (self.seconds or 0.0))
+        return slack + self.step_s + self.save_s + (self.eval_s if evaluating else 0.0)
+
+    def used_s(self) -> float:
+        """Seconds since process start."""
+        return time.monotonic() - self.started
+
+    def spent(self, evaluating: bool = False) -> bool:
+        """True when the next step, and what follows it, might not fit any more."""
+        if self.seconds is None:
+            return False
+        return self.used_s() + self.margin_s(evaluating) > self.seconds
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 / SIGINT or when the `train.max_time` budget is spent."""
+
+    def __init__(self) -> None:
         self.reason: str | None = None
-        self.deadline: float | None = None
+        self.budget = TimeBudget(time.monotonic())  # the clock starts now
         self.interrupts = 0  # SIGINTs so far
         self._previous: dict[int, object] = {}  # the handlers before the first install
-        self.limit_time(max_seconds, margin_s)
 
-    def limit_time(self, max_seconds: float | None, margin_s: float = 0.0) -> None:
-        """Stop `max_seconds` from now (None: no limit)."""
-        self.deadline = time.monotonic() + max_seconds - margin_s if max_seconds else None
+    def limit_time(self, max_seconds: float | None) -> None:
+        """Stop before `max_seconds` since this flag was created (None: no limit)."""
+        self.budget.seconds = max_seconds
 
     def install(self) -> StopFlag:
         """Catch the signals clusters (and Ctrl-C) send before they kill a job, whatever
@@ -64,8 +109,9 @@ class StopFlag:
                 raise KeyboardInterrupt
         self.reason = self.reason or signal.Signals(number).name
 
-    def requested(self) -> bool:
-        """True once a signal arrived or the time budget is spent (checked once a step)."""
-        if self.reason is None and self.deadline is not None and time.monotonic() > self.deadline:
+    def requested(self, evaluating: bool = False) -> bool:
+        """True once a signal arrived or the time budget is spent (checked once a step;
+        `evaluating`: an evaluation is due after the coming step)."""
+        if self.reason is None and self.budget.spent(evaluating):
             self.reason = "train.max_time"
         return self.reason is not None

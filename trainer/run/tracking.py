@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,11 +55,13 @@ class RunLog:
         cfg: RunConfig,
         total_steps: int,
         start_step: int = 0,
+        elapsed_s: float = 0.0,
     ):
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() - elapsed_s  # a resumed run's clock continues
         self.paused_s = 0.0
+        self.paused_at: float | None = None
         if cfg.log.trackers:
             accelerator.init_trackers("tensorboard", config=_hyperparameters(cfg))
         self.progress = tqdm(
@@ -70,17 +73,20 @@ class RunLog:
         )
 
     def elapsed(self) -> float:
-        """Seconds spent training so far (evaluation and saving excluded)."""
-        return time.perf_counter() - self.started - self.paused_s
+        """Seconds spent training so far, over all starts of the run (evaluation and saving
+        excluded: the clock stands still while paused, so a checkpoint saves where it is)."""
+        now = self.paused_at if self.paused_at is not None else time.perf_counter()
+        return now - self.started - self.paused_s
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Leave the enclosed work (evaluation, saving) out of the training clock."""
-        start = time.perf_counter()
+        self.paused_at = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - start
+            self.paused_s += time.perf_counter() - self.paused_at
+            self.paused_at = None
 
     def write(self, record: dict) -> None:
         """Log one record (it must hold `step`) to every sink. A full disk stops the run
@@ -101,6 +107,12 @@ class RunLog:
         """Move the progress bar to `step` with the latest numbers."""
         self.progress.update(step - self.progress.n)
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def warn(self, line: str) -> None:
+        """One warning line on stderr from the main process, on a line of its own above the
+        progress bar."""
+        if self.accelerator.is_main_process:
+            self.progress.write(f"warning: {line}", file=sys.stderr)
 
     def close(self) -> None:
         """Flush the trackers and the progress bar."""

@@ -71,6 +71,9 @@ class LoopState:
     nonfinite_in_a_row: int = 0
     train_loss: float | None = None
     best: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0  # the training clock (RunLog.elapsed), continued by a resume
+    logged_at_s: float = 0.0  # that clock at the last log line (for tokens_per_s)
+    save_s: float = 0.0  # the longest save before this checkpoint (for train.max_time)
 
 
 def train(cfg: RunConfig, stop_flag: StopFlag | None = None) -> dict:
@@ -80,7 +83,6 @@ def train(cfg: RunConfig, stop_flag: StopFlag | None = None) -> dict:
     run = set_up(cfg)
     _write_run_files(run)
     loop = Loop.start(run, stop_flag)
-    loop.stop_if_asked_during_set_up()
     state, early_stop = loop.state, False
     run.model.train()
     try:
@@ -127,7 +129,7 @@ def _write_run_files(run: Run) -> None:
 @dataclass
 class Loop:
     """What the loop works with from step to step: the run, its state, the best evaluation
-    so far, the sums since the last log line, the log, the stop flag and two clocks."""
+    so far, the sums since the last log line, the log, the stop flag and when it last saved."""
 
     run: Run
     state: LoopState
@@ -137,7 +139,6 @@ class Loop:
     stop_flag: StopFlag
     last_save: float = field(default_factory=time.monotonic)
     saved_step: int = -1  # the step of the newest checkpoint: never saved twice
-    last_log_s: float = 0.0
 
     @classmethod
     def start(cls, run: Run, stop_flag: StopFlag) -> Loop:
@@ -146,8 +147,11 @@ class Loop:
         state, best = LoopState(), Best(run.cfg.eval_metric)
         since_log = StepSums.zeros(len(run.spec.extra_heads), run.accelerator.device)
         if run.resume_from is not None:
+            loading = time.monotonic()
             saved, ranks = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
             state = LoopState(**saved["loop"])
+            # until this process saves, a save is taken to last as long as the load did
+            stop_flag.budget.save_s = max(state.save_s, time.monotonic() - loading)
             best = Best(**state.best) if state.best else best
             since_log = restored_sums(run, [rank["since_log"] for rank in ranks])
             if run.stream is not None:
@@ -155,35 +159,28 @@ class Loop:
             if run.accelerator.is_main_process:
                 truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
                 print(f"resuming from {run.resume_from} (step {state.step})", file=sys.stderr)
-        log = RunLog(run.accelerator, run.run_dir, run.cfg, run.total_steps, state.step)
         max_time = run.cfg.train.max_time
         stop_flag.limit_time(parse_duration(max_time) if max_time else None)
         stop_flag.install()  # again: in case set-up's libraries installed handlers of their own
+        _stop_if_asked_during_set_up(run, stop_flag, state.step)
+        log = RunLog(
+            run.accelerator, run.run_dir, run.cfg, run.total_steps, state.step, state.elapsed_s
+        )
         saved_step = state.step if run.resume_from is not None else -1
         return cls(run, state, best, since_log, log, stop_flag, saved_step=saved_step)
-
-    def stop_if_asked_during_set_up(self) -> None:
-        """A signal during set-up (tokenizing, loading the model, hashing and loading the
-        checkpoint) stops the run before its first step, with nothing new to save. One
-        all-reduce, so that every process stops when any one was signalled."""
-        accelerator = self.run.accelerator
-        asked = torch.tensor([float(self.stop_flag.requested())], device=accelerator.device)
-        if accelerator.reduce(asked, "sum").item() > 0:
-            reason = self.stop_flag.reason or "a signal on another process"
-            _stop_preempted(
-                self.run, reason, f"before step {self.state.step + 1} (nothing new saved)"
-            )
 
     # --- one optimizer step, and the faults it may bring
     def step(self, batches) -> Requests:
         """Train one global batch; what any process requested (stop, save)."""
         run, state = self.run, self.state
+        started = time.monotonic()
         window = [
             to_device(next(batches), run.accelerator.device)
             for _ in range(run.plan.accumulation_steps)
         ]
         minutes = run.cfg.checkpoint.every_minutes
-        save_due = bool(minutes) and time.monotonic() - self.last_save > 60 * minutes
+        save_due = bool(minutes) and started - self.last_save > 60 * minutes
+        stop = self.stop_flag.requested(self._evaluates_after_next_step())
         result = optimizer_step(
             run.model,
             window,
@@ -192,14 +189,26 @@ class Loop:
             run.optimizer,
             run.scheduler,
             run.cfg.train.max_grad_norm,
-            Requests(stop=self.stop_flag.requested(), save=save_due),
+            Requests(stop=stop, save=save_due),
             run.class_weights,
         )
+        self.stop_flag.budget.note_step(time.monotonic() - started)
         self.since_log += result.sums
         state.step += 1
         state.step_in_epoch += 1
         self._count_fault(result.skipped)
         return result.requests
+
+    def _evaluates_after_next_step(self) -> bool:
+        """Whether the coming step is followed by an evaluation (the time budget keeps
+        room for it)."""
+        run, state = self.run, self.state
+        every = run.cfg.eval.every_steps
+        if run.validation_set is None:
+            return False
+        if every:
+            return (state.step + 1) % every == 0
+        return state.step_in_epoch + 1 == run.plan.steps_per_epoch
 
     def _count_fault(self, skipped: bool) -> None:
         """A non-finite step was skipped on every process: stop when the config says so."""
@@ -209,6 +218,10 @@ class Loop:
             return
         state.skipped_steps += 1
         state.nonfinite_in_a_row += 1
+        self.log.warn(
+            f"non-finite loss or gradient norm at step {state.step}: the update was skipped "
+            f"on all processes ({state.skipped_steps} skipped so far)"
+        )
         if cfg.on_nonfinite == "stop" or state.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
             self.checkpoint(fault=True)  # pushes no good checkpoint out (resume.rotate)
             raise TrainingFailed(
@@ -223,13 +236,13 @@ class Loop:
         if step % self.run.cfg.log.every_steps and step != self.run.total_steps:
             return
         now = self.log.elapsed()
-        record = log_record(self.run, step, self.since_log, now - self.last_log_s)
+        record = log_record(self.run, step, self.since_log, now - self.state.logged_at_s)
         record["skipped_steps"] = self.state.skipped_steps
         self.state.train_loss = record["loss"]
         self.log.write({**record, "elapsed_s": round(now, 3)})
         self.log.show(step, record["loss"], record["lr"], record["tokens_per_s"])
         self.since_log.zero_()
-        self.last_log_s = now
+        self.state.logged_at_s = now
 
     # --- evaluate and keep the best model
     def evaluate_if_due(self) -> bool:
@@ -253,6 +266,7 @@ class Loop:
         """Evaluate, save the model when it is the best; True when early stopping says stop."""
         run, state = self.run, self.state
         state.evaluated_at = state.step
+        started = time.monotonic()
         with self.log.paused():
             results = evaluate(
                 run.model,
@@ -268,6 +282,8 @@ class Loop:
             self.log.write({"step": state.step, **scalars})
             if self.best.update(results, state.step):
                 save_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "best", run.cfg)
+        budget = self.stop_flag.budget
+        budget.eval_s = max(budget.eval_s, time.monotonic() - started)
         patience = run.cfg.eval.early_stopping_patience
         return bool(patience) and self.best.stale >= patience
 
@@ -294,8 +310,10 @@ class Loop:
         """Save a checkpoint of this step, then drop the ones beyond checkpoint.keep_last.
         `fault`: saved at a stop for non-finite values, marked so that it never rotates
         the last good checkpoints out."""
-        run, state = self.run, self.state
+        run, state, budget = self.run, self.state, self.stop_flag.budget
         state.best = dataclasses.asdict(self.best)
+        state.elapsed_s, state.save_s = self.log.elapsed(), budget.save_s
+        started = time.monotonic()
         folder = checkpoint_dir(run.run_dir, state.step)
         loop = {"loop": dataclasses.asdict(state), "config": to_dict(run.cfg)}
         if fault:
@@ -305,10 +323,34 @@ class Loop:
             mine["stream"] = run.stream.state_dict()  # exact: taken after the step's last batch
         save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine)  # or TrainingFailed
         self.saved_step = state.step
+        budget.save_s = max(budget.save_s, time.monotonic() - started)
         if run.accelerator.is_main_process:
             keep = {checkpoint_dir(run.run_dir, self.best.step).resolve()}
             for old in rotate(run.run_dir, run.cfg.checkpoint.keep_last, keep):
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _stop_if_asked_during_set_up(run: Run, flag: StopFlag, step: int) -> None:
+    """A signal during set-up (tokenizing, loading the model, hashing and loading the
+    checkpoint) stops the run before its first step, with nothing new to save. One
+    all-reduce, so that every process stops when any one was signalled. A time budget
+    spent already is an error: a restart would spend it the same way, again and again."""
+    accelerator = run.accelerator
+    asked = flag.requested()
+    out_of_time = asked and flag.reason == "train.max_time"
+    mine = [float(asked and not out_of_time), float(out_of_time)]
+    flags = torch.tensor(mine, device=accelerator.device)
+    signalled, timed_out = (accelerator.reduce(flags, "sum") > 0).tolist()
+    if signalled:
+        reason = flag.reason if mine[0] else "a signal on another process"
+        _stop_preempted(run, reason, f"before step {step + 1} (nothing new saved)")
+    if timed_out:
+        budget = flag.budget
+        raise UserError(
+            f"train.max_time: {run.cfg.train.max_time} ({budget.seconds:.0f} s) "
+            f"is spent before the first step: the set-up took {budget.used_s():.1f} s "
+            f"and the stop keeps {budget.margin_s():.1f} s for a step and a save; raise it"
+        )
 
 
 def restored_sums(run: Run, saved: list[list[float]]) -> StepSums:
