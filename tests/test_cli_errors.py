@@ -74,12 +74,13 @@ def test_missing_config_file(capsys, tmp_path):
     )
 
 
-def test_global_batch_that_does_not_divide(capsys, run_config):
+def test_global_batch_that_does_not_divide(capsys, run_config, monkeypatch):
     config = run_config("classification")
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun sets it, checked before anything starts
     expect_user_error(
         capsys,
         ["train", config, "train.global_batch_size=10", "train.micro_batch_size=4"],
-        "train.global_batch_size: 10 is not divisible",
+        "train.global_batch_size: 10 is not divisible by the 3 processes",
     )
 
 

@@ -203,12 +203,19 @@ def test_data_layout_options_are_checked_against_the_task():
 # --- global batch and processes ------------------------------------------------------------
 
 
-def test_global_batch_must_divide_by_micro_batch_times_processes():
-    raw = minimal(train={"global_batch_size": 8, "micro_batch_size": 8})
-    assert build_config(raw, world_size=1).gradient_accumulation_steps(1) == 1
-    message = error_of(raw, world_size=2)
-    assert "train.global_batch_size: 8 is not divisible by" in message
-    assert "8 x 2" in message
+def test_the_micro_batch_is_the_most_per_forward_and_fits_the_processes():
+    """A recipe's micro batch 16 runs on 2 and on 16 processes; 3 can't share 48 + 1."""
+    raw = minimal(train={"global_batch_size": 16, "micro_batch_size": 16})
+    assert build_config(raw, world_size=1).train.micro_batch_size == 16
+    cfg = build_config(raw, world_size=2)
+    assert (cfg.train.micro_batch_size, cfg.gradient_accumulation_steps(2)) == (8, 1)
+    assert build_config(raw, world_size=16).train.micro_batch_size == 1
+    raw = minimal(train={"global_batch_size": 48, "micro_batch_size": 5})
+    cfg = build_config(raw, world_size=2)  # 24 each: 4 x 6 micro-batches, not 5 (no fit)
+    assert (cfg.train.micro_batch_size, cfg.gradient_accumulation_steps(2)) == (4, 6)
+    raw = minimal(train={"global_batch_size": 49, "micro_batch_size": 7})
+    message = error_of(raw, world_size=3)
+    assert "train.global_batch_size: 49 is not divisible by the 3 processes" in message
 
 
 def test_gradient_accumulation_is_derived_from_the_global_batch():
@@ -222,8 +229,8 @@ def test_gradient_accumulation_is_derived_from_the_global_batch():
 
 def test_world_size_comes_from_the_environment(monkeypatch):
     raw = minimal(train={"global_batch_size": 12, "micro_batch_size": 4})
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="4 x 2"):
+    monkeypatch.setenv("WORLD_SIZE", "5")
+    with pytest.raises(UserError, match="by the 5 processes"):
         build_config(raw)
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert build_config(raw).gradient_accumulation_steps(3) == 1

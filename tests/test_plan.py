@@ -387,7 +387,7 @@ def test_double_activation_checkpointing(capsys, run_config, tmp_path):
 
 
 def test_every_problem_in_one_line(capsys, run_config, tmp_path):
-    config = run_config("classification")  # global batch 8: not divisible by 4 x 8
+    config = run_config("classification", train={"global_batch_size": 12})  # 8 processes
     line = expect_user_error_line(
         capsys,
         [

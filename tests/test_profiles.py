@@ -56,7 +56,7 @@ def test_a_wheel_ships_the_profiles_and_finds_them_by_name(tmp_path):
     build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     built = subprocess.run([*build, "-w", wheel_dir, source], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = wheel_dir.glob("trainer-*.whl")
+    (wheel,) = wheel_dir.glob("steadytrain-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert {f"launch/clusters/{name}.yaml" for name in SHIPPED} <= set(archive.namelist())
         archive.extractall(site)

@@ -20,6 +20,7 @@ import yaml
 
 from trainer.durations import parse_duration
 from trainer.errors import UserError
+from trainer.global_batch import fit_micro_batch
 from trainer.input_checks import check_inputs
 from trainer.security import redact, untrusted_resume
 from trainer.tasks import tag_schemes
@@ -187,7 +188,7 @@ class TrainConfig:
     epochs: int = _field(3, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _field(0, "Optimizer steps to run; 0 means use epochs.")
     global_batch_size: int = _field(32, "Examples per optimizer step, over all processes.")
-    micro_batch_size: int = _field(8, "Examples per forward pass on one process.")
+    micro_batch_size: int = _field(8, "Most examples per forward pass on one process.")
     lr: float = _field(5e-5, "Peak learning rate.")
     weight_decay: float = _field(0.01, "AdamW weight decay (never on biases and norm weights).")
     warmup_ratio: float = _field(0.1, "Share of the steps spent warming the LR up from 0.")
@@ -420,12 +421,10 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
         errors.append("data.train: required (a data file or a hub dataset name)")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         errors.append("train.epochs: set train.epochs or train.max_steps above 0")
-    per_step = cfg.train.micro_batch_size * world_size
-    if per_step > 0 and cfg.train.global_batch_size % per_step:
-        errors.append(
-            f"train.global_batch_size: {cfg.train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {world_size}"
-        )
+    train = cfg.train  # its micro_batch_size is the most per forward pass
+    train.micro_batch_size = fit_micro_batch(
+        train.global_batch_size, train.micro_batch_size, world_size, errors
+    )
     if cfg.peft.method == "qlora" and cfg.model.from_scratch:
         errors.append("peft.method: qlora quantizes pretrained weights; not with from_scratch")
     if cfg.model.dtype == "fp16" and cfg.peft.method == "none":

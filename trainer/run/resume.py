@@ -43,6 +43,7 @@ SAFE_TO_CHANGE = frozenset(
         "train.resume",
         "train.resume_trusted",
         "train.max_time",
+        "train.micro_batch_size",  # memory and speed only (trainer/global_batch.py)
         "train.on_nonfinite",
         "train.max_nonfinite_in_a_row",
         "train.collective_timeout",
