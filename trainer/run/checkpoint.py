@@ -7,10 +7,10 @@ save never leaves a half-written `best/` or `final/` behind, and the previous on
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -20,11 +20,15 @@ from transformers import PreTrainedTokenizerBase
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml
 from trainer.errors import UserError
-from trainer.model import adapters
-from trainer.model.saved import RUN_CONFIG_NAME
+from trainer.model import adapters, labelled_base
+from trainer.model.saved import CHECKPOINT_MODEL, RUN_CONFIG_NAME
 from trainer.run.resume import sync_tree, write_commit
 
-TRAINER_STATE_NAME = "trainer_state.json"
+if TYPE_CHECKING:
+    from trainer.run.setup import Run
+
+LOOP_STATE_NAME = "loop_state.json"  # not HF Trainer's trainer_state.json: another schema
+OLD_STATE_NAME = "trainer_state.json"  # what checkpoints were written with before
 SCHEDULER_NAME = "scheduler.pt"
 
 
@@ -69,11 +73,15 @@ def save_model(
     tokenizer: PreTrainedTokenizerBase,
     target: Path,
     cfg: RunConfig,
+    home: Path | None = None,
 ) -> None:
     """Save weights (safetensors), tokenizer and run config so that
     `AutoModelFor*.from_pretrained(target)` and `pipeline(...)` load it on one device.
     `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); the
-    names lose torch.compile's `_orig_mod.` so the folder loads into an uncompiled model."""
+    names lose torch.compile's `_orig_mod.` so the folder loads into an uncompiled model.
+    An adapter gets `base/` (trainer/model/labelled_base.py), through which pipeline and
+    peft's loaders build the base with the run's labels; `home`: where `target` will be
+    once renamed (a checkpoint's model/ is written inside step-N.partial), for its path."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         state_dict = {name.removeprefix(COMPILED_PREFIX): t for name, t in state_dict.items()}
@@ -81,26 +89,16 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if adapters.is_peft_model(unwrapped):
-            _save_base_config(unwrapped.get_base_model(), tmp)
         tokenizer.save_pretrained(tmp)
+        if adapters.is_peft_model(unwrapped):
+            labelled_base.write(unwrapped, tokenizer, tmp, home or target)
         (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
         _replace(tmp, target)
     accelerator.wait_for_everyone()
 
 
-def _save_base_config(base, folder: Path) -> None:
-    """Next to an adapter: the base's config with the label names and the head class, so
-    that the task and labels of the folder are known without loading the base."""
-    config = copy.deepcopy(base.config)
-    config.architectures = [type(base).__name__]
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the base is quantized again when loaded
-    config.save_pretrained(folder)
-
-
 def save_checkpoint(
-    accelerator: Accelerator, folder: Path, scheduler, state: dict, rank_state: dict
+    accelerator: Accelerator, folder: Path, scheduler, state: dict, rank_state: dict, run: Run
 ) -> None:
     """Everything needed to continue exactly: model (or adapter), optimizer, grad scaler and
     per-process RNG states through Accelerate (weights as safetensors), the LR scheduler,
@@ -108,19 +106,22 @@ def save_checkpoint(
     sums (`rank_state`), with the process count and backend that wrote it. Written to
     `step-N.partial`, committed (manifest last, after every process finished), then
     renamed: a crash at any point leaves no folder that resume would trust, and the
-    previous checkpoint untouched."""
+    previous checkpoint untouched. `model/` holds the model as final/ does (`save_model`
+    of `run`), so `trainer evaluate` and `trainer export --checkpoint` open it mid-run."""
     partial = folder.with_name(folder.name + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), safe_serialization=True)
+    model = partial / CHECKPOINT_MODEL
+    save_model(accelerator, run.model, run.tokenizer, model, run.cfg, folder / CHECKPOINT_MODEL)
     rank = accelerator.process_index
     (partial / f"trainer_rank_{rank}.json").write_text(json.dumps(rank_state))
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), partial / SCHEDULER_NAME)
         layout = {"processes": accelerator.num_processes, "backend": backend_of(accelerator)}
-        (partial / TRAINER_STATE_NAME).write_text(json.dumps({**state, **layout}, indent=1))
+        (partial / LOOP_STATE_NAME).write_text(json.dumps({**state, **layout}, indent=1))
     # Each process flushes what its node wrote (on one node the first fsync does the work,
     # the others find the pages clean), so the marker never lands before the data.
     sync_tree(partial)
@@ -130,6 +131,23 @@ def save_checkpoint(
         partial.rename(folder)
         atomic.sync_directory(folder.parent)  # durable before rotation deletes older ones
     accelerator.wait_for_everyone()
+
+
+def read_loop_state(folder: Path) -> dict:
+    """The loop state a checkpoint was saved with."""
+    path = folder / LOOP_STATE_NAME
+    if not path.is_file():  # a checkpoint from before the rename still resumes
+        path = folder / OLD_STATE_NAME
+    return json.loads(path.read_text())
+
+
+def promote_best(run_dir: Path) -> None:
+    """best/ becomes final/, by one rename; an adapter in it names final/base as its base
+    first (a kill between the two leaves best/ to promote again: setup._complete_finish)."""
+    best, final = run_dir / "best", run_dir / "final"
+    labelled_base.moving(best, final)
+    best.rename(final)
+    atomic.sync_directory(run_dir)
 
 
 def backend_of(accelerator: Accelerator) -> str:
@@ -145,7 +163,7 @@ def backend_of(accelerator: Accelerator) -> str:
 def saved_layout(folder: Path) -> tuple[int, str | None]:
     """(processes, backend) that wrote the checkpoint. Checkpoints from before both were
     recorded: the count of their per-process files, and no backend."""
-    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    state = read_loop_state(folder)
     if "processes" in state:
         return state["processes"], state["backend"]
     return len(list(folder.glob("trainer_rank_*.json"))), None
@@ -180,7 +198,7 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, scheduler) -> tuple[
     pickles: a checkpoint from elsewhere needs train.resume_trusted (trainer.security)."""
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
-    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    state = read_loop_state(folder)
     processes, _ = saved_layout(folder)
     if processes != accelerator.num_processes:
         # Accelerate restored its micro-batch counter (a window ends at each multiple of

@@ -21,7 +21,7 @@ import torch
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, to_dict
 from trainer.durations import parse_duration
-from trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model
+from trainer.run.checkpoint import load_checkpoint, promote_best, save_checkpoint, save_model
 from trainer.run.evaluation import evaluate
 from trainer.run.forward import to_device
 from trainer.run.records import finite
@@ -283,7 +283,7 @@ class Loop:
         if run.stream is not None:
             mine["stream"] = run.stream.state_dict()  # exact: taken after the step's last batch
         try:
-            save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine)
+            save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine, run)
         except OSError as err:
             raise TrainingFailed(
                 f"could not write checkpoint {folder}: {err.strerror or err}; "
@@ -371,7 +371,6 @@ def _finish(run: Run, best: Best, state: LoopState) -> dict:
     if not from_best:
         save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
     elif accelerator.is_main_process:
-        (run.run_dir / "best").rename(run.run_dir / "final")
-        atomic.sync_directory(run.run_dir)
+        promote_best(run.run_dir)
     accelerator.wait_for_everyone()
     return results
