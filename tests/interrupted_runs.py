@@ -68,7 +68,7 @@ def final_weights(run_dir: Path) -> dict:
 
 def loop_state(run_dir: Path, step: int) -> dict:
     """The loop's counters saved in the checkpoint of `step`."""
-    return json.loads((checkpoint_dir(run_dir, step) / "trainer_state.json").read_text())["loop"]
+    return json.loads((checkpoint_dir(run_dir, step) / "loop_state.json").read_text())["loop"]
 
 
 def saved_steps(run_dir: Path) -> list[int]:

@@ -50,20 +50,26 @@ def sample_batch(tokenizer) -> dict[str, torch.Tensor]:
 
 def test_lora_parameter_count_is_r_times_d_plus_k(tiny_bert, bert_tokenizer):
     """BERT default targets are query and value (32x32 in the tiny model, 2 layers): each
-    adds r*(d+k) = 8*(32+32); the classifier (32*2 + 2) trains in full next to them."""
+    adds r*(d+k) = 8*(32+32); the classifier (32*2 + 2) trains in full next to them, and so
+    does the pooler (32x32 + 32), which the MLM checkpoint lacks: drawn at random on load,
+    it must be saved with the adapter for other tools to load the same model."""
     model = tiny_classifier(tiny_bert, bert_tokenizer)
     model = attach_adapter(model, PeftConfig(method="lora", r=8), CLASSIFICATION, False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2)
+    assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2) + (32 * 32 + 32)
+    assert "bert.pooler.dense" in model.peft_config["default"].modules_to_save
 
 
 def test_more_modules_to_save_add_to_the_head(tiny_bert, bert_tokenizer):
-    """peft.options.modules_to_save trains BERT's pooler (32x32 + 32) next to the head."""
+    """peft.options.modules_to_save trains the embeddings' LayerNorm (2 x 32) next to the
+    head and the pooler; naming the pooler again does not count it twice."""
     model = tiny_classifier(tiny_bert, bert_tokenizer)
-    cfg = PeftConfig(method="lora", r=8, options={"modules_to_save": ["pooler"]})
-    model = attach_adapter(model, cfg, CLASSIFICATION, False)
+    extra = {"modules_to_save": ["embeddings.LayerNorm", "pooler"]}
+    model = attach_adapter(
+        model, PeftConfig(method="lora", r=8, options=extra), CLASSIFICATION, False
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2) + (32 * 32 + 32)
+    assert trainable == 2 * 2 * 8 * (32 + 32) + (32 * 2 + 2) + (32 * 32 + 32) + 2 * 32
 
 
 def test_all_linear_targets_every_linear_layer(tiny_bert, bert_tokenizer):
@@ -73,7 +79,7 @@ def test_all_linear_targets_every_linear_layer(tiny_bert, bert_tokenizer):
     # per layer: q, k, v, attention output (32x32 each), intermediate 32->64, output 64->32
     per_layer = 4 * 4 * (32 + 32) + 4 * (32 + 64) * 2
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    assert lora == 2 * per_layer + 4 * (32 + 32)  # and BERT's pooler (32x32)
+    assert lora == 2 * per_layer  # not the pooler, new in this checkpoint: it trains in full
 
 
 def test_unknown_lora_option_is_a_user_error(tiny_bert, bert_tokenizer):
@@ -117,7 +123,9 @@ def test_adapter_folder_is_a_small_fraction_of_the_model(tmp_path, tiny_models_b
     assert cli("train", config) == 0
     adapter = (tmp_path / "run" / "final" / "adapter_model.safetensors").stat().st_size
     full = (tiny_models_by_task["bert"] / "model.safetensors").stat().st_size
-    assert adapter < 0.1 * full
+    # 11% here: the tiny model's pooler (saved with the adapter: the base lacks it) weighs
+    # 32x32 of its ~32k parameters; in a BERT-base it is 0.5% of the weights
+    assert adapter < 0.15 * full
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["peft"] == "lora"
     assert 0 < summary["trainable_share"] < 0.1

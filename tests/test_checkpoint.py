@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from conftest import read_metrics
 from interrupted_runs import assert_same_tensors, cli, comparable, final_weights, saved_steps
+from safetensors import safe_open
 
 import trainer.run.checkpoint
-from trainer.run.resume import COMMIT_NAME, checkpoint_dir, problem_with, rotate, write_commit
+from trainer.run.resume import (
+    COMMIT_NAME,
+    LOOP_STATE_NAME,
+    checkpoint_dir,
+    problem_with,
+    rotate,
+    write_commit,
+)
 
 # --- a crash while saving ------------------------------------------------------------------
 
@@ -118,4 +129,97 @@ def test_rotation_in_a_run_keeps_the_last_two_and_the_best(run_config, tmp_path,
     assert best_step < 5, "the test needs the best evaluation before the last two steps"
     assert saved_steps(run_dir) == sorted({best_step, 5, 6})
     assert all(problem_with(checkpoint_dir(run_dir, s)) is None for s in saved_steps(run_dir))
+    assert not list((run_dir / "checkpoints").glob("*.partial"))
+
+
+# --- model/ of a checkpoint -----------------------------------------------------------------
+
+
+def _tensors(path: Path) -> dict:
+    with safe_open(path, "pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("task", ["classification", "clm"])  # BERT; GPT-2's tied lm_head
+def test_a_full_runs_checkpoint_stores_its_weights_once_and_evaluates_as_final(
+    run_config, tmp_path, capsys, task
+):
+    """model/ of a full run's checkpoint links Accelerate's weights (one inode, counted once
+    by the manifest too), which carry save_pretrained's names: the best checkpoint scores
+    exactly what final/, promoted from best/, scores."""
+    config = run_config(
+        task,
+        train={"max_steps": 4},
+        eval={"every_steps": 2, "batch_size": 16},
+        checkpoint={"every_steps": 2, "keep_last": 3, "at_epoch_end": False},
+    )
+    assert cli("train", config) == 0
+    run_dir = tmp_path / "run"
+    best_step = json.loads((run_dir / "eval_results.json").read_text())["best_step"]
+    folder = checkpoint_dir(run_dir, best_step)
+    weights, linked = folder / "model.safetensors", folder / "model" / "model.safetensors"
+    assert linked.stat().st_ino == weights.stat().st_ino and weights.stat().st_nlink == 2
+    files = [p.stat() for p in folder.rglob("*") if p.is_file()]
+    stored = {f.st_ino: f.st_size for f in files}  # what the disk holds: each inode once
+    assert sum(stored.values()) == sum(f.st_size for f in files) - weights.stat().st_size
+    final, saved = _tensors(run_dir / "final" / "model.safetensors"), _tensors(linked)
+    assert saved.keys() == final.keys()
+    assert all(torch.equal(saved[name], final[name]) for name in final)
+    assert problem_with(folder) is None
+    validation = yaml.safe_load(config.read_text())["data"]["validation"]
+    capsys.readouterr()
+    scores = []
+    for model in (folder, run_dir / "final"):
+        assert cli("evaluate", model, "--data", validation) == 0
+        scores.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert scores[0] == scores[1]
+
+
+@pytest.mark.parametrize(
+    ("backend", "way_out"),
+    [("deepspeed", "zero_to_fp32.py"), ("fsdp", "format_utils dcp_to_torch")],
+)
+def test_a_sharded_full_checkpoint_names_the_way_out(
+    run_config, tmp_path, capsys, backend, way_out
+):
+    """A full model under ZeRO / FSDP is saved only in its shards (no model/): evaluate and
+    export say so in one line and name the backend's tool that gathers them."""
+    folder = checkpoint_dir(tmp_path / "run", 2)
+    folder.mkdir(parents=True)
+    state = {"loop": {"step": 2}, "config": {}, "processes": 2, "backend": backend}
+    (folder / LOOP_STATE_NAME).write_text(json.dumps(state))
+    validation = yaml.safe_load(run_config("classification").read_text())["data"]["validation"]
+    capsys.readouterr()
+    assert cli("evaluate", folder, "--data", validation) == 2
+    assert cli("export", tmp_path / "run", "--checkpoint", "2", "--out", tmp_path / "x") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in lines
+    for key, line in zip(("MODEL_DIR", "RUN_DIR"), lines, strict=True):
+        assert line.startswith(f"error: {key}: checkpoint {folder} has no model/: "), line
+        assert way_out in line and "open final/ once the run ends" in line
+
+
+def test_a_full_disk_while_linking_the_weights_stops_cleanly(run_config, tmp_path, capsys):
+    """The write of model/ is covered like the rest of the checkpoint: refused (ENOSPC at the
+    link of step 4), the run stops with exit 3, step-4.partial is gone, step 2 stays whole."""
+    config = run_config(
+        "classification",
+        data={"validation": None},
+        train={"max_steps": 6},
+        checkpoint={"every_steps": 2, "at_epoch_end": False},
+    )
+    real_link = os.link
+
+    def link(source, target):
+        if "step-00000004" in str(source):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_link(source, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "link", link)
+        assert cli("train", config) == 3
+    run_dir = tmp_path / "run"
+    err = capsys.readouterr().err
+    assert f"could not write checkpoint {checkpoint_dir(run_dir, 4)}: No space left" in err
+    assert saved_steps(run_dir) == [2] and problem_with(checkpoint_dir(run_dir, 2)) is None
     assert not list((run_dir / "checkpoints").glob("*.partial"))

@@ -22,8 +22,8 @@ from interrupted_runs import cli, final_weights, saved_steps, stop_in_process, s
 
 from launch.job import accelerate_command, resolve_job, write_launch_files
 from trainer.errors import UserError
-from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout
-from trainer.run.resume import checkpoint_dir, write_commit
+from trainer.run.checkpoint import check_layout
+from trainer.run.resume import LOOP_STATE_NAME, checkpoint_dir, write_commit
 from trainer.run.step import StepSums
 from trainer.run.stop import EXIT_PREEMPTED
 from trainer.run.train import restored_sums
@@ -153,9 +153,10 @@ def test_fsdp_resumes_on_another_process_count(
     )
     reference = tmp_path / "reference"
     launched(config, tmp_path, saved_on, reference, 29430 + saved_on)
-    saved = json.loads((checkpoint_dir(reference, STOP_AT) / TRAINER_STATE_NAME).read_text())
+    saved = json.loads((checkpoint_dir(reference, STOP_AT) / LOOP_STATE_NAME).read_text())
     assert (saved["processes"], saved["backend"]) == (saved_on, "fsdp")
     assert (checkpoint_dir(reference, STOP_AT) / "pytorch_model_fsdp_0").is_dir()  # DCP shards
+    assert not (checkpoint_dir(reference, STOP_AT) / "model").exists()  # not gathered to save
     run_dir = stopped_copy(reference, tmp_path / "run", STOP_AT)
     launched(config, tmp_path, resumed_on, run_dir, 29440 + resumed_on)
     summary = json.loads((run_dir / "run_summary.json").read_text())
@@ -201,7 +202,7 @@ def test_the_unlogged_sums_of_every_saving_process_are_kept():
 def saved_checkpoint(folder: Path, processes: int, backend: str) -> Path:
     folder.mkdir()
     state = {"loop": {}, "config": {}, "processes": processes, "backend": backend}
-    (folder / TRAINER_STATE_NAME).write_text(json.dumps(state))
+    (folder / LOOP_STATE_NAME).write_text(json.dumps(state))
     return folder
 
 
@@ -242,10 +243,10 @@ def test_a_change_of_backend_is_refused_in_one_line(run_config, tmp_path, capfd)
     config = run_config("mlm", data={"validation": None}, train={"max_steps": 6})
     assert stop_in_process(config, 2) == EXIT_PREEMPTED
     folder = checkpoint_dir(tmp_path / "run", 2)
-    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    state = json.loads((folder / LOOP_STATE_NAME).read_text())
     assert (state["processes"], state["backend"]) == (1, "ddp")
     state["backend"] = "fsdp"  # as if an FSDP run had written it
-    (folder / TRAINER_STATE_NAME).write_text(json.dumps(state))
+    (folder / LOOP_STATE_NAME).write_text(json.dumps(state))
     (folder / "COMMIT.json").unlink()
     write_commit(folder)
     capfd.readouterr()

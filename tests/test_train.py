@@ -439,7 +439,7 @@ def test_checkpoints_and_tensorboard(run_config, tmp_path):
     run_dir = tmp_path / "run"
     for step in (2, 4):
         folder = run_dir / "checkpoints" / f"step-{step:08d}"
-        state = json.loads((folder / "trainer_state.json").read_text())
+        state = json.loads((folder / "loop_state.json").read_text())
         assert state["loop"]["step"] == step
         assert (folder / "COMMIT.json").is_file()
     assert [r["step"] for r in read_metrics(run_dir)] == [2, 4]

@@ -134,7 +134,7 @@ def _export(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from trainer.commands.export import export
 
-    print(json.dumps(export(args.run_dir, args.out, args.merge)))
+    print(json.dumps(export(args.run_dir, args.out, args.merge, args.checkpoint)))
     return 0
 
 
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a run directory or its final/ adapter folder")
     export.add_argument("--out", required=True, help="folder to write (must not exist)")
     export.add_argument("--merge", action="store_true", help="merge into a standalone model")
+    export.add_argument(
+        "--checkpoint", help="export checkpoints/step-N of RUN_DIR (step-N or N), even mid-run"
+    )
     export.set_defaults(run=_export)
     report = commands.add_parser("report", help="plots and report.md of a run directory")
     report.add_argument("run_dir", help="a run directory (finished or still training)")

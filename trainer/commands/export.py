@@ -15,14 +15,16 @@ import torch
 
 from trainer.config import RunConfig, dump_yaml
 from trainer.errors import UserError
-from trainer.model import adapters, dtypes
+from trainer.model import adapters, dtypes, labelled_base
 from trainer.model.load import load_model, load_tokenizer
 from trainer.model.saved import RUN_CONFIG_NAME, SavedModel
+from trainer.run.resume import CHECKPOINTS, checkpoint_dir
 from trainer.security import umask_modes
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "config.json")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+OLD_CONFIG = "config.json"  # next to adapters saved before base/ (labelled_base.py)
 SAMPLE_TEXTS = (
     "The results were better than anyone expected.",
     "She moved to Berlin in 2019 to work for a small startup.",
@@ -32,10 +34,21 @@ SAMPLE_TEXTS = (
 TOLERANCE = {"no": 1e-4, "bf16": 5e-2, "fp16": 1e-2}
 
 
-def _saved_adapter(run_or_model_dir: str) -> SavedModel:
+def _source_folder(run_or_model_dir: str, checkpoint: str | None) -> Path:
+    """The folder to export: the run's final/, or with `checkpoint` (step-N or N) the model
+    of that checkpoint, which a running or stopped run already has."""
     folder = Path(run_or_model_dir)
-    if (folder / "final").is_dir():
-        folder = folder / "final"
+    if checkpoint is None:
+        return folder / "final" if (folder / "final").is_dir() else folder
+    step = checkpoint.removeprefix("step-")
+    found = checkpoint_dir(folder, int(step)) if step.isdigit() else None
+    if found is None or not found.is_dir():
+        raise UserError(f"--checkpoint: no checkpoint {checkpoint} in {folder / CHECKPOINTS}")
+    return found  # SavedModel.read opens its model/, or says why it has none
+
+
+def _saved_adapter(run_or_model_dir: str, checkpoint: str | None = None) -> SavedModel:
+    folder = _source_folder(run_or_model_dir, checkpoint)
     saved = SavedModel.read(folder, "RUN_DIR")
     if not saved.is_adapter:
         raise UserError(f"RUN_DIR: {run_or_model_dir} holds no LoRA/QLoRA adapter to export")
@@ -75,9 +88,9 @@ def _merged(saved: SavedModel, cfg: RunConfig, spec: TaskSpec, tokenizer) -> tor
     return adapters.load_adapter(base, saved.folder).merge_and_unload()
 
 
-def export(run_or_model_dir: str, out: str, merge: bool) -> dict:
+def export(run_or_model_dir: str, out: str, merge: bool, checkpoint: str | None = None) -> dict:
     """Write the adapter (clean copy) or the merged model to `out`; returns a summary."""
-    saved = _saved_adapter(run_or_model_dir)
+    saved = _saved_adapter(run_or_model_dir, checkpoint)
     target = Path(out)
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out: {out} exists and is not empty")
@@ -109,8 +122,10 @@ def export(run_or_model_dir: str, out: str, merge: bool) -> dict:
         cfg.peft.method = "none"
         summary["max_logit_difference"] = difference
     else:
-        for name in ADAPTER_FILES:
-            shutil.copy2(saved.folder / name, tmp / name)
+        for name in (*ADAPTER_FILES, OLD_CONFIG):
+            if (saved.folder / name).is_file():
+                shutil.copy2(saved.folder / name, tmp / name)
+        labelled_base.copy_to(saved.folder, tmp, target)
     tokenizer.save_pretrained(tmp)
     cfg.model.name_or_path = str(target.resolve())
     (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))

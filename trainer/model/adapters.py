@@ -97,6 +97,31 @@ def default_target_modules(model: torch.nn.Module) -> list[str] | str:
     return list(targets) if targets else "all-linear"
 
 
+NEW_MODULES = "_trainer_new_modules"  # on a loaded model: the modules its checkpoint lacked
+
+
+def record_new_modules(model: torch.nn.Module, missing_keys) -> None:
+    """Remember the modules whose parameters the checkpoint lacked (transformers drew them
+    at random), for `attach_adapter`."""
+    parameters = dict(model.named_parameters())
+    modules = {key.rsplit(".", 1)[0] for key in missing_keys if key in parameters}
+    setattr(model, NEW_MODULES, sorted(modules))
+
+
+def _new_modules_to_save(model: torch.nn.Module, to_save: list[str]) -> list[str]:
+    """Modules drawn at random on load (e.g. the pooler of a BERT saved without one) that no
+    entry of `to_save` covers yet: frozen under LoRA and left out of the adapter, they would
+    be drawn again, differently, by every tool that loads the adapter onto its base. Trained
+    and saved in full instead. peft matches `modules_to_save` as endings of module names."""
+    found = []
+    for name in getattr(model, NEW_MODULES, ()):
+        parts = name.split(".")
+        scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+        if not any(scope.endswith(entry) for scope in scopes for entry in to_save):
+            found.append(name)
+    return found
+
+
 def attach_adapter(
     model: torch.nn.Module,
     cfg: PeftConfig,
@@ -121,6 +146,10 @@ def attach_adapter(
     options = dict(cfg.options)
     # the task head always trains in full; peft.options may add more (e.g. BERT's pooler)
     to_save = [*spec.modules_to_save, *(options.pop("modules_to_save", None) or [])]
+    new = _new_modules_to_save(model, to_save)
+    if new:  # a module trained in full is not also a LoRA target (all-linear would take it)
+        options["exclude_modules"] = [*(options.get("exclude_modules") or []), *new]
+        to_save += new
     try:
         lora = LoraConfig(
             task_type=spec.peft_task_type,

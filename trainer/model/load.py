@@ -38,7 +38,8 @@ def _source(cfg: ModelConfig) -> str:
     if path.is_file():
         raise UserError(f"model.name_or_path: {name} is a file; name the model folder")
     if path.exists():
-        if not (path / "config.json").is_file():
+        # an adapter folder (no config.json of its own) is read for its tokenizer
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
             raise UserError(f"model.name_or_path: {name} has no config.json (not a model folder)")
         return str(path.resolve())  # absolute: an adapter saved from it must find it again
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
@@ -201,7 +202,7 @@ def load_model(
         if dtype != "auto":
             model.to(dtypes.to_torch(dtype))
     else:
-        model = _loading(
+        model, info = _loading(
             "weights",
             cfg.name_or_path,
             lambda: auto_class.from_pretrained(
@@ -211,10 +212,12 @@ def load_model(
                 ignore_mismatched_sizes=label_names is not None,
                 **_revision(cfg),
                 dtype=dtypes.to_torch(dtype),
+                output_loading_info=True,
                 **_quantized_loading(quantization),
                 **attention,
             ),
         )
+        adapters.record_new_modules(model, info["missing_keys"])
         if quantization is not None:
             adapters.keep_4bit_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -2,9 +2,10 @@
 QLoRA adapter with its heads), a folder `trainer export` wrote, or any Hugging Face model
 folder. `trainer evaluate`, `trainer predict` and `trainer export` all start here.
 
-Reading parses `config.json` (architectures, label names), the run config the model was
-trained with (`trainer_config.yaml`, absent from a plain Hugging Face folder) and, for an
-adapter, `adapter_config.json` (its base), each once; loading reuses what was read.
+Reading parses `config.json` (architectures, label names; an adapter's is in its `base/`,
+trainer/model/labelled_base.py), the run config the model was trained with
+(`trainer_config.yaml`, absent from a plain Hugging Face folder) and, for an adapter,
+`adapter_config.json` (its base), each once; loading reuses what was read.
 """
 
 from __future__ import annotations
@@ -19,15 +20,39 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from trainer.config import ModelConfig, PeftConfig, RunConfig, build_config
 from trainer.errors import UserError
-from trainer.model import adapters, dtypes
+from trainer.model import adapters, dtypes, labelled_base
+from trainer.model.labelled_base import BASE_DIR
 from trainer.model.load import load_model
+from trainer.run.resume import loop_state_file, read_loop_state
 from trainer.tasks.registry import TASKS, task_of_architectures
 from trainer.tasks.spec import TaskSpec
 from trainer.yaml_sections import apply_overrides, read_yaml
 
 RUN_CONFIG_NAME = "trainer_config.yaml"  # inside a saved model: how it was trained
+CHECKPOINT_MODEL = "model"  # inside checkpoints/step-N/: the model, saved as final/ is
 ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_ADAPTER = "default"  # the name a folder's own adapter gets (peft's default name)
+
+
+def _no_checkpoint_model(checkpoint: Path, key: str) -> str:
+    """Why checkpoint `checkpoint` has no model/ to open, and the way out: a full model
+    under ZeRO / FSDP is saved only in its shards (trainer/run/checkpoint.py), which the
+    backends' own tools gather into one state dict."""
+    backend = read_loop_state(checkpoint).get("backend")
+    where = f"{key}: checkpoint {checkpoint} has no model/"
+    if backend == "deepspeed":
+        return (
+            f"{where}: its weights are DeepSpeed ZeRO partitions; gather them with DeepSpeed's "
+            f"zero_to_fp32.py (python {checkpoint}/pytorch_model/zero_to_fp32.py "
+            f"{checkpoint} OUT --safe_serialization), or open final/ once the run ends"
+        )
+    if backend == "fsdp":
+        return (
+            f"{where}: its weights are FSDP's torch.distributed.checkpoint (DCP) shards; gather "
+            "them with python -m torch.distributed.checkpoint.format_utils dcp_to_torch "
+            f"{checkpoint}/pytorch_model_fsdp_0 OUT.pt, or open final/ once the run ends"
+        )
+    return f"{where} (saved before checkpoints held one); open final/ or a newer checkpoint"
 
 
 @dataclass
@@ -35,7 +60,7 @@ class SavedModel:
     """What a model folder holds, parsed once."""
 
     folder: Path
-    config: PretrainedConfig  # config.json (next to an adapter: the base's, with the labels)
+    config: PretrainedConfig  # config.json (of an adapter: base/'s, with the labels)
     trained_with: dict  # the run config it was trained with; {} for a plain HF folder
     adapter: dict | None  # adapter_config.json of a LoRA/QLoRA folder
 
@@ -43,9 +68,15 @@ class SavedModel:
     def read(cls, folder: str | Path, key: str = "MODEL_DIR") -> SavedModel:
         """Read a folder; `key` names the option that gave it, in messages."""
         path = Path(folder)
-        if not (path / "config.json").is_file():
+        if (path / CHECKPOINT_MODEL).is_dir():  # a checkpoint: its model, as final/ holds it
+            path = path / CHECKPOINT_MODEL
+        elif loop_state_file(path) is not None:
+            raise UserError(_no_checkpoint_model(path, key))
+        # an adapter's config with its labels is in base/ (before base/: next to it)
+        config_folder = path / BASE_DIR if (path / BASE_DIR / "config.json").is_file() else path
+        if not (config_folder / "config.json").is_file():
             raise UserError(f"{key}: {folder} is not a model folder (no config.json)")
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(config_folder)
         trained_with = (
             read_yaml(path / RUN_CONFIG_NAME) if (path / RUN_CONFIG_NAME).is_file() else {}
         )
@@ -71,8 +102,11 @@ class SavedModel:
 
     @property
     def base(self) -> str | None:
-        """The base model an adapter was trained on (hub id or folder)."""
-        return self.adapter["base_model_name_or_path"] if self.adapter else None
+        """The base model an adapter was trained on (hub id or folder): the original that
+        base/ stands in for, so that adapters of one base are known as such."""
+        if self.adapter is None:
+            return None
+        return labelled_base.original(self.folder) or self.adapter["base_model_name_or_path"]
 
     @property
     def base_revision(self) -> str | None:
@@ -142,9 +176,9 @@ class SavedModel:
     ) -> torch.nn.Module:
         """The model: a full one as saved, or an adapter on its base (`base`, or the one
         recorded), quantized again for QLoRA, with the heads saved next to the adapter.
-        Base weights missing from the base checkpoint (e.g. the pooler of an MLM-only BERT)
-        are frozen under LoRA and not saved: `seed`, the run's, draws them again exactly as
-        in training. `model_dtype`: the run's model.dtype (trainer/model/dtypes.py)."""
+        Modules missing from the base checkpoint (e.g. the pooler of an MLM-only BERT) are
+        saved with the adapter too; `seed`, the run's, redraws them only for adapters saved
+        before they were. `model_dtype`: the run's model.dtype (trainer/model/dtypes.py)."""
         method = peft.method if self.is_adapter else "none"
         dtype = dtypes.base_dtype(model_dtype, method, precision)
         if not self.is_adapter:

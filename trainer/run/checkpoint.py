@@ -7,11 +7,12 @@ save never leaves a half-written `best/` or `final/` behind, and the previous on
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -21,11 +22,15 @@ from transformers import PreTrainedTokenizerBase
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml
 from trainer.errors import TrainingFailed, UserError
-from trainer.model import adapters
-from trainer.model.saved import RUN_CONFIG_NAME
-from trainer.run.resume import TRAINER_STATE_NAME, sync_tree, write_commit
+from trainer.model import adapters, labelled_base
+from trainer.model.saved import CHECKPOINT_MODEL, RUN_CONFIG_NAME
+from trainer.run.resume import LOOP_STATE_NAME, read_loop_state, sync_tree, write_commit
+
+if TYPE_CHECKING:
+    from trainer.run.setup import Run
 
 SCHEDULER_NAME = "scheduler.pt"
+WEIGHTS_NAME = "model.safetensors"  # Accelerate's and save_pretrained's, for one model
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -69,11 +74,15 @@ def save_model(
     tokenizer: PreTrainedTokenizerBase,
     target: Path,
     cfg: RunConfig,
+    home: Path | None = None,
 ) -> None:
     """Save weights (safetensors), tokenizer and run config so that
     `AutoModelFor*.from_pretrained(target)` and `pipeline(...)` load it on one device.
     `get_state_dict` gathers the full weights when they are sharded (ZeRO-3, FSDP); the
     names lose torch.compile's `_orig_mod.` so the folder loads into an uncompiled model.
+    An adapter gets `base/` (trainer/model/labelled_base.py), through which pipeline and
+    peft's loaders build the base with the run's labels; `home`: where `target` will be
+    once renamed (a checkpoint's model/ is written inside step-N.partial), for its path.
     A full disk removes the half-written `target.tmp` and stops (TrainingFailed); the
     previous `target` stays."""
     state_dict = accelerator.get_state_dict(model)
@@ -83,17 +92,22 @@ def save_model(
         state_dict = {name.removeprefix(COMPILED_PREFIX): t for name, t in state_dict.items()}
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        reason = _attempt(target, _write_model, unwrapped, state_dict, tokenizer, tmp, cfg)
+        write = (unwrapped, state_dict, tokenizer, tmp, cfg, home or target)
+        reason = _attempt(target, _write_model, *write)
         if reason is None:
             reason = _attempt(target, _replace, tmp, target)
     _stop_if_any_failed(accelerator, str(target), reason, tmp)
 
 
-def _write_model(unwrapped, state_dict: dict, tokenizer, tmp: Path, cfg: RunConfig) -> None:
+def _write_model(
+    unwrapped, state_dict: dict, tokenizer, tmp: Path, cfg: RunConfig, home: Path
+) -> None:
+    """The files of a model folder in `tmp`, which becomes `home` (an adapter's base/ is
+    named by that path); an empty `state_dict` writes everything but the weights."""
     unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if adapters.is_peft_model(unwrapped):
-        _save_base_config(unwrapped.get_base_model(), tmp)
     tokenizer.save_pretrained(tmp)
+    if adapters.is_peft_model(unwrapped):
+        labelled_base.write(unwrapped, tokenizer, tmp, home)
     (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
 
 
@@ -127,37 +141,61 @@ def _stop_if_any_failed(
     )
 
 
-def _save_base_config(base, folder: Path) -> None:
-    """Next to an adapter: the base's config with the label names and the head class, so
-    that the task and labels of the folder are known without loading the base."""
-    config = copy.deepcopy(base.config)
-    config.architectures = [type(base).__name__]
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the base is quantized again when loaded
-    config.save_pretrained(folder)
-
-
 def save_checkpoint(
-    accelerator: Accelerator, folder: Path, scheduler, state: dict, rank_state: dict
+    accelerator: Accelerator, folder: Path, scheduler, state: dict, rank_state: dict, run: Run
 ) -> None:
     """Everything needed to continue exactly: model (or adapter), optimizer, grad scaler and
     per-process RNG states through Accelerate (weights as safetensors), the LR scheduler,
     the loop's counters (`state`, the same on every process) and this process's unlogged
-    sums (`rank_state`), with the process count and backend that wrote it. Written to
-    `step-N.partial`, committed (manifest last, after every process finished), then
-    renamed: a crash at any point leaves no folder that resume would trust, and the
-    previous checkpoint untouched. A write refused on any process (a full disk) removes
-    the partial folder and stops every process with TrainingFailed."""
+    sums (`rank_state`), with the process count and backend that wrote it; and `model/`,
+    which `trainer evaluate` and `trainer export --checkpoint` open mid-run
+    (`_write_checkpoint_model`). Written to `step-N.partial`, committed (manifest last,
+    after every process finished), then renamed: a crash at any point leaves no folder
+    that resume would trust, and the previous checkpoint untouched. A write refused on any
+    process (a full disk) removes the partial folder and stops every process with
+    TrainingFailed."""
     partial = folder.with_name(folder.name + ".partial")
+    what = f"checkpoint {folder}"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(folder, ignore_errors=True)
     accelerator.wait_for_everyone()
     reason = _attempt(folder, _write_state, accelerator, partial, scheduler, state, rank_state)
-    _stop_if_any_failed(accelerator, f"checkpoint {folder}", reason, partial)
+    _stop_if_any_failed(accelerator, what, reason, partial)
+    reason = _write_checkpoint_model(accelerator, run, partial, folder)
+    _stop_if_any_failed(accelerator, what, reason, partial)
     if accelerator.is_main_process:
         reason = _attempt(folder, _commit, partial, folder)
-    _stop_if_any_failed(accelerator, f"checkpoint {folder}", reason, partial)
+    _stop_if_any_failed(accelerator, what, reason, partial)
+
+
+def _write_checkpoint_model(
+    accelerator: Accelerator, run: Run, partial: Path, folder: Path
+) -> str | None:
+    """`partial/model/`, a model folder like final/, at what it costs on top of the state
+    just saved: an adapter in full (a few MB; gathered from every process first, as for
+    final/); a full model under DDP without weights of its own: Accelerate's
+    `model.safetensors` in the checkpoint, under the tensor names save_pretrained writes,
+    is hard-linked in (stored once; the link survives the rename); nothing for a full
+    model under ZeRO / FSDP, whose sharded weights every save would otherwise gather onto
+    one process (trainer/model/saved.py says so to whoever opens the checkpoint).
+    Returns why a write failed on this process, None when none did."""
+    unwrapped = accelerator.unwrap_model(run.model, keep_torch_compile=False)
+    adapter = adapters.is_peft_model(unwrapped)
+    if not adapter and backend_of(accelerator) != "ddp":
+        return None
+    state_dict = accelerator.get_state_dict(run.model) if adapter else {}
+    if not accelerator.is_main_process:
+        return None
+    state_dict = {name.removeprefix(COMPILED_PREFIX): t for name, t in state_dict.items()}
+    target, home = partial / CHECKPOINT_MODEL, folder / CHECKPOINT_MODEL
+    write = (unwrapped, state_dict, run.tokenizer, target, run.cfg, home)
+    reason = _attempt(folder, _write_model, *write)
+    if reason is None and not adapter:
+        reason = _attempt(folder, os.link, partial / WEIGHTS_NAME, target / WEIGHTS_NAME)
+    if reason is None:
+        reason = _attempt(folder, sync_tree, target)
+    return reason
 
 
 def _write_state(
@@ -170,7 +208,7 @@ def _write_state(
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), partial / SCHEDULER_NAME)
         layout = {"processes": accelerator.num_processes, "backend": backend_of(accelerator)}
-        (partial / TRAINER_STATE_NAME).write_text(json.dumps({**state, **layout}, indent=1))
+        (partial / LOOP_STATE_NAME).write_text(json.dumps({**state, **layout}, indent=1))
     # Each process flushes what its node wrote (on one node the first fsync does the work,
     # the others find the pages clean), so the marker never lands before the data.
     sync_tree(partial)
@@ -181,6 +219,15 @@ def _commit(partial: Path, folder: Path) -> None:
     write_commit(partial)
     partial.rename(folder)
     atomic.sync_directory(folder.parent)
+
+
+def promote_best(run_dir: Path) -> None:
+    """best/ becomes final/, by one rename; an adapter in it names final/base as its base
+    first (a kill between the two leaves best/ to promote again: setup._complete_finish)."""
+    best, final = run_dir / "best", run_dir / "final"
+    labelled_base.moving(best, final)
+    best.rename(final)
+    atomic.sync_directory(run_dir)
 
 
 def backend_of(accelerator: Accelerator) -> str:
@@ -196,7 +243,7 @@ def backend_of(accelerator: Accelerator) -> str:
 def saved_layout(folder: Path) -> tuple[int, str | None]:
     """(processes, backend) that wrote the checkpoint. Checkpoints from before both were
     recorded: the count of their per-process files, and no backend."""
-    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    state = read_loop_state(folder)
     if "processes" in state:
         return state["processes"], state["backend"]
     return len(list(folder.glob("trainer_rank_*.json"))), None
@@ -231,7 +278,7 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, scheduler) -> tuple[
     pickles: a checkpoint from elsewhere needs train.resume_trusted (trainer.security)."""
     accelerator.load_state(str(folder))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
-    state = json.loads((folder / TRAINER_STATE_NAME).read_text())
+    state = read_loop_state(folder)
     processes, _ = saved_layout(folder)
     if processes != accelerator.num_processes:
         # Accelerate restored its micro-batch counter (a window ends at each multiple of

@@ -29,7 +29,10 @@ from trainer.run.records import read_records
 from trainer.security import umask_modes
 
 COMMIT_NAME = "COMMIT.json"
-TRAINER_STATE_NAME = "trainer_state.json"  # the loop's counters (run/checkpoint.py)
+LOOP_STATE_NAME = "loop_state.json"  # the loop's counters (run/checkpoint.py); not HF
+# Trainer's trainer_state.json, a file of another schema, which checkpoints were written
+# with before: still read (`loop_state_file`)
+OLD_STATE_NAME = "trainer_state.json"
 HASH_PIECE = 64 << 20  # bytes of a file hashed on their own (manifest: a list per file)
 HASH_THREADS = min(16, os.cpu_count() or 1)
 CHECKPOINTS = "checkpoints"
@@ -82,10 +85,14 @@ def _sha256(path: Path, start: int = 0, length: int | None = None) -> str:
 def _piece_digests(paths: list[Path]) -> list[list[str]]:
     """Each file's SHA-256 per HASH_PIECE bytes, every piece of every file hashed side by
     side (hashlib releases the GIL): one SHA-256 of a whole multi-GB file would take one
-    core for as long as a save of it, while its pieces spread over the node's cores."""
+    core for as long as a save of it, while its pieces spread over the node's cores. A file
+    linked twice (a checkpoint's weights, also in its model/) is hashed once."""
+    first: dict[tuple[int, int], int] = {}  # (device, inode) -> index of its first path
+    owner = [first.setdefault((p.stat().st_dev, p.stat().st_ino), i) for i, p in enumerate(paths)]
     pieces = [
         (index, path, start)
         for index, path in enumerate(paths)
+        if owner[index] == index
         for start in range(0, max(path.stat().st_size, 1), HASH_PIECE)
     ]
     with ThreadPoolExecutor(min(HASH_THREADS, len(pieces) or 1)) as pool:
@@ -93,7 +100,7 @@ def _piece_digests(paths: list[Path]) -> list[list[str]]:
         digests: list[list[str]] = [[] for _ in paths]
         for (index, _, _), digest in zip(pieces, hashed, strict=True):
             digests[index].append(digest)
-    return digests
+    return [digests[index] for index in owner]
 
 
 def sync_tree(folder: Path) -> None:
@@ -203,10 +210,27 @@ def rotate(run_dir: Path, keep_last: int, keep: set[Path]) -> list[Path]:
     return [f for f in drop if f.resolve() not in keep]
 
 
+def loop_state_file(folder: Path) -> Path | None:
+    """The loop state file of checkpoint `folder` (the old name in a checkpoint saved before
+    the rename); None when `folder` has neither, i.e. is no checkpoint."""
+    for name in (LOOP_STATE_NAME, OLD_STATE_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_loop_state(folder: Path) -> dict:
+    """The loop state checkpoint `folder` was saved with."""
+    path = loop_state_file(folder)
+    if path is None:
+        raise FileNotFoundError(folder / LOOP_STATE_NAME)
+    return json.loads(path.read_text())
+
+
 def is_fault_checkpoint(folder: Path) -> bool:
     """Whether `folder` was saved at a stop for non-finite values (its state says so)."""
     try:
-        return bool(json.loads((folder / TRAINER_STATE_NAME).read_text()).get("fault"))
+        return bool(read_loop_state(folder).get("fault"))
     except (OSError, ValueError, AttributeError):
         return False  # unreadable: counted as a good one, so that it is never the one kept
 

@@ -30,7 +30,6 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from trainer import atomic
 from trainer.config import RunConfig, to_dict, train_sources, world_size_from_env
 from trainer.data.augment import training_examples
 from trainer.data.class_weights import resolve_class_weights, target_counts
@@ -56,9 +55,15 @@ from trainer.model.load import (
     load_model,
     load_tokenizer,
 )
-from trainer.run.checkpoint import TRAINER_STATE_NAME, check_layout, recover_replaced
+from trainer.run.checkpoint import check_layout, promote_best, recover_replaced
 from trainer.run.optim import build_optimizer, build_scheduler
-from trainer.run.resume import COMMIT_NAME, config_change_problem, select_checkpoint, step_folders
+from trainer.run.resume import (
+    COMMIT_NAME,
+    config_change_problem,
+    read_loop_state,
+    select_checkpoint,
+    step_folders,
+)
 from trainer.run.rundir import claim_run_dir
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
@@ -114,7 +119,7 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
         _report(line)
     if checkpoint is None:  # an earlier run's files are set aside once set_up has succeeded
         return None
-    saved = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["config"]
+    saved = read_loop_state(checkpoint)["config"]
     problem = config_change_problem(saved, to_dict(cfg), checkpoint.name)
     if problem:
         raise UserError(problem)
@@ -137,8 +142,7 @@ def _complete_finish(run_dir: Path) -> bool:
         return False
     if not isinstance(results.get("best_step"), int) or not (run_dir / "best").is_dir():
         return False
-    (run_dir / "best").rename(run_dir / "final")
-    atomic.sync_directory(run_dir)
+    promote_best(run_dir)
     _report(f"completed the interrupted finish of {run_dir}: best/ is final/")
     return True
 

@@ -22,7 +22,7 @@ from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, to_dict
 from trainer.durations import parse_duration
 from trainer.errors import TrainingFailed, UserError
-from trainer.run.checkpoint import load_checkpoint, save_checkpoint, save_model
+from trainer.run.checkpoint import load_checkpoint, promote_best, save_checkpoint, save_model
 from trainer.run.evaluation import evaluate
 from trainer.run.forward import to_device
 from trainer.run.records import finite
@@ -321,7 +321,8 @@ class Loop:
         mine = {"since_log": self.since_log.tolist()}
         if run.stream is not None:
             mine["stream"] = run.stream.state_dict()  # exact: taken after the step's last batch
-        save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine)  # or TrainingFailed
+        # a refused write raises TrainingFailed
+        save_checkpoint(run.accelerator, folder, run.scheduler, loop, mine, run)
         self.saved_step = state.step
         budget.save_s = max(budget.save_s, time.monotonic() - started)
         if run.accelerator.is_main_process:
@@ -430,7 +431,6 @@ def _finish(run: Run, best: Best, state: LoopState) -> dict:
     if not from_best:
         save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
     elif accelerator.is_main_process:
-        (run.run_dir / "best").rename(run.run_dir / "final")
-        atomic.sync_directory(run.run_dir)
+        promote_best(run.run_dir)
     accelerator.wait_for_everyone()
     return results
