@@ -229,6 +229,33 @@ def test_finished_run_is_left_alone(capsys, run_config, tmp_path):
     assert snapshot(run_dir) == before
 
 
+def test_a_finished_run_started_with_other_values_says_which(capsys, run_config, tmp_path):
+    """Raising the steps of a finished run does not silently train nothing: the keys are
+    listed; train.resume=never trains again with the finished run's files kept aside."""
+    config = run_config("classification", train={"max_steps": 2})
+    assert run_cli(capsys, "train", config)[0] == 0
+    run_dir = tmp_path / "run"
+    before = snapshot(run_dir)
+    assert "already finished" in run_cli(capsys, "train", config)[1], "unchanged: exit 0"
+    expect_user_error(
+        capsys,
+        ["train", config, "train.max_steps=4", "train.lr=0.5"],
+        f"output_dir: {run_dir} holds a finished run trained with other values: ",
+        "train.lr (then 0.001, now 0.5), train.max_steps (then 2, now 4)",
+        "train.resume=never",
+    )
+    assert snapshot(run_dir) == before
+    code, _, err = run_cli(capsys, "train", config, "train.max_steps=4", "train.resume=never")
+    assert code == 0, err
+    (kept,) = run_dir.glob("final.previous-*")
+    assert snapshot(kept) == {
+        path.relative_to("final"): value
+        for path, value in before.items()
+        if path.parts[0] == "final"
+    }
+    assert json.loads((run_dir / "eval_results.json").read_text())["steps"] == 4
+
+
 def test_unfinished_run_is_not_overwritten(capsys, run_config, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -291,6 +291,27 @@ def config_change_problem(saved: dict, current: dict, checkpoint: str) -> str | 
     )
 
 
+# Keys that say where and how to start, not what is trained.
+HOW_TO_START = frozenset({"output_dir", "train.resume", "train.resume_trusted"})
+
+
+def finished_run_problem(saved: dict, current: dict, run_dir: Path) -> str | None:
+    """The one line that refuses to call a run finished when the config asks for something
+    else (more epochs, another learning rate): every key with its value then and now."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = sorted(
+        k for k in old.keys() | new.keys() if k not in HOW_TO_START and old.get(k) != new.get(k)
+    )
+    if not keys:
+        return None
+    changes = ", ".join(f"{key} (then {old.get(key)!r}, now {new.get(key)!r})" for key in keys)
+    return (
+        f"output_dir: {run_dir} holds a finished run trained with other values: {changes}; "
+        "use another output_dir, or train.resume=never to train again (the finished run's "
+        "files are kept aside)"
+    )
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop the records logged after the checkpoint, so the resumed log has no duplicates,
     and a torn last line that a kill during an append left (run/records.py). Written whole

@@ -60,6 +60,7 @@ from trainer.run.optim import build_optimizer, build_scheduler
 from trainer.run.resume import (
     COMMIT_NAME,
     config_change_problem,
+    finished_run_problem,
     read_loop_state,
     select_checkpoint,
     step_folders,
@@ -67,6 +68,7 @@ from trainer.run.resume import (
 from trainer.run.rundir import claim_run_dir
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
+from trainer.yaml_sections import read_yaml
 
 
 class RunFinished(Exception):
@@ -104,7 +106,12 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
     are set aside by `set_up` at its end, so that a bad input found on the way (a data
     file, data.max_length) leaves them where they were."""
     recover_replaced(run_dir / "best")
-    if (run_dir / "final").is_dir() or _complete_finish(run_dir):
+    starting_over = cfg.train.resume == "never"  # a finished run too: set aside at the end
+    if not starting_over and ((run_dir / "final").is_dir() or _complete_finish(run_dir)):
+        if (run_dir / "config.yaml").is_file():
+            saved = read_yaml(run_dir / "config.yaml")
+            if problem := finished_run_problem(saved, to_dict(cfg), run_dir):
+                raise UserError(problem)
         raise RunFinished(f"run already finished: {run_dir / 'final'} exists; nothing to do")
     skipped: list[str] = []  # one line each, or part of the one error line
     checkpoint = select_checkpoint(run_dir, cfg.train.resume, skipped.append)
@@ -150,7 +157,7 @@ def _complete_finish(run_dir: Path) -> bool:
 def _set_aside_previous(run_dir: Path) -> None:
     """Starting over an earlier run: keep its log and checkpoints, renamed."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("metrics.jsonl", "checkpoints", "eval_results.json", "best"):
+    for name in ("metrics.jsonl", "checkpoints", "eval_results.json", "best", "final"):
         if (run_dir / name).exists():
             (run_dir / name).rename(run_dir / f"{name}.previous-{stamp}")
 
