@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, write_csv, write_jsonl
 
 from trainer.cli import main
@@ -322,3 +324,26 @@ def test_a_reader_that_leaves_early_gets_no_traceback():
     process.stdout.close()  # gone before the first line: every write finds no reader
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr
+
+
+def test_a_head_drawn_at_random_is_said_in_train_and_evaluate(capsys, run_config, tmp_path):
+    """all-MiniLM-L6-v2 ships no MLM head: MLM on it starts from (and scores) noise."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = Path(yaml.safe_load(Path(run_config("mlm")).read_text())["model"]["name_or_path"])
+    headless = tmp_path / "headless"
+    AutoModel.from_pretrained(source).save_pretrained(headless)  # BertModel: no cls.*
+    AutoTokenizer.from_pretrained(source).save_pretrained(headless)
+    config = run_config("mlm", model={"name_or_path": str(headless)}, train={"max_steps": 1})
+    code, _, err = run_cli(capsys, "train", config)
+    warning = f"warning: model.name_or_path: {headless} has no trained mlm head (cls.predictions"
+    assert code == 0 and err.count(warning) == 1, err
+    data = yaml.safe_load(Path(config).read_text())["data"]["validation"]
+    code, _, err = run_cli(capsys, "evaluate", headless, "--data", data, "task=mlm")
+    assert code == 0 and f"warning: MODEL_DIR: {headless} has no trained mlm head" in err, err
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "run" / "final", "--data", data)
+    assert code == 0 and "warning" not in err, "the trained head is no longer random"
+    code, _, err = run_cli(
+        capsys, "train", run_config("classification", output_dir=str(tmp_path / "c"))
+    )
+    assert code == 0 and "has no trained" not in err, "a new classifier is what fine-tuning is"

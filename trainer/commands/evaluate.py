@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from trainer.data.read import check_labels, read_split
 from trainer.devices import cpu_only
 from trainer.errors import UserError
-from trainer.model.load import load_tokenizer
+from trainer.model.load import load_tokenizer, warn_random_head
 from trainer.model.saved import SavedModel
 from trainer.run.evaluation import evaluate
 from trainer.tasks.registry import task_spec
@@ -37,6 +37,8 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     model = saved.load(
         spec, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed, model_dtype=cfg.model.dtype
     )
+    if not saved.is_adapter:  # an adapter carries the head it trained
+        warn_random_head(model, f"MODEL_DIR: {model_dir}", spec.name, "these scores are noise")
     results = evaluate(
         accelerator.prepare(model),
         examples,

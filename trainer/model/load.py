@@ -10,6 +10,8 @@ to fit it.
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -227,6 +229,27 @@ def load_model(
         else:
             model.resize_token_embeddings(len(tokenizer))
     return model
+
+
+def random_head(model: torch.nn.Module) -> list[str]:
+    """Modules of the task head that the checkpoint lacked, so that transformers drew them
+    at random (the MLM head of a sentence-embedding BERT such as all-MiniLM-L6-v2): what
+    they output, and any loss or perplexity through them, is noise until trained. Modules
+    inside the base model (a pooler) are not the head."""
+    prefix = f"{model.base_model_prefix}."
+    new = getattr(model, adapters.NEW_MODULES, ())
+    return [name for name in new if not name.startswith(prefix)]
+
+
+def warn_random_head(model: torch.nn.Module, where: str, task: str, consequence: str) -> None:
+    """One warning line (from the main process) when the task's head was drawn at random."""
+    head = random_head(model)
+    if head and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"warning: {where} has no trained {task} head ({', '.join(head)} drawn at "
+            f"random): {consequence}",
+            file=sys.stderr,
+        )
 
 
 def _fit_to_tokenizer(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:

@@ -54,6 +54,7 @@ from trainer.model.load import (
     check_max_length,
     load_model,
     load_tokenizer,
+    warn_random_head,
 )
 from trainer.run.checkpoint import check_layout, promote_best, recover_replaced
 from trainer.run.optim import build_optimizer, build_scheduler
@@ -235,6 +236,11 @@ def build_model(
     model = load_model(
         cfg.model, spec, tokenizer, label_names, cfg.train.seed, quantization, dtype=dtype
     )
+    if not spec.has_labels:  # a classifier's head is new by design; a language model's not
+        consequence = "training starts from chance (a perplexity near the vocabulary size)"
+        warn_random_head(
+            model, f"model.name_or_path: {cfg.model.name_or_path}", spec.name, consequence
+        )
     if cfg.data.isolate_documents:
         check_document_isolation(model)
     if cfg.train.gradient_checkpointing:
