@@ -29,7 +29,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trainer.config import ModelConfig
 from trainer.devices import accelerator_type
 from trainer.errors import UserError
-from trainer.model import adapters, dtypes, vocabulary
+from trainer.model import adapters, dtypes, hub, vocabulary
 from trainer.tasks.spec import TaskSpec
 
 
@@ -46,6 +46,7 @@ def _source(cfg: ModelConfig) -> str:
         return str(path.resolve())  # absolute: an adapter saved from it must find it again
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise UserError(f"model.name_or_path: folder not found: {name}")
+    hub.unreachable()  # a hub id: fail fast, not after minutes of retries
     return name
 
 
@@ -65,6 +66,7 @@ def _tokenizer_source(cfg: ModelConfig) -> tuple[str, str]:
         return "model.tokenizer", str(path.resolve())
     if cfg.tokenizer.startswith(("/", ".", "~")) or cfg.tokenizer.count("/") > 1:
         raise UserError(f"model.tokenizer: folder not found: {cfg.tokenizer}")
+    hub.unreachable()
     return "model.tokenizer", cfg.tokenizer
 
 
@@ -74,6 +76,12 @@ def _loading(what: str, name: str, load, key: str = "model.name_or_path"):
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not Path(name).expanduser().exists():  # a hub id: offline, unknown, or private
+            if reason := hub.unreachable():
+                raise UserError(
+                    f"{key}: '{name}' is neither a local folder nor in the hub cache, and "
+                    f"{reason} (HF_HUB_OFFLINE=1 skips the hub; on a node without internet, "
+                    "download the model first and name its folder)"
+                ) from None
             raise UserError(
                 f"{key}: '{name}' is neither a local folder nor reachable on the hub ({first})"
             ) from None
