@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
-from test_revision import REPO_ID, hub_cache
+from test_revision import hub_cache, load_in_subprocess
 
 LOAD = """
 import json, sys
@@ -34,15 +31,7 @@ def test_an_unreachable_hub_is_asked_once_and_the_cache_serves(tiny_bert, tmp_pa
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     # nothing listens on port 9 of this host: refused at once, as a firewalled hub would be
     env |= {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD, REPO_ID],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = load_in_subprocess(LOAD, env)
     assert "Retrying" not in result.stderr, "huggingface_hub retried the hub"
     seen = json.loads(result.stdout.splitlines()[-1])
     assert seen["params"] > 0

@@ -69,13 +69,11 @@ print(json.dumps(seen))
 """
 
 
-@pytest.mark.slow  # a subprocess, for an offline hub cache of its own: ~8 s
-def test_weights_config_and_tokenizer_come_from_the_revision(tiny_bert, tmp_path):
-    facts = hub_cache(tiny_bert, tmp_path / "hf")
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_HUB_CACHE", None)
+def load_in_subprocess(script: str, env: dict) -> subprocess.CompletedProcess:
+    """Run `script` on REPO_ID in a process of its own (the hub's settings are read at
+    import), asserting that it succeeded."""
     result = subprocess.run(
-        [sys.executable, "-c", LOAD_EACH, REPO_ID],
+        [sys.executable, "-c", script, REPO_ID],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -83,6 +81,15 @@ def test_weights_config_and_tokenizer_come_from_the_revision(tiny_bert, tmp_path
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.mark.slow  # a subprocess, for an offline hub cache of its own: ~8 s
+def test_weights_config_and_tokenizer_come_from_the_revision(tiny_bert, tmp_path):
+    facts = hub_cache(tiny_bert, tmp_path / "hf")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    result = load_in_subprocess(LOAD_EACH, env)
     seen = json.loads(result.stdout.splitlines()[-1])
     assert seen == {"None": facts["main"], "v1": facts["v1"]}
     assert facts["main"] != facts["v1"]
