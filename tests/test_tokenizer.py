@@ -115,6 +115,18 @@ def test_unloadable_reference_is_skipped(tmp_path, capsys):
     assert "reference_tokens_per_word" not in last_json(out)
 
 
+def test_a_config_only_reference_is_skipped_not_scored_zero(tmp_path, capsys):
+    """transformers builds an empty tokenizer from a folder with only a config.json (the
+    shipped tiny GPT-2): it is no reference, not one at 0 tokens per word."""
+    config_only = REPO / "configs/models/tiny-gpt2"
+    code = cli("tokenizer", "train", DOMAIN, "--type", "bpe", "--vocab-size", 300,
+               "--out", tmp_path / "tok", "--reference", config_only)  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "has no vocabulary" in out
+    assert "reference_tokens_per_word" not in last_json(out)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -182,10 +182,16 @@ def _compare(tokenizer, reference: str | None, texts: list[str], key: str) -> di
     }
     if reference:
         try:
-            result["reference_tokens_per_word"] = tokens_per_word(_load(reference, key), measured)
-            result["reference"] = reference
+            ratio = tokens_per_word(_load(reference, key), measured)
         except UserError as err:
             print(f"reference tokenizer skipped: {err}")
+            return result
+        # transformers builds an empty tokenizer from a folder that holds only a config.json
+        # (configs/models/tiny-gpt2): a ratio of 0 compares with nothing
+        if ratio == 0:
+            print(f"reference tokenizer skipped: {reference} has no vocabulary")
+        else:
+            result |= {"reference_tokens_per_word": ratio, "reference": reference}
     return result
 
 
