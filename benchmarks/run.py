@@ -39,6 +39,7 @@ SECTIONS = {
     "scaling": "scaling",
     "hardware": "hardware",
     "optimisations": "optimisations",
+    "quality": "quality",
 }
 EXTRA = {s: s for s in ("data_pipeline", "augmentation", "qlora_layout")}  # with --only
 THROUGHPUT_GOAL = 1.3  # ours / Trainer, useful tokens/s, every job (on CPU)

@@ -5,6 +5,7 @@ render what they measured, and the runner keeps earlier sections and reports a f
 from __future__ import annotations
 
 import ast
+import csv
 import datetime
 import inspect
 import json
@@ -15,7 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import compare_hf_trainer, engine, hardware, hf_reference, inference, optimisations
+from benchmarks import (
+    compare_hf_trainer,
+    engine,
+    hardware,
+    hf_reference,
+    inference,
+    optimisations,
+    quality,
+)
 from benchmarks import run as runner
 from benchmarks.comparison import SENTIMENT, ratios
 
@@ -201,3 +210,57 @@ def test_runner_names_a_partial_run_apart(fake_sections, tmp_path):
     assert md.stem.endswith("-ok")
     with pytest.raises(SystemExit):
         runner.parse_args(["--only", "nope"])
+
+
+def rows_of(path: str) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_quality_split_is_fixed_and_disjoint_and_names_the_labels(tmp_path, monkeypatch):
+    """Validation is carved from train once (seed 0) for every seed's run; test is apart."""
+    for name, rows in (("train_4000.csv", 60), ("test_5000.csv", 30)):
+        with (tmp_path / name).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "rating", "label", "text"])
+            writer.writerows([f"{name}/{i}", 1, i % 2, f"review {name} {i}"] for i in range(rows))
+    monkeypatch.setattr(quality, "DATA", tmp_path)
+    form = quality.Form(train_rows=40, validation_rows=10, test_rows=20, max_length=8, seeds=(0,))
+    work = tmp_path / "work"
+    work.mkdir()
+    files = quality.split(form, work)
+    read = {k: rows_of(v) for k, v in files.items()}
+    assert [len(read[k]) for k in ("train", "validation", "test")] == [40, 10, 20]
+    texts = [{r["text"] for r in read[k]} for k in ("train", "validation")]
+    assert not texts[0] & texts[1]
+    assert {r["label"] for r in read["train"]} == {"negative", "positive"}
+    assert all(r["label"] == ("positive" if int(r["text"].split()[-1]) % 2 else "negative")
+               for rows in read.values() for r in rows)  # fmt: skip
+    quality.split(form, work)  # every form's runs see the same rows
+    assert rows_of(files["train"]) == read["train"]
+
+
+def test_quality_goals_compare_means_over_seeds():
+    def runs(*accuracies):
+        return [{"accuracy": a, "f1": a, "wall_s": 1.0, "steps": 4, "trainable_parameters": 10,
+                 "parameters": 100} for a in accuracies]  # fmt: skip
+
+    result = {
+        "form": asdict(quality.FORMS[True]),
+        "trainer_lr": quality.TRAINER_LR,
+        "loads": [0.0],
+        "runs": {
+            "full": {"ours": runs(0.90, 0.80), "Trainer": runs(0.84, 0.85)},  # 0.850 ≥ 0.845
+            "lora": {"ours": runs(0.847, 0.845), "Trainer": runs(0.90, 0.90)},  # 0.846 < 0.90
+            "qlora": {"ours": runs(0.80, 0.80), "Trainer": runs(0.70, 0.70)},
+        },
+    }
+    assert quality.goals(result["runs"]) == [
+        ("ours full ≥ Trainer full", True),
+        ("ours lora ≥ Trainer lora", False),
+        ("ours qlora ≥ Trainer qlora", True),
+        ("ours LoRA within 0.5 points of ours full (gap 0.40)", True),
+    ]
+    text = quality.markdown(json_round_trip(result))
+    assert "| full | ours | 0.8500 (0.8000–0.9000) |" in text
+    assert "| ours lora ≥ Trainer lora | no |" in text
