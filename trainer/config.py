@@ -217,6 +217,8 @@ class TrainConfig:
 class EvalConfig:
     every_steps: int = _field(0, "Evaluate every N optimizer steps; 0: at each epoch end.")
     early_stopping_patience: int = _field(0, "Stop after N evaluations without improvement.")
+    early_stopping_min_delta: float = _field(0.0, "Gain in eval.metric that counts as one.")
+    early_stopping_min_share: float = _field(0.5, "No early stop before this share of steps.")
     metric: str | None = _field(None, "Metric that picks the best model (task default if unset).")
     batch_size: int = _field(32, "Examples per evaluation forward pass on one process.")
 
@@ -324,6 +326,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "train.max_grad_norm": cfg.train.max_grad_norm,
         "eval.every_steps": cfg.eval.every_steps,
         "eval.early_stopping_patience": cfg.eval.early_stopping_patience,
+        "eval.early_stopping_min_delta": cfg.eval.early_stopping_min_delta,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
@@ -336,6 +339,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         ("data.validation_split", cfg.data.validation_split, 0, 1, False, True),
         ("peft.dropout", cfg.peft.dropout, 0, 1, False, True),
         ("train.warmup_ratio", cfg.train.warmup_ratio, 0, 1, False, True),
+        ("eval.early_stopping_min_share", cfg.eval.early_stopping_min_share, 0, 1, False, False),
         ("train.layerwise_lr_decay", cfg.train.layerwise_lr_decay, 0, 1, True, False),
         ("mlm.mask_probability", cfg.mlm.mask_probability, 0, 1, True, True),
         ("mlm.mask_token_fraction", cfg.mlm.mask_token_fraction, 0, 1, False, False),

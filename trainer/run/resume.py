@@ -55,6 +55,8 @@ SAFE_TO_CHANGE = frozenset(
         "eval.every_steps",
         "eval.batch_size",
         "eval.early_stopping_patience",
+        "eval.early_stopping_min_delta",
+        "eval.early_stopping_min_share",
         "checkpoint.every_steps",
         "checkpoint.every_minutes",
         "checkpoint.keep_last",

@@ -108,11 +108,15 @@ class RunLog:
         self.progress.update(step - self.progress.n)
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
-    def warn(self, line: str) -> None:
-        """One warning line on stderr from the main process, on a line of its own above the
+    def note(self, line: str) -> None:
+        """One line on stderr from the main process, on a line of its own above the
         progress bar."""
         if self.accelerator.is_main_process:
-            self.progress.write(f"warning: {line}", file=sys.stderr)
+            self.progress.write(line, file=sys.stderr)
+
+    def warn(self, line: str) -> None:
+        """A `note` that starts with "warning:"."""
+        self.note(f"warning: {line}")
 
     def close(self) -> None:
         """Flush the trackers and the progress bar."""
