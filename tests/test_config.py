@@ -13,8 +13,8 @@ from trainer.config import (
     build_config,
     dump_yaml,
     load_config,
-    train_sources,
 )
+from trainer.data.sources import train_sources
 from trainer.durations import parse_duration
 from trainer.errors import UserError
 from trainer.yaml_sections import apply_overrides, read_yaml

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from trainer import atomic
-from trainer.config import RunConfig, train_sources
+from trainer.config import RunConfig
 from trainer.data.class_weights import label_counts
 from trainer.data.prepare import source_key
 from trainer.data.read import (
@@ -36,6 +36,7 @@ from trainer.data.read import (
     join_splits,
     read_split_keeping_going,
 )
+from trainer.data.sources import train_sources
 from trainer.errors import UserError
 from trainer.model.load import load_model_config, load_tokenizer
 from trainer.tasks.registry import TASKS

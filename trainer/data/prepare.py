@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from trainer.config import RunConfig, train_sources
+from trainer.config import RunConfig
 from trainer.data import cache
 from trainer.data.read import (
     Split,
@@ -27,6 +27,7 @@ from trainer.data.read import (
     read_split,
     source_files,
 )
+from trainer.data.sources import train_sources
 from trainer.tasks.registry import task_spec
 
 

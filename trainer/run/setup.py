@@ -30,7 +30,7 @@ from accelerate.utils import (
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from trainer.config import RunConfig, to_dict, train_sources, world_size_from_env
+from trainer.config import RunConfig, to_dict, world_size_from_env
 from trainer.data.augment import training_examples
 from trainer.data.class_weights import resolve_class_weights, target_counts
 from trainer.data.encode import Packer
@@ -44,6 +44,7 @@ from trainer.data.sampling import (
     Shuffled,
     StreamPlan,
 )
+from trainer.data.sources import train_sources
 from trainer.data.stream import RowStream, ShardStream, SourceBlocks, TrainStream
 from trainer.devices import cpu_only
 from trainer.errors import UserError
