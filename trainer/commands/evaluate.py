@@ -33,7 +33,7 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     split = read_split(data, "--data", spec.rows, cfg.data)
     if label_names is not None:
         check_labels(split, label_names, spec.rows)
-    examples = spec.encode(split, tokenizer, label_names, cfg.data.max_length)
+    examples = spec.encode(split, tokenizer, label_names, cfg.data)
     model = saved.load(
         spec, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed, model_dtype=cfg.model.dtype
     )

@@ -108,11 +108,10 @@ def encode(cfg: RunConfig, splits, tokenizer: PreTrainedTokenizerBase) -> cache.
     trains, validation, names = splits
     encoder = task_spec(cfg).encode
     encoded = {
-        f"train-{i}": encoder(split, tokenizer, names, cfg.data.max_length)
-        for i, split in enumerate(trains)
+        f"train-{i}": encoder(split, tokenizer, names, cfg.data) for i, split in enumerate(trains)
     }
     if validation is not None:
-        encoded["validation"] = encoder(validation, tokenizer, names, cfg.data.max_length)
+        encoded["validation"] = encoder(validation, tokenizer, names, cfg.data)
     rows = {f"train-{i}": len(split) for i, split in enumerate(trains)}
     if validation is not None:
         rows["validation"] = len(validation)

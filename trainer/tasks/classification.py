@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 
 
 def encode(
-    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, max_length: int
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, data: DataConfig
 ) -> datasets.Dataset:
     """Each text truncated to max_length, its label as an id."""
     from trainer.data.encode import encode_classification
 
-    return encode_classification(split, tokenizer, label_ids(names), max_length)
+    return encode_classification(split, tokenizer, label_ids(names), data.max_length)
 
 
 def metrics(names: list[str] | None, data: DataConfig) -> ClassificationMetrics:

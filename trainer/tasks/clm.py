@@ -19,12 +19,12 @@ if TYPE_CHECKING:
 
 
 def encode(
-    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, max_length: int
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, data: DataConfig
 ) -> datasets.Dataset:
     """Documents joined with the end-of-sequence token, packed into max_length blocks."""
     from trainer.data.encode import pack_for_clm
 
-    return pack_for_clm(split, tokenizer, max_length)
+    return pack_for_clm(split, tokenizer, data.max_length)
 
 
 def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> CausalLMCollator:

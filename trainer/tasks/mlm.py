@@ -21,12 +21,12 @@ if TYPE_CHECKING:
 
 
 def encode(
-    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, max_length: int
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, data: DataConfig
 ) -> datasets.Dataset:
     """Texts with their special tokens, packed into max_length blocks."""
     from trainer.data.encode import pack_for_mlm
 
-    return pack_for_mlm(split, tokenizer, max_length)
+    return pack_for_mlm(split, tokenizer, data.max_length)
 
 
 def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> MaskedLMCollator:
@@ -119,10 +119,10 @@ def check_pretraining_head(config: PretrainedConfig) -> None:
 def pretraining(seed: int) -> TaskSpec:
     """MLM on sentence pairs plus next-sentence prediction, the pairs drawn with `seed`."""
 
-    def encode_pairs(split, tokenizer, names, max_length):
+    def encode_pairs(split, tokenizer, names, data):
         from trainer.data.sentence_pairs import encode_sentence_pairs
 
-        return encode_sentence_pairs(split, tokenizer, max_length, seed)
+        return encode_sentence_pairs(split, tokenizer, data.max_length, seed)
 
     return replace(
         MLM,

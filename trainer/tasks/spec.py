@@ -78,7 +78,9 @@ class TaskSpec:
     architectures: tuple[str, ...]  # class-name endings of saved models with this head
     metrics: tuple[str, ...]  # what evaluation reports; the first is the default eval.metric
     rows: RowFormat  # what a data row holds, and how plain-text files read
-    encode: Callable[[Split, PreTrainedTokenizerBase, list[str] | None, int], datasets.Dataset]
+    encode: Callable[
+        [Split, PreTrainedTokenizerBase, list[str] | None, DataConfig], datasets.Dataset
+    ]
     make_collator: Callable[[PreTrainedTokenizerBase, RunConfig], Callable]
     loss: Loss
     make_metrics: Callable[[list[str] | None, DataConfig], LossMetrics]  # (names, data)

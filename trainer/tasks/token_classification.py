@@ -18,12 +18,12 @@ if TYPE_CHECKING:
 
 
 def encode(
-    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, max_length: int
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, data: DataConfig
 ) -> datasets.Dataset:
     """The words tokenized, each word's tag on its first sub-token."""
     from trainer.data.encode import encode_token_classification
 
-    return encode_token_classification(split, tokenizer, label_ids(names), max_length)
+    return encode_token_classification(split, tokenizer, label_ids(names), data.max_length)
 
 
 def metrics(names: list[str] | None, data: DataConfig) -> EntityMetrics:
