@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import make_run_config, reset_accelerate
@@ -129,3 +130,138 @@ def test_a_kill_before_the_card_leaves_a_finish_the_restart_completes(run_config
     )
     card = ModelCard.load(run_dir / "final" / "README.md")
     assert scores(card) == final_metrics(run_dir) and card.data.library_name == "transformers"
+
+
+# --- trainer export -----------------------------------------------------------------------
+
+
+def test_exports_carry_a_card_for_the_library_that_loads_them(finished, tmp_path):
+    run_dir = finished("lora-classification", "classification", peft={"method": "lora"})
+    assert cli("export", run_dir, "--out", tmp_path / "adapter") == 0
+    assert cli("export", run_dir, "--merge", "--out", tmp_path / "merged") == 0
+    adapter = ModelCard.load(tmp_path / "adapter" / "README.md")
+    merged = ModelCard.load(tmp_path / "merged" / "README.md")
+    assert (adapter.data.library_name, merged.data.library_name) == ("peft", "transformers")
+    assert scores(adapter) == scores(merged) == final_metrics(run_dir)
+    assert adapter.data.tags == merged.data.tags == ["steadytrain", "classification", "lora"]
+    assert f'pipeline("text-classification", model="{tmp_path / "merged"}")' in merged.text
+    assert f'PeftModel.from_pretrained(base, "{tmp_path / "adapter"}")' in adapter.text
+    assert "id2label={0: 'negative', 1: 'positive'}" in adapter.text
+
+
+def test_a_full_model_exports_as_a_copy_with_its_card(finished, tmp_path):
+    run_dir = finished("full", "classification", train={"max_steps": 3})
+    assert cli("export", run_dir, "--out", tmp_path / "copy") == 0
+    copy = tmp_path / "copy"
+    assert (copy / "model.safetensors").read_bytes() == (
+        run_dir / "final" / "model.safetensors"
+    ).read_bytes()
+    card = ModelCard.load(copy / "README.md")
+    assert card.data.library_name == "transformers" and scores(card) == final_metrics(run_dir)
+    assert f'model="{copy}"' in card.text
+    assert not list(tmp_path.glob("copy.tmp"))
+
+
+# --- trainer export --push-to-hub -----------------------------------------------------------
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A logged-in, online hub whose create_repo and upload_folder only record their
+    arguments (and what the folder held when it was uploaded)."""
+    import huggingface_hub.constants
+    from huggingface_hub import HfApi, RepoUrl
+
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id, **options):
+        calls.append(("create_repo", {"repo_id": repo_id, **options}))
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
+
+    def upload_folder(self, **options):
+        folder = Path(options["folder_path"])
+        files = {
+            str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        }
+        calls.append(("upload_folder", {**options, "files": files}))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    return calls
+
+
+def test_push_to_hub_uploads_the_adapter_with_its_card(finished, hub, tiny_bert, capsys):
+    run_dir = finished("lora-classification", "classification", peft={"method": "lora"})
+    capsys.readouterr()
+    assert cli("export", run_dir, "--push-to-hub", "me/tiny-sentiment", "--private") == 0
+    (_, created), (_, uploaded) = hub
+    assert created == {"repo_id": "me/tiny-sentiment", "exist_ok": True, "private": True}
+    assert uploaded["repo_id"] == "me/tiny-sentiment"
+    files = uploaded["files"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert not any(name.startswith("base/") for name in files), "base/ names local files"
+    adapter = json.loads(files["adapter_config.json"])
+    assert adapter["base_model_name_or_path"] == str(tiny_bert), "the base it was trained on"
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "peft" and scores(card) == final_metrics(run_dir)
+    assert 'PeftModel.from_pretrained(base, "me/tiny-sentiment")' in card.text
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["pushed"] == "https://huggingface.co/me/tiny-sentiment"
+
+
+def test_push_to_hub_with_out_keeps_the_folder_it_pushed(finished, hub, tmp_path):
+    run_dir = finished("full", "classification", train={"max_steps": 3})
+    assert cli("export", run_dir, "--out", tmp_path / "pushed", "--push-to-hub", "tiny") == 0
+    (_, created), (_, uploaded) = hub
+    assert created["private"] is False and uploaded["folder_path"] == tmp_path / "pushed"
+    assert uploaded["files"]["README.md"] == (tmp_path / "pushed" / "README.md").read_bytes()
+    assert uploaded["repo_id"] == "me/tiny", "a bare name is in the token's namespace"
+    assert 'model="me/tiny"' in uploaded["files"]["README.md"].decode()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--push-to-hub", "me/bad//id"], "--push-to-hub: 'me/bad//id' is not a repo id: "),
+        (["--push-to-hub", "me/x", "--no-token"], "--push-to-hub: no Hugging Face token; log in"),
+        (["--push-to-hub", "me/x", "--offline"], "--push-to-hub: HF_HUB_OFFLINE=1 keeps this"),
+        (["--private"], "--private: makes the repo of --push-to-hub private"),
+        ([], "export: name where it goes: --out DIR, --push-to-hub REPO_ID, or both"),
+    ],
+)
+def test_a_push_that_cannot_succeed_is_one_line_before_any_work(
+    argv, expected, finished, hub, monkeypatch, capsys
+):
+    run_dir = finished("full", "classification", train={"max_steps": 3})
+    if "--no-token" in argv:
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setenv("HF_HOME", str(run_dir / "no-hf-home"))  # no token file either
+    if "--offline" in argv:
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    argv = [a for a in argv if a not in ("--no-token", "--offline")]
+    capsys.readouterr()
+    assert cli("export", run_dir, *argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected}") and err.count("\n") == 1, err
+    assert hub == [], "nothing reached the hub"
+
+
+def test_a_refused_upload_says_what_to_do(finished, hub, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def refused(self, repo_id, **options):
+        response = SimpleNamespace(status_code=403, headers={}, request=None)
+        raise HfHubHTTPError("403 Forbidden: you may not write to me/x", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", refused)
+    run_dir = finished("full", "classification", train={"max_steps": 3})
+    capsys.readouterr()
+    assert cli("export", run_dir, "--push-to-hub", "me/x") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --push-to-hub: could not push to me/x: 403 Forbidden")
+    assert "hf auth login" in err and "HF_TOKEN" in err and "Traceback" not in err
