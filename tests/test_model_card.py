@@ -225,7 +225,10 @@ def test_push_to_hub_with_out_keeps_the_folder_it_pushed(finished, hub, tmp_path
     ("argv", "expected"),
     [
         (["--push-to-hub", "me/bad//id"], "--push-to-hub: 'me/bad//id' is not a repo id: "),
-        (["--push-to-hub", "me/x", "--no-token"], "--push-to-hub: no Hugging Face token; log in"),
+        (
+            ["--push-to-hub", "me/x", "--no-token"],
+            "--push-to-hub: no Hugging Face token: log in with `hf auth login`",
+        ),
         (["--push-to-hub", "me/x", "--offline"], "--push-to-hub: HF_HUB_OFFLINE=1 keeps this"),
         (["--private"], "--private: makes the repo of --push-to-hub private"),
         ([], "export: name where it goes: --out DIR, --push-to-hub REPO_ID, or both"),
@@ -250,18 +253,37 @@ def test_a_push_that_cannot_succeed_is_one_line_before_any_work(
     assert hub == [], "nothing reached the hub"
 
 
-def test_a_refused_upload_says_what_to_do(finished, hub, monkeypatch, capsys):
-    from huggingface_hub import HfApi
+def _refused() -> Exception:
     from huggingface_hub.errors import HfHubHTTPError
 
-    def refused(self, repo_id, **options):
-        response = SimpleNamespace(status_code=403, headers={}, request=None)
-        raise HfHubHTTPError("403 Forbidden: you may not write to me/x", response=response)
+    response = SimpleNamespace(status_code=403, headers={}, request=None)
+    return HfHubHTTPError("403 Forbidden: you may not write to me/x", response=response)
 
-    monkeypatch.setattr(HfApi, "create_repo", refused)
+
+def _unreachable() -> Exception:
+    from huggingface_hub.errors import HTTPError  # what a failed connection raises
+
+    return HTTPError("[Errno -2] Name or service not known")
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (_refused, "403 Forbidden: you may not write to me/x; the token may not write to me/x"),
+        (_unreachable, "[Errno -2] Name or service not known; check the network"),
+    ],
+    ids=["refused", "unreachable"],
+)
+def test_a_failed_push_says_what_to_do(failure, expected, finished, hub, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    def create_repo(self, repo_id, **options):
+        raise failure()
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
     run_dir = finished("full", "classification", train={"max_steps": 3})
     capsys.readouterr()
     assert cli("export", run_dir, "--push-to-hub", "me/x") == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --push-to-hub: could not push to me/x: 403 Forbidden")
-    assert "hf auth login" in err and "HF_TOKEN" in err and "Traceback" not in err
+    assert err.startswith(f"error: --push-to-hub: could not push to me/x: {expected}"), err
+    assert "hf auth login" in err and "HF_TOKEN" in err and err.count("\n") == 1

@@ -22,9 +22,7 @@ from trainer.commands.export import Destination, export
 from trainer.errors import UserError
 
 T = TypeVar("T")
-LOGIN = (
-    "log in with `hf auth login` (older huggingface_hub: `huggingface-cli login`) or set HF_TOKEN"
-)
+LOGIN = "`hf auth login` (`huggingface-cli login` in older huggingface_hub) or set HF_TOKEN"
 
 
 def check_push(repo_id: str) -> None:
@@ -40,7 +38,7 @@ def check_push(repo_id: str) -> None:
             "--push-to-hub: HF_HUB_OFFLINE=1 keeps this process off the hub; unset it to push"
         )
     if get_token() is None:
-        raise UserError(f"--push-to-hub: no Hugging Face token; {LOGIN}")
+        raise UserError(f"--push-to-hub: no Hugging Face token: log in with {LOGIN}")
 
 
 def _hub_call(call: Callable[..., T], **options) -> T:
@@ -57,9 +55,9 @@ def _failed(repo_id: str, err: Exception) -> str:
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
     status = err.response.status_code if isinstance(err, HfHubHTTPError) else None
     if status in (401, 403):
-        advice = f"the token may not write to {repo_id}; {LOGIN} with a write token"
+        advice = f"the token may not write to {repo_id}: log in with a write token, {LOGIN}"
     else:
-        advice = f"check the network and the token ({LOGIN})"
+        advice = f"check the network, or log in again: {LOGIN}"
     return f"--push-to-hub: could not push to {repo_id}: {reason}; {advice}"
 
 
