@@ -171,7 +171,8 @@ def test_export_without_merge_copies_a_clean_adapter(tmp_path, tiny_models_by_ta
     assert cli("export", tmp_path / "run", "--out", tmp_path / "adapter") == 0
     names = {p.name for p in (tmp_path / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "trainer_config.yaml"} <= names
-    assert "README.md" not in names
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "- steadytrain" in card and "## Training config" in card, "our card, not peft's"
 
 
 def test_export_refuses_a_full_model_and_a_non_empty_target(

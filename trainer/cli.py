@@ -131,10 +131,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.private and args.push_to_hub is None:
+        raise UserError("--private: makes the repo of --push-to-hub private; name one")
+    if args.out is None and args.push_to_hub is None:
+        raise UserError("export: name where it goes: --out DIR, --push-to-hub REPO_ID, or both")
     _quiet_libraries()
-    from trainer.commands.export import export
+    if args.push_to_hub is None:
+        from trainer.commands.export import Destination, export
 
-    print(json.dumps(export(args.run_dir, args.out, args.merge, args.checkpoint)))
+        summary = export(args.run_dir, Destination.local(args.out), args.merge, args.checkpoint)
+    else:
+        from trainer.commands.push import export_to_hub
+
+        where = (args.push_to_hub, args.private, args.merge, args.checkpoint, args.out)
+        summary = export_to_hub(args.run_dir, *where)
+    print(json.dumps(summary))
     return 0
 
 
@@ -267,13 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument(
         "--json", help="report file (default: data-stats.json in the config's output_dir)"
     )
-    export = commands.add_parser("export", help="export a LoRA/QLoRA run: adapter or merged")
-    export.add_argument("run_dir", help="a run directory or its final/ adapter folder")
-    export.add_argument("--out", required=True, help="folder to write (must not exist)")
+    export = commands.add_parser(
+        "export", help="export a run's model with its card: adapter, merged or full; or push it"
+    )
+    export.add_argument("run_dir", help="a run directory or its final/ folder")
+    export.add_argument("--out", help="folder to write (must not exist, or be empty)")
     export.add_argument("--merge", action="store_true", help="merge into a standalone model")
     export.add_argument(
         "--checkpoint", help="export checkpoints/step-N of RUN_DIR (step-N or N), even mid-run"
     )
+    export.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="upload the export to this Hub model repo (created if need be; needs a token)",
+    )
+    export.add_argument("--private", action="store_true", help="a new repo is private")
     export.set_defaults(run=_export)
     report = commands.add_parser("report", help="plots and report.md of a run directory")
     report.add_argument("run_dir", help="a run directory (finished or still training)")

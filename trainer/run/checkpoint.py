@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from huggingface_hub import ModelCard
 from transformers import PreTrainedTokenizerBase
 
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml
 from trainer.errors import TrainingFailed, UserError
 from trainer.model import adapters, labelled_base
+from trainer.model.card import write_card
 from trainer.model.saved import CHECKPOINT_MODEL, RUN_CONFIG_NAME
 from trainer.run.resume import LOOP_STATE_NAME, read_loop_state, sync_tree, write_commit
 
@@ -75,6 +77,7 @@ def save_model(
     target: Path,
     cfg: RunConfig,
     home: Path | None = None,
+    card: ModelCard | None = None,
 ) -> None:
     """Save weights (safetensors), tokenizer and run config so that
     `AutoModelFor*.from_pretrained(target)` and `pipeline(...)` load it on one device.
@@ -82,9 +85,9 @@ def save_model(
     names lose torch.compile's `_orig_mod.` so the folder loads into an uncompiled model.
     An adapter gets `base/` (trainer/model/labelled_base.py), through which pipeline and
     peft's loaders build the base with the run's labels; `home`: where `target` will be
-    once renamed (a checkpoint's model/ is written inside step-N.partial), for its path.
-    A full disk removes the half-written `target.tmp` and stops (TrainingFailed); the
-    previous `target` stays."""
+    once renamed (a checkpoint's model/ is written inside step-N.partial), for its path;
+    `card`: its README.md (final/'s), in place before the folder is. A full disk removes
+    the half-written `target.tmp` and stops (TrainingFailed); the previous `target` stays."""
     state_dict = accelerator.get_state_dict(model)
     tmp = target.with_name(target.name + ".tmp")
     reason = None
@@ -92,7 +95,7 @@ def save_model(
         state_dict = {name.removeprefix(COMPILED_PREFIX): t for name, t in state_dict.items()}
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-        write = (unwrapped, state_dict, tokenizer, tmp, cfg, home or target)
+        write = (unwrapped, state_dict, tokenizer, tmp, cfg, home or target, card)
         reason = _attempt(target, _write_model, *write)
         if reason is None:
             reason = _attempt(target, _replace, tmp, target)
@@ -100,7 +103,13 @@ def save_model(
 
 
 def _write_model(
-    unwrapped, state_dict: dict, tokenizer, tmp: Path, cfg: RunConfig, home: Path
+    unwrapped,
+    state_dict: dict,
+    tokenizer,
+    tmp: Path,
+    cfg: RunConfig,
+    home: Path,
+    card: ModelCard | None = None,
 ) -> None:
     """The files of a model folder in `tmp`, which becomes `home` (an adapter's base/ is
     named by that path); an empty `state_dict` writes everything but the weights."""
@@ -109,6 +118,8 @@ def _write_model(
     if adapters.is_peft_model(unwrapped):
         labelled_base.write(unwrapped, tokenizer, tmp, home)
     (tmp / RUN_CONFIG_NAME).write_text(dump_yaml(cfg))
+    if card is not None:
+        write_card(tmp, card)
 
 
 def _attempt(what: Path, write: Callable[..., None], *args) -> str | None:

@@ -50,6 +50,7 @@ from trainer.devices import cpu_only
 from trainer.errors import UserError
 from trainer.model import dtypes
 from trainer.model.adapters import attach_adapter, quantization_config
+from trainer.model.card import finished_run_card, write_card
 from trainer.model.load import (
     check_document_isolation,
     check_max_length,
@@ -142,15 +143,18 @@ def _was_committed(folder: Path) -> bool:
 
 
 def _complete_finish(run_dir: Path) -> bool:
-    """Finishing writes eval_results.json first and then renames best/ to final/ (see
-    train._finish): after a kill between the two, do the rename. Without a best/ the final
-    model was the last one, which only training again can give back."""
+    """Finishing writes eval_results.json first, then best/'s card, then renames best/ to
+    final/ (see train._finish): after a kill in between, write the card and do the rename.
+    Without a best/ the final model was the last one, which only training again can give
+    back."""
     try:
         results = json.loads((run_dir / "eval_results.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
     if not isinstance(results.get("best_step"), int) or not (run_dir / "best").is_dir():
         return False
+    if (run_dir / "config.yaml").is_file():  # the card's source; again: it may predate the kill
+        write_card(run_dir / "best", finished_run_card(run_dir))
     promote_best(run_dir)
     _report(f"completed the interrupted finish of {run_dir}: best/ is final/")
     return True

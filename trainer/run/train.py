@@ -22,6 +22,7 @@ from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, to_dict
 from trainer.durations import parse_duration
 from trainer.errors import TrainingFailed, UserError
+from trainer.model.card import CARD_NAME, finished_run_card, write_card
 from trainer.run.checkpoint import load_checkpoint, promote_best, save_checkpoint, save_model
 from trainer.run.evaluation import evaluate
 from trainer.run.forward import to_device
@@ -434,9 +435,10 @@ def _stop_preempted(run: Run, reason: str, where: str = "at a saved checkpoint")
 
 def _finish(run: Run, best: Best, state: LoopState) -> dict:
     """final/: the best model by eval.metric (the last one without validation, or when no
-    evaluation gave a finite metric). One commit: eval_results.json is written first and
-    final/ appears last, by one rename, so a run with final/ always has its results; after
-    a kill between the two, the restart does the rename (setup._complete_finish)."""
+    evaluation gave a finite metric), with its model card. One commit: eval_results.json
+    is written first, the card (built from it) goes into the folder, and final/ appears
+    last, by one rename, so a run with final/ always has its results and its card; after a
+    kill before the rename, the restart writes the card and renames (setup._complete_finish)."""
     accelerator = run.accelerator
     from_best = run.validation_set is not None and best.results is not None
     if from_best:
@@ -449,9 +451,13 @@ def _finish(run: Run, best: Best, state: LoopState) -> dict:
     if accelerator.is_main_process:
         with atomic.stop_on_failed_write(run.run_dir / "eval_results.json"):
             atomic.write_json(run.run_dir / "eval_results.json", finite(results), indent=2)
+    card = finished_run_card(run.run_dir) if accelerator.is_main_process else None
     if not from_best:
-        save_model(accelerator, run.model, run.tokenizer, run.run_dir / "final", run.cfg)
+        final = run.run_dir / "final"
+        save_model(accelerator, run.model, run.tokenizer, final, run.cfg, card=card)
     elif accelerator.is_main_process:
+        with atomic.stop_on_failed_write(run.run_dir / "best" / CARD_NAME):
+            write_card(run.run_dir / "best", card)
         promote_best(run.run_dir)
     accelerator.wait_for_everyone()
     return results

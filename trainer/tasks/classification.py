@@ -52,6 +52,7 @@ CLASSIFICATION = TaskSpec(
     make_metrics=metrics,
     lengths=text_lengths,
     prediction=PredictionHead(heads.classify),
+    pipeline_tag="text-classification",
     augmentable=True,
     peft_task_type="SEQ_CLS",
     modules_to_save=("classifier", "score"),  # BERT/RoBERTa `classifier`, GPT/Llama `score`

@@ -74,6 +74,7 @@ CLM = TaskSpec(
     make_metrics=metrics,
     lengths=lengths,
     prediction=PredictionHead(heads.generate, generates=True),
+    pipeline_tag="text-generation",
     packed=True,
     peft_task_type="CAUSAL_LM",
     shifted_targets=True,

@@ -69,6 +69,7 @@ MLM = TaskSpec(
     make_metrics=metrics,
     lengths=lengths,
     prediction=PredictionHead(heads.fill_masks),
+    pipeline_tag="fill-mask",
     packed=True,
     required_tokens=("mask_token",),
     documents=documents,

@@ -86,6 +86,7 @@ class TaskSpec:
     make_metrics: Callable[[list[str] | None, DataConfig], LossMetrics]  # (names, data)
     lengths: Callable[[PreTrainedTokenizerBase, list[dict]], list[int]]  # tokens per row
     prediction: PredictionHead
+    pipeline_tag: str  # the Hub's and transformers.pipeline's name for the task (model cards)
     packed: bool = False  # texts are packed into max_length blocks (MLM, CLM)
     augmentable: bool = False  # EDA edits of whole texts keep the label (data.augment)
     peft_task_type: str | None = None  # peft's TaskType; None: the generic PeftModel

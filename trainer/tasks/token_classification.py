@@ -53,6 +53,7 @@ TOKEN_CLASSIFICATION = TaskSpec(
     make_metrics=metrics,
     lengths=lengths,
     prediction=PredictionHead(heads.tag_entities, word_offsets=True),
+    pipeline_tag="token-classification",
     peft_task_type="TOKEN_CLS",
     modules_to_save=("classifier", "score"),
     required_tokens=("pad_token",),
