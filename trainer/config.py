@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from trainer.data.chat_templates import template_text
 from trainer.data.sources import train_sources
 from trainer.durations import parse_duration
 from trainer.errors import UserError
@@ -35,6 +36,7 @@ PEFT_METHODS = ("none", "lora", "qlora")
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "auto")
 ON_NONFINITE = ("skip", "stop")
 CLASS_WEIGHTS = ("none", "auto")
+TRUNCATIONS = ("keep_end", "drop")
 AUGMENT_OPERATIONS = ("deletion", "swap", "insertion", "synonym_replacement")
 TRACKERS = ("tensorboard",)
 
@@ -96,6 +98,13 @@ class DataConfig:
     tag_scheme: str | None = _field(
         None, "token-classification: io | iob1 | iob2 (bio) | bioes (iobes); unset: from the tags."
     )
+    prompt_column: str = _field("prompt", "sft: column of prompts (text or chat messages).")
+    completion_column: str = _field("completion", "sft: column of the prompts' answers.")
+    messages_column: str = _field("messages", "sft: column of chat turns [{role, content}].")
+    chat_template: str | None = _field(None, "sft: a Jinja file, chatml or llama-3; unset: own.")
+    train_on_prompt: bool = _field(False, "sft: loss on every token, not the answers only.")
+    last_turn_only: bool = _field(False, "sft: loss on the last assistant turn only.")
+    truncation: str = _field("keep_end", "sft, a row over max_length: keep_end | drop.")
     max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
     streaming: bool = _field(False, "MLM/CLM: read, tokenize and pack train on the fly.")
     shuffle_buffer: int = _field(1000, "Streaming: packed blocks in the seeded shuffle buffer.")
@@ -250,6 +259,12 @@ def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
     if cfg.model.dtype is not None:
         _choice(errors, "model.dtype", cfg.model.dtype, WEIGHT_DTYPES)
     _choice(errors, "train.on_nonfinite", cfg.train.on_nonfinite, ON_NONFINITE)
+    _choice(errors, "data.truncation", cfg.data.truncation, TRUNCATIONS)
+    if cfg.data.chat_template is not None:
+        try:
+            template_text(cfg.data.chat_template)
+        except UserError as err:
+            errors.append(str(err))
     if cfg.train.max_time is not None and parse_duration(cfg.train.max_time) is None:
         errors.append(
             f"train.max_time: '{cfg.train.max_time}' is not a non-zero SLURM time (MM, "

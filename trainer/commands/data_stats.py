@@ -29,7 +29,7 @@ from pathlib import Path
 from trainer import atomic
 from trainer.config import RunConfig
 from trainer.data.class_weights import label_counts
-from trainer.data.prepare import source_key
+from trainer.data.prepare import source_key, task_tokenizer
 from trainer.data.read import (
     Split,
     carve_validation,
@@ -181,7 +181,7 @@ def max_positions(cfg: RunConfig) -> int | None:
 def data_stats(cfg: RunConfig) -> dict:
     """The whole report as a JSON-ready dict."""
     splits, spec = read_for_stats(cfg), TASKS[cfg.task]
-    tokenizer = load_tokenizer(cfg.model, spec)
+    tokenizer = task_tokenizer(cfg, lambda: load_tokenizer(cfg.model, spec))
     cap = None if spec.packed else max_positions(cfg)
     return {
         "task": cfg.task,

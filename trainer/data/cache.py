@@ -86,7 +86,8 @@ def file_digest(path: Path) -> str:
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A digest of what decides token ids: the fast tokenizer's full serialized pipeline
     (vocabulary, normalizer, pre-tokenizer, post-processor, added tokens) or, for a slow
-    one, its vocabulary and init settings; plus the special tokens either way."""
+    one, its vocabulary and init settings; plus the special tokens and the chat template
+    either way."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     state = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
     return digest(
@@ -95,6 +96,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
             state,
             tokenizer.special_tokens_map,
             getattr(tokenizer, "init_kwargs", {}),
+            getattr(tokenizer, "chat_template", None),  # it shapes sft's tokens and labels
         ]
     )
 

@@ -8,6 +8,7 @@ tokenizing.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class PreparedData:
     validation: datasets.Dataset | None
     label_names: list[str] | None
     cache: dict  # status (hit, built, off), folder, seconds
+    dropped_rows: dict[str, int]  # rows data.truncation=drop left out, per split
 
 
 def source_key(number: int, count: int) -> str:
@@ -118,6 +120,18 @@ def encode(cfg: RunConfig, splits, tokenizer: PreTrainedTokenizerBase) -> cache.
     return cache.Entry(encoded, {"label_names": names, "rows": rows, "task": cfg.task})
 
 
+def task_tokenizer(
+    cfg: RunConfig, load_tokenizer: Callable[[], PreTrainedTokenizerBase]
+) -> PreTrainedTokenizerBase:
+    """The tokenizer as the task trains with it: for sft with data.chat_template set on it,
+    before its fingerprint keys the cache and before it is saved with the model."""
+    tokenizer = load_tokenizer()
+    prepare = task_spec(cfg).prepare_tokenizer
+    if prepare is not None:
+        prepare(tokenizer, cfg.data)
+    return tokenizer
+
+
 def prepare_data(
     cfg: RunConfig, load_tokenizer: Callable[[], PreTrainedTokenizerBase]
 ) -> tuple[PreparedData, PreTrainedTokenizerBase]:
@@ -127,6 +141,7 @@ def prepare_data(
     before any hub request) unless a cache entry for the same data exists: then they were
     checked when it was built, and with the same tokenizer they are not read at all."""
     started = time.monotonic()
+    load_tokenizer = functools.partial(task_tokenizer, cfg, load_tokenizer)
     if cfg.data.cache_dir is None:
         splits = read_splits(cfg)
         tokenizer = load_tokenizer()
@@ -146,6 +161,11 @@ def prepare_data(
                 status = "built"
         entry = cache.load_entry(folder)
     count = sum(name.startswith("train-") for name in entry.splits)
+    dropped = {
+        name: rows - len(entry.splits[name])
+        for name, rows in entry.meta["rows"].items()
+        if not task_spec(cfg).packed and rows > len(entry.splits[name])
+    }
     return PreparedData(
         [entry.splits[f"train-{i}"] for i in range(count)],
         entry.splits.get("validation"),
@@ -155,4 +175,5 @@ def prepare_data(
             "folder": str(folder) if folder else None,
             "seconds": round(time.monotonic() - started, 3),
         },
+        dropped,
     ), tokenizer

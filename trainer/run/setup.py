@@ -349,7 +349,7 @@ class Run:
             "class_weights": None
             if self.class_weights is None
             else dict(zip(self.label_names, self.class_weights.tolist(), strict=True)),
-        }
+        } | ({"dropped_rows": self.data.dropped_rows} if self.data.dropped_rows else {})
 
 
 def _logical_numel(param: torch.nn.Parameter) -> int:

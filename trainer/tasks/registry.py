@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from trainer.tasks.classification import CLASSIFICATION
 from trainer.tasks.clm import CLM
 from trainer.tasks.mlm import MLM, pretraining
+from trainer.tasks.sft import SFT
 from trainer.tasks.spec import TaskSpec
 from trainer.tasks.token_classification import TOKEN_CLASSIFICATION
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from trainer.config import RunConfig
 
 TASKS: dict[str, TaskSpec] = {
-    spec.name: spec for spec in (MLM, CLM, CLASSIFICATION, TOKEN_CLASSIFICATION)
+    spec.name: spec for spec in (MLM, CLM, CLASSIFICATION, TOKEN_CLASSIFICATION, SFT)
 }
 
 

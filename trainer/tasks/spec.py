@@ -100,6 +100,8 @@ class TaskSpec:
     own_loss_name: str = ""  # with extra heads: the name `loss` is logged under (mlm_loss)
     targets_only: bool = False  # MLM: project labelled positions only (run/forward.py)
     check_model_config: Callable[[PretrainedConfig], None] | None = None  # before loading
+    # before its first use in training (sft: data.chat_template goes onto the tokenizer)
+    prepare_tokenizer: Callable[[PreTrainedTokenizerBase, DataConfig], None] | None = None
 
     @property
     def has_labels(self) -> bool:

@@ -1,0 +1,149 @@
+"""Supervised fine-tuning rows to token ids and labels, the loss on the answers only.
+
+Which tokens are the answer comes from tokenization, never from searching the decoded text:
+- plain prompt/completion: the completion is what follows the tokenized prompt in the
+  tokenized prompt + completion + EOS (the longest common prefix, as TRL's SFTTrainer
+  takes it, so that a token merging across the boundary is handled alike);
+- messages whose template marks the assistant with `{% generation %}`: the template's mask;
+- other templates: the conversation is rendered turn by turn; an assistant turn is the
+  tokens between the rendering of the turns before it (with the generation prompt) and
+  the rendering that includes it.
+
+Every answer ends with EOS or the template's end-of-turn token, and that token is a target,
+so the model learns to stop: a final answer whose tokens hold no EOS gets one appended.
+
+A row longer than `data.max_length` keeps its end (`data.truncation: keep_end`: the last
+answer stays whole and the start of the conversation goes) or is dropped (`drop`, counted
+in the run summary). Cutting the end instead, as a plain `truncation=True` does, would
+train a long prompt's row on nothing, or on an answer that never ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import datasets
+
+from trainer.data.chat_templates import has_generation_markers, require_template
+from trainer.data.encode import IGNORE_INDEX
+from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from trainer.config import DataConfig
+    from trainer.data.read import Split
+
+
+@dataclass
+class Tokens:
+    """One row's token ids and which of them the loss trains on."""
+
+    ids: list[int]
+    trained: list[bool]
+
+
+def common_prefix(first: list[int], second: list[int]) -> int:
+    """How many leading tokens two sequences share."""
+    count = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def _rendered(tokenizer: PreTrainedTokenizerBase, turns: list[dict], **options) -> dict:
+    return tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True, **options)
+
+
+def _pair_tokens(tokenizer: PreTrainedTokenizerBase, row: dict) -> Tokens:
+    completion = row["completion"]
+    if not completion.endswith(tokenizer.eos_token):
+        completion += tokenizer.eos_token
+    prompt = tokenizer(row["prompt"])["input_ids"]
+    ids = tokenizer(row["prompt"] + completion)["input_ids"]
+    start = common_prefix(prompt, ids)
+    return Tokens(ids, [i >= start for i in range(len(ids))])
+
+
+def _assistant_spans(tokenizer: PreTrainedTokenizerBase, turns: list[dict]) -> list[range]:
+    """Each assistant turn's token positions, rendering the conversation turn by turn."""
+    full = _rendered(tokenizer, turns)["input_ids"]
+    spans = []
+    for index, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        before = _rendered(tokenizer, turns[:index], add_generation_prompt=True)["input_ids"]
+        upto = _rendered(tokenizer, turns[: index + 1])["input_ids"]
+        spans.append(range(common_prefix(before, full), common_prefix(upto, full)))
+    return spans
+
+
+def _conversation_tokens(tokenizer: PreTrainedTokenizerBase, row: dict, last_only: bool) -> Tokens:
+    turns, template = row["messages"], require_template(tokenizer, "messages")
+    if has_generation_markers(template) and not last_only:
+        rendered = _rendered(tokenizer, turns, return_assistant_tokens_mask=True)
+        return Tokens(rendered["input_ids"], [bool(m) for m in rendered["assistant_masks"]])
+    ids = _rendered(tokenizer, turns)["input_ids"]
+    spans = _assistant_spans(tokenizer, turns)
+    trained = [False] * len(ids)
+    for span in spans[-1:] if last_only else spans:
+        for position in span:
+            trained[position] = True
+    return Tokens(ids, trained)
+
+
+def _ends_with_eos(tokenizer: PreTrainedTokenizerBase, tokens: Tokens) -> Tokens:
+    """The last answer's tokens hold EOS (or the template's end of turn, which transformers
+    tokenizers of chat models name as EOS); otherwise EOS is appended as a target."""
+    answer = [i for i, on in zip(tokens.ids, tokens.trained, strict=True) if on]
+    if tokenizer.eos_token_id in answer[-2:]:  # an end-of-turn may be followed by a newline
+        return tokens
+    return Tokens([*tokens.ids, tokenizer.eos_token_id], [*tokens.trained, True])
+
+
+def row_tokens(tokenizer: PreTrainedTokenizerBase, row: dict, data: DataConfig) -> Tokens:
+    """One row's tokens and targets before truncation."""
+    if "messages" in row:
+        tokens = _conversation_tokens(tokenizer, row, data.last_turn_only)
+    else:
+        tokens = _pair_tokens(tokenizer, row)
+    tokens = _ends_with_eos(tokenizer, tokens)
+    if data.train_on_prompt:
+        tokens.trained = [True] * len(tokens.ids)
+    return tokens
+
+
+def encode_chat(
+    split: Split, tokenizer: PreTrainedTokenizerBase, data: DataConfig
+) -> datasets.Dataset:
+    """Every row's input ids and labels (-100 off the answers), cut or dropped by
+    `data.truncation`."""
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    for row, where in zip(split.rows, split.where, strict=True):
+        tokens = row_tokens(tokenizer, row, data)
+        if not any(tokens.trained):
+            raise UserError(f"{split.key}: {where}: no answer token to train on")
+        if len(tokens.ids) > data.max_length:
+            if data.truncation == "drop":
+                continue
+            tokens = Tokens(tokens.ids[-data.max_length :], tokens.trained[-data.max_length :])
+        columns["input_ids"].append(tokens.ids)
+        columns["labels"].append(
+            [i if on else IGNORE_INDEX for i, on in zip(tokens.ids, tokens.trained, strict=True)]
+        )
+    if not columns["input_ids"]:
+        raise UserError(
+            f"{split.key}: every row is longer than data.max_length={data.max_length} and "
+            "data.truncation=drop drops them all"
+        )
+    return datasets.Dataset.from_dict(columns)
+
+
+def chat_token_counts(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict], data: DataConfig
+) -> list[int]:
+    """Tokens per row as `encode_chat` makes them, before truncation."""
+    return [len(row_tokens(tokenizer, row, data).ids) for row in rows]

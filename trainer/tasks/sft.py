@@ -1,0 +1,76 @@
+"""Supervised fine-tuning of causal LMs: prompt/completion, chat and instruction rows, the
+loss on the answers only (data/chat_rows.py reads the rows, data/chat_encode.py makes the
+tokens and labels, data/chat_templates.py holds the templates).
+
+The loss is CLM's next-token loss over the answer tokens; the loop divides it by the answer
+tokens of the whole accumulation window on all processes, as for every task, so 1 x 8
+micro-batches and 8 x 1 give the same step (the gradient-accumulation bug of 2024)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from trainer.data.chat_rows import CHAT
+from trainer.data.chat_templates import set_chat_template
+from trainer.tasks import heads
+from trainer.tasks.spec import PredictionHead, TaskSpec, padding_collator
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+    from trainer.config import DataConfig
+    from trainer.data.read import Split
+    from trainer.tasks.metrics import LossMetrics
+
+
+def encode(
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, data: DataConfig
+) -> datasets.Dataset:
+    """Token ids and answer-only labels per row (see data/chat_encode.py)."""
+    from trainer.data.chat_encode import encode_chat
+
+    return encode_chat(split, tokenizer, data)
+
+
+def loss(logits: Any, labels: Any, weight: Any = None) -> tuple[Any, Any]:
+    """Summed next-token cross-entropy over the answer tokens, and their count."""
+    from trainer.tasks.losses import next_token_loss
+
+    return next_token_loss(logits, labels, weight)
+
+
+def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
+    """Tokens per row, EOS included, before truncation (which keys such as
+    data.train_on_prompt do not change)."""
+    from trainer.config import DataConfig
+    from trainer.data.chat_encode import chat_token_counts
+
+    return chat_token_counts(tokenizer, rows, DataConfig())
+
+
+def metrics(names: list[str] | None, data: DataConfig) -> LossMetrics:
+    """Answer-token loss and perplexity."""
+    from trainer.tasks.metrics import LossMetrics
+
+    return LossMetrics()
+
+
+SFT = TaskSpec(
+    name="sft",
+    auto_class="AutoModelForCausalLM",
+    architectures=(),  # a saved causal LM reads as clm; an sft run's folder says sft itself
+    metrics=("loss", "perplexity"),
+    rows=CHAT,
+    encode=encode,
+    make_collator=padding_collator,
+    loss=loss,
+    make_metrics=metrics,
+    lengths=lengths,
+    prediction=PredictionHead(heads.generate, generates=True),
+    peft_task_type="CAUSAL_LM",
+    required_tokens=("eos_token",),
+    shifted_targets=True,
+    pipeline_tag="text-generation",
+    prepare_tokenizer=set_chat_template,
+)
