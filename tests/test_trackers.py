@@ -4,6 +4,7 @@ continues the same tracker run; names, options and missing packages are config e
 
 from __future__ import annotations
 
+import inspect
 import json
 import struct
 import subprocess
@@ -21,7 +22,7 @@ from trainer.config import build_config
 from trainer.errors import UserError
 from trainer.run.stop import EXIT_PREEMPTED
 from trainer.run.tracker_runs import TRACKER_RUNS
-from trainer.trackers import TRACKERS
+from trainer.trackers import FILLED, TRACKERS
 
 mlflow = pytest.importorskip("mlflow")
 wandb_pb = pytest.importorskip("wandb.proto.wandb_internal_pb2")
@@ -90,8 +91,13 @@ def mlflow_history(store: str, run) -> dict[str, dict[int, float]]:
     return history
 
 
-def test_the_tracker_names_are_accelerates():
-    assert set(TRACKERS) == set(LOGGER_TYPE_TO_CLASS)
+def test_the_tracker_names_are_accelerates_and_what_it_fills_is_known():
+    assert set(TRACKERS) == set(LOGGER_TYPE_TO_CLASS) == set(FILLED)
+    for name, tracker in LOGGER_TYPE_TO_CLASS.items():
+        parameters = list(inspect.signature(tracker.__init__).parameters)
+        assert parameters[1] in FILLED[name], name  # accelerate passes the project there
+        if tracker.requires_logging_directory:
+            assert parameters[2] == "logging_dir" and "logging_dir" in FILLED[name], name
 
 
 def test_mlflow_gets_every_logged_number_and_the_resolved_config(
@@ -222,6 +228,10 @@ def test_unknown_tracker_and_options_for_an_unlisted_tracker_are_one_error(run_c
     )
     raw["log"] = {"trackers": ["wandb"], "tracker_options": {"wandb": "e"}}
     with pytest.raises(UserError, match=r"log\.tracker_options\.wandb: must be a mapping"):
+        build_config(raw)
+    # accelerate passes log.project there: a TypeError once the model is loaded, else
+    raw["log"] = {"trackers": ["mlflow"], "tracker_options": {"mlflow": {"experiment_name": "x"}}}
+    with pytest.raises(UserError, match=r"mlflow\.experiment_name: set by steadytrain"):
         build_config(raw)
 
 

@@ -21,6 +21,20 @@ TRACKERS: dict[str, tuple[tuple[str, ...], str]] = {
     "swanlab": (("swanlab",), "swanlab"),
     "trackio": (("trackio",), "trackio"),
 }
+# Init arguments steadytrain fills, which an option may not name again (a TypeError at the
+# first start, after the model loaded): the tracker's first argument and the project, from
+# log.project; where TensorBoard and Aim write, which is the run directory.
+FILLED = {
+    "tensorboard": ("run_name", "logging_dir", "log_dir"),
+    "wandb": ("run_name", "project"),
+    "mlflow": ("experiment_name",),
+    "comet_ml": ("run_name", "project_name"),
+    "aim": ("run_name", "logging_dir", "repo"),
+    "clearml": ("run_name",),
+    "dvclive": ("run_name",),
+    "swanlab": ("run_name", "project"),
+    "trackio": ("run_name", "project"),
+}
 # Our own option, not an argument of accelerate's MLflowTracker: where MLflow stores the
 # run (mlflow.set_tracking_uri), so that a config names it rather than the environment.
 MLFLOW_TRACKING_URI = "tracking_uri"
@@ -39,6 +53,13 @@ def check_log_trackers(trackers: list, options: dict, errors: list[str]) -> None
             errors.append(f"{key}: {name} is not in log.trackers ({listed}); add it or drop this")
         elif not isinstance(value, dict):
             errors.append(f"{key}: must be a mapping of {name}'s init arguments, got {value!r}")
+        else:
+            errors += [
+                f"{key}.{option}: set by steadytrain (the project is log.project, the files "
+                "go to output_dir); leave it out"
+                for option in value
+                if option in FILLED.get(name, ())
+            ]
 
 
 def missing_line(tracker: str) -> str:
