@@ -4,6 +4,7 @@ continues the same tracker run; names, options and missing packages are config e
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import struct
@@ -235,16 +236,20 @@ def test_unknown_tracker_and_options_for_an_unlisted_tracker_are_one_error(run_c
         build_config(raw)
 
 
+@pytest.mark.parametrize("tracker", ["mlflow", "aim"])  # aim: not installed here
 def test_a_tracker_whose_package_is_missing_is_one_line_before_the_model_loads(
-    capsys, run_config, monkeypatch
+    capsys, run_config, monkeypatch, tracker
 ):
     import trainer.run.train
 
-    monkeypatch.setitem(sys.modules, "mlflow", None)  # what find_spec sees of a missing one
+    if tracker == "mlflow":
+        monkeypatch.setitem(sys.modules, "mlflow", None)  # what find_spec sees of a missing one
+    elif importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed")
     monkeypatch.setattr(trainer.run.train, "set_up", lambda cfg: pytest.fail("set up"))
-    code = cli("train", run_config("classification"), "log.trackers=[mlflow]")
+    code = cli("train", run_config("classification"), f"log.trackers=[tensorboard,{tracker}]")
     err = capsys.readouterr().err
     assert code == 2
-    assert (
-        err == "error: log.trackers: mlflow is not installed; pip install 'steadytrain[mlflow]'\n"
+    assert err == (
+        f"error: log.trackers: {tracker} is not installed; pip install 'steadytrain[{tracker}]'\n"
     )

@@ -62,7 +62,7 @@ def _defaults(name: str, run_dir: Path) -> dict:
     return {}
 
 
-def saved_runs(run_dir: Path) -> dict[str, str]:
+def _saved_runs(run_dir: Path) -> dict[str, str]:
     """Tracker name -> the id of its run, as the run's first start wrote them."""
     path = run_dir / TRACKER_RUNS
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -74,7 +74,7 @@ def start_trackers(
     """Start every tracker of log.trackers, continuing the saved tracker runs when `resumed`,
     and log `hyperparameters` to each. Not to a continued MLflow run: it holds them already,
     and MLflow refuses a param whose value changes (a key safe to change on resume)."""
-    saved = saved_runs(run_dir) if resumed else {}
+    saved = _saved_runs(run_dir) if resumed else {}
     init_kwargs = {}
     for name in cfg.log.trackers:
         options = {**_defaults(name, run_dir), **cfg.log.tracker_options.get(name, {})}
