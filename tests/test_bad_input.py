@@ -359,7 +359,7 @@ def test_the_largest_seed_numpy_takes_is_accepted(run_config):
         (
             "log.trackers=[tensorboard]",
             "tensorboard tensorboardX",  # either one writes the events
-            "log.trackers: tensorboard needs",
+            "log.trackers: tensorboard is not installed; pip install 'steadytrain[tensorboard]'",
         ),
     ],
 )

@@ -27,6 +27,7 @@ from trainer.input_checks import check_inputs
 from trainer.security import redact, untrusted_resume
 from trainer.tasks import tag_schemes
 from trainer.tasks.registry import TASKS, task_spec
+from trainer.trackers import check_log_trackers
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml
 
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -38,7 +39,6 @@ ON_NONFINITE = ("skip", "stop")
 CLASS_WEIGHTS = ("none", "auto")
 TRUNCATIONS = ("keep_end", "drop")
 AUGMENT_OPERATIONS = ("deletion", "swap", "insertion", "synonym_replacement")
-TRACKERS = ("tensorboard",)
 
 
 def _field(default: Any, help: str) -> Any:
@@ -193,7 +193,11 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     every_steps: int = _field(10, "Write a metrics.jsonl line every N optimizer steps.")
-    trackers: list = _field(["tensorboard"], "Experiment trackers (offline): tensorboard, or [].")
+    trackers: list = _field(
+        ["tensorboard"], "Experiment trackers: tensorboard, wandb, mlflow, ... (accelerate's); []."
+    )
+    tracker_options: dict = _field({}, "Init arguments per tracker, e.g. {wandb: {entity: E}}.")
+    project: str = _field("steadytrain", "Project (W&B) or experiment (MLflow) to log to.")
 
 
 @dataclass
@@ -270,8 +274,7 @@ def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
             f"train.max_time: '{cfg.train.max_time}' is not a non-zero SLURM time (MM, "
             "MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS); leave it unset for no limit"
         )
-    for tracker in cfg.log.trackers:
-        _choice(errors, "log.trackers", tracker, TRACKERS)
+    check_log_trackers(cfg.log.trackers, cfg.log.tracker_options, errors)
     if cfg.data.tag_scheme is not None:
         _choice(errors, "data.tag_scheme", cfg.data.tag_scheme, tag_schemes.SCHEMES)
     _check_class_weights(cfg.data.class_weights, errors)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trainer.model.dtypes import COMPUTE
+from trainer.trackers import TRACKERS, missing_line
 
 if TYPE_CHECKING:
     from trainer.config import RunConfig
@@ -28,8 +29,6 @@ PACKAGES = {
     ("model.attn_implementation", "flash_attention_3"): (("flash_attn_interface",), "flash-attn-3"),
     ("peft.method", "lora"): (("peft",), "peft"),
     ("peft.method", "qlora"): (("bitsandbytes",), "bitsandbytes"),
-    # Accelerate's tracker writes through torch.utils.tensorboard or else tensorboardX
-    ("log.trackers", "tensorboard"): (("tensorboard", "tensorboardX"), "tensorboard"),
 }
 
 
@@ -67,7 +66,9 @@ def _check_packages(cfg: RunConfig, for_training: bool, errors: list[str]) -> No
     ]
     if for_training:
         wanted.append(("model.attn_implementation", cfg.model.attn_implementation))
-        wanted += [("log.trackers", tracker) for tracker in cfg.log.trackers]
+        for tracker in cfg.log.trackers:  # the names are checked in config.py
+            if tracker in TRACKERS and not any(map(installed, TRACKERS[tracker][0])):
+                errors.append(missing_line(tracker))
     for key, value in wanted:
         modules, package = PACKAGES.get((key, value), ((), None))
         if modules and not any(installed(module) for module in modules):

@@ -52,6 +52,8 @@ SAFE_TO_CHANGE = frozenset(
         "train.collective_timeout",
         "log.every_steps",
         "log.trackers",
+        "log.tracker_options",
+        "log.project",
         "eval.every_steps",
         "eval.batch_size",
         "eval.early_stopping_patience",
@@ -240,7 +242,11 @@ def is_fault_checkpoint(folder: Path) -> bool:
 def _flatten(values: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in values.items():
-        if isinstance(value, dict) and key not in ("config_overrides", "options"):
+        if isinstance(value, dict) and key not in (
+            "config_overrides",
+            "options",
+            "tracker_options",
+        ):
             flat |= _flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value

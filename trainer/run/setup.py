@@ -69,6 +69,7 @@ from trainer.run.resume import (
     step_folders,
 )
 from trainer.run.rundir import claim_run_dir
+from trainer.run.tracker_runs import TRACKER_RUNS, log_with
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
 from trainer.yaml_sections import read_yaml
@@ -163,7 +164,14 @@ def _complete_finish(run_dir: Path) -> bool:
 def _set_aside_previous(run_dir: Path) -> None:
     """Starting over an earlier run: keep its log and checkpoints, renamed."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("metrics.jsonl", "checkpoints", "eval_results.json", "best", "final"):
+    for name in (
+        "metrics.jsonl",
+        "checkpoints",
+        "eval_results.json",
+        "best",
+        "final",
+        TRACKER_RUNS,
+    ):
         if (run_dir / name).exists():
             (run_dir / name).rename(run_dir / f"{name}.previous-{stamp}")
 
@@ -179,7 +187,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
         mixed_precision=cfg.train.precision,
         dynamo_backend="inductor" if cfg.train.compile else "no",
         gradient_accumulation_steps=accumulation_steps,
-        log_with=list(cfg.log.trackers) or None,
+        log_with=log_with(cfg, run_dir),
         project_dir=str(run_dir),
         # torch's default is 30 minutes: a rank that never joins a collective (hung, or
         # dead without its process group noticing) should fail the job much sooner

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from trainer import atomic
 from trainer.config import RunConfig, to_dict
 from trainer.run.records import finite
+from trainer.run.tracker_runs import start_trackers
 
 
 def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
@@ -56,14 +57,15 @@ class RunLog:
         total_steps: int,
         start_step: int = 0,
         elapsed_s: float = 0.0,
+        resumed: bool = False,
     ):
         self.accelerator = accelerator
         self.path = run_dir / "metrics.jsonl"
         self.started = time.perf_counter() - elapsed_s  # a resumed run's clock continues
         self.paused_s = 0.0
         self.paused_at: float | None = None
-        if cfg.log.trackers:
-            accelerator.init_trackers("tensorboard", config=_hyperparameters(cfg))
+        if cfg.log.trackers:  # `resumed`: continue the tracker runs of the first start
+            start_trackers(accelerator, cfg, run_dir, resumed, _hyperparameters(cfg))
         self.progress = tqdm(
             total=total_steps,
             initial=start_step,

@@ -168,10 +168,17 @@ class Loop:
         stop_flag.limit_time(parse_duration(max_time) if max_time else None)
         stop_flag.install()  # again: in case set-up's libraries installed handlers of their own
         _stop_if_asked_during_set_up(run, stop_flag, state.step)
+        resumed = run.resume_from is not None
         log = RunLog(
-            run.accelerator, run.run_dir, run.cfg, run.total_steps, state.step, state.elapsed_s
+            run.accelerator,
+            run.run_dir,
+            run.cfg,
+            run.total_steps,
+            state.step,
+            state.elapsed_s,
+            resumed,
         )
-        saved_step = state.step if run.resume_from is not None else -1
+        saved_step = state.step if resumed else -1
         return cls(run, state, best, since_log, log, stop_flag, saved_step=saved_step)
 
     # --- one optimizer step, and the faults it may bring
