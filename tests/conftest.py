@@ -93,6 +93,13 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_chat(tmp_path_factory) -> Path:
+    """A 2-layer Llama whose tokenizer has ChatML's special tokens and template (seeded)."""
+    torch.manual_seed(0)
+    return tiny_models.build_llama_chat(tmp_path_factory.mktemp("tiny-llama-chat"))
+
+
+@pytest.fixture(scope="session")
 def bert_tokenizer(tiny_bert):
     from transformers import AutoTokenizer
 

@@ -104,14 +104,17 @@ def _ends_with_eos(tokenizer: PreTrainedTokenizerBase, tokens: Tokens) -> Tokens
     return Tokens([*tokens.ids, tokenizer.eos_token_id], [*tokens.trained, True])
 
 
-def row_tokens(tokenizer: PreTrainedTokenizerBase, row: dict, data: DataConfig) -> Tokens:
-    """One row's tokens and targets before truncation."""
+def row_tokens(
+    tokenizer: PreTrainedTokenizerBase, row: dict, last_only: bool = False, on_prompt: bool = False
+) -> Tokens:
+    """One row's tokens and targets before truncation: the answers (`last_only`: the last
+    one), or every token (`on_prompt`, data.train_on_prompt)."""
     if "messages" in row:
-        tokens = _conversation_tokens(tokenizer, row, data.last_turn_only)
+        tokens = _conversation_tokens(tokenizer, row, last_only)
     else:
         tokens = _pair_tokens(tokenizer, row)
     tokens = _ends_with_eos(tokenizer, tokens)
-    if data.train_on_prompt:
+    if on_prompt:
         tokens.trained = [True] * len(tokens.ids)
     return tokens
 
@@ -123,7 +126,7 @@ def encode_chat(
     `data.truncation`."""
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     for row, where in zip(split.rows, split.where, strict=True):
-        tokens = row_tokens(tokenizer, row, data)
+        tokens = row_tokens(tokenizer, row, data.last_turn_only, data.train_on_prompt)
         if not any(tokens.trained):
             raise UserError(f"{split.key}: {where}: no answer token to train on")
         if len(tokens.ids) > data.max_length:
@@ -142,8 +145,7 @@ def encode_chat(
     return datasets.Dataset.from_dict(columns)
 
 
-def chat_token_counts(
-    tokenizer: PreTrainedTokenizerBase, rows: list[dict], data: DataConfig
-) -> list[int]:
-    """Tokens per row as `encode_chat` makes them, before truncation."""
-    return [len(row_tokens(tokenizer, row, data).ids) for row in rows]
+def chat_token_counts(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
+    """Tokens per row as `encode_chat` makes them, before truncation (which tokens are
+    targets does not change how many there are)."""
+    return [len(row_tokens(tokenizer, row).ids) for row in rows]

@@ -41,12 +41,10 @@ def loss(logits: Any, labels: Any, weight: Any = None) -> tuple[Any, Any]:
 
 
 def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
-    """Tokens per row, EOS included, before truncation (which keys such as
-    data.train_on_prompt do not change)."""
-    from trainer.config import DataConfig
+    """Tokens per row, EOS included, before truncation."""
     from trainer.data.chat_encode import chat_token_counts
 
-    return chat_token_counts(tokenizer, rows, DataConfig())
+    return chat_token_counts(tokenizer, rows)
 
 
 def metrics(names: list[str] | None, data: DataConfig) -> LossMetrics:
