@@ -8,7 +8,6 @@ import json
 import random
 
 import pytest
-import torch
 from conftest import read_metrics, reset_accelerate
 from tiny_models import WORDS
 from transformers import AutoTokenizer
@@ -29,7 +28,7 @@ TWO_TURNS = [
 
 def trained_text(tokenizer, row: dict, **options) -> str:
     tokens = row_tokens(tokenizer, row, **options)
-    return tokenizer.decode([i for i, on in zip(tokens.ids, tokens.trained) if on])
+    return tokenizer.decode([i for i, on in zip(tokens.ids, tokens.trained, strict=True) if on])
 
 
 @pytest.fixture
@@ -137,8 +136,8 @@ def test_one_micro_batch_of_8_equals_8_of_1(tmp_path, tiny_llama_chat):
     found = []
     for micro in (8, 1):
         out = tmp_path / f"micro-{micro}"
-        argv = sft_config(out, tiny_llama_chat, train_file, **{"train.micro_batch_size": micro,
-                          "train.max_steps": 2, "model.config_overrides": "{attention_dropout: 0.0}"})  # fmt: skip
+        settings = {"train.micro_batch_size": micro, "train.max_steps": 2}
+        argv = sft_config(out, tiny_llama_chat, train_file, **settings)
         assert train(argv) == 0
         found.append(
             [(r["loss"], r["grad_norm"]) for r in read_metrics(out / "run") if "loss" in r]
@@ -187,7 +186,7 @@ def test_truncation_keeps_the_end_or_drops_the_row_and_says_so(tmp_path, tiny_ll
                 ]
             },
             "empty assistant turn",
-        ),  # fmt: skip
+        ),
         ({"prompt": "hi", "completion": ""}, "empty answer in column 'completion'"),
         ({"question": "hi"}, "expected a 'messages' column"),
     ],
@@ -223,12 +222,3 @@ def test_an_unknown_template_name_is_a_config_error(tmp_path, tiny_gpt2, capsys)
     assert (
         "data.chat_template: vicuna is neither a file nor a known name" in capsys.readouterr().err
     )
-
-
-def test_the_loss_is_on_answer_tokens_only(tiny_llama_chat):
-    """What the model is trained on, read back from a batch: the targets are the answers."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_chat)
-    row = {"messages": TWO_TURNS}
-    tokens = row_tokens(tokenizer, row)
-    labels = torch.tensor([i if on else -100 for i, on in zip(tokens.ids, tokens.trained)])
-    assert tokenizer.decode(labels[labels != -100]) == "bad night<|im_end|>\ngreen<|im_end|>\n"
