@@ -142,7 +142,7 @@ def attach_adapter(
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    targets = cfg.target_modules or default_target_modules(model)
+    targets = cfg.target_modules or spec.lora_targets or default_target_modules(model)
     options = dict(cfg.options)
     # the task head always trains in full; peft.options may add more (e.g. BERT's pooler)
     to_save = [*spec.modules_to_save, *(options.pop("modules_to_save", None) or [])]

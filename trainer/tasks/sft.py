@@ -67,6 +67,8 @@ SFT = TaskSpec(
     lengths=lengths,
     prediction=PredictionHead(heads.generate, generates=True),
     peft_task_type="CAUSAL_LM",
+    # every linear layer, as QLoRA's paper found necessary to match full fine-tuning
+    lora_targets="all-linear",
     required_tokens=("eos_token",),
     shifted_targets=True,
     pipeline_tag="text-generation",

@@ -91,6 +91,7 @@ class TaskSpec:
     augmentable: bool = False  # EDA edits of whole texts keep the label (data.augment)
     peft_task_type: str | None = None  # peft's TaskType; None: the generic PeftModel
     modules_to_save: tuple[str, ...] = ()  # trained in full next to a LoRA adapter (heads)
+    lora_targets: str | None = None  # peft.target_modules when unset; None: peft's default
     required_tokens: tuple[str, ...] = ()  # tokenizer attributes the task cannot do without
     shifted_targets: bool = False  # CLM: position t predicts token t + 1
     # MLM/CLM: texts to per-document token columns, packed on the fly when streaming
