@@ -2,9 +2,11 @@
 predictions on new text, as `trainer predict` makes them.
 
 Inputs are sorted by length and padded per batch (dynamic padding), so a batch of short
-texts costs what short texts cost; rows go back to input order. What differs between tasks
-is the task spec's prediction head (trainer/tasks/heads.py); loading, batching and
-precision are shared.
+texts costs what short texts cost (on a GPU, each batch's length is rounded up to a
+multiple of 8, which its tensor cores want); rows go back to input order.
+`PredictOptions.quantize` makes the Linear layers int8 for CPU inference
+(trainer/model/int8.py). What differs between tasks is the task spec's prediction head
+(trainer/tasks/heads.py); loading, batching and precision are shared.
 
 Several LoRA adapters trained on one base can be served from one loaded base: `add_adapter`
 loads another adapter (and its own copy of the task head, `modules_to_save`) next to the
