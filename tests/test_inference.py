@@ -386,6 +386,13 @@ def test_int8_merges_a_lora_adapter_first(runs):
         )
 
 
+def test_int8_is_refused_off_the_cpu(monkeypatch):
+    """On a machine that computes on a GPU, int8 is one error line before any loading."""
+    monkeypatch.setattr("trainer.inference.compute_device", lambda: torch.device("cuda"))
+    with pytest.raises(UserError, match=r"--quantize int8: runs on CPU only, .* on cuda"):
+        PredictOptions(quantize="int8").check()
+
+
 def test_int8_refuses_several_adapters(runs):
     shared = Predictor.load(str(runs["final"]["lora_a"]))
     shared.add_adapter("b", str(runs["final"]["lora_b"]))
