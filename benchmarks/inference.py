@@ -44,6 +44,7 @@ OPTIONS = (
     ("ours + `--pad-to-multiple-of 8`", {"pad_to_multiple_of": 8}),
     ("ours + `--precision bf16` (autocast)", {"precision": "bf16"}),
 )
+FP32, INT8 = "ours (`Predictor.predict`)", "ours + `--quantize int8`"
 EXACT = ("naive", "input order", "ours (", "ours + `--pad")  # ways that must equal naive
 GOAL = 20  # the issue's target speed-up over the naive way
 
@@ -125,6 +126,10 @@ class Naive:
         label = self.names[max(range(len(probs)), key=probs.__getitem__)]
         return {"label": label, "probabilities": dict(zip(self.names, probs, strict=True))}
 
+    def in_order(self, batch: int) -> Callable[[Sequence[str]], list[dict]]:
+        """`predict_in_order` with this batch size."""
+        return lambda texts: self.predict_in_order(texts, batch)
+
     def predict_in_order(self, texts: Sequence[str], batch: int) -> list[dict]:
         """The next step a script takes: batches of `batch` texts in input order, each
         padded to its longest (`padding=True`), not sorted by length."""
@@ -147,19 +152,34 @@ class Naive:
 # --- in one process ----------------------------------------------------------------------------
 
 
-def timed(
-    predict: Callable[[Sequence[str]], list[dict]], texts: Sequence[str], repeats: int = 1
-) -> dict:
-    """Warm up on the first texts (untimed), then time `repeats` passes over all of them;
-    the fastest counts (other processes on the CPU only ever slow a pass down)."""
-    predict(texts[:WARMUP_TEXTS])
-    load_before, passes = os.getloadavg()[0], []
+Predict = Callable[[Sequence[str]], list[dict]]
+
+
+def timed(predict: Predict, texts: Sequence[str], repeats: int = 1) -> dict:
+    """One way alone: warmed up, then its fastest of `repeats` passes."""
+    return timed_alternately([predict], texts, repeats)[0]
+
+
+def timed_alternately(predicts: Sequence[Predict], texts: Sequence[str], repeats: int) -> list:
+    """Warm every way up on the first texts (untimed), then `repeats` rounds of one timed
+    pass over all texts per way, the ways in turn, so that a burst of other load on the CPU
+    falls on all of them; each way's fastest pass counts (other load only slows a pass)."""
+    for predict in predicts:
+        predict(texts[:WARMUP_TEXTS])
+    passes: list[list[float]] = [[] for _ in predicts]
+    rows: list[list[dict]] = [[] for _ in predicts]
+    loads: list[list[float]] = [[] for _ in predicts]
     for _ in range(repeats):
-        start = time.perf_counter()
-        rows = predict(texts)
-        passes.append(time.perf_counter() - start)
-    loads = [load_before, os.getloadavg()[0]]
-    return {"seconds": min(passes), "passes_s": passes, "rows": rows, "loads": loads}
+        for i, predict in enumerate(predicts):
+            loads[i].append(os.getloadavg()[0])
+            start = time.perf_counter()
+            rows[i] = predict(texts)
+            passes[i].append(time.perf_counter() - start)
+            loads[i].append(os.getloadavg()[0])
+    return [
+        {"seconds": min(times), "passes_s": times, "rows": got, "loads": [min(at), max(at)]}
+        for times, got, at in zip(passes, rows, loads, strict=True)
+    ]
 
 
 def agreement(rows: Sequence[dict], reference: Sequence[dict]) -> dict[str, Any]:
@@ -188,43 +208,47 @@ def way(name: str, batch: int, measured: dict, naive: dict, tokens: int) -> dict
     }
 
 
+def ours(predictor, batch: int, **settings: Any) -> Predict:
+    """`predictor.predict` with these options."""
+    from trainer.inference import PredictOptions
+
+    options = PredictOptions(batch_size=batch, **settings)
+    return lambda texts: predictor.predict(texts, options)
+
+
 def measure_in_process(folder: Path, texts: Sequence[str], repeats: int = 1) -> dict[str, Any]:
     """Naive (padded, then unpadded: splits the speed-up into padding and batching), then
     batched in input order (what sorting adds), ours at each batch size, ours with one
-    speed option each, ours with int8 Linear layers; every way warmed up and timed alike."""
+    speed option each, ours with int8 Linear layers; every way warmed up and timed alike,
+    in turn (`timed_alternately`)."""
     import torch
 
     from trainer.commands.predict import load_predictor
-    from trainer.inference import PredictOptions
 
     naive_model = Naive(folder)
     encoded = naive_model.tokenizer(list(texts), truncation=True, max_length=MAX_LENGTH)
     tokens = sum(len(ids) for ids in encoded["input_ids"])
     print(f"[inference] {len(texts)} texts: naive, ours, ours + options ...", flush=True)
-    naive = timed(naive_model.predict, texts, repeats)
-    ways = [way("naive (padded to 128)", 1, naive, naive, tokens)]
-    unpadded = timed(lambda t: naive_model.predict(t, pad=False), texts, repeats)
-    ways.append(way("naive, unpadded", 1, unpadded, naive, tokens))
-    in_order = timed(lambda t: naive_model.predict_in_order(t, OPTION_BATCH), texts, repeats)
-    ways.append(way("input order, padded per batch", OPTION_BATCH, in_order, naive, tokens))
     predictor = load_predictor(str(folder), [], "no")
-    fp32: dict[int, dict] = {}
-    for batch in BATCH_SIZES:
-        options = PredictOptions(batch_size=batch)
-        fp32[batch] = timed(lambda t, o=options: predictor.predict(t, o), texts, repeats)
-        ways.append(way("ours (`Predictor.predict`)", batch, fp32[batch], naive, tokens))
-    for name, settings in OPTIONS:
-        options = PredictOptions(batch_size=OPTION_BATCH, **settings)
-        measured = timed(lambda t, o=options: predictor.predict(t, o), texts, repeats)
-        ways.append(way(name, OPTION_BATCH, measured, naive, tokens))
     quantized = load_predictor(str(folder), [], "no")  # int8 has no way back: its own copy
-    options = PredictOptions(batch_size=OPTION_BATCH, quantize="int8")
-    int8 = timed(lambda t: quantized.predict(t, options), texts, repeats)  # warm-up quantizes
-    ways.append(way("ours + `--quantize int8`", OPTION_BATCH, int8, naive, tokens))
+    candidates: list[tuple[str, int, Predict]] = [
+        ("naive (padded to 128)", 1, naive_model.predict),
+        ("naive, unpadded", 1, lambda t: naive_model.predict(t, pad=False)),
+        ("input order, padded per batch", OPTION_BATCH, naive_model.in_order(OPTION_BATCH)),
+        *((FP32, batch, ours(predictor, batch)) for batch in BATCH_SIZES),
+        *((name, OPTION_BATCH, ours(predictor, OPTION_BATCH, **kw)) for name, kw in OPTIONS),
+        # the int8 predictor's warm-up quantizes it
+        (INT8, OPTION_BATCH, ours(quantized, OPTION_BATCH, quantize="int8")),
+    ]
+    measured = timed_alternately([predict for *_, predict in candidates], texts, repeats)
+    by_way = {(name, batch): m for (name, batch, _), m in zip(candidates, measured, strict=True)}
+    naive = measured[0]
     return {
         "real_tokens": tokens,
-        "ways": ways,
-        "int8_vs_fp32": agreement(int8["rows"], fp32[OPTION_BATCH]["rows"]),
+        "ways": [way(name, batch, m, naive, tokens) for (name, batch), m in by_way.items()],
+        "int8_vs_fp32": agreement(
+            by_way[(INT8, OPTION_BATCH)]["rows"], by_way[(FP32, OPTION_BATCH)]["rows"]
+        ),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -353,7 +377,9 @@ def markdown(result: dict) -> str:
             f"{s['texts']} reviews of `data/sentiment/` ({result['real_tokens']:,} real "
             f"tokens), CPU, {result['torch_threads']} torch threads, fp32. In one process, one "
             f"way after the other; each way first runs the same {s['warmup_texts']} texts "
-            "untimed, then one timed pass over all texts, tokenization included. Naive: "
+            f"untimed, then {s.get('repeats', 1)} round(s) of one timed pass over all texts "
+            "per way, the ways in turn, tokenization included; a way's fastest pass counts. "
+            "Naive: "
             "`AutoModelForSequenceClassification`, `model.eval()`, `torch.no_grad()`, one text "
             'per forward pass, `padding="max_length", truncation=True, max_length=128`. Ours: '
             '`load_predictor(folder, [], "no").predict(texts, PredictOptions(batch_size=B))`, '
