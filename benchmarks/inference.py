@@ -375,8 +375,8 @@ def markdown(result: dict) -> str:
             "",
             f"all-MiniLM-L6-v2 sentiment classifier ({trained}, max_length {s['max_length']}), "
             f"{s['texts']} reviews of `data/sentiment/` ({result['real_tokens']:,} real "
-            f"tokens), CPU, {result['torch_threads']} torch threads, fp32. In one process, one "
-            f"way after the other; each way first runs the same {s['warmup_texts']} texts "
+            f"tokens), CPU, {result['torch_threads']} torch threads, fp32. In one process; "
+            f"each way first runs the same {s['warmup_texts']} texts "
             f"untimed, then {s.get('repeats', 1)} round(s) of one timed pass over all texts "
             "per way, the ways in turn, tokenization included; a way's fastest pass counts. "
             "Naive: "
