@@ -90,6 +90,9 @@ def goals(sections: dict[str, dict]) -> list[str]:
         ours = [w["speedup_vs_naive"] for w in ways if w["way"].startswith("ours (")]
         goal = f"trainer predict / naive loop ≥ {INFERENCE_GOAL:g}×"
         add(goal, max(ours, default=None), INFERENCE_GOAL, "{:.1f}×")
+        options = [w["speedup_vs_naive"] for w in ways if w["way"].startswith("ours + ")]
+        goal = f"trainer predict with its fastest option / naive loop ≥ {INFERENCE_GOAL:g}×"
+        add(goal, max(options, default=None), INFERENCE_GOAL, "{:.1f}×")
     if "hardware" in sections:
         gpu = sections["hardware"].get("result", {}).get("gpu", {})
         goal = f"GPT-2-124M, seq 1024, bf16 MFU on the GPU ≥ {GPT2_MFU_GOAL:.0%}"

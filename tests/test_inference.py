@@ -5,6 +5,7 @@ each adapter loaded alone, and bad input rejected in one line."""
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import make_run_config, reset_accelerate, write_csv, write_jsonl
 from peft import PeftModel
 
 from trainer.cli import main
+from trainer.errors import UserError
 from trainer.inference import PredictOptions, Predictor, WordTag, merge_entities
 from trainer.tasks.tag_schemes import decode
 
@@ -52,9 +54,10 @@ def train_run(folder: Path, task: str, models: dict, data_dir: Path, **sections)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_models_by_task, data_dir):
-    """Tiny trained runs shared by the module: an NER model and two LoRA classifiers on the
-    tiny BERT (same seed: the BERT pooler, missing from the MLM base, is drawn from it), the
-    first with the in-memory model that its final/ was saved from."""
+    """Tiny trained runs shared by the module: an NER model, a fully fine-tuned classifier
+    and two LoRA classifiers on the tiny BERT (same seed: the BERT pooler, missing from the
+    MLM base, is drawn from it), the first with the in-memory model that its final/ was
+    saved from."""
     root = tmp_path_factory.mktemp("predict-runs")
     models = tiny_models_by_task
     saved: list[PeftModel] = []
@@ -85,7 +88,11 @@ def runs(tmp_path_factory, tiny_models_by_task, data_dir):
     ner = train_run(
         root / "ner", "token-classification", models, data_dir, train={"epochs": 2, "lr": 5e-3}
     )
-    return {"final": {"lora_a": lora_a, "lora_b": lora_b, "ner": ner}, "in_memory": saved[-1]}
+    full = train_run(
+        root / "full", "classification", models, data_dir, train={"epochs": 4, "lr": 3e-3}
+    )
+    finals = {"lora_a": lora_a, "lora_b": lora_b, "ner": ner, "full": full}
+    return {"final": finals, "in_memory": saved[-1]}
 
 
 @pytest.fixture
@@ -106,8 +113,9 @@ def test_classification_rows(runs, sentences_csv, tmp_path, capsys):
     assert "rows/s" in out and json.loads(out.splitlines()[-1])["rows"] == len(SENTENCES)
     rows = read_rows(output)
     assert len(rows) == len(SENTENCES)
-    for row in rows:
-        assert set(row) == {"label", "score", "probabilities"}
+    for i, (row, text) in enumerate(zip(rows, SENTENCES, strict=True)):
+        assert set(row) == {"id", "text", "label", "score", "probabilities"}
+        assert (row["id"], row["text"]) == (str(i), text)  # csv ids are read as text
         assert set(row["probabilities"]) == {"negative", "positive"}
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
         assert row["score"] == max(row["probabilities"].values())
@@ -223,7 +231,8 @@ def test_clm_generates_greedily(tiny_gpt2, tmp_path, capsys):
     code, _, err = cli(capsys, *argv)
     assert code == 0, err
     rows = read_rows(output)
-    assert len(rows) == len(SENTENCES) and all(set(row) == {"generated"} for row in rows)
+    assert len(rows) == len(SENTENCES)
+    assert all(set(row) == {"id", "text", "generated"} for row in rows)
     # the continuation of a prompt is model.generate's on that prompt alone
     predictor = Predictor.load(str(tiny_gpt2))
     ids = predictor.tokenizer(SENTENCES[1], return_tensors="pt")["input_ids"]
@@ -262,6 +271,133 @@ def test_clm_batches_match_one_at_a_time(tiny_gpt2):
     batched = predictor.predict(SENTENCES, PredictOptions(batch_size=3, **options))
     single = predictor.predict(SENTENCES, PredictOptions(batch_size=1, **options))
     assert batched == single
+
+
+@pytest.mark.parametrize("which", ["lora_a", "ner", "mlm", "clm"])
+def test_padding_to_a_multiple_predicts_the_same(runs, tiny_bert, tiny_gpt2, which):
+    """Batches padded to a multiple of 8 (or 5) give what batches padded to their longest
+    input give, for every task, CLM's left padding included."""
+    folder = {"mlm": tiny_bert, "clm": tiny_gpt2}.get(which) or runs["final"][which]
+    texts = [t.replace("the", "[MASK]", 1) for t in SENTENCES] if which == "mlm" else SENTENCES
+    predictor = Predictor.load(str(folder))
+    longest = max(len(ids) for ids in predictor.tokenizer(texts)["input_ids"])
+    extra = {"max_new_tokens": 5} if which == "clm" else {}
+    tight = predictor.predict(texts, PredictOptions(batch_size=4, pad_to_multiple_of=1, **extra))
+    for multiple in (8, 5):
+        options = PredictOptions(batch_size=4, pad_to_multiple_of=multiple, **extra)
+        assert predictor._width(longest, options) % multiple == 0
+        assert predictor._width(longest, options) > longest or longest % multiple == 0
+        padded = predictor.predict(texts, options)
+        if which == "clm":
+            assert padded == tight
+            continue
+        for many, few in zip(padded, tight, strict=True):
+            assert _flatten(many) == pytest.approx(_flatten(few), abs=1e-5)
+            assert many.get("label") == few.get("label")
+
+
+def test_padding_stays_within_the_positions(runs):
+    """Rounding up never asks for more positions than the model has (256 in the tiny BERT),
+    nor, for generation, more than leave room for the new tokens; CPU rounds to 1 by default."""
+    predictor = Predictor.load(str(runs["final"]["lora_a"]))
+    assert predictor._width(250, PredictOptions(pad_to_multiple_of=64)) == 256
+    assert predictor._width(256, PredictOptions(pad_to_multiple_of=100)) == 256
+    assert predictor._width(13, PredictOptions()) == 13  # the CPU default: no rounding
+    assert PredictOptions().pad_multiple(torch.device("cuda")) == 8
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".txt"])
+def test_rows_carry_the_input_text_and_id(runs, tmp_path, capsys, suffix):
+    """Each output row starts with its input's `id` (the file's id column; a .txt line's
+    number, blank lines counted) and `text`; a file without ids gives rows without one."""
+    ids = ["r-7", "r-3", "x", "r-1", "q", "z"]
+    rows = [{"id": i, "text": t} for i, t in zip(ids, SENTENCES, strict=True)]
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".csv":
+        write_csv(source, rows)
+    elif suffix == ".jsonl":
+        write_jsonl(source, [{**row, "id": n} for n, row in enumerate(rows, start=100)])
+        ids = list(range(100, 100 + len(rows)))
+    else:
+        source.write_text("\n\n".join(SENTENCES[:3]) + "\n" + "\n".join(SENTENCES[3:]) + "\n")
+        ids = [1, 3, 5, 6, 7, 8]
+    output = tmp_path / "out.jsonl"
+    code, _, err = cli(
+        capsys, "predict", runs["final"]["lora_a"], "--input", source, "--output", output
+    )
+    assert code == 0, err
+    got = read_rows(output)
+    assert [(row["id"], row["text"]) for row in got] == list(zip(ids, SENTENCES, strict=True))
+    assert all(list(row)[:2] == ["id", "text"] and "label" in row for row in got)
+    no_ids = write_csv(tmp_path / "plain.csv", [{"text": t} for t in SENTENCES])
+    assert (
+        cli(capsys, "predict", runs["final"]["lora_a"], "--input", no_ids, "--output", output)[0]
+        == 0
+    )
+    assert [list(row)[:2] for row in read_rows(output)] == [["text", "label"]] * len(SENTENCES)
+
+
+# --- int8 --------------------------------------------------------------------------------------
+
+
+def sentiment_texts(data_dir: Path) -> list[dict]:
+    """The 240 rows of the tiny classification data (train and validation)."""
+    names = ("sentiment_train.csv", "sentiment_validation.csv")
+    return [row for name in names for row in csv.DictReader((data_dir / name).open())]
+
+
+def test_int8_labels_agree_with_float32(runs, data_dir):
+    """On the trained tiny classifier and its 240 texts (fp32 gets most of them right, so
+    both labels are at stake), int8 gives fp32's label for at least 95% of them, while the
+    probabilities do move: the Linear layers are int8 indeed."""
+    rows = sentiment_texts(data_dir)
+    texts = [row["text"] for row in rows]
+    folder = str(runs["final"]["full"])
+    fp32 = Predictor.load(folder).predict(texts)
+    right = sum(p["label"] == row["label"] for p, row in zip(fp32, rows, strict=True))
+    assert right / len(rows) >= 0.8
+    predictor = Predictor.load(folder)
+    int8 = predictor.predict(texts, PredictOptions(quantize="int8"))
+    kinds = {type(module) for module in predictor.model.modules()}
+    assert torch.ao.nn.quantized.dynamic.Linear in kinds and torch.nn.Linear not in kinds
+    pairs = list(zip(int8, fp32, strict=True))
+    same = sum(a["label"] == b["label"] for a, b in pairs) / len(texts)
+    gap = max(abs(a["score"] - b["probabilities"][a["label"]]) for a, b in pairs)
+    assert same >= 0.95, same
+    assert 0 < gap < 0.2
+    again = predictor.predict(texts[:4], PredictOptions(quantize="int8"))  # quantized once
+    assert [row["label"] for row in again] == [row["label"] for row in int8[:4]]
+    with pytest.raises(UserError, match="int8 now; load it again"):
+        predictor.predict(texts[:4])
+
+
+def test_int8_merges_a_lora_adapter_first(runs):
+    """An adapter folder's LoRA layers are merged into the base, then the base quantized:
+    the result is close to the un-merged float32 adapter."""
+    folder = str(runs["final"]["lora_a"])
+    fp32 = Predictor.load(folder).predict(SENTENCES)
+    predictor = Predictor.load(folder)
+    int8 = predictor.predict(SENTENCES, PredictOptions(quantize="int8"))
+    assert predictor.adapter_names == []
+    assert not any(type(m) is torch.nn.Linear for m in predictor.model.modules())
+    for a, b in zip(int8, fp32, strict=True):
+        assert list(a["probabilities"].values()) == pytest.approx(
+            list(b["probabilities"].values()), abs=0.05
+        )
+
+
+def test_int8_is_refused_off_the_cpu(monkeypatch):
+    """On a machine that computes on a GPU, int8 is one error line before any loading."""
+    monkeypatch.setattr("trainer.inference.compute_device", lambda: torch.device("cuda"))
+    with pytest.raises(UserError, match=r"--quantize int8: runs on CPU only, .* on cuda"):
+        PredictOptions(quantize="int8").check()
+
+
+def test_int8_refuses_several_adapters(runs):
+    shared = Predictor.load(str(runs["final"]["lora_a"]))
+    shared.add_adapter("b", str(runs["final"]["lora_b"]))
+    with pytest.raises(UserError, match=r"load it alone \(loaded: default, b\)"):
+        shared.predict(SENTENCES, PredictOptions(quantize="int8"))
 
 
 # --- LoRA adapters -----------------------------------------------------------------------------
@@ -353,6 +489,15 @@ def test_bad_inputs_are_one_line_errors(runs, sentences_csv, tmp_path, capsys):
         ["predict", final, "--input", sentences_csv, *out, "--batch-size", "0"],
         "--batch-size: must be > 0",
     )
+    for option, fragment in [
+        (["--quantize", "foo"], "--quantize: 'foo' is not one of no, int8"),
+        (["--pad-to-multiple-of", "0"], "--pad-to-multiple-of: must be > 0, got 0"),
+        (["--quantize", "int8", "--precision", "bf16"], "computes in float32; drop --precision"),
+        (["--precision", "fp16"], "--precision: fp16 needs CUDA"),
+    ]:
+        expect_user_error(
+            capsys, ["predict", final, "--input", sentences_csv, *out, *option], fragment
+        )
     expect_user_error(
         capsys,
         ["predict", runs["final"]["ner"], "--input", sentences_csv, *out, "task=classification"],

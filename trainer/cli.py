@@ -157,6 +157,8 @@ def _predict(args: argparse.Namespace) -> int:
     options = PredictOptions(
         batch_size=args.batch_size,
         precision=args.precision,
+        quantize=args.quantize,
+        pad_to_multiple_of=args.pad_to_multiple_of,
         top_k=args.top_k,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -195,10 +197,28 @@ def _report(args: argparse.Namespace) -> int:
 def _add_predict_parser(commands) -> None:
     predict = commands.add_parser("predict", help="predict on new texts with a model folder")
     predict.add_argument("model_dir", help="a run's final/ (full or adapter) or a model folder")
-    predict.add_argument("--input", required=True, help="csv, tsv, jsonl (text column) or txt")
-    predict.add_argument("--output", required=True, help="jsonl file, one row per input")
+    predict.add_argument(
+        "--input",
+        required=True,
+        help="csv, tsv, jsonl, json or parquet (data.text_column, and `id` if present), "
+        "or txt (one text per non-blank line, its line number as id)",
+    )
+    predict.add_argument(
+        "--output", required=True, help="jsonl file, one row per input: id, text, prediction"
+    )
     predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
-    predict.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no")
+    predict.add_argument(
+        "--precision", choices=("no", "bf16", "fp16"), default="no", help="fp16: CUDA only"
+    )
+    predict.add_argument(
+        "--quantize", default="no", help="int8: dynamic int8 Linear layers (CPU, fp32 only)"
+    )
+    predict.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        metavar="N",
+        help="round each batch's length up to a multiple of N (default: 8 on CUDA, 1 on CPU)",
+    )
     predict.add_argument("--top-k", type=int, default=5, help="mlm: fills per mask token")
     predict.add_argument("--max-new-tokens", type=int, default=32, help="clm: tokens to add")
     predict.add_argument("--temperature", type=float, default=0.0, help="clm: 0 is greedy")

@@ -2,9 +2,11 @@
 predictions on new text, as `trainer predict` makes them.
 
 Inputs are sorted by length and padded per batch (dynamic padding), so a batch of short
-texts costs what short texts cost; rows go back to input order. What differs between tasks
-is the task spec's prediction head (trainer/tasks/heads.py); loading, batching and
-precision are shared.
+texts costs what short texts cost (on a GPU, each batch's length is rounded up to a
+multiple of 8, which its tensor cores want); rows go back to input order.
+`PredictOptions.quantize` makes the Linear layers int8 for CPU inference
+(trainer/model/int8.py). What differs between tasks is the task spec's prediction head
+(trainer/tasks/heads.py); loading, batching and precision are shared.
 
 Several LoRA adapters trained on one base can be served from one loaded base: `add_adapter`
 loads another adapter (and its own copy of the task head, `modules_to_save`) next to the
@@ -25,22 +27,28 @@ from transformers import PreTrainedTokenizerBase
 from trainer.config import RunConfig
 from trainer.devices import compute_device
 from trainer.errors import UserError
-from trainer.model import adapters
+from trainer.model import adapters, int8
 from trainer.model.load import load_tokenizer
 from trainer.model.saved import DEFAULT_ADAPTER, SavedModel
 from trainer.tasks.heads import WordTag, merge_entities
 from trainer.tasks.registry import task_spec
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE = ("no", "int8")
+# Padding a batch to a multiple of 8 tokens lets a GPU's tensor cores take every matmul;
+# on a CPU it is only more tokens to compute (benchmarks/inference.py measures it).
+GPU_PAD_MULTIPLE = 8
 __all__ = ["PredictOptions", "Predictor", "WordTag", "merge_entities"]  # the public API
 
 
 @dataclass
 class PredictOptions:
-    """How to predict: batching, precision, and the MLM / CLM decoding settings."""
+    """How to predict: batching, precision, int8, and the MLM / CLM decoding settings."""
 
     batch_size: int = 32
     precision: str = "no"
+    quantize: str = "no"  # int8: dynamic int8 Linear layers, on CPU (trainer/model/int8.py)
+    pad_to_multiple_of: int | None = None  # None: 8 on a CUDA GPU, 1 (no rounding) elsewhere
     top_k: int = 5  # mlm: fills per mask
     max_new_tokens: int = 32  # clm
     temperature: float = 0.0  # clm: 0 is greedy
@@ -61,8 +69,29 @@ class PredictOptions:
             problems.append(f"--precision: '{self.precision}' is not one of no, bf16, fp16")
         elif self.precision == "fp16" and not torch.cuda.is_available():
             problems.append("--precision: fp16 needs CUDA; use bf16 or no on CPU")
+        if self.pad_to_multiple_of is not None and not self.pad_to_multiple_of > 0:
+            problems.append(f"--pad-to-multiple-of: must be > 0, got {self.pad_to_multiple_of}")
+        problems += self._quantize_problems()
         if problems:
             raise UserError("; ".join(problems))
+
+    def _quantize_problems(self) -> list[str]:
+        if self.quantize not in QUANTIZE:
+            return [f"--quantize: '{self.quantize}' is not one of {', '.join(QUANTIZE)}"]
+        if self.quantize == "no":
+            return []
+        if self.precision != "no":  # int8 Linear layers take float32 inputs only
+            return [f"--quantize int8: computes in float32; drop --precision {self.precision}"]
+        device = compute_device().type
+        if device != "cpu":  # torch's dynamic int8 kernels (fbgemm, onednn) are CPU ones
+            return [f"--quantize int8: runs on CPU only, this machine computes on {device}"]
+        return []
+
+    def pad_multiple(self, device: torch.device) -> int:
+        """What each batch's width is rounded up to on `device` (1: not rounded)."""
+        if self.pad_to_multiple_of is not None:
+            return self.pad_to_multiple_of
+        return GPU_PAD_MULTIPLE if device.type == "cuda" else 1
 
 
 @dataclass
@@ -116,6 +145,7 @@ class Predictor:
         self.active = adapter  # the adapter in use; None for a full model
         self.labels: dict[str | None, list[str]] = {adapter: labels or []}
         self.base = base  # the base that added adapters must have been trained on
+        self.int8 = False  # Linear layers made int8 (`PredictOptions.quantize`): no way back
 
     @classmethod
     def load(
@@ -216,6 +246,7 @@ class Predictor:
         """One result row per text, in input order (see tasks/heads.py for each task's keys)."""
         options = options or PredictOptions(precision=self.precision)
         options.check()
+        self._quantize(options.quantize)
         examples = self._encode(texts, options)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids), reverse=True)
         if options.temperature > 0:
@@ -227,6 +258,23 @@ class Predictor:
                 for example, row in zip(chunk, self._run(chunk, options), strict=True):
                     rows[example.index] = row
         return rows
+
+    def _quantize(self, quantize: str) -> None:
+        """Make the Linear layers int8 on the first prediction that asks for it, in place:
+        the float32 weights are not kept, so a later float32 prediction needs a new load."""
+        if (quantize == "int8") == self.int8:
+            return
+        if self.int8:
+            raise UserError("--quantize: this model's Linear layers are int8 now; load it again")
+        if self.quantized:
+            raise UserError("--quantize int8: a QLoRA model is 4-bit already")
+        if len(self.adapter_names) > 1:  # un-merged ones would sit on int8 base layers
+            raise UserError(
+                f"--quantize int8: merges the adapter in use into the base; load it alone "
+                f"(loaded: {', '.join(self.adapter_names)})"
+            )
+        self.model = int8.quantize_linear_layers(self.model).eval()
+        self.int8 = True
 
     # --- batching ------------------------------------------------------------------------
 
@@ -259,9 +307,20 @@ class Predictor:
     def _run(self, chunk: list[Example], options: PredictOptions) -> list[dict]:
         """Pad one batch (left for generation, right otherwise) and apply the task's head."""
         ids = [e.ids for e in chunk]
-        inputs = pad_batch(ids, self.tokenizer.pad_token_id, self.head.generates)
+        width = self._width(max(len(seq) for seq in ids), options)
+        inputs = pad_batch(ids, self.tokenizer.pad_token_id, self.head.generates, width)
         inputs = {key: value.to(self.device) for key, value in inputs.items()}
         return self.head.run(self, chunk, inputs, options)
+
+    def _width(self, longest: int, options: PredictOptions) -> int:
+        """The longest input rounded up to the padding multiple, within the model's
+        positions (and, for generation, leaving room for the new tokens)."""
+        multiple = options.pad_multiple(self.device)
+        width = -(-longest // multiple) * multiple
+        limit = _positions(self.model.config)
+        if limit and self.head.generates:
+            limit -= options.max_new_tokens
+        return max(longest, min(width, limit)) if limit else width
 
     def _autocast(self, precision: str) -> contextlib.AbstractContextManager:
         if precision == "no":
@@ -269,17 +328,23 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+def _positions(config) -> int | None:
+    """How many positions the model has (None: not said, e.g. rotary embeddings)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
 def _prompt_limit(config, max_new_tokens: int) -> int | None:
     """Prompt tokens that leave room for the continuation within the model's positions."""
-    positions = getattr(config, "n_positions", None) or getattr(
-        config, "max_position_embeddings", None
-    )
+    positions = _positions(config)
     return max(1, positions - max_new_tokens) if positions else None
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, left: bool) -> dict[str, torch.Tensor]:
-    """Ids and attention mask padded to the longest sequence of this batch only."""
-    width = max(len(seq) for seq in sequences)
+def pad_batch(
+    sequences: list[list[int]], pad_id: int, left: bool, width: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Ids and attention mask padded to `width`, by default the longest sequence of this
+    batch only."""
+    width = width or max(len(seq) for seq in sequences)
     ids, mask = [], []
     for seq in sequences:
         fill = width - len(seq)

@@ -11,8 +11,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from trainer.atomic import write_text
 from trainer.config import DataConfig
-from trainer.data.read import TEXT, read_split
+from trainer.data.read import ID_COLUMN, TEXT_WITH_ID, read_split
 from trainer.errors import UserError
 from trainer.inference import PredictOptions, Predictor
 from trainer.model.saved import DEFAULT_ADAPTER, SavedModel
@@ -20,8 +21,10 @@ from trainer.model.saved import DEFAULT_ADAPTER, SavedModel
 INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
 
 
-def read_texts(source: str, data: DataConfig) -> list[str]:
-    """Texts from `data.text_column` of a csv/tsv/jsonl file, or one per non-blank .txt line."""
+def read_inputs(source: str, data: DataConfig) -> list[dict]:
+    """The inputs, each `{"text"}` plus its `id`: the text from `data.text_column` of a
+    csv/tsv/jsonl/json/parquet file, with the row's `id` column when it has one, or one
+    text per non-blank line of a .txt file, whose id is its line number."""
     path = Path(source).expanduser()
     if path.is_dir():
         raise UserError(f"--input: {source} is a directory; name a file in it")
@@ -30,7 +33,7 @@ def read_texts(source: str, data: DataConfig) -> list[str]:
     if path.suffix.lower() not in INPUT_SUFFIXES:
         raise UserError(f"--input: {path.name}: expected one of {', '.join(INPUT_SUFFIXES)}")
     # read as plain text: only the text column is needed and checked (no labels, no tags)
-    return [row["text"] for row in read_split(str(path), "--input", TEXT, data).rows]
+    return read_split(str(path), "--input", TEXT_WITH_ID, data).rows
 
 
 def parse_adapters(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -102,20 +105,24 @@ def predict_file(
         raise UserError(f"--output: {target} is a directory; name the .jsonl file to write")
     pairs = parse_adapters(adapter_items)
     primary = _primary(model_dir, pairs)
-    texts = read_texts(source, primary[0].run_config(overrides).data)
+    inputs = read_inputs(source, primary[0].run_config(overrides).data)
     predictor = _loaded(primary, pairs, overrides, options.precision, use)
     started = time.perf_counter()
-    rows = predictor.predict(texts, options)
+    predictions = predictor.predict([row["text"] for row in inputs], options)
     seconds = time.perf_counter() - started
+    rows = [with_input(one, given) for one, given in zip(predictions, inputs, strict=True)]
     write_jsonl(Path(target), rows)
     return {"rows": len(rows), "seconds": round(seconds, 3), "rows_per_s": len(rows) / seconds}
 
 
+def with_input(prediction: dict, given: dict) -> dict:
+    """A prediction row led by its input's `id` (when it has one) and `text`, so that the
+    output stands on its own and joins back to the input."""
+    head = {ID_COLUMN: given[ID_COLUMN]} if ID_COLUMN in given else {}
+    return {**head, "text": given["text"], **prediction}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write all rows under a temporary name, then rename: no half-written output file."""
+    """All rows at once (trainer/atomic.py): no half-written output file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.rename(path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the task specs import this module, and config validation im
     from trainer.config import DataConfig
 
 GLOB_CHARS = "*?["
+ID_COLUMN = "id"  # an input's own name for itself, carried into its predictions
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".conll")
 
 
@@ -90,11 +91,17 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path.name} row {number}", row
 
 
-def _read_text_lines(path: Path, column: str) -> Iterator[tuple[str, dict]]:
-    """One document per non-blank line (blank lines separate paragraphs, so they are skipped)."""
+def _read_text_lines(
+    path: Path, column: str, number_column: str | None = None
+) -> Iterator[tuple[str, dict]]:
+    """One document per non-blank line (blank lines separate paragraphs, so they are skipped);
+    with `number_column`, each row also holds its line number there (1 is the first line)."""
     for number, line in enumerate(decoded_lines(path), start=1):
         if line.strip():
-            yield f"{path.name} line {number}", {column: line.rstrip("\r\n")}
+            row = {column: line.rstrip("\r\n")}
+            if number_column is not None:
+                row[number_column] = number
+            yield f"{path.name} line {number}", row
 
 
 def _read_conll(path: Path, tokens_col: str, tags_col: str) -> Iterator[tuple[str, dict]]:
@@ -243,6 +250,13 @@ def _text_row(row: dict, where: str, cfg: DataConfig) -> dict:
     return {"text": text}
 
 
+def _text_with_id(row: dict, where: str, cfg: DataConfig) -> dict:
+    """A text and, when the row has an `id` column, that id as it is: predictions carry it
+    back, so that a row of the output joins to its input."""
+    checked = _text_row(row, where, cfg)
+    return {**checked, ID_COLUMN: row[ID_COLUMN]} if ID_COLUMN in row else checked
+
+
 def _labelled_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """A text and its class (a string or an integer, kept as a string)."""
     checked = _text_row(row, where, cfg)
@@ -388,6 +402,13 @@ TEXT = RowFormat(
     _text_row,
     plain_text_suffixes=(".txt",),
     read_plain_text=lambda path, cfg: _read_text_lines(path, cfg.text_column),
+)
+# what `trainer predict` reads: a text and its id (a .txt line's is its line number)
+TEXT_WITH_ID = RowFormat(
+    "text",
+    _text_with_id,
+    plain_text_suffixes=(".txt",),
+    read_plain_text=lambda path, cfg: _read_text_lines(path, cfg.text_column, ID_COLUMN),
 )
 LABELLED_TEXT = RowFormat(
     "labelled text", _labelled_row, labels=lambda row: [row["label"]], order_labels=_class_order
