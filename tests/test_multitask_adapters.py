@@ -173,3 +173,23 @@ def test_an_adapter_of_another_base_is_refused(finals, tiny_bert, tmp_path, caps
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert f"--adapter ner={moved}: trained on {tmp_path / 'another-bert'}, not " in err
     assert not out.exists()
+
+
+def test_the_input_is_read_with_the_used_adapters_settings(finals, tmp_path, capsys):
+    """`--use ner` reads the input's text from the tagger's `data.text_column`, not from the
+    first adapter's (a run trained on another column of another task)."""
+    import yaml
+
+    from trainer.model.saved import RUN_CONFIG_NAME
+
+    tagger = tmp_path / "ner-sentence-column"
+    shutil.copytree(finals["ner"], tagger)
+    settings = yaml.safe_load((tagger / RUN_CONFIG_NAME).read_text())
+    settings["data"]["text_column"] = "sentence"
+    (tagger / RUN_CONFIG_NAME).write_text(yaml.safe_dump(settings))
+    source = write_csv(tmp_path / "in.csv", [{"sentence": SENTENCES[2]}])
+    out = tmp_path / "out.jsonl"
+    argv = ["predict", finals["sst"], "--input", source, "--output", out]
+    code, err = cli(capsys, *argv, "--adapter", f"ner={tagger}", "--use", "ner")
+    assert code == 0, err
+    assert read_rows(out)[0]["entities"]
