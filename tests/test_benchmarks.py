@@ -201,3 +201,15 @@ def test_runner_names_a_partial_run_apart(fake_sections, tmp_path):
     assert md.stem.endswith("-ok")
     with pytest.raises(SystemExit):
         runner.parse_args(["--only", "nope"])
+
+
+@pytest.mark.slow
+def test_multitask_adapters_section_quick_on_the_tiny_bert(tiny_bert, tmp_path):
+    from benchmarks import multitask_adapters
+
+    result = json_round_trip(multitask_adapters.run(True, tmp_path, model=tiny_bert))
+    shared, separate = result["ways"]["shared"], result["ways"]["separate"]
+    assert shared["task_models"] == separate["task_models"] == 3
+    assert shared["parameter_bytes"] < 0.5 * separate["parameter_bytes"]
+    assert max(result["max_score_gap"].values()) < 1e-5 and result["labels_equal"]
+    assert multitask_adapters.markdown(result).startswith("## 3 adapters of 3 tasks")

@@ -136,6 +136,52 @@ def test_share_backbone_refuses_other_weights(finals, tiny_bert):
     assert shared_base.share_backbone(first, backbone, "-") > 0  # its own weights: all shared
 
 
+def test_a_head_of_another_size_gets_its_own_model(finals, tiny_models_by_task, data_dir, tmp_path):
+    """A 3-label classifier next to the 2-label one: peft cannot put heads of two shapes in
+    one model, so it gets a model of its own, on the same base weights."""
+    from conftest import sentiment_rows
+
+    rows = sentiment_rows(96, seed=7)
+    rows += [{"text": "the hotel room was quite mild .", "label": "neutral"}] * 24
+    three = write_csv(tmp_path / "three.csv", rows)
+    folder = tmp_path / "sst3"
+    folder.mkdir()
+    reset_accelerate()
+    train = {"epochs": 1, "max_steps": 12, "lr": 2e-2, "seed": 5}
+    sections = {**LORA, "data": {**LORA["data"], "train": str(three)}}
+    config = make_run_config(
+        folder, "classification", tiny_models_by_task, data_dir, train=train, **sections
+    )
+    assert main(["train", str(config)]) == 0
+    predictor = Predictor.load(str(finals["sst"]), adapter_name="sst")
+    predictor.add_adapter("sst3", str(folder / "run" / "final"))
+    assert len(predictor.models) == 2
+    first, second = (model.get_base_model().bert for model in predictor.models)
+    name = "encoder.layer.0.attention.self.value.base_layer.weight"
+    assert (
+        dict(first.named_parameters())[name].data_ptr()
+        == dict(second.named_parameters())[name].data_ptr()
+    )
+    predictor.use("sst3")
+    alone = Predictor.load(str(folder / "run" / "final"))
+    assert list(predictor.predict(SENTENCES)[0]["probabilities"]) == [
+        "negative",
+        "neutral",
+        "positive",
+    ]
+    assert_rows_equal(predictor.predict(SENTENCES), alone.predict(SENTENCES))
+
+
+def test_a_base_in_another_dtype_is_refused(tiny_bert):
+    from transformers import AutoModelForTokenClassification
+
+    first = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=3)
+    half = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=3).bfloat16()
+    backbone = shared_base.backbone_parameters(first)
+    with pytest.raises(UserError, match=r"--adapter x=y: its base's .* is torch.bfloat16 \["):
+        shared_base.share_backbone(half, backbone, "--adapter x=y")
+
+
 def cli(capsys, *argv) -> tuple[int, str]:
     reset_accelerate()
     code = main([str(a) for a in argv])

@@ -52,11 +52,12 @@ def share_backbone(model: torch.nn.Module, shared: Backbone, where: str) -> int:
         source = shared.get(name)
         if source is None or _drawn_at_random(model, name):
             continue
-        if (
-            source.shape != param.shape
-            or source.dtype != param.dtype
-            or not torch.equal(source.detach(), param.detach().to(source.device))
-        ):
+        if (source.shape, source.dtype) != (param.shape, param.dtype):
+            raise UserError(
+                f"{where}: its base's {name} is {param.dtype} {list(param.shape)}, the loaded "
+                f"base's {source.dtype} {list(source.shape)}; serve it in a separate run"
+            )
+        if not torch.equal(source.detach(), param.detach().to(source.device)):
             raise UserError(
                 f"{where}: its base's weights differ from the loaded base's ({name}); "
                 "adapters served together must be trained on the same base"

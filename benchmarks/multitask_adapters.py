@@ -1,0 +1,173 @@
+"""Adapters of different tasks on one base: the memory of N LoRA adapters (classification,
+NER and masked LM, several per task) served by one `Predictor` against N separate
+`Predictor.load`s, and whether each adapter's predictions are the same both ways.
+
+The adapters are short LoRA runs (`trainer train`, a few steps each, different seeds) on
+all-MiniLM-L6-v2 with the shipped data: memory does not depend on how well they are
+trained. Each way loads in a fresh process (the worker "multitask") that reports the bytes
+of its distinct parameter storages (shared tensors counted once) and its RSS once loaded;
+the process's peak RSS is read from outside (`common.run_measured`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks import engine
+from benchmarks.common import ROOT, fmt, run_worker, table
+from benchmarks.models import model_path
+
+DATA = {
+    "classification": str(ROOT / "data" / "sentiment" / "train.csv"),
+    "token-classification": str(ROOT / "data" / "ner" / "train.jsonl"),
+    "mlm": str(ROOT / "data" / "text" / "general.txt"),
+}
+SHORT = {"classification": "sst", "token-classification": "ner", "mlm": "mlm"}
+TEXTS = [
+    "The ramen was bland and the pork was tough and fatty.",
+    "Mary Robinson chaired a meeting of The Elders in Dublin.",
+    "The [MASK] was great and the staff were friendly.",
+]
+MiB = 1024 * 1024
+
+
+def train_adapters(work_dir: Path, base: str, per_task: int) -> dict[str, str]:
+    """`per_task` short LoRA runs of each task on `base`; name -> final/ folder."""
+    finals = {}
+    for task, data in DATA.items():
+        for seed in range(per_task):
+            run_dir = work_dir / f"{SHORT[task]}-{seed}"
+            settings = {
+                "task": task,
+                "model": {"name_or_path": base},
+                "data": {"train": data, "validation": None, "max_length": 64},
+                "train": {"max_steps": 2, "global_batch_size": 8, "micro_batch_size": 8},
+                "peft": {"method": "lora"},
+                "log": {"trackers": []},
+            }
+            settings["train"]["seed"] = seed
+            engine.train(run_dir, settings)
+            finals[run_dir.name] = str(run_dir / "final")
+    return finals
+
+
+def load_job(spec: dict) -> dict[str, Any]:
+    """The worker "multitask": load `spec["adapters"]` one way (`shared`: one Predictor,
+    `separate`: a Predictor each), then report parameter bytes, RSS and every adapter's
+    predictions on TEXTS."""
+    import time
+
+    from trainer.inference import Predictor
+    from trainer.model import shared_base
+
+    names = list(spec["adapters"])
+    start = time.perf_counter()
+    if spec["way"] == "shared":
+        first = Predictor.load(spec["adapters"][names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            first.add_adapter(name, spec["adapters"][name])
+        predictors = dict.fromkeys(names, first)
+    else:
+        predictors = {name: Predictor.load(folder) for name, folder in spec["adapters"].items()}
+    load_s = time.perf_counter() - start
+    rss = _rss_bytes()
+    models = {id(m): m for p in predictors.values() for m in p.models}
+    rows = {}
+    for name, predictor in predictors.items():
+        if spec["way"] == "shared":
+            predictor.use(name)
+        rows[name] = predictor.predict(TEXTS)
+    return {
+        "parameter_bytes": shared_base.parameter_bytes(list(models.values())),
+        "task_models": len(models),
+        "rss_bytes": rss,
+        "load_s": load_s,
+        "rows": rows,
+    }
+
+
+def _rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _max_score_gap(shared: list[dict], separate: list[dict]) -> float:
+    """The largest difference between any two corresponding scores of two row lists
+    (probabilities, entity and fill scores), or inf where the rows' shape differs."""
+
+    def scores(value: Any) -> list[float]:
+        if isinstance(value, float):
+            return [value]
+        if isinstance(value, dict):
+            return [s for key in sorted(value) for s in scores(value[key])]
+        if isinstance(value, list):
+            return [s for item in value for s in scores(item)]
+        return []
+
+    a, b = scores(shared), scores(separate)
+    if len(a) != len(b) or json.dumps(shared).count(":") != json.dumps(separate).count(":"):
+        return float("inf")
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def run(quick: bool, work_dir: Path, model: Path | None = None) -> dict[str, Any]:
+    """Train the adapters (3 per task, `quick`: 1) on MiniLM (or `model`), then load them
+    both ways in fresh processes."""
+    base = str(model or model_path())
+    finals = train_adapters(work_dir, base, 1 if quick else 3)
+    ways = {}
+    for way in ("shared", "separate"):
+        spec = {"way": way, "adapters": finals}
+        measured, found = run_worker("multitask", spec, work_dir / f"load-{way}.log")
+        ways[way] = {**found, "peak_rss_bytes": int(measured.peak_rss_mb * MiB)}
+    shared, separate = ways["shared"].pop("rows"), ways["separate"].pop("rows")
+    gaps = {name: _max_score_gap(shared[name], separate[name]) for name in finals}
+    labels_equal = all(
+        [r.get("label") for r in shared[name]] == [r.get("label") for r in separate[name]]
+        for name in finals
+    )
+    return {
+        "base": base,
+        "adapters": list(finals),
+        "ways": ways,
+        "max_score_gap": gaps,
+        "labels_equal": labels_equal,
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The two ways side by side, and the agreement of their predictions."""
+    ways = result["ways"]
+    rows = [
+        [
+            way,
+            found["task_models"],
+            fmt(found["parameter_bytes"] / MiB, 1),
+            fmt(found["rss_bytes"] / MiB, 0),
+            fmt(found["peak_rss_bytes"] / MiB, 0),
+            fmt(found["load_s"], 1),
+        ]
+        for way, found in ways.items()
+    ]
+    saved = 1 - ways["shared"]["parameter_bytes"] / ways["separate"]["parameter_bytes"]
+    gap = max(result["max_score_gap"].values())
+    lines = [
+        f"## {len(result['adapters'])} adapters of 3 tasks on one base vs separate models",
+        "",
+        f"Base: `{result['base']}`; adapters: {', '.join(result['adapters'])}.",
+        "",
+        *table(
+            ["way", "task models", "parameters MiB", "RSS loaded MiB", "peak RSS MiB", "load s"],
+            rows,
+        ),
+        "",
+        f"Parameter memory saved by sharing: {saved:.0%}. Largest score difference between "
+        f"the two ways, over every adapter's predictions: {gap:.2e}; labels equal: "
+        f"{result['labels_equal']}.",
+    ]
+    return "\n".join(lines) + "\n"
