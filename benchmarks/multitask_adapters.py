@@ -17,7 +17,7 @@ from typing import Any
 
 from benchmarks import engine
 from benchmarks.common import ROOT, fmt, run_worker, table
-from benchmarks.models import model_path
+from benchmarks.models import build_bert, model_path
 
 DATA = {
     "classification": str(ROOT / "data" / "sentiment" / "train.csv"),
@@ -59,10 +59,13 @@ def load_job(spec: dict) -> dict[str, Any]:
     predictions on TEXTS."""
     import time
 
+    import peft  # noqa: F401 (imported before the baseline RSS, as loading would import it)
+
     from trainer.inference import Predictor
     from trainer.model import shared_base
 
     names = list(spec["adapters"])
+    rss_before = _rss_bytes()
     start = time.perf_counter()
     if spec["way"] == "shared":
         first = Predictor.load(spec["adapters"][names[0]], adapter_name=names[0])
@@ -72,8 +75,9 @@ def load_job(spec: dict) -> dict[str, Any]:
     else:
         predictors = {name: Predictor.load(folder) for name, folder in spec["adapters"].items()}
     load_s = time.perf_counter() - start
-    rss = _rss_bytes()
+    rss = _rss_bytes() - rss_before
     models = {id(m): m for p in predictors.values() for m in p.models}
+    backbones = [m.get_base_model().base_model for m in models.values()]
     rows = {}
     for name, predictor in predictors.items():
         if spec["way"] == "shared":
@@ -81,11 +85,26 @@ def load_job(spec: dict) -> dict[str, Any]:
         rows[name] = predictor.predict(TEXTS)
     return {
         "parameter_bytes": shared_base.parameter_bytes(list(models.values())),
+        "base_bytes": _distinct_bytes(
+            [p for b in backbones for n, p in b.named_parameters() if _frozen_base(n)]
+        ),
         "task_models": len(models),
         "rss_bytes": rss,
         "load_s": load_s,
         "rows": rows,
     }
+
+
+def _frozen_base(name: str) -> bool:
+    """Whether a backbone parameter is the base's own, not LoRA's nor an adapter's copy of
+    a module it trains in full (peft's names: `lora_A`, `modules_to_save`)."""
+    return "lora_" not in name and "modules_to_save" not in name
+
+
+def _distinct_bytes(parameters: list) -> int:
+    """Bytes of the distinct storages of `parameters` (a shared one once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in parameters}
+    return sum(storages.values())
 
 
 def _rss_bytes() -> int:
@@ -115,18 +134,41 @@ def _max_score_gap(shared: list[dict], separate: list[dict]) -> float:
     return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
 
 
+def bases(quick: bool, work_dir: Path, model: Path | None) -> dict[str, str]:
+    """Name -> folder of each base measured: all-MiniLM-L6-v2, which ships no MLM head (its
+    MLM adapters train and save a head of their own, the 30k-row decoder included), and,
+    unless `quick`, a BERT of MiniLM's shape saved with its MLM head (random weights), whose
+    MLM adapters are LoRA only. `model`: that one base instead."""
+    if model is not None:
+        return {Path(model).name: str(model)}
+    found = {"all-MiniLM-L6-v2": model_path()}
+    if not quick:
+        folder = build_bert(work_dir / "bert-with-mlm-head", 6, 384, 12, 1536)
+        found["MiniLM-shaped BERT with its MLM head"] = str(folder)
+    return found
+
+
 def run(quick: bool, work_dir: Path, model: Path | None = None) -> dict[str, Any]:
-    """Train the adapters (3 per task, `quick`: 1) on MiniLM (or `model`), then load them
-    both ways in fresh processes."""
-    base = str(model or model_path())
-    finals = train_adapters(work_dir, base, 1 if quick else 3)
+    """For each base, train the adapters (3 per task, `quick`: 1), then load them both ways
+    in fresh processes."""
+    found = {}
+    for index, (name, base) in enumerate(bases(quick, work_dir, model).items()):
+        folder = work_dir / f"base-{index}"
+        folder.mkdir(exist_ok=True)
+        print(f"[multitask_adapters] {name}: training, then loading both ways ...", flush=True)
+        found[name] = measure_base(base, folder, 1 if quick else 3)
+    return {"bases": found}
+
+
+def measure_base(base: str, work_dir: Path, per_task: int) -> dict[str, Any]:
+    """One base: its adapters, loaded shared and separately, and their predictions compared."""
+    finals = train_adapters(work_dir, base, per_task)
     ways = {}
     for way in ("shared", "separate"):
         spec = {"way": way, "adapters": finals}
         measured, found = run_worker("multitask", spec, work_dir / f"load-{way}.log")
         ways[way] = {**found, "peak_rss_bytes": int(measured.peak_rss_mb * MiB)}
     shared, separate = ways["shared"].pop("rows"), ways["separate"].pop("rows")
-    gaps = {name: _max_score_gap(shared[name], separate[name]) for name in finals}
     labels_equal = all(
         [r.get("label") for r in shared[name]] == [r.get("label") for r in separate[name]]
         for name in finals
@@ -135,39 +177,49 @@ def run(quick: bool, work_dir: Path, model: Path | None = None) -> dict[str, Any
         "base": base,
         "adapters": list(finals),
         "ways": ways,
-        "max_score_gap": gaps,
+        "max_score_gap": {name: _max_score_gap(shared[name], separate[name]) for name in finals},
         "labels_equal": labels_equal,
     }
 
 
+HEAD = ["way", "task models", "parameters MiB", "of which base", "heads + LoRA"]
+HEAD += ["RSS added MiB", "peak RSS MiB", "load s"]
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The two ways side by side, and the agreement of their predictions."""
-    ways = result["ways"]
-    rows = [
-        [
-            way,
-            found["task_models"],
-            fmt(found["parameter_bytes"] / MiB, 1),
-            fmt(found["rss_bytes"] / MiB, 0),
-            fmt(found["peak_rss_bytes"] / MiB, 0),
-            fmt(found["load_s"], 1),
+    """Per base: the two ways side by side, and the agreement of their predictions."""
+    lines = ["## Adapters of 3 tasks on one base vs separate models", ""]
+    lines += [
+        "Parameters: distinct storages (shared tensors once); base: the backbone's frozen "
+        "weights; RSS added: after loading minus after the imports; peak RSS: the process's.",
+    ]
+    for name, found in result["bases"].items():
+        ways = found["ways"]
+        saved = 1 - ways["shared"]["parameter_bytes"] / ways["separate"]["parameter_bytes"]
+        gap = max(found["max_score_gap"].values())
+        lines += [
+            "",
+            f"### {name}: {len(found['adapters'])} adapters",
+            "",
+            f"Base `{found['base']}`; adapters {', '.join(found['adapters'])}.",
+            "",
+            *table(HEAD, [_row(way, ways[way]) for way in ways]),
+            "",
+            f"Parameter memory saved by sharing: {saved:.0%}. Largest score difference between "
+            f"the two ways, over every adapter's predictions: {gap:.2e}; labels equal: "
+            f"{found['labels_equal']}.",
         ]
-        for way, found in ways.items()
-    ]
-    saved = 1 - ways["shared"]["parameter_bytes"] / ways["separate"]["parameter_bytes"]
-    gap = max(result["max_score_gap"].values())
-    lines = [
-        f"## {len(result['adapters'])} adapters of 3 tasks on one base vs separate models",
-        "",
-        f"Base: `{result['base']}`; adapters: {', '.join(result['adapters'])}.",
-        "",
-        *table(
-            ["way", "task models", "parameters MiB", "RSS loaded MiB", "peak RSS MiB", "load s"],
-            rows,
-        ),
-        "",
-        f"Parameter memory saved by sharing: {saved:.0%}. Largest score difference between "
-        f"the two ways, over every adapter's predictions: {gap:.2e}; labels equal: "
-        f"{result['labels_equal']}.",
-    ]
     return "\n".join(lines) + "\n"
+
+
+def _row(way: str, found: dict[str, Any]) -> list[str]:
+    return [
+        way,
+        str(found["task_models"]),
+        fmt(found["parameter_bytes"] / MiB, 1),
+        fmt(found["base_bytes"] / MiB, 1),
+        fmt((found["parameter_bytes"] - found["base_bytes"]) / MiB, 1),
+        fmt(found["rss_bytes"] / MiB, 0),
+        fmt(found["peak_rss_bytes"] / MiB, 0),
+        fmt(found["load_s"], 1),
+    ]
