@@ -5,8 +5,9 @@ NER and masked LM, several per task) served by one `Predictor` against N separat
 The adapters are short LoRA runs (`trainer train`, a few steps each, different seeds) on
 all-MiniLM-L6-v2 with the shipped data: memory does not depend on how well they are
 trained. Each way loads in a fresh process (the worker "multitask") that reports the bytes
-of its distinct parameter storages (shared tensors counted once) and its RSS once loaded;
-the process's peak RSS is read from outside (`common.run_measured`).
+of its distinct parameter storages (shared tensors counted once: what a GPU holds) and the
+RSS and PSS its loading added; the process's peak RSS is read from outside
+(`common.run_measured`).
 """
 
 from __future__ import annotations
@@ -60,12 +61,13 @@ def load_job(spec: dict) -> dict[str, Any]:
     import time
 
     import peft  # noqa: F401 (imported before the baseline RSS, as loading would import it)
+    import torch
 
     from trainer.inference import Predictor
     from trainer.model import shared_base
 
     names = list(spec["adapters"])
-    rss_before = _rss_bytes()
+    before = _memory()
     start = time.perf_counter()
     if spec["way"] == "shared":
         first = Predictor.load(spec["adapters"][names[0]], adapter_name=names[0])
@@ -75,7 +77,6 @@ def load_job(spec: dict) -> dict[str, Any]:
     else:
         predictors = {name: Predictor.load(folder) for name, folder in spec["adapters"].items()}
     load_s = time.perf_counter() - start
-    rss = _rss_bytes() - rss_before
     models = {id(m): m for p in predictors.values() for m in p.models}
     backbones = [m.get_base_model().base_model for m in models.values()]
     rows = {}
@@ -83,13 +84,19 @@ def load_job(spec: dict) -> dict[str, Any]:
         if spec["way"] == "shared":
             predictor.use(name)
         rows[name] = predictor.predict(TEXTS)
+    with torch.no_grad():  # every weight read once, as a server that has seen every token
+        for model in models.values():
+            for param in model.parameters():
+                param.sum()
+    after = _memory()
     return {
         "parameter_bytes": shared_base.parameter_bytes(list(models.values())),
         "base_bytes": _distinct_bytes(
             [p for b in backbones for n, p in b.named_parameters() if _frozen_base(n)]
         ),
         "task_models": len(models),
-        "rss_bytes": rss,
+        "rss_bytes": after["Rss"] - before["Rss"],
+        "pss_bytes": after["Pss"] - before["Pss"],
         "load_s": load_s,
         "rows": rows,
     }
@@ -107,12 +114,17 @@ def _distinct_bytes(parameters: list) -> int:
     return sum(storages.values())
 
 
-def _rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _memory() -> dict[str, int]:
+    """This process's resident (Rss) and proportional (Pss) memory in bytes, from Linux's
+    /proc/self/smaps_rollup. Pss counts a page shared with another mapping by its share:
+    transformers maps a safetensors file's pages in as the weights (copy-on-write), so N
+    loads of one float32 file share its page cache where RSS counts it N times."""
+    found = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Rss", "Pss"):
+            found[key] = int(value.split()[0]) * 1024
+    return found
 
 
 def _max_score_gap(shared: list[dict], separate: list[dict]) -> float:
@@ -183,15 +195,19 @@ def measure_base(base: str, work_dir: Path, per_task: int) -> dict[str, Any]:
 
 
 HEAD = ["way", "task models", "parameters MiB", "of which base", "heads + LoRA"]
-HEAD += ["RSS added MiB", "peak RSS MiB", "load s"]
+HEAD += ["RSS added MiB", "PSS added MiB", "peak RSS MiB", "load s"]
 
 
 def markdown(result: dict[str, Any]) -> str:
     """Per base: the two ways side by side, and the agreement of their predictions."""
     lines = ["## Adapters of 3 tasks on one base vs separate models", ""]
     lines += [
-        "Parameters: distinct storages (shared tensors once); base: the backbone's frozen "
-        "weights; RSS added: after loading minus after the imports; peak RSS: the process's.",
+        "Parameters: distinct storages (shared tensors once), what a GPU would hold; base: "
+        "the backbone's frozen weights. RSS / PSS added: after loading, predicting and reading "
+        "every weight once, minus after the imports (PSS counts a page mapped twice once: "
+        "transformers maps a float32 safetensors file in as the weights, so on a CPU separate "
+        "loads of one file already share its page cache until a weight is converted or "
+        "moved); peak RSS: the process's.",
     ]
     for name, found in result["bases"].items():
         ways = found["ways"]
@@ -220,6 +236,7 @@ def _row(way: str, found: dict[str, Any]) -> list[str]:
         fmt(found["base_bytes"] / MiB, 1),
         fmt((found["parameter_bytes"] - found["base_bytes"]) / MiB, 1),
         fmt(found["rss_bytes"] / MiB, 0),
+        fmt(found["pss_bytes"] / MiB, 0),
         fmt(found["peak_rss_bytes"] / MiB, 0),
         fmt(found["load_s"], 1),
     ]
