@@ -41,7 +41,9 @@ SECTIONS = {
     "optimisations": "optimisations",
     "quality": "quality",
 }
-EXTRA = {s: s for s in ("data_pipeline", "augmentation", "qlora_layout")}  # with --only
+EXTRA = {  # with --only
+    s: s for s in ("data_pipeline", "augmentation", "qlora_layout", "multitask_adapters")
+}
 THROUGHPUT_GOAL = 1.3  # ours / Trainer, useful tokens/s, every job (on CPU)
 INFERENCE_GOAL = 20.0  # trainer predict / naive loop
 GPT2_MFU_GOAL = 0.45  # GPT-2-124M at sequence length 1024, bf16, one H100

@@ -20,6 +20,7 @@ WORKERS = {
     "handwritten": ("benchmarks.hardware", "handwritten_loop"),
     "naive": ("benchmarks.inference", "naive_job"),
     "cli": ("benchmarks.qlora_layout", "cli_variant"),
+    "multitask": ("benchmarks.multitask_adapters", "load_job"),
 }
 
 

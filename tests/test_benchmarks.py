@@ -272,3 +272,18 @@ def test_quality_goals_compare_means_over_seeds():
     text = quality.markdown(json_round_trip(result))
     assert "| full | ours | 0.8500 (0.8000–0.9000) |" in text
     assert "| ours lora ≥ Trainer lora | no |" in text
+
+
+@pytest.mark.slow
+def test_multitask_adapters_section_quick_on_the_tiny_bert(tiny_bert, tmp_path):
+    from benchmarks import multitask_adapters
+
+    result = json_round_trip(multitask_adapters.run(True, tmp_path, model=tiny_bert))
+    result = result["bases"][tiny_bert.name]
+    shared, separate = result["ways"]["shared"], result["ways"]["separate"]
+    assert shared["task_models"] == separate["task_models"] == 3
+    assert shared["parameter_bytes"] < 0.5 * separate["parameter_bytes"]
+    assert max(result["max_score_gap"].values()) < 1e-5 and result["labels_equal"]
+    assert shared["base_bytes"] < 0.4 * separate["base_bytes"]  # one base instead of three
+    text = multitask_adapters.markdown({"bases": {"tiny": result}})
+    assert text.startswith("## Adapters of 3 tasks") and "| shared | 3 |" in text

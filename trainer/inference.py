@@ -9,10 +9,11 @@ multiple of 8, which its tensor cores want); rows go back to input order.
 (trainer/tasks/heads.py); loading, batching and precision are shared.
 
 Several LoRA adapters trained on one base can be served from one loaded base: `add_adapter`
-loads another adapter (and its own copy of the task head, `modules_to_save`) next to the
-first, `use` switches between them without reloading anything. They must serve the same
-task with the same number of labels: a head of another shape or class (a classifier next
-to an NER tagger) would need a second base model, so it is refused with a message.
+loads another adapter, of any task, next to the first, `use` switches between them without
+reloading anything. Adapters of one task and head size go into one PeftModel (peft's
+multi-adapter API, each with its own copy of the head, `modules_to_save`); another task or
+head size gets a model of its own class whose backbone holds the same base weights
+(trainer/model/shared_base.py), so N tasks cost one base plus their heads and adapters.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from trainer.config import RunConfig
 from trainer.devices import compute_device
 from trainer.errors import UserError
-from trainer.model import adapters, int8
+from trainer.model import adapters, int8, shared_base
 from trainer.model.load import load_tokenizer
 from trainer.model.saved import DEFAULT_ADAPTER, SavedModel
 from trainer.tasks.heads import WordTag, merge_entities
@@ -116,9 +117,21 @@ def _check_head(saved: SavedModel, task: str) -> None:
 # --- the predictor ---------------------------------------------------------------------------
 
 
+@dataclass
+class Served:
+    """What one adapter (or the full model, under the name None) predicts with: its task
+    model (shared with the adapters of the same task and head size), the run config it
+    was trained with, its tokenizer and its head's label names."""
+
+    model: torch.nn.Module
+    cfg: RunConfig
+    tokenizer: PreTrainedTokenizerBase
+    labels: list[str]
+
+
 class Predictor:
-    """A loaded model that predicts on lists of texts; LoRA adapters on its base can be
-    added (`add_adapter`) and switched (`use`) without loading the base again."""
+    """A loaded model that predicts on lists of texts; LoRA adapters on its base, of any
+    task, can be added (`add_adapter`) and switched (`use`) without loading the base again."""
 
     def __init__(
         self,
@@ -129,23 +142,27 @@ class Predictor:
         labels: list[str] | None = None,
         adapter: str | None = None,
         base: str = "",
+        backbone: shared_base.Backbone | None = None,
+        overrides: Sequence[str] = (),
+        base_folder: str | None = None,
     ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.cfg = cfg
-        self.task = cfg.task
-        self.head = task_spec(cfg).prediction
         self.precision = precision
         self.quantized = cfg.peft.method == "qlora"
         if self.quantized:  # a 4-bit model was placed on its device when loaded
-            self.device = next(self.model.parameters()).device
+            self.device = next(model.parameters()).device
         else:
             self.device = compute_device()
-            self.model.to(self.device)
-        self.active = adapter  # the adapter in use; None for a full model
-        self.labels: dict[str | None, list[str]] = {adapter: labels or []}
         self.base = base  # the base that added adapters must have been trained on
         self.int8 = False  # Linear layers made int8 (`PredictOptions.quantize`): no way back
+        self.base_folder = base_folder  # where it was loaded from, when not the recorded one
+        self.overrides = tuple(overrides)  # applied to every added adapter's run config
+        # the base's weights that models of other tasks hold too (see model/shared_base.py)
+        if backbone is None and not adapters.is_peft_model(model):
+            backbone = shared_base.backbone_parameters(model)
+        self.backbone = backbone
+        self.served: dict[str | None, Served] = {}
+        self._add_served(adapter, Served(model, cfg, tokenizer, labels or []))
+        self._serve(adapter)
 
     @classmethod
     def load(
@@ -175,72 +192,139 @@ class Predictor:
         _check_head(saved, cfg.task)
         spec = task_spec(cfg)
         tokenizer = load_tokenizer(cfg.model, spec)
-        model = saved.load(
-            spec,
-            tokenizer,
-            cfg.peft,
-            precision,
-            cfg.train.seed,
-            base,
-            adapter_name,
-            cfg.model.dtype,
-        )
+        seed, dtype = cfg.train.seed, cfg.model.dtype
         if saved.is_adapter:
+            model = saved.load_base(spec, tokenizer, cfg.peft, precision, seed, base, dtype)
+            backbone = shared_base.backbone_parameters(model)  # before LoRA wraps its layers
+            model = adapters.load_adapter(model, saved.folder, adapter_name)
             recorded_base, active = saved.base, adapter_name
         else:
+            model = saved.load(spec, tokenizer, cfg.peft, precision, seed, model_dtype=dtype)
+            backbone = shared_base.backbone_parameters(model)
             recorded_base, active = str(saved.folder.resolve()), None
-        return cls(model, tokenizer, cfg, precision, saved.head_labels, active, recorded_base)
+        labels = saved.head_labels
+        return cls(
+            model,
+            tokenizer,
+            cfg,
+            precision,
+            labels,
+            active,
+            recorded_base,
+            backbone,
+            overrides,
+            base,
+        )
 
     @property
     def adapter_names(self) -> list[str]:
-        """Names of the loaded adapters (empty for a full model)."""
-        return list(self.model.peft_config) if adapters.is_peft_model(self.model) else []
+        """Names of the loaded adapters, in load order (empty for a full model)."""
+        return [name for name in self.served if name is not None]
 
     @property
     def label_names(self) -> list[str]:
         """Label names of the head now in use (each adapter keeps its own)."""
-        return self.labels[self.active]
+        return self.served[self.active].labels
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        """The distinct task models loaded (one per task and head size); their backbones
+        hold the same base weights."""
+        return list({id(served.model): served.model for served in self.served.values()}.values())
 
     def add_adapter(self, name: str, folder: str) -> None:
-        """Load another adapter trained on the same base for the same task (`use` serves it)."""
+        """Load another adapter trained on the same base, for any task (`use` serves it):
+        into the loaded model of its task and head size when there is one (peft's
+        multi-adapter API), else into a new model of its task whose backbone holds the
+        loaded base's weights (no second copy)."""
+        where = f"--adapter {name}={folder}"
         saved = self._checked_adapter(name, folder)
-        if adapters.is_peft_model(self.model):
-            self.model.load_adapter(folder, adapter_name=name)
-        else:  # a full model: it becomes the base of a PEFT model
-            self.model = adapters.load_adapter(self.model, folder, name)
+        cfg = saved.run_config(self.overrides)
+        _check_head(saved, cfg.task)
+        spec = task_spec(cfg)
+        tokenizer = load_tokenizer(cfg.model, spec)
+        same_head = self._model_with_head(spec.auto_class, len(saved.head_labels))
+        if same_head is not None and adapters.is_peft_model(same_head):
+            same_head.load_adapter(folder, adapter_name=name)
+            model = same_head
+        elif same_head is not None:  # a full model: it becomes the base of a PeftModel
+            model = adapters.load_adapter(same_head, folder, name)
+            self.served.pop(None, None)  # it now serves through its adapters only
             self.active = name
-        self.labels[name] = saved.head_labels
-        self.model.eval()
+        else:
+            model = self._task_model(saved, cfg, tokenizer, name, where)
+        self._add_served(name, Served(model, cfg, tokenizer, saved.head_labels))
+        if self.active == name:
+            self._serve(name)
+
+    def _model_with_head(self, auto_class: str, size: int) -> torch.nn.Module | None:
+        """The loaded model whose task class and head size an adapter's match, if any."""
+        for served in self.served.values():
+            spec = task_spec(served.cfg)
+            if spec.auto_class == auto_class and len(served.labels) == size:
+                return served.model
+        return None
+
+    def _task_model(
+        self,
+        saved: SavedModel,
+        cfg: RunConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        where: str,
+    ) -> torch.nn.Module:
+        """A model of the adapter's task on the base, holding the loaded base's weights,
+        with the adapter (and its head) on it."""
+        if self.quantized or cfg.peft.method == "qlora":
+            raise UserError(
+                f"{where}: adapters of another task or head size can't share a QLoRA base "
+                "yet (4-bit weights); run trainer predict once per adapter"
+            )
+        if self.backbone is None:
+            raise UserError(f"{where}: load the first model with Predictor.load to add others")
+        spec = task_spec(cfg)
+        model = saved.load_base(
+            spec,
+            tokenizer,
+            cfg.peft,
+            self.precision,
+            cfg.train.seed,
+            self.base_folder,
+            cfg.model.dtype,
+        )
+        shared_base.share_backbone(model, self.backbone, where)
+        return adapters.load_adapter(model, saved.folder, name)
+
+    def _add_served(self, name: str | None, served: Served) -> None:
+        served.model.eval()
         if not self.quantized:
-            self.model.to(self.device)
+            served.model.to(self.device)
+        self.served[name] = served
+
+    def _serve(self, name: str | None) -> None:
+        """Point the predicting code (tasks/heads.py, batching) at `name`'s model."""
+        served = self.served[name]
+        self.model, self.tokenizer, self.cfg = served.model, served.tokenizer, served.cfg
+        self.task = served.cfg.task
+        self.head = task_spec(served.cfg).prediction
+        self.active = name
 
     def _checked_adapter(self, name: str, folder: str) -> SavedModel:
         where = f"--adapter {name}={folder}"
         if name in self.adapter_names:
             raise UserError(f"{where}: an adapter named '{name}' is already loaded")
         saved = SavedModel.read_adapter(folder, where)
-        task = saved.task.name if saved.task else None
-        if task != self.task:
-            raise UserError(
-                f"{where}: a {task} adapter can't share a base loaded for {self.task} "
-                "(different heads need separate runs of trainer predict)"
-            )
         if saved.base != self.base:
             raise UserError(f"{where}: trained on {saved.base}, not {self.base}")
-        if len(saved.head_labels) != len(self.label_names):
-            raise UserError(
-                f"{where}: its head has {len(saved.head_labels)} labels, the loaded one "
-                f"{len(self.label_names)}; adapters on one base need heads of one size"
-            )
         return saved
 
     def use(self, name: str) -> None:
-        """Serve the following predictions with adapter `name` (and its head)."""
+        """Serve the following predictions with adapter `name` (its task, its head)."""
         if name not in self.adapter_names:
             loaded = ", ".join(self.adapter_names) or "none"
             raise UserError(f"--use: no adapter named '{name}' (loaded: {loaded})")
-        self.model.set_adapter(name)
-        self.active = name
+        self.served[name].model.set_adapter(name)
+        self._serve(name)
 
     def predict(self, texts: Sequence[str], options: PredictOptions | None = None) -> list[dict]:
         """One result row per text, in input order (see tasks/heads.py for each task's keys)."""

@@ -1,7 +1,8 @@
 """`trainer predict`: a saved model's predictions on a file of texts, as jsonl.
 
 The input is read before the model is loaded, so a bad file fails in a second. Several LoRA
-adapters on one base are named `NAME=DIR` (`--adapter`) and chosen with `--use`.
+adapters on one base, of one task or several, are named `NAME=DIR` (`--adapter`) and chosen
+with `--use`; the rows take the chosen adapter's task format.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def _primary(model_dir: str, pairs: list[tuple[str, str]]) -> tuple[SavedModel, 
     return SavedModel.read_adapter(folder, f"--adapter {name}={folder}"), name, model_dir
 
 
+def _serving(
+    primary: tuple[SavedModel, str, str | None], pairs: list[tuple[str, str]], use: str | None
+) -> SavedModel:
+    """The folder whose run settings (its text column) read the input: the adapter that
+    `--use` picks (it may be of another task than the first), else the first one."""
+    folders = dict(pairs)
+    if use is None or use == primary[1] or use not in folders:
+        return primary[0]  # an unknown --use name is reported once the adapters are loaded
+    return SavedModel.read_adapter(folders[use], f"--adapter {use}={folders[use]}")
+
+
 def _loaded(
     primary: tuple[SavedModel, str, str | None],
     pairs: list[tuple[str, str]],
@@ -105,7 +117,7 @@ def predict_file(
         raise UserError(f"--output: {target} is a directory; name the .jsonl file to write")
     pairs = parse_adapters(adapter_items)
     primary = _primary(model_dir, pairs)
-    inputs = read_inputs(source, primary[0].run_config(overrides).data)
+    inputs = read_inputs(source, _serving(primary, pairs, use).run_config(overrides).data)
     predictor = _loaded(primary, pairs, overrides, options.precision, use)
     started = time.perf_counter()
     predictions = predictor.predict([row["text"] for row in inputs], options)

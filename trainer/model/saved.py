@@ -179,16 +179,31 @@ class SavedModel:
         Modules missing from the base checkpoint (e.g. the pooler of an MLM-only BERT) are
         saved with the adapter too; `seed`, the run's, redraws them only for adapters saved
         before they were. `model_dtype`: the run's model.dtype (trainer/model/dtypes.py)."""
-        method = peft.method if self.is_adapter else "none"
-        dtype = dtypes.base_dtype(model_dtype, method, precision)
         if not self.is_adapter:
+            dtype = dtypes.base_dtype(model_dtype, "none", precision)
             folder = ModelConfig(name_or_path=str(self.folder))
             return load_model(folder, spec, tokenizer, config=self.config, dtype=dtype)
+        model = self.load_base(spec, tokenizer, peft, precision, seed, base, model_dtype)
+        return adapters.load_adapter(model, self.folder, adapter_name)
+
+    def load_base(
+        self,
+        spec: TaskSpec,
+        tokenizer: PreTrainedTokenizerBase,
+        peft: PeftConfig,
+        precision: str,
+        seed: int,
+        base: str | None = None,
+        model_dtype: str | None = None,
+    ) -> torch.nn.Module:
+        """An adapter's base with the task's head (this folder's labels), before the adapter
+        goes on: `load`'s first half, for a caller that shares the base's weights with
+        models already loaded (trainer/model/shared_base.py) before attaching it."""
+        dtype = dtypes.base_dtype(model_dtype, peft.method, precision)
         base_cfg = ModelConfig(
             name_or_path=base or self.base, revision=None if base else self.base_revision
         )
         quantization = adapters.quantization_config(precision) if peft.method == "qlora" else None
-        model = load_model(
+        return load_model(
             base_cfg, spec, tokenizer, self.label_names, seed, quantization, dtype=dtype
         )
-        return adapters.load_adapter(model, self.folder, adapter_name)
