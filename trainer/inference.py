@@ -357,7 +357,11 @@ class Predictor:
                 f"--quantize int8: merges the adapter in use into the base; load it alone "
                 f"(loaded: {', '.join(self.adapter_names)})"
             )
-        self.model = int8.quantize_linear_layers(self.model).eval()
+        labels = self.label_names
+        merged = int8.quantize_linear_layers(self.model).eval()
+        # the adapter is merged into the base: what is served is one full model now
+        self.served = {None: Served(merged, self.cfg, self.tokenizer, labels)}
+        self._serve(None)
         self.int8 = True
 
     # --- batching ------------------------------------------------------------------------
