@@ -9,8 +9,6 @@ same global batches on any number of processes.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +45,7 @@ from trainer.data.sampling import (
 from trainer.data.stream import RowStream, ShardStream, SourceBlocks, TrainStream
 from trainer.devices import cpu_only
 from trainer.errors import UserError
+from trainer.logs import get_logger
 from trainer.model import dtypes
 from trainer.model.adapters import attach_adapter, quantization_config
 from trainer.model.load import (
@@ -71,15 +70,11 @@ from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
 from trainer.yaml_sections import read_yaml
 
+logger = get_logger(__name__)
+
 
 class RunFinished(Exception):
     """The output_dir already holds a finished run: nothing to do."""
-
-
-def _report(message: str) -> None:
-    """A note from the main process before Accelerate is up (all ranks run the same checks)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr)
 
 
 def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, Path | None]:
@@ -124,7 +119,7 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
             )
         skipped.append(f"{run_dir} holds a run stopped before its first checkpoint: starting over")
     for line in skipped:
-        _report(line)
+        logger.warning(line)  # all ranks run these checks: the logger speaks for the main one
     if checkpoint is None:  # an earlier run's files are set aside once set_up has succeeded
         return None
     saved = read_loop_state(checkpoint)["config"]
@@ -151,7 +146,7 @@ def _complete_finish(run_dir: Path) -> bool:
     if not isinstance(results.get("best_step"), int) or not (run_dir / "best").is_dir():
         return False
     promote_best(run_dir)
-    _report(f"completed the interrupted finish of {run_dir}: best/ is final/")
+    logger.info("completed the interrupted finish of %s: best/ is final/", run_dir)
     return True
 
 
@@ -183,8 +178,8 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
         ],
     )
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not _native_bf16():
-        _report(
-            "warning: train.precision=bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix "
+        logger.warning(
+            "train.precision=bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix "
             "products are emulated (17x slower than fp32 in benchmarks/optimisations.py); "
             "train.precision=no is faster here"
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,9 +16,12 @@ from pathlib import Path
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from trainer import atomic
+from trainer import atomic, progress
 from trainer.config import RunConfig, to_dict
+from trainer.logs import get_logger
 from trainer.run.records import finite
+
+logger = get_logger(__name__)
 
 
 def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
@@ -67,7 +69,7 @@ class RunLog:
         self.progress = tqdm(
             total=total_steps,
             initial=start_step,
-            disable=not accelerator.is_main_process,
+            disable=not (accelerator.is_main_process and progress.enabled()),
             dynamic_ncols=True,
             desc="train",
         )
@@ -112,7 +114,7 @@ class RunLog:
         """One warning line on stderr from the main process, on a line of its own above the
         progress bar."""
         if self.accelerator.is_main_process:
-            self.progress.write(f"warning: {line}", file=sys.stderr)
+            logger.warning(line)  # the CLI's handler writes it through tqdm.write
 
     def close(self) -> None:
         """Flush the trackers and the progress bar."""
