@@ -278,4 +278,4 @@ def test_hung_scontrol_is_given_up_after_a_timeout(tmp_path, monkeypatch, capsys
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err
     expected = "could not requeue SLURM job 12345 (scontrol requeue did not answer within 0.5 s)"
-    assert err == f"{expected}; {RESUME}\n"
+    assert err == f"warning: {expected}; {RESUME}\n"  # a warning: --quiet keeps it
