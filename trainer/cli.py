@@ -16,9 +16,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING
+from typing import Any
 
 from launch.guard import check_train_environment
 from launch.restarts import checked_start
@@ -33,7 +34,7 @@ from trainer.security import no_world_write
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
-def _transformers_bar(factory, args: tuple, kwargs: dict):
+def _transformers_bar(factory: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
     """transformers' own bars ("Loading weights") follow our rule: main process, terminal,
     not with --no-progress (every rank would draw its own otherwise)."""
     return factory(*args, **(kwargs if progress.enabled() else {**kwargs, "disable": True}))
