@@ -19,7 +19,7 @@ import sys
 
 from trainer.logs import console, get_logger
 
-logger = get_logger(__name__)
+logger = get_logger("launch.requeue")  # not __name__: run as `python -m`, that is "__main__"
 REQUEUE_ENV = "TRAINER_SLURM_REQUEUE"  # "1": requeue this SLURM job when training exits 75
 _JOB_ID = re.compile(r"\d+(_\d+)?")
 RESUME_HINT = "run the same command to resume"
