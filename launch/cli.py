@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from trainer.cli_help import examples
+
+PARITY = "configs/mlm-domain-adaptive-pretraining.yaml"
+
 
 def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config YAML")
@@ -53,16 +57,35 @@ def _submit(args: argparse.Namespace) -> int:
 
 def add_commands(commands) -> None:
     """Add plan, launch and submit to the `trainer` sub-command parser."""
-    plan = commands.add_parser("plan", help="batch, steps, backend settings, memory per device")
+    plan = commands.add_parser(
+        "plan",
+        help="batch, steps, backend settings, memory per device",
+        epilog=examples(
+            f"trainer plan {PARITY} --cluster 8gpu-zero3-offload",
+            f"trainer plan {PARITY} --cluster my-cluster.yaml train.global_batch_size=256",
+        ),
+    )
     _job_arguments(plan)
     plan.set_defaults(run=_plan)
     launch = commands.add_parser(
-        "launch", help="start the processes on this machine (torchrun on CPU, accelerate on GPU)"
+        "launch",
+        help="start the processes on this machine (torchrun on CPU, accelerate on GPU)",
+        epilog=examples(
+            f"trainer launch {PARITY} --cluster cpu-2proc",
+            f"trainer launch {PARITY} --cluster 8gpu-zero2 --deepspeed ds.json",
+        ),
     )
     _job_arguments(launch)
     _user_files(launch)
     launch.set_defaults(run=_launch)
-    submit = commands.add_parser("submit", help="render an sbatch script and submit it")
+    submit = commands.add_parser(
+        "submit",
+        help="render an sbatch script and submit it",
+        epilog=examples(
+            f"trainer submit {PARITY} --cluster 2node-16gpu-zero3 --dry-run",
+            f"trainer submit {PARITY} --cluster 2node-16gpu-zero3",
+        ),
+    )
     _job_arguments(submit)
     _user_files(submit)
     submit.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")

@@ -23,6 +23,8 @@ from pathlib import Path
 from launch.job import Job, accelerate_command, checked_job, write_launch_files
 from launch.requeue import requeue_preempted_job, slurm_job_to_requeue
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
+from trainer.logs import get_logger
+from trainer.progress import child_environment
 from trainer.run.stop import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 # How the launchers report their children's exit codes on stderr: torch.distributed.run
@@ -38,6 +40,8 @@ PASSED_THROUGH = (EXIT_USER_ERROR, EXIT_TRAINING_FAILED, EXIT_PREEMPTED)
 # other signal (SIGKILL from the OOM killer: -9) is a failure of its own.
 _STOPPED_BY_LAUNCHER = -signal.SIGTERM
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)  # ALRM: resend; and SIGUSR1
+
+logger = get_logger(__name__)
 
 
 def node_command(job: Job, config_file: Path, node_rank: str, address: str, port: str) -> list[str]:
@@ -236,8 +240,8 @@ def launch(
     check_devices(job)
     config_file, _ = write_launch_files(job)
     command = node_command(job, config_file, "0", "127.0.0.1", str(free_port()))
-    print(f"launch: {job.profile.world_size} process(es) on this machine", file=sys.stderr)
-    code = run_streaming(command, profile_environment(job))
+    logger.info("launch: %d process(es) on this machine", job.profile.world_size)
+    code = run_streaming(command, profile_environment(job) | child_environment())
     job_id = slurm_job_to_requeue()
     if code == EXIT_PREEMPTED and job_id is not None:
         requeue_preempted_job(job_id)

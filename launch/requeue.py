@@ -11,11 +11,15 @@ from the environment and is validated here, in one place, because it goes to sco
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import subprocess
 import sys
 
+from trainer.logs import console, get_logger
+
+logger = get_logger("launch.requeue")  # not __name__: run as `python -m`, that is "__main__"
 REQUEUE_ENV = "TRAINER_SLURM_REQUEUE"  # "1": requeue this SLURM job when training exits 75
 _JOB_ID = re.compile(r"\d+(_\d+)?")
 RESUME_HINT = "run the same command to resume"
@@ -57,9 +61,9 @@ def requeue_preempted_job(job_id: str) -> bool:
     say on stderr what happened, or what to do when SLURM would not."""
     problem = requeue(job_id)
     if problem is None:
-        print(f"requeued SLURM job {job_id}: it resumes from the saved checkpoint", file=sys.stderr)
+        logger.info("requeued SLURM job %s: it resumes from the saved checkpoint", job_id)
         return True
-    print(f"could not requeue SLURM job {job_id} ({problem}); {RESUME_HINT}", file=sys.stderr)
+    logger.warning("could not requeue SLURM job %s (%s); %s", job_id, problem, RESUME_HINT)
     return False
 
 
@@ -72,14 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         f"(exit 75); needs {REQUEUE_ENV}=1 and SLURM_JOB_ID.",
     ).parse_args(argv)
     job_id = slurm_job_to_requeue()
-    if job_id is None:
-        print(
-            f"not requeued: not a requeue-enabled SLURM job ({REQUEUE_ENV}=1 and a numeric "
-            f"SLURM_JOB_ID); {RESUME_HINT}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0 if requeue_preempted_job(job_id) else 1
+    with console(logging.INFO):
+        if job_id is None:
+            logger.warning(
+                "not requeued: not a requeue-enabled SLURM job (%s=1 and a numeric "
+                "SLURM_JOB_ID); %s",
+                REQUEUE_ENV,
+                RESUME_HINT,
+            )
+            return 1
+        return 0 if requeue_preempted_job(job_id) else 1
 
 
 if __name__ == "__main__":

@@ -24,12 +24,15 @@ from launch.local import node_command
 from launch.profiles import ClusterProfile, control_character, unsafe_value
 from launch.requeue import REQUEUE_ENV
 from trainer.errors import UserError
+from trainer.logs import get_logger
 from trainer.run.stop import EXIT_PREEMPTED
 from trainer.security import is_secret
 
 # Shell variables the per-node command leaves for the node to expand.
 NODE_RANK, MAIN_ADDR, MAIN_PORT = "$SLURM_NODEID", "$MAIN_ADDR", "$MAIN_PORT"
 NODE_VARIABLES = (NODE_RANK, MAIN_ADDR, MAIN_PORT)
+
+logger = get_logger(__name__)
 
 BODY = """\
 set -o pipefail
@@ -209,7 +212,7 @@ def submit(
     tmp.replace(script)
     if dry_run:
         print(script.read_text(), end="")
-        print(f"# written to {script}; not submitted (--dry-run)", file=sys.stderr)
+        logger.info("# written to %s; not submitted (--dry-run)", script)
         return 0
     environment = {**os.environ, **secret_environment(job.profile)}
     result = subprocess.run(["sbatch", str(script)], check=False, env=environment)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -223,6 +224,22 @@ def test_requeue_entry_point(tmp_path, monkeypatch, capsys, job, scontrol_code, 
         assert err.endswith(f"; {RESUME}\n")
 
 
+def test_requeue_entry_point_as_the_batch_script_runs_it(tmp_path, monkeypatch):
+    """`python -m launch.requeue` in its own process (its module is `__main__` there): the
+    line still reaches stderr."""
+    fake_scontrol(tmp_path / "bin")
+    slurm_env(monkeypatch, {"SLURM_JOB_ID": "12345"}, with_fake_bin(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.requeue"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "requeued SLURM job 12345: it resumes from the saved checkpoint\n"
+
+
 # --- as processes: `trainer launch` under a SLURM job that signals all its processes --------
 
 
@@ -278,4 +295,4 @@ def test_hung_scontrol_is_given_up_after_a_timeout(tmp_path, monkeypatch, capsys
     assert time.monotonic() - started < 10
     err = capsys.readouterr().err
     expected = "could not requeue SLURM job 12345 (scontrol requeue did not answer within 0.5 s)"
-    assert err == f"{expected}; {RESUME}\n"
+    assert err == f"warning: {expected}; {RESUME}\n"  # a warning: --quiet keeps it

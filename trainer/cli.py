@@ -3,29 +3,47 @@
 Config problems are found before torch or transformers are imported, so `trainer train`
 with a typo answers at once. Whatever the user can fix ends as one line on stderr and exit
 code 2; a finished run started again says so and exits 0.
+
+Results go to stdout (the last line of a command is one JSON object); notes and warnings go
+through logging (trainer/logs.py) to stderr, which --quiet and --verbose filter, and the
+progress bars (trainer/progress.py) to stderr when it is a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING
+from typing import Any
 
-from launch.cli import add_commands as add_launch_commands
 from launch.guard import check_train_environment
 from launch.restarts import checked_start
+from trainer import progress
+from trainer.cli_parser import build_parser
 from trainer.config import all_keys, load_config
 from trainer.errors import EXIT_TRAINING_FAILED, EXIT_USER_ERROR, UserError
+from trainer.logs import console, level_from
 from trainer.run.stop import EXIT_INTERRUPTED, StopFlag
 from trainer.security import no_world_write
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
+def _transformers_bar(factory: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+    """transformers' own bars ("Loading weights") follow our rule: main process, terminal,
+    not with --no-progress (every rank would draw its own otherwise)."""
+    return factory(*args, **(kwargs if progress.enabled() else {**kwargs, "disable": True}))
+
+
 def _quiet_libraries() -> None:
-    """Keep the console for our own progress bar and results.
+    """Keep the console for our own progress bars, messages and results: `datasets` bars
+    are off (ours replace them), transformers says only errors (--verbose: warnings too).
+    The hub's download bars stay the hub's to show, unless --no-progress.
 
     TOKENIZERS_PARALLELISM is left as the user set it (unset: the fast tokenizers use every
     core). It only has to be false in a process that forks after tokenizing, and nothing
@@ -37,11 +55,17 @@ def _quiet_libraries() -> None:
     if not torch.cuda.is_available():  # DeepSpeed otherwise warns that it fell back to CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import datasets
+    import huggingface_hub
     import transformers
 
     datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
+    verbose = logging.getLogger("trainer").isEnabledFor(logging.DEBUG)
+    transformers.logging.set_verbosity(logging.WARNING if verbose else logging.ERROR)
+    # not transformers.logging.disable_progress_bar(): it hides the hub's download bars too
+    if hasattr(transformers.logging, "set_tqdm_hook"):  # transformers 5; older ones draw theirs
+        transformers.logging.set_tqdm_hook(_transformers_bar)
+    if os.environ.get(progress.PROGRESS_ENV) == "0":
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def format_results(results: dict) -> str:
@@ -194,74 +218,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_predict_parser(commands) -> None:
-    predict = commands.add_parser("predict", help="predict on new texts with a model folder")
-    predict.add_argument("model_dir", help="a run's final/ (full or adapter) or a model folder")
-    predict.add_argument(
-        "--input",
-        required=True,
-        help="csv, tsv, jsonl, json or parquet (data.text_column, and `id` if present), "
-        "or txt (one text per non-blank line, its line number as id)",
-    )
-    predict.add_argument(
-        "--output", required=True, help="jsonl file, one row per input: id, text, prediction"
-    )
-    predict.add_argument("--batch-size", type=int, default=32, help="inputs per forward pass")
-    predict.add_argument(
-        "--precision", choices=("no", "bf16", "fp16"), default="no", help="fp16: CUDA only"
-    )
-    predict.add_argument(
-        "--quantize", default="no", help="int8: dynamic int8 Linear layers (CPU, fp32 only)"
-    )
-    predict.add_argument(
-        "--pad-to-multiple-of",
-        type=int,
-        metavar="N",
-        help="round each batch's length up to a multiple of N (default: 8 on CUDA, 1 on CPU)",
-    )
-    predict.add_argument("--top-k", type=int, default=5, help="mlm: fills per mask token")
-    predict.add_argument("--max-new-tokens", type=int, default=32, help="clm: tokens to add")
-    predict.add_argument("--temperature", type=float, default=0.0, help="clm: 0 is greedy")
-    predict.add_argument("--top-p", type=float, default=1.0, help="clm: nucleus sampling")
-    predict.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        metavar="NAME=DIR",
-        help="another LoRA adapter on the same base (repeatable)",
-    )
-    predict.add_argument("--use", metavar="NAME", help="the adapter that serves this run")
-    predict.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=mlm")
-    predict.set_defaults(run=_predict)
-
-
 def _tokenizer(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from trainer.commands.tokenizer import extend_command, train_command
 
     if args.action == "train":
-        train_command(args.corpus, args.type, args.vocab_size, args.out, args.reference)
+        result, lines = train_command(
+            args.corpus, args.type, args.vocab_size, args.out, args.reference
+        )
     else:
-        extend_command(args.base, args.corpus, args.add, args.out, args.min_frequency)
+        result, lines = extend_command(
+            args.base, args.corpus, args.add, args.out, args.min_frequency
+        )
+    print("\n".join(lines))
+    print(json.dumps(result))
     return 0
-
-
-def _add_tokenizer_parser(commands) -> None:
-    tokenizer = commands.add_parser("tokenizer", help="train a tokenizer or extend one")
-    actions = tokenizer.add_subparsers(dest="action", required=True)
-    train = actions.add_parser("train", help="train a new tokenizer on a corpus")
-    train.add_argument("corpus", nargs="+", help="text files or globs, or a run config YAML")
-    train.add_argument("--type", required=True, help="wordpiece | bpe | unigram")
-    train.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary")
-    train.add_argument("--out", required=True, help="folder to write (new or empty)")
-    train.add_argument("--reference", help="tokenizer to compare with (default: the config's)")
-    extend = actions.add_parser("extend", help="add frequent domain words to a tokenizer")
-    extend.add_argument("base", help="the tokenizer (or model) folder or hub id to extend")
-    extend.add_argument("--corpus", nargs="+", required=True, help="text files or globs")
-    extend.add_argument("--add", type=int, required=True, help="how many words to add")
-    extend.add_argument("--out", required=True, help="folder to write (new or empty)")
-    extend.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences")
-    tokenizer.set_defaults(run=_tokenizer)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -271,63 +242,37 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_command(commands, name: str, help: str, run) -> argparse.ArgumentParser:
-    """A sub-command that takes a run config and key=value overrides."""
-    command = commands.add_parser(name, help=help)
-    command.add_argument("config", help="run config YAML")
-    command.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-5")
-    command.set_defaults(run=run)
-    return command
+RUNNERS = {
+    "train": _train,
+    "prepare": _prepare,
+    "data-stats": _data_stats,
+    "evaluate": _evaluate,
+    "export": _export,
+    "report": _report,
+    "predict": _predict,
+    "tokenizer": _tokenizer,
+    "keys": _keys,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Sub-commands and their arguments."""
-    parser = argparse.ArgumentParser(prog="trainer", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_config_command(commands, "train", "train a model from a run config", _train)
-    _add_config_command(commands, "prepare", "tokenize a run's data into data.cache_dir", _prepare)
-    evaluate = commands.add_parser("evaluate", help="score a model folder on a data file")
-    evaluate.add_argument("model_dir", help="a run's final/ or any Hugging Face model folder")
-    evaluate.add_argument("--data", required=True, help="data file to score on")
-    evaluate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=mlm")
-    evaluate.set_defaults(run=_evaluate)
-    _add_predict_parser(commands)
-    stats = _add_config_command(
-        commands, "data-stats", "lengths, labels, duplicates of a run's data", _data_stats
-    )
-    stats.add_argument(
-        "--json", help="report file (default: data-stats.json in the config's output_dir)"
-    )
-    export = commands.add_parser(
-        "export", help="export a run's model with its card: adapter, merged or full; or push it"
-    )
-    export.add_argument("run_dir", help="a run directory or its final/ folder")
-    export.add_argument("--out", help="folder to write (must not exist, or be empty)")
-    export.add_argument("--merge", action="store_true", help="merge into a standalone model")
-    export.add_argument(
-        "--checkpoint", help="export checkpoints/step-N of RUN_DIR (step-N or N), even mid-run"
-    )
-    export.add_argument(
-        "--push-to-hub",
-        metavar="REPO_ID",
-        help="upload the export to this Hub model repo (created if need be; needs a token)",
-    )
-    export.add_argument("--private", action="store_true", help="a new repo is private")
-    export.set_defaults(run=_export)
-    report = commands.add_parser("report", help="plots and report.md of a run directory")
-    report.add_argument("run_dir", help="a run directory (finished or still training)")
-    report.add_argument("--out", help="folder for the report (default: RUN_DIR/report)")
-    report.set_defaults(run=_report)
-    add_launch_commands(commands)
-    _add_tokenizer_parser(commands)
-    keys = commands.add_parser("keys", help="list every run config key with its meaning")
-    keys.set_defaults(run=_keys)
-    return parser
+@contextmanager
+def _progress_setting(no_progress: bool) -> Iterator[None]:
+    """--no-progress, for this command and the processes it starts; as it was afterwards."""
+    before = os.environ.get(progress.PROGRESS_ENV)
+    if no_progress:
+        os.environ[progress.PROGRESS_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(progress.PROGRESS_ENV, None)
+        else:
+            os.environ[progress.PROGRESS_ENV] = before
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `trainer` console script and `python -m trainer`."""
-    parser = build_parser()
+    parser = build_parser(RUNNERS)
     # Overrides may come after options (`evaluate DIR --data F task=mlm`): collect them.
     args, extra = parser.parse_known_args(argv)
     strays = [item for item in extra if item.startswith("-") or "=" not in item]
@@ -335,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
     if extra:
         args.overrides += extra
+    level = level_from(args.quiet, args.verbose)
     try:
-        with no_world_write():
+        with console(level), _progress_setting(args.no_progress), no_world_write():
             return args.run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from trainer import progress
 from trainer.config import RunConfig
 from trainer.devices import compute_device
 from trainer.errors import UserError
@@ -336,11 +337,13 @@ class Predictor:
         if options.temperature > 0:
             torch.manual_seed(self.cfg.train.seed)  # the same samples on every run
         rows: list[dict] = [{} for _ in examples]
-        with torch.inference_mode(), self._autocast(options.precision):
+        shown = progress.bar(desc="predict", total=len(order), unit="rows")
+        with torch.inference_mode(), self._autocast(options.precision), shown:
             for start in range(0, len(order), options.batch_size):
                 chunk = [examples[i] for i in order[start : start + options.batch_size]]
                 for example, row in zip(chunk, self._run(chunk, options), strict=True):
                     rows[example.index] = row
+                shown.update(len(chunk))
         return rows
 
     def _quantize(self, quantize: str) -> None:

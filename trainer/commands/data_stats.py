@@ -26,7 +26,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from trainer import atomic
+from trainer import atomic, progress
 from trainer.config import RunConfig
 from trainer.data.class_weights import label_counts
 from trainer.data.prepare import source_key, task_tokenizer
@@ -183,13 +183,17 @@ def data_stats(cfg: RunConfig) -> dict:
     splits, spec = read_for_stats(cfg), TASKS[cfg.task]
     tokenizer = task_tokenizer(cfg, lambda: load_tokenizer(cfg.model, spec))
     cap = None if spec.packed else max_positions(cfg)
+    lengths = {}
+    for name, split, _ in splits:
+        with progress.counting(len(split), f"tokenize {name}"):
+            lengths[name] = spec.lengths(tokenizer, split.rows)
     return {
         "task": cfg.task,
         "tokenizer": cfg.model.name_or_path,
         "max_length": cfg.data.max_length,
         "model_max_positions": cap,
         "splits": {
-            name: split_stats(split, empty, spec.lengths(tokenizer, split.rows), cfg, cap)
+            name: split_stats(split, empty, lengths[name], cfg, cap)
             for name, split, empty in splits
         },
         "overlap": overlap(splits[0][1], splits[1][1]) if len(splits) == 2 else None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from accelerate import Accelerator
 
+from trainer import progress
 from trainer.data.read import check_labels, read_split
 from trainer.devices import cpu_only
 from trainer.errors import UserError
@@ -33,7 +34,8 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     split = read_split(data, "--data", spec.rows, cfg.data)
     if label_names is not None:
         check_labels(split, label_names, spec.rows)
-    examples = spec.encode(split, tokenizer, label_names, cfg.data)
+    with progress.counting(len(split), "tokenize --data"):
+        examples = spec.encode(split, tokenizer, label_names, cfg.data)
     model = saved.load(
         spec, tokenizer, cfg.peft, cfg.train.precision, cfg.train.seed, model_dtype=cfg.model.dtype
     )

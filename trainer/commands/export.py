@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, to_dict
 from trainer.errors import UserError
+from trainer.logs import get_logger
 from trainer.model import adapters, dtypes, labelled_base
 from trainer.model.card import (
     CARD_NAME,
@@ -39,6 +39,8 @@ from trainer.run.resume import CHECKPOINTS, checkpoint_dir
 from trainer.security import umask_modes
 from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
+
+logger = get_logger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 OLD_CONFIG = "config.json"  # next to adapters saved before base/ (labelled_base.py)
@@ -223,8 +225,8 @@ def _copy_adapter(saved: SavedModel, tmp: Path, to: Destination) -> None:
     adapter["base_model_name_or_path"] = saved.base
     atomic.write_json(tmp / ADAPTER_FILES[0], adapter, indent=2)
     if not is_hub_id(saved.base):
-        print(
-            f"warning: the adapter's base {saved.base} is a local folder: the pushed adapter "
-            "loads only where that folder is",
-            file=sys.stderr,
+        logger.warning(
+            "the adapter's base %s is a local folder: the pushed adapter loads only where "
+            "that folder is",
+            saved.base,
         )

@@ -4,18 +4,19 @@ training (or find it built), without loading the model: a SLURM job runs it once
 
 from __future__ import annotations
 
-import sys
-
 from trainer.config import RunConfig
 from trainer.data.prepare import prepare_data
+from trainer.logs import get_logger
 from trainer.model.load import load_tokenizer
 from trainer.tasks.registry import task_spec
+
+logger = get_logger(__name__)
 
 
 def prepare_command(cfg: RunConfig) -> dict:
     """The cache entry's status, folder and time, and the examples it holds."""
     if cfg.data.cache_dir is None:
-        print("data.cache_dir is null: nothing to prepare (every run tokenizes)", file=sys.stderr)
+        logger.warning("data.cache_dir is null: nothing to prepare (every run tokenizes)")
     data, _ = prepare_data(cfg, lambda: load_tokenizer(cfg.model, task_spec(cfg)))
     return {
         **data.cache,

@@ -11,15 +11,14 @@ and post-processing its model family expects:
 
 `extend` adds frequent domain words that a tokenizer fragments (see model/vocabulary.py). Both
 save a `PreTrainedTokenizerFast` folder that `AutoTokenizer.from_pretrained` loads and that
-`model.tokenizer` names, and both print the average tokens per word on a sample of the
+`model.tokenizer` names, and both report the average tokens per word on a sample of the
 corpus, for the new tokenizer and for a reference one (fewer is better: shorter sequences
-and whole-word units).
+and whole-word units): the CLI prints the report's lines, then its JSON.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import random
 from pathlib import Path
 
@@ -27,10 +26,14 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers.processors import ByteLevel, TemplateProcessing
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from trainer import progress
 from trainer.config import DataConfig, load_config
 from trainer.data.read import TEXT, read_split
 from trainer.errors import UserError
+from trainer.logs import get_logger
 from trainer.model import vocabulary
+
+logger = get_logger(__name__)
 
 KINDS = ("wordpiece", "bpe", "unigram")
 SPECIAL_TOKENS = {
@@ -145,6 +148,7 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int) -> PreTrainedT
     if vocab_size <= len(set(specials.values())):
         raise UserError(f"--vocab-size: {vocab_size} leaves no room beside the special tokens")
     tokenizer, trainer = _untrained(kind, vocab_size)
+    trainer.show_progress = progress.enabled()  # the `tokenizers` library's own bars
     tokenizer.train_from_iterator(texts, trainer, length=len(texts))
     if "cls_token" in specials:
         tokenizer.post_processor = _bert_template(
@@ -184,12 +188,12 @@ def _compare(tokenizer, reference: str | None, texts: list[str], key: str) -> di
         try:
             ratio = tokens_per_word(_load(reference, key), measured)
         except UserError as err:
-            print(f"reference tokenizer skipped: {err}")
+            logger.warning("reference tokenizer skipped: %s", err)
             return result
         # transformers builds an empty tokenizer from a folder that holds only a config.json
         # (configs/models/tiny-gpt2): a ratio of 0 compares with nothing
         if ratio == 0:
-            print(f"reference tokenizer skipped: {reference} has no vocabulary")
+            logger.warning("reference tokenizer skipped: %s has no vocabulary", reference)
         else:
             result |= {"reference_tokens_per_word": ratio, "reference": reference}
     return result
@@ -197,24 +201,25 @@ def _compare(tokenizer, reference: str | None, texts: list[str], key: str) -> di
 
 def train_command(
     sources: list[str], kind: str, vocab_size: int, out: str, reference: str | None
-) -> dict:
-    """`trainer tokenizer train`: train, save, compare; returns what was printed as JSON."""
+) -> tuple[dict, list[str]]:
+    """`trainer tokenizer train`: train, save, compare; returns the result (printed as JSON)
+    and the report's lines."""
     folder = _fresh_folder(out)
     texts, config_reference = read_corpus(sources, "CORPUS")
     tokenizer = train_tokenizer(texts, kind, vocab_size)
     tokenizer.save_pretrained(folder)
-    print(f"trained a {kind} tokenizer of {len(tokenizer)} tokens on {len(texts)} texts -> {out}")
+    trained = f"trained a {kind} tokenizer of {len(tokenizer)} tokens on {len(texts)} texts"
     result = {"type": kind, "vocab_size": len(tokenizer), "out": str(folder)}
     result |= _compare(tokenizer, reference or config_reference, texts, "--reference")
-    _print_comparison(result)
-    return result
+    return result, [f"{trained} -> {out}", _comparison(result)]
 
 
 def extend_command(
     base: str, corpus: list[str], count: int, out: str, min_frequency: int = 2
-) -> dict:
+) -> tuple[dict, list[str]]:
     """`trainer tokenizer extend`: add the words that save the most tokens, save the
-    tokenizer and its extension record, compare with the base."""
+    tokenizer and its extension record, compare with the base; returns the result (printed
+    as JSON) and the report's lines."""
     if count < 1:
         raise UserError(f"--add: must be > 0, got {count}")
     folder = _fresh_folder(out)
@@ -228,19 +233,16 @@ def extend_command(
     tokenizer.save_pretrained(folder)
     vocabulary.save_record(folder, base, base_size, words)
     if len(words) < count:
-        print(f"only {len(words)} words occur {min_frequency}+ times in several pieces")
-    print(f"added {len(words)} tokens to {base} ({base_size} -> {len(tokenizer)}) -> {out}")
-    for word in words:
-        print(f"  {word.token:24} x{word.frequency:<5} was {' '.join(word.pieces)}")
+        logger.warning("only %d words occur %d+ times in several pieces", len(words), min_frequency)
+    lines = [f"added {len(words)} tokens to {base} ({base_size} -> {len(tokenizer)}) -> {out}"]
+    lines += [f"  {w.token:24} x{w.frequency:<5} was {' '.join(w.pieces)}" for w in words]
     result = {"added": len(words), "vocab_size": len(tokenizer), "out": str(folder)}
     result |= _compare(tokenizer, base, texts, "BASE_TOKENIZER")
-    _print_comparison(result)
-    return result
+    return result, [*lines, _comparison(result)]
 
 
-def _print_comparison(result: dict) -> None:
+def _comparison(result: dict) -> str:
     line = f"tokens per word on {result['texts_measured']} texts: {result['tokens_per_word']:.3f}"
     if "reference_tokens_per_word" in result:
         line += f" (reference {result['reference']}: {result['reference_tokens_per_word']:.3f})"
-    print(line)
-    print(json.dumps(result))
+    return line

@@ -11,8 +11,9 @@ from __future__ import annotations
 from itertools import chain
 
 import datasets
-from transformers import PreTrainedTokenizerBase
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
+from trainer import progress
 from trainer.data.read import Split
 from trainer.errors import UserError
 
@@ -20,11 +21,30 @@ IGNORE_INDEX = -100  # label value the loss skips (padding, special tokens, sub-
 PACK_GROUP = 1000  # texts tokenized per call
 
 
+def tokenize(tokenizer: PreTrainedTokenizerBase, inputs: list, **kwargs) -> BatchEncoding:
+    """`tokenizer(inputs, **kwargs)`, called on PACK_GROUP inputs at a time so that the
+    progress bar of the enclosing `progress.counting` block moves as they are done (one call
+    on a million texts would hold it at 0% until the end). Each group keeps the fast
+    tokenizer's parallel batch; the groups' encodings are joined into one BatchEncoding, so
+    `word_ids(i)` still indexes the whole input."""
+    parts = []
+    for start in range(0, len(inputs), PACK_GROUP):
+        parts.append(tokenizer(inputs[start : start + PACK_GROUP], **kwargs))
+        progress.advance(len(parts[-1]["input_ids"]))
+    if len(parts) <= 1:
+        return parts[0] if parts else tokenizer(inputs, **kwargs)
+    data = {key: [value for part in parts for value in part[key]] for key in parts[0]}
+    fast = all(part.encodings is not None for part in parts)
+    encodings = [e for part in parts for e in part.encodings] if fast else None
+    return BatchEncoding(data, encoding=encodings)
+
+
 def encode_classification(
     split: Split, tokenizer: PreTrainedTokenizerBase, label_ids: dict[str, int], max_length: int
 ) -> datasets.Dataset:
     """Tokenize texts (truncated to max_length) and map labels to ids."""
-    encoded = tokenizer([row["text"] for row in split.rows], truncation=True, max_length=max_length)
+    texts = [row["text"] for row in split.rows]
+    encoded = tokenize(tokenizer, texts, truncation=True, max_length=max_length)
     columns = {key: list(values) for key, values in encoded.items()}
     columns["labels"] = [label_ids[row["label"]] for row in split.rows]
     return datasets.Dataset.from_dict(columns)
@@ -36,7 +56,8 @@ def encode_token_classification(
     """Tokenize pre-split words; each word's tag goes on its first sub-token only."""
     if not tokenizer.is_fast:
         raise UserError("model.name_or_path: token-classification needs a fast tokenizer")
-    encoded = tokenizer(
+    encoded = tokenize(
+        tokenizer,
         [row["tokens"] for row in split.rows],
         is_split_into_words=True,
         truncation=True,
@@ -58,14 +79,16 @@ def encode_token_classification(
 
 def token_counts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
     """Tokens per text as `encode_classification` makes them, before truncation."""
-    return [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]] if texts else []
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenize(tokenizer, texts, verbose=False)["input_ids"]]
 
 
 def word_token_counts(tokenizer: PreTrainedTokenizerBase, words: list[list[str]]) -> list[int]:
     """Tokens per word list as `encode_token_classification` makes them, before truncation."""
     if not words:
         return []
-    encoded = tokenizer(words, is_split_into_words=True, verbose=False)
+    encoded = tokenize(tokenizer, words, is_split_into_words=True, verbose=False)
     return [len(ids) for ids in encoded["input_ids"]]
 
 
@@ -87,7 +110,7 @@ Columns = dict[str, list[list]]  # column name -> one list per document (or per 
 def mlm_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Columns:
     """Each text with its special tokens ([CLS] ... [SEP]), and what masking must know:
     which tokens are special and which start a word (for whole-word masking)."""
-    encoded = tokenizer(texts, return_special_tokens_mask=True, verbose=False)
+    encoded = tokenize(tokenizer, texts, return_special_tokens_mask=True, verbose=False)
     word_start = (
         [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
         if tokenizer.is_fast
@@ -104,7 +127,7 @@ def clm_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Colum
     """Each text followed by the end-of-sequence token, which separates documents."""
     if tokenizer.eos_token_id is None:
         raise UserError("model.name_or_path: the tokenizer has no EOS token to join documents")
-    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)
+    encoded = tokenize(tokenizer, texts, add_special_tokens=False, verbose=False)
     return {"input_ids": [[*doc, tokenizer.eos_token_id] for doc in encoded["input_ids"]]}
 
 

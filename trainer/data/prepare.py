@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from trainer import progress
 from trainer.config import RunConfig
 from trainer.data import cache
 from trainer.data.read import (
@@ -29,7 +30,10 @@ from trainer.data.read import (
     source_files,
 )
 from trainer.data.sources import train_sources
+from trainer.logs import get_logger
 from trainer.tasks.registry import task_spec
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -109,14 +113,14 @@ def encode(cfg: RunConfig, splits, tokenizer: PreTrainedTokenizerBase) -> cache.
     """Tokenize (and for MLM/CLM pack) every split."""
     trains, validation, names = splits
     encoder = task_spec(cfg).encode
-    encoded = {
-        f"train-{i}": encoder(split, tokenizer, names, cfg.data) for i, split in enumerate(trains)
-    }
+    named = {f"train-{i}": split for i, split in enumerate(trains)}
     if validation is not None:
-        encoded["validation"] = encoder(validation, tokenizer, names, cfg.data)
-    rows = {f"train-{i}": len(split) for i, split in enumerate(trains)}
-    if validation is not None:
-        rows["validation"] = len(validation)
+        named["validation"] = validation
+    encoded = {}
+    for name, split in named.items():
+        with progress.counting(len(split), f"tokenize {name}"):
+            encoded[name] = encoder(split, tokenizer, names, cfg.data)
+    rows = {name: len(split) for name, split in named.items()}
     return cache.Entry(encoded, {"label_names": names, "rows": rows, "task": cfg.task})
 
 
@@ -160,6 +164,7 @@ def prepare_data(
                 cache.save_entry(encode(cfg, splits or read_splits(cfg), tokenizer), folder)
                 status = "built"
         entry = cache.load_entry(folder)
+    logger.debug("tokenized data: cache %s (%s)", status, folder or "data.cache_dir is null")
     count = sum(name.startswith("train-") for name in entry.splits)
     dropped = {
         name: rows - len(entry.splits[name])

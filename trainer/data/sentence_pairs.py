@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from trainer import progress
 from trainer.data.encode import word_starts
 from trainer.data.read import Split
 from trainer.errors import UserError
@@ -100,4 +101,5 @@ def encode_sentence_pairs(
         for i, ids in enumerate(encoded["input_ids"])
     ]
     columns["next_sentence_label"] = [NOT_NEXT if p.is_random else IS_NEXT for p in pairs]
+    progress.advance(len(split))  # the bar counts rows; one call tokenized their pairs
     return datasets.Dataset.from_dict(columns)

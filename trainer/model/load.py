@@ -10,8 +10,6 @@ to fit it.
 from __future__ import annotations
 
 import inspect
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -29,8 +27,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from trainer.config import ModelConfig
 from trainer.devices import accelerator_type
 from trainer.errors import UserError
+from trainer.logs import get_logger
 from trainer.model import adapters, dtypes, hub, vocabulary
 from trainer.tasks.spec import TaskSpec
+
+logger = get_logger(__name__)
 
 
 def _source(cfg: ModelConfig) -> str:
@@ -252,11 +253,13 @@ def random_head(model: torch.nn.Module) -> list[str]:
 def warn_random_head(model: torch.nn.Module, where: str, task: str, consequence: str) -> None:
     """One warning line (from the main process) when the task's head was drawn at random."""
     head = random_head(model)
-    if head and int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"warning: {where} has no trained {task} head ({', '.join(head)} drawn at "
-            f"random): {consequence}",
-            file=sys.stderr,
+    if head:
+        logger.warning(
+            "%s has no trained %s head (%s drawn at random): %s",
+            where,
+            task,
+            ", ".join(head),
+            consequence,
         )
 
 

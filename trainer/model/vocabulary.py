@@ -28,6 +28,8 @@ import torch
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
+from trainer import progress
+
 EXTENSION_FILE = "vocabulary_extension.json"
 MIN_WORD_LENGTH = 3
 WORD = re.compile(rf"[^\W\d_]{{{MIN_WORD_LENGTH},}}")  # letters only: no digits, no "_"
@@ -54,7 +56,7 @@ def count_words(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> Counter
     """Word frequencies in the tokenizer's normalised form of the texts."""
     normalizer = tokenizer.backend_tokenizer.normalizer
     counts: Counter = Counter()
-    for text in texts:
+    for text in progress.bar(texts, desc="count words", unit="texts"):
         counts.update(WORD.findall(normalizer.normalize_str(text) if normalizer else text))
     return counts
 
@@ -64,7 +66,8 @@ def choose_words(
 ) -> list[AddedWord]:
     """The `count` words that save the most tokens (see the module docstring)."""
     candidates = []
-    for word, frequency in count_words(tokenizer, texts).items():
+    counts = count_words(tokenizer, texts)
+    for word, frequency in progress.bar(counts.items(), desc="split words", unit="words"):
         if frequency < min_frequency:
             continue
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]

@@ -6,6 +6,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 
+from trainer import progress
 from trainer.data.sampling import KeyedDataset, evaluation_batches
 from trainer.run.forward import forward, to_device
 from trainer.tasks.metrics import LossMetrics
@@ -32,7 +33,8 @@ def evaluate(
     batches = evaluation_batches(
         len(examples), batch_size, accelerator.num_processes, accelerator.process_index
     )
-    for indices, is_real in batches:
+    # leave=False: after training steps the bar goes, and the training bar below it stays
+    for indices, is_real in progress.bar(batches, desc="evaluate", unit="batch", leave=False):
         batch = to_device(collator([keyed[(EVAL_EPOCH, i)] for i in indices]), accelerator.device)
         with accelerator.autocast():
             output, labels = forward(model, batch, spec.targets_only)

@@ -9,8 +9,6 @@ same global batches on any number of processes.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ from trainer.data.sources import train_sources
 from trainer.data.stream import RowStream, ShardStream, SourceBlocks, TrainStream
 from trainer.devices import cpu_only
 from trainer.errors import UserError
+from trainer.logs import get_logger
 from trainer.model import dtypes
 from trainer.model.adapters import attach_adapter, quantization_config
 from trainer.model.card import finished_run_card, write_card
@@ -74,15 +73,11 @@ from trainer.tasks.registry import task_spec
 from trainer.tasks.spec import TaskSpec
 from trainer.yaml_sections import read_yaml
 
+logger = get_logger(__name__)
+
 
 class RunFinished(Exception):
     """The output_dir already holds a finished run: nothing to do."""
-
-
-def _report(message: str) -> None:
-    """A note from the main process before Accelerate is up (all ranks run the same checks)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(message, file=sys.stderr)
 
 
 def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator) -> tuple[Path, Path | None]:
@@ -127,7 +122,7 @@ def _resume_point(cfg: RunConfig, run_dir: Path) -> Path | None:
             )
         skipped.append(f"{run_dir} holds a run stopped before its first checkpoint: starting over")
     for line in skipped:
-        _report(line)
+        logger.warning(line)  # all ranks run these checks: the logger speaks for the main one
     if checkpoint is None:  # an earlier run's files are set aside once set_up has succeeded
         return None
     saved = read_loop_state(checkpoint)["config"]
@@ -157,7 +152,7 @@ def _complete_finish(run_dir: Path) -> bool:
     if (run_dir / "config.yaml").is_file():  # the card's source; again: it may predate the kill
         write_card(run_dir / "best", finished_run_card(run_dir))
     promote_best(run_dir)
-    _report(f"completed the interrupted finish of {run_dir}: best/ is final/")
+    logger.info("completed the interrupted finish of %s: best/ is final/", run_dir)
     return True
 
 
@@ -196,8 +191,8 @@ def make_accelerator(cfg: RunConfig, run_dir: Path, accumulation_steps: int) -> 
         ],
     )
     if cfg.train.precision == "bf16" and accelerator.device.type == "cpu" and not _native_bf16():
-        _report(
-            "warning: train.precision=bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix "
+        logger.warning(
+            "train.precision=bf16 on a CPU without AVX-512 BF16 or AMX: bf16 matrix "
             "products are emulated (17x slower than fp32 in benchmarks/optimisations.py); "
             "train.precision=no is faster here"
         )

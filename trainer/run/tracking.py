@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +16,13 @@ from pathlib import Path
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from trainer import atomic
+from trainer import atomic, progress
 from trainer.config import RunConfig, to_dict
+from trainer.logs import get_logger
 from trainer.run.records import finite
 from trainer.run.tracker_runs import start_trackers
+
+logger = get_logger(__name__)
 
 
 def _scalars(values: dict, prefix: str = "") -> dict[str, float]:
@@ -69,7 +71,7 @@ class RunLog:
         self.progress = tqdm(
             total=total_steps,
             initial=start_step,
-            disable=not accelerator.is_main_process,
+            disable=not (accelerator.is_main_process and progress.enabled()),
             dynamic_ncols=True,
             desc="train",
         )
@@ -111,14 +113,15 @@ class RunLog:
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
     def note(self, line: str) -> None:
-        """One line on stderr from the main process, on a line of its own above the
-        progress bar."""
+        """One line from the main process (the CLI's handler writes it above the bar)."""
         if self.accelerator.is_main_process:
-            self.progress.write(line, file=sys.stderr)
+            logger.info(line)
 
     def warn(self, line: str) -> None:
-        """A `note` that starts with "warning:"."""
-        self.note(f"warning: {line}")
+        """One warning from the main process (the CLI's handler writes it through
+        tqdm.write, above the bar)."""
+        if self.accelerator.is_main_process:
+            logger.warning(line)
 
     def close(self) -> None:
         """Flush the trackers and the progress bar."""

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, to_dict
 from trainer.durations import parse_duration
 from trainer.errors import TrainingFailed, UserError
+from trainer.logs import get_logger
 from trainer.model.card import CARD_NAME, finished_run_card, write_card
 from trainer.run.checkpoint import load_checkpoint, promote_best, save_checkpoint, save_model
 from trainer.run.evaluation import evaluate
@@ -33,6 +33,8 @@ from trainer.run.step import Requests, StepSums, optimizer_step
 from trainer.run.stop import Preempted, StopFlag
 from trainer.run.tracking import RunLog
 from trainer.tasks.spec import LOWER_IS_BETTER, TaskSpec
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -122,12 +124,9 @@ def _write_run_files(run: Run) -> None:
             atomic.write_text(run.run_dir / "config.yaml", dump_yaml(run.cfg))
         with atomic.stop_on_failed_write(run.run_dir / "run_summary.json"):
             atomic.write_json(run.run_dir / "run_summary.json", finite(run.summary()), indent=2)
-        run.accelerator.print(json.dumps(run.summary()))
+        logger.info(json.dumps(run.summary()))
         if run.cfg.model.trust_remote_code:
-            print(
-                "warning: model.trust_remote_code is on: code from the model repo runs here",
-                file=sys.stderr,
-            )
+            logger.warning("model.trust_remote_code is on: code from the model repo runs here")
     run.accelerator.wait_for_everyone()
 
 
@@ -163,7 +162,7 @@ class Loop:
                 run.stream.load_state_dict([rank["stream"] for rank in ranks])
             if run.accelerator.is_main_process:
                 truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
-                print(f"resuming from {run.resume_from} (step {state.step})", file=sys.stderr)
+                logger.info("resuming from %s (step %d)", run.resume_from, state.step)
         max_time = run.cfg.train.max_time
         stop_flag.limit_time(parse_duration(max_time) if max_time else None)
         stop_flag.install()  # again: in case set-up's libraries installed handlers of their own
