@@ -122,8 +122,8 @@ def test_a_config_only_reference_is_skipped_not_scored_zero(tmp_path, capsys):
     code = cli("tokenizer", "train", DOMAIN, "--type", "bpe", "--vocab-size", 300,
                "--out", tmp_path / "tok", "--reference", config_only)  # fmt: skip
     assert code == 0
-    out = capsys.readouterr().out
-    assert "has no vocabulary" in out
+    out, err = capsys.readouterr()
+    assert f"warning: reference tokenizer skipped: {config_only} has no vocabulary" in err
     assert "reference_tokens_per_word" not in last_json(out)
 
 
