@@ -87,19 +87,25 @@ def build_bert(folder: Path) -> Path:
     return folder
 
 
-def build_gpt2(folder: Path) -> Path:
-    """A 2-layer GPT-2 (hidden 32) with a trained byte-level BPE tokenizer."""
+def byte_level_bpe(vocab_size: int, specials: list[str]) -> Tokenizer:
+    """A GPT-2-style byte-level BPE trained on the fixed corpus."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(
         corpus(400),
         trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<|endoftext|>"],
+            vocab_size=vocab_size,
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
+    return tokenizer
+
+
+def build_gpt2(folder: Path) -> Path:
+    """A 2-layer GPT-2 (hidden 32) with a trained byte-level BPE tokenizer."""
+    tokenizer = byte_level_bpe(300, ["<|endoftext|>"])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|endoftext|>",
@@ -135,18 +141,7 @@ def build_llama_chat(folder: Path) -> Path:
     special tokens (EOS is <|im_end|>, the end of every turn) and ChatML as its template."""
     from transformers import LlamaConfig
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer.train_from_iterator(
-        corpus(400),
-        trainers.BpeTrainer(
-            vocab_size=320,
-            special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
+    tokenizer = byte_level_bpe(320, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",

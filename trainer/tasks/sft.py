@@ -8,11 +8,11 @@ micro-batches and 8 x 1 give the same step (the gradient-accumulation bug of 202
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from trainer.data.chat_rows import CHAT
 from trainer.data.chat_templates import set_chat_template
-from trainer.tasks import heads
+from trainer.tasks import clm, heads
 from trainer.tasks.spec import PredictionHead, TaskSpec, padding_collator
 
 if TYPE_CHECKING:
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
     from trainer.config import DataConfig
     from trainer.data.read import Split
-    from trainer.tasks.metrics import LossMetrics
 
 
 def encode(
@@ -33,25 +32,11 @@ def encode(
     return encode_chat(split, tokenizer, data)
 
 
-def loss(logits: Any, labels: Any, weight: Any = None) -> tuple[Any, Any]:
-    """Summed next-token cross-entropy over the answer tokens, and their count."""
-    from trainer.tasks.losses import next_token_loss
-
-    return next_token_loss(logits, labels, weight)
-
-
 def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
     """Tokens per row, EOS included, before truncation."""
     from trainer.data.chat_encode import chat_token_counts
 
     return chat_token_counts(tokenizer, rows)
-
-
-def metrics(names: list[str] | None, data: DataConfig) -> LossMetrics:
-    """Answer-token loss and perplexity."""
-    from trainer.tasks.metrics import LossMetrics
-
-    return LossMetrics()
 
 
 SFT = TaskSpec(
@@ -62,8 +47,8 @@ SFT = TaskSpec(
     rows=CHAT,
     encode=encode,
     make_collator=padding_collator,
-    loss=loss,
-    make_metrics=metrics,
+    loss=clm.loss,  # CLM's next-token loss; the labels hold the answers only
+    make_metrics=clm.metrics,
     lengths=lengths,
     prediction=PredictionHead(heads.generate, generates=True),
     peft_task_type="CAUSAL_LM",
