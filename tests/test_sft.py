@@ -8,14 +8,19 @@ import json
 import random
 
 import pytest
+import torch
 from conftest import read_metrics, reset_accelerate
 from tiny_models import WORDS
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.cli import main
 from trainer.config import DataConfig
-from trainer.data.chat_encode import row_tokens
+from trainer.data.chat_encode import encode_chat, row_tokens
 from trainer.data.chat_templates import set_chat_template
+from trainer.data.collate import PackedExamplesCollator, PaddingCollator
+from trainer.data.read import Split
+from trainer.run.forward import model_inputs
+from trainer.tasks.losses import next_token_loss
 
 TWO_TURNS = [
     {"role": "system", "content": "be brief"},
@@ -222,3 +227,66 @@ def test_an_unknown_template_name_is_a_config_error(tmp_path, tiny_gpt2, capsys)
     assert (
         "data.chat_template: vicuna is neither a file nor a known name" in capsys.readouterr().err
     )
+
+
+def example_losses(model, batch: dict, spans: list[list[range]]) -> list[float]:
+    """Each example's summed answer-token loss, from its positions in the batch."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        logits = model(**model_inputs(batch)).logits
+    shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+    per_token = F.cross_entropy(
+        logits.transpose(1, 2), shifted, ignore_index=-100, reduction="none"
+    )
+    return [
+        per_token[row, span].sum().item()
+        for row, row_spans in enumerate(spans)
+        for span in row_spans
+    ]
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("on_prompt", [False, True])
+def test_a_packed_example_has_the_loss_it_has_alone(tiny_llama_chat, attention, on_prompt):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_chat)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_chat, attn_implementation=attention)
+    rows = reverse_rows(7, 7, "messages")
+    split = Split("data.train", rows, [f"row {i}" for i in range(len(rows))])
+    settings = {"max_length": 128, "train_on_prompt": on_prompt}
+    packed = list(encode_chat(split, tokenizer, DataConfig(packing=True, **settings)))
+    alone = list(encode_chat(split, tokenizer, DataConfig(**settings)))
+    assert len(packed) < len(alone)  # several examples share a row
+    batch = PackedExamplesCollator(tokenizer.pad_token_id)(packed)
+    assert batch["real_mask"].sum() == sum(
+        len(e["input_ids"]) for e in alone
+    )  # no padding in a row
+    spans = []
+    for example in packed:
+        starts = [
+            sum(example["example_lengths"][:i]) for i in range(len(example["example_lengths"]))
+        ]
+        spans.append(
+            [range(s, s + n) for s, n in zip(starts, example["example_lengths"], strict=True)]
+        )
+    together = example_losses(model, batch, spans)
+    single = [
+        example_losses(
+            model, PaddingCollator(tokenizer.pad_token_id)([e]), [[range(len(e["input_ids"]))]]
+        )[0]
+        for e in alone
+    ]
+    assert together == pytest.approx(single, abs=1e-5)
+    _, count = next_token_loss(model(**model_inputs(batch)).logits, batch["labels"])
+    assert count == sum(sum(1 for x in e["labels"][1:] if x != -100) for e in alone)
+
+
+def test_a_packed_run_trains(tmp_path, tiny_llama_chat):
+    train_file = write_jsonl(tmp_path / "train.jsonl", reverse_rows(96, 0, "messages"))
+    settings = {"data.packing": "true", "data.max_length": 128, "train.epochs": 6}
+    assert train(sft_config(tmp_path, tiny_llama_chat, train_file, **settings)) == 0
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["train_examples"] < 96 / 2  # rows of several examples
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
+    assert all(r["pad_fraction"] < 0.35 for r in records)

@@ -105,6 +105,7 @@ class DataConfig:
     train_on_prompt: bool = _field(False, "sft: loss on every token, not the answers only.")
     last_turn_only: bool = _field(False, "sft: loss on the last assistant turn only.")
     truncation: str = _field("keep_end", "sft, a row over max_length: keep_end | drop.")
+    packing: bool = _field(False, "sft: examples packed into max_length rows, attention apart.")
     max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
     streaming: bool = _field(False, "MLM/CLM: read, tokenize and pack train on the fly.")
     shuffle_buffer: int = _field(1000, "Streaming: packed blocks in the seeded shuffle buffer.")
@@ -441,6 +442,10 @@ def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:
         )
     if cfg.data.isolate_documents and not packed:
         errors.append(f"data.isolate_documents: only for {packing_tasks} (packed documents)")
+    if cfg.data.packing and cfg.task in TASKS and TASKS[cfg.task].packed:
+        errors.append("data.packing: this task packs its texts already (see isolate_documents)")
+    elif cfg.data.packing and cfg.task != "sft":
+        errors.append("data.packing: only for task sft")
 
 
 def world_size_from_env() -> int:

@@ -142,7 +142,29 @@ def encode_chat(
             f"{split.key}: every row is longer than data.max_length={data.max_length} and "
             "data.truncation=drop drops them all"
         )
+    if data.packing:
+        columns = pack(columns, data.max_length)
     return datasets.Dataset.from_dict(columns)
+
+
+def pack(columns: dict[str, list], max_length: int) -> dict[str, list]:
+    """Examples in their order, concatenated into rows of at most max_length tokens (a row
+    takes the next example while it fits). Each row keeps its examples' lengths, from which
+    the collator builds the attention that stays inside each example and the position ids
+    that restart in each: a packed example is computed as if alone, and a row holds no
+    padding."""
+    packed: dict[str, list] = {"input_ids": [], "labels": [], "example_lengths": []}
+    for ids, labels in zip(columns["input_ids"], columns["labels"], strict=True):
+        if not packed["input_ids"] or len(packed["input_ids"][-1]) + len(ids) > max_length:
+            packed["input_ids"].append([])
+            packed["labels"].append([])
+            packed["example_lengths"].append([])
+        packed["input_ids"][-1] += ids
+        # nothing predicts an example's first token when it is alone; packed, the previous
+        # example's last position would (train_on_prompt makes it a target)
+        packed["labels"][-1] += [IGNORE_INDEX, *labels[1:]]
+        packed["example_lengths"][-1].append(len(ids))
+    return packed
 
 
 def chat_token_counts(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:

@@ -52,6 +52,33 @@ class PaddingCollator:
         return batch
 
 
+@dataclass
+class PackedExamplesCollator:
+    """Rows of packed examples (sft with data.packing), padded to the longest row of the
+    micro-batch: each example attends only to itself, its position ids start at 0, and
+    each padding position is an example of its own that no real token sees. `real_mask`
+    (not a model input) says which positions are tokens, for the tokens/s count."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        width = max(len(e["input_ids"]) for e in examples)
+        batch = {
+            "input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id),
+            "labels": _pad([e["labels"] for e in examples], IGNORE_INDEX),
+        }
+        starts = torch.ones(len(examples), width, dtype=torch.bool)  # padding: each alone
+        for row, example in enumerate(examples):
+            starts[row, : sum(example["example_lengths"])] = False
+            offset = 0
+            for length in example["example_lengths"]:
+                starts[row, offset] = True
+                offset += length
+        lengths = torch.tensor([sum(e["example_lengths"]) for e in examples])
+        batch["real_mask"] = (torch.arange(width)[None] < lengths[:, None]).long()
+        return batch | isolate_documents(starts, causal=True)
+
+
 def isolate_documents(starts: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
     """Attention that stays inside each packed document, given where documents start.
 

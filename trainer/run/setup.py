@@ -249,7 +249,7 @@ def build_model(
         warn_random_head(
             model, f"model.name_or_path: {cfg.model.name_or_path}", spec.name, consequence
         )
-    if cfg.data.isolate_documents:
+    if cfg.data.isolate_documents or cfg.data.packing:
         check_document_isolation(model)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

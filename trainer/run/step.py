@@ -215,7 +215,8 @@ def _check_engine_skipped(engine, skipped: bool) -> None:
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens that are not padding: a padded batch's attention mask says which; packed
-    blocks (whose mask may be a 4-D document mask) have no padding."""
-    mask = batch["attention_mask"]
+    """Tokens that are not padding: a padded batch's attention mask says which, or for
+    packed sft rows under a 4-D document mask their `real_mask`; packed MLM/CLM blocks
+    have no padding."""
+    mask = batch.get("real_mask", batch["attention_mask"])
     return mask.sum() if mask.dim() == 2 else mask.new_tensor(batch["input_ids"].numel())

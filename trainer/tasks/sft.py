@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 from trainer.data.chat_rows import CHAT
 from trainer.data.chat_templates import set_chat_template
 from trainer.tasks import clm, heads
-from trainer.tasks.spec import PredictionHead, TaskSpec, padding_collator
+from trainer.tasks.spec import PredictionHead, TaskSpec
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-    from trainer.config import DataConfig
+    from trainer.config import DataConfig, RunConfig
     from trainer.data.read import Split
 
 
@@ -30,6 +30,16 @@ def encode(
     from trainer.data.chat_encode import encode_chat
 
     return encode_chat(split, tokenizer, data)
+
+
+def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig):
+    """Rows padded per micro-batch; with data.packing, packed rows whose examples attend
+    only to themselves (block-diagonal causal mask, position ids restarting)."""
+    from trainer.data.collate import PackedExamplesCollator, PaddingCollator
+
+    if cfg.data.packing:
+        return PackedExamplesCollator(tokenizer.pad_token_id)
+    return PaddingCollator(tokenizer.pad_token_id)
 
 
 def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
@@ -46,7 +56,7 @@ SFT = TaskSpec(
     metrics=("loss", "perplexity"),
     rows=CHAT,
     encode=encode,
-    make_collator=padding_collator,
+    make_collator=collator,
     loss=clm.loss,  # CLM's next-token loss; the labels hold the answers only
     make_metrics=clm.metrics,
     lengths=lengths,
