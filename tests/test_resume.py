@@ -310,6 +310,14 @@ def test_changed_keys_ignores_only_the_safe_keys():
     assert "train.lr" not in SAFE_TO_CHANGE and "train.seed" not in SAFE_TO_CHANGE
 
 
+def test_a_key_newer_than_the_saved_config_changes_nothing_at_its_default():
+    """A run saved before `data.packing` existed resumes under a version that has it, while
+    the key keeps its default (what the older version did); set otherwise, it is a change."""
+    saved = {"data": {"max_length": 64}}
+    assert changed_keys(saved, {"data": {"max_length": 64, "packing": False}}) == []
+    assert changed_keys(saved, {"data": {"max_length": 64, "packing": True}}) == ["data.packing"]
+
+
 def test_truncate_metrics_drops_the_records_after_the_checkpoint(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)))

@@ -254,12 +254,18 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 
 def changed_keys(saved: dict, current: dict) -> list[str]:
-    """Config keys whose values differ and that are not safe to change on resume."""
+    """Config keys whose values differ and that are not safe to change on resume. A key
+    the saved config lacks (a run saved before the key existed) is unchanged while it
+    keeps its default, which does what that version did."""
+    from trainer.config import RunConfig, to_dict
+
     old, new = _flatten(saved), _flatten(current)
+    defaults = _flatten(to_dict(RunConfig()))
     unsafe = (
         key
         for key in old.keys() | new.keys()
-        if key not in SAFE_TO_CHANGE and old.get(key) != new.get(key)
+        if key not in SAFE_TO_CHANGE
+        and old.get(key, defaults.get(key)) != new.get(key, defaults.get(key))
     )
     return sorted([*unsafe, *_schedule_length_keys(old, new)])
 
