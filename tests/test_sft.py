@@ -290,3 +290,23 @@ def test_a_packed_run_trains(tmp_path, tiny_llama_chat):
     assert summary["train_examples"] < 96 / 2  # rows of several examples
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
     assert all(r["pad_fraction"] < 0.35 for r in records)
+
+
+def test_predict_renders_the_saved_template_as_a_chat_pipeline_does(tmp_path, tiny_llama_chat):
+    """`trainer predict` on an sft model takes a prompt as the user's turn and renders it with
+    the template saved in final/; transformers.pipeline fed the same chat message answers
+    the same (greedy), so final/ serves chat messages with the standard tools."""
+    import transformers
+
+    from trainer.inference import PredictOptions, Predictor
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", reverse_rows(64, 0, "messages"))
+    settings = {"train.epochs": 3, "data.chat_template": "chatml"}
+    assert train(sft_config(tmp_path, tiny_llama_chat, train_file, **settings)) == 0
+    final = str(tmp_path / "run" / "final")
+    prompts = ["reverse: good day", "reverse: red"]
+    ours = Predictor.load(final).predict(prompts, PredictOptions(max_new_tokens=6))
+    chat = transformers.pipeline("text-generation", model=final)
+    for prompt, row in zip(prompts, ours, strict=True):
+        answer = chat([{"role": "user", "content": prompt}], max_new_tokens=6, do_sample=False)
+        assert row["generated"] == answer[0]["generated_text"][-1]["content"]

@@ -33,7 +33,7 @@ from trainer.model import adapters, int8, shared_base
 from trainer.model.load import load_tokenizer
 from trainer.model.saved import DEFAULT_ADAPTER, SavedModel
 from trainer.tasks.heads import WordTag, merge_entities
-from trainer.tasks.registry import task_spec
+from trainer.tasks.registry import TASKS, task_spec
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZE = ("no", "int8")
@@ -108,9 +108,12 @@ class Example:
 
 
 def _check_head(saved: SavedModel, task: str) -> None:
-    """Refuse a task whose head the folder lacks: it would be random, and so would the output."""
+    """Refuse a task whose head the folder lacks: it would be random, and so would the output.
+    Tasks with one head class share it (an sft model's head is a causal LM's)."""
     head = saved.task.name if saved.task else None
-    if head != task:
+    spec = TASKS.get(task)
+    same_head = None not in (saved.task, spec) and saved.task.auto_class == spec.auto_class
+    if head != task and not same_head:
         heads = f"a {head} head" if head else "no task head"
         raise UserError(f"task: {saved.folder} has {heads}; {task} predictions need a trained one")
 
@@ -375,13 +378,16 @@ class Predictor:
         tagging, generating = self.head.word_offsets, self.head.generates
         if tagging and not self.tokenizer.is_fast:
             raise UserError(f"MODEL_DIR: {self.task} prediction needs a fast tokenizer (offsets)")
-        encoded = self.tokenizer(
-            list(texts),
-            truncation=not generating,
-            max_length=None if generating else self.cfg.data.max_length,
-            return_offsets_mapping=tagging,
-            verbose=False,
-        )
+        if self.head.chat and getattr(self.tokenizer, "chat_template", None):
+            encoded = {"input_ids": [self._chat_prompt(text) for text in texts]}
+        else:
+            encoded = self.tokenizer(
+                list(texts),
+                truncation=not generating,
+                max_length=None if generating else self.cfg.data.max_length,
+                return_offsets_mapping=tagging,
+                verbose=False,
+            )
         limit = _prompt_limit(self.model.config, options.max_new_tokens) if generating else None
         examples = []
         for i, text in enumerate(texts):
@@ -394,6 +400,15 @@ class Predictor:
                 )
             examples.append(example)
         return examples
+
+    def _chat_prompt(self, text: str) -> list[int]:
+        """An sft model's prompt: the text as the user's turn, rendered by the template the
+        model was trained with (saved with its tokenizer), up to the assistant's turn."""
+        turn = [{"role": "user", "content": text}]
+        rendered = self.tokenizer.apply_chat_template(
+            turn, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return rendered["input_ids"]
 
     def _run(self, chunk: list[Example], options: PredictOptions) -> list[dict]:
         """Pad one batch (left for generation, right otherwise) and apply the task's head."""

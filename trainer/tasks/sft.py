@@ -60,7 +60,7 @@ SFT = TaskSpec(
     loss=clm.loss,  # CLM's next-token loss; the labels hold the answers only
     make_metrics=clm.metrics,
     lengths=lengths,
-    prediction=PredictionHead(heads.generate, generates=True),
+    prediction=PredictionHead(heads.generate, generates=True, chat=True),
     peft_task_type="CAUSAL_LM",
     # every linear layer, as QLoRA's paper found necessary to match full fine-tuning
     lora_targets="all-linear",

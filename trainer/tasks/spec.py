@@ -67,6 +67,7 @@ class PredictionHead:
     run: Callable[..., list[dict]]  # (predictor, examples, padded inputs, options) -> rows
     word_offsets: bool = False  # NER: each token keeps its word and its character span
     generates: bool = False  # CLM: prompts are padded on the left and keep their end
+    chat: bool = False  # sft: a prompt is the user's turn, rendered by the chat template
 
 
 @dataclass(frozen=True)
