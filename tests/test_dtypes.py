@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_run_config, read_metrics, reset_accelerate
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from tiny_models import llama_shape
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from trainer.cli import main
 from trainer.config import build_config, load_config
@@ -24,16 +25,8 @@ from trainer.tasks.registry import task_spec
 def llama_copies(tmp_path_factory, tiny_gpt2) -> dict[str, Path]:
     """The same 2-layer Llama weights (hidden 32) saved once in bf16, once in fp32."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    config = llama_shape(
+        len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)

@@ -136,11 +136,26 @@ CHATML_PLAIN = (
 )
 
 
+def llama_shape(vocab_size: int, **special_tokens):
+    """The tests' 2-layer Llama shape (hidden 32, 2 heads, 256 positions)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        **special_tokens,
+    )
+
+
 def build_llama_chat(folder: Path) -> Path:
     """A 2-layer Llama (hidden 32) with a byte-level BPE tokenizer that has ChatML's
     special tokens (EOS is <|im_end|>, the end of every turn) and ChatML as its template."""
-    from transformers import LlamaConfig
-
     tokenizer = byte_level_bpe(320, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -149,18 +164,8 @@ def build_llama_chat(folder: Path) -> Path:
         model_max_length=1024,
     )
     fast.chat_template = CHATML_PLAIN
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
+    config = llama_shape(
+        len(fast), eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=None
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     fast.save_pretrained(folder)

@@ -166,11 +166,16 @@ def prepare_data(
         entry = cache.load_entry(folder)
     logger.debug("tokenized data: cache %s (%s)", status, folder or "data.cache_dir is null")
     count = sum(name.startswith("train-") for name in entry.splits)
-    dropped = {
-        name: rows - len(entry.splits[name])
-        for name, rows in entry.meta["rows"].items()
-        if not task_spec(cfg).packed and rows > len(entry.splits[name])
-    }
+    # rows data.truncation=drop left out; packed tasks' blocks are no rows to count
+    dropped = (
+        {}
+        if task_spec(cfg).packed
+        else {
+            name: rows - len(entry.splits[name])
+            for name, rows in entry.meta["rows"].items()
+            if rows > len(entry.splits[name])
+        }
+    )
     return PreparedData(
         [entry.splits[f"train-{i}"] for i in range(count)],
         entry.splits.get("validation"),

@@ -113,15 +113,13 @@ class RunLog:
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
     def note(self, line: str) -> None:
-        """One line from the main process (the CLI's handler writes it above the bar)."""
-        if self.accelerator.is_main_process:
-            logger.info(line)
+        """One line, from the main process only (the logger's filter drops the others'; the
+        CLI's handler writes it above the bar)."""
+        logger.info(line)
 
     def warn(self, line: str) -> None:
-        """One warning from the main process (the CLI's handler writes it through
-        tqdm.write, above the bar)."""
-        if self.accelerator.is_main_process:
-            logger.warning(line)
+        """One warning, as `note`."""
+        logger.warning(line)
 
     def close(self) -> None:
         """Flush the trackers and the progress bar."""
