@@ -24,8 +24,8 @@ from benchmarks import (
     inference,
     optimisations,
     quality,
+    run as runner,
 )
-from benchmarks import run as runner
 from benchmarks.comparison import SENTIMENT, ratios
 
 PACKAGE = Path(runner.__file__).parent

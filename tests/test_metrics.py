@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
-from seqeval.metrics import f1_score as seq_f1
-from seqeval.metrics import precision_score as seq_precision
-from seqeval.metrics import recall_score as seq_recall
+from seqeval.metrics import (
+    f1_score as seq_f1,
+    precision_score as seq_precision,
+    recall_score as seq_recall,
+)
 from seqeval.scheme import IOB2
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 

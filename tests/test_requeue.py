@@ -26,8 +26,7 @@ from interrupted_runs import (
 
 import launch.local
 import launch.requeue
-from launch.requeue import main as requeue_main
-from launch.requeue import slurm_job_to_requeue
+from launch.requeue import main as requeue_main, slurm_job_to_requeue
 from trainer.run.resume import checkpoint_dir, problem_with
 from trainer.run.stop import EXIT_PREEMPTED
 

@@ -16,8 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
-from huggingface_hub import try_to_load_from_cache as cached_hub_file
+from huggingface_hub import (
+    EvalResult,
+    ModelCard,
+    ModelCardData,
+    metadata_load,
+    try_to_load_from_cache as cached_hub_file,
+)
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
