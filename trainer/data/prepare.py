@@ -86,6 +86,14 @@ def _fingerprint(source: str, key: str, cfg: RunConfig) -> list:
     return [[path.name, cache.file_digest(path)] for path in files]
 
 
+def examples_in(split: datasets.Dataset) -> int:
+    """The examples an encoded split holds: its rows, or (sft's data.packing) the examples
+    packed into them."""
+    if "example_lengths" in split.column_names:
+        return sum(len(lengths) for lengths in split["example_lengths"])
+    return len(split)
+
+
 def data_key(cfg: RunConfig) -> str:
     """The part of the cache key that the data and the settings decide."""
     sources = [] if cfg.data.streaming else train_sources(cfg.data)
@@ -166,14 +174,14 @@ def prepare_data(
         entry = cache.load_entry(folder)
     logger.debug("tokenized data: cache %s (%s)", status, folder or "data.cache_dir is null")
     count = sum(name.startswith("train-") for name in entry.splits)
-    # rows data.truncation=drop left out; packed tasks' blocks are no rows to count
+    # rows data.truncation left out; packed tasks' blocks are no rows to count
     dropped = (
         {}
         if task_spec(cfg).packed
         else {
-            name: rows - len(entry.splits[name])
+            name: rows - examples_in(entry.splits[name])
             for name, rows in entry.meta["rows"].items()
-            if rows > len(entry.splits[name])
+            if rows > examples_in(entry.splits[name])
         }
     )
     return PreparedData(

@@ -49,6 +49,13 @@ def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
     return chat_token_counts(tokenizer, rows)
 
 
+def truncation(tokenizer: PreTrainedTokenizerBase, rows: list[dict], data: DataConfig) -> dict:
+    """Rows each data.truncation policy cuts or drops (see data/chat_encode.py)."""
+    from trainer.data.chat_encode import truncation_counts
+
+    return truncation_counts(tokenizer, rows, data)
+
+
 SFT = TaskSpec(
     name="sft",
     auto_class="AutoModelForCausalLM",
@@ -68,4 +75,5 @@ SFT = TaskSpec(
     shifted_targets=True,
     pipeline_tag="text-generation",
     prepare_tokenizer=set_chat_template,
+    truncation=truncation,
 )

@@ -105,6 +105,8 @@ class TaskSpec:
     check_model_config: Callable[[PretrainedConfig], None] | None = None  # before loading
     # before its first use in training (sft: data.chat_template goes onto the tokenizer)
     prepare_tokenizer: Callable[[PreTrainedTokenizerBase, DataConfig], None] | None = None
+    # sft (data-stats): what each data.truncation policy does to the rows over max_length
+    truncation: Callable[[PreTrainedTokenizerBase, list[dict], DataConfig], dict] | None = None
 
     @property
     def has_labels(self) -> bool:
