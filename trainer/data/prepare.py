@@ -109,8 +109,13 @@ def data_key(cfg: RunConfig) -> str:
             ],
             "validation": data.validation and _fingerprint(data.validation, "data.validation", cfg),
             "validation_split": split if data.validation_split else None,
-            "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
+            "columns": [
+                *(data.text_column, data.label_column, data.tokens_column, data.tags_column),
+                *(data.prompt_column, data.completion_column, data.messages_column),
+            ],
             "max_length": data.max_length,
+            # sft: which tokens are targets, and how rows meet max_length
+            "answers": [data.train_on_prompt, data.last_turn_only, data.truncation, data.packing],
             # sentence pairs are drawn with the seed when they are made
             "next_sentence_seed": cfg.train.seed if cfg.mlm.next_sentence else None,
         }
