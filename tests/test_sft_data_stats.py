@@ -94,12 +94,15 @@ def test_data_stats_counts_what_each_policy_does(sft_rows, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("policy", "dropped"), [("keep_end", 2), ("drop", 6)])
-def test_training_drops_and_counts_what_data_stats_said(sft_rows, tmp_path, policy, dropped):
+def test_training_drops_and_counts_what_data_stats_said(
+    sft_rows, tmp_path, caplog, policy, dropped
+):
     settings = {"data.truncation": policy, "train.max_steps": 1, "train.global_batch_size": 4}
     assert train(sft_rows(**settings, **{"train.micro_batch_size": 4})) == 0
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["train_examples"] == 11 - dropped
     assert summary["dropped_rows"]["train-0"] == dropped
+    assert f"train-0: {dropped} rows over data.max_length=32 dropped" in caplog.text
 
 
 def test_packed_examples_are_not_counted_as_dropped(sft_rows, tmp_path):

@@ -44,7 +44,7 @@ class PreparedData:
     validation: datasets.Dataset | None
     label_names: list[str] | None
     cache: dict  # status (hit, built, off), folder, seconds
-    dropped_rows: dict[str, int]  # rows data.truncation=drop left out, per split
+    dropped_rows: dict[str, int]  # sft rows left out for their length, per split
 
 
 def source_key(number: int, count: int) -> str:
@@ -149,6 +149,29 @@ def task_tokenizer(
     return tokenizer
 
 
+def _dropped_rows(cfg: RunConfig, entry: cache.Entry) -> dict[str, int]:
+    """Rows per split that sft encoding left out for their length (data.truncation=drop,
+    or an answer alone too long), each split's count logged as a warning; packed tasks'
+    blocks are no rows to count."""
+    if task_spec(cfg).packed:
+        return {}
+    dropped = {
+        name: rows - examples_in(entry.splits[name])
+        for name, rows in entry.meta["rows"].items()
+        if rows > examples_in(entry.splits[name])
+    }
+    for name, count in dropped.items():
+        logger.warning(
+            "%s: %d rows over data.max_length=%d dropped (data.truncation=%s; `trainer "
+            "data-stats` counts what each policy keeps)",
+            name,
+            count,
+            cfg.data.max_length,
+            cfg.data.truncation,
+        )
+    return dropped
+
+
 def prepare_data(
     cfg: RunConfig, load_tokenizer: Callable[[], PreTrainedTokenizerBase]
 ) -> tuple[PreparedData, PreTrainedTokenizerBase]:
@@ -179,16 +202,7 @@ def prepare_data(
         entry = cache.load_entry(folder)
     logger.debug("tokenized data: cache %s (%s)", status, folder or "data.cache_dir is null")
     count = sum(name.startswith("train-") for name in entry.splits)
-    # rows data.truncation left out; packed tasks' blocks are no rows to count
-    dropped = (
-        {}
-        if task_spec(cfg).packed
-        else {
-            name: rows - examples_in(entry.splits[name])
-            for name, rows in entry.meta["rows"].items()
-            if rows > examples_in(entry.splits[name])
-        }
-    )
+    dropped = _dropped_rows(cfg, entry)
     return PreparedData(
         [entry.splits[f"train-{i}"] for i in range(count)],
         entry.splits.get("validation"),
