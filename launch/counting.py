@@ -28,7 +28,8 @@ class DataCount:
 def count_examples(cfg: RunConfig) -> DataCount:
     """Training examples as training gets them: through the tokenization cache (which the
     plan thereby builds for the run). Fine-tuning data has one example per row, so its
-    count survives a tokenizer that can't be loaded; packed MLM/CLM blocks need it."""
+    count survives a tokenizer that can't be loaded (an upper bound where sft's
+    data.truncation drops rows); packed MLM/CLM blocks and packed sft rows need it."""
     import datasets
 
     from trainer.data.prepare import prepare_data
@@ -58,7 +59,7 @@ def _rows_only(cfg: RunConfig, per_row: int, why: str) -> DataCount:
         trains, _, names = read_splits(cfg)
     except (UserError, OSError) as err:
         return DataCount(None, unknown=str(err))
-    if TASKS[cfg.task].packed:
+    if TASKS[cfg.task].packed or cfg.data.packing:  # sft packs examples into rows
         return DataCount(None, names, unknown=why)
     return DataCount(sum(map(len, trains)) * per_row, names)
 

@@ -62,8 +62,8 @@ sequence s = data.max_length, hidden h, heads a, layers L:
                  the profile's fsdp.activation_checkpointing) each layer keeps only its input,
                  2·s·b·h bytes, and one layer is recomputed at a time: L·2·s·b·h + one layer.
 - fp32           twice the above when train.precision is `no`.
-- LM logits      mlm / clm add s·b·V·4 bytes (V the vocabulary) for the fp32 logits the loss
-                 reads.
+- LM logits      mlm / clm / sft add s·b·V·4 bytes (V the vocabulary) for the fp32 logits
+                 the loss reads.
 
 The same activations stand in every row: sharding does not change them.
 """
@@ -252,6 +252,11 @@ def host_bytes(
     )
 
 
+def scores_the_vocabulary(cfg: RunConfig) -> bool:
+    """Whether the head gives every position a logit per vocabulary entry (mlm, clm, sft)."""
+    return TASKS[cfg.task].auto_class.endswith(("MaskedLM", "CausalLM"))
+
+
 def activation_bytes(params: ParamCount, cfg: RunConfig, precision: str, recompute: bool) -> float:
     """Activations kept for the backward pass of one micro batch (module docstring)."""
     b, s = cfg.train.micro_batch_size, cfg.data.max_length
@@ -260,7 +265,7 @@ def activation_bytes(params: ParamCount, cfg: RunConfig, precision: str, recompu
     kept = layers * 2 * s * b * h + one_layer if recompute else layers * one_layer
     if precision == "no":
         kept *= 2
-    logits = s * b * params.vocab * 4 if TASKS[cfg.task].packed else 0
+    logits = s * b * params.vocab * 4 if scores_the_vocabulary(cfg) else 0
     return float(kept + logits)
 
 
@@ -366,11 +371,12 @@ def human_bytes(count: float) -> str:
 def _batch_lines(plan: Plan) -> list[str]:
     job, cfg = plan.job, plan.job.cfg
     profile = job.profile
-    exactness = (
-        "exact: packed blocks"
-        if TASKS[cfg.task].packed
-        else "an upper bound: examples are padded to the longest in a micro batch"
-    )
+    if TASKS[cfg.task].packed:
+        exactness = "exact: packed blocks"
+    elif cfg.data.packing:
+        exactness = "an upper bound: rows of packed examples hold at most that many tokens"
+    else:
+        exactness = "an upper bound: examples are padded to the longest in a micro batch"
     if plan.data.examples is None:
         examples = f"unknown ({plan.data.unknown})"
         steps = "unknown (the number of training examples is unknown)"

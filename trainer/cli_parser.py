@@ -34,8 +34,8 @@ def _add_predict_parser(commands, runners: Runners) -> None:
         "--input",
         required=True,
         help="csv, tsv, jsonl, json (a list of objects or JSON lines) or parquet: their "
-        "data.text_column, and `id` if present; txt: one text per non-blank line, its line "
-        "number as id",
+        "data.text_column (sft: or a `messages` list ending with the user's turn), and `id` "
+        "if present; txt: one text per non-blank line, its line number as id",
     )
     predict.add_argument(
         "--output", required=True, help="jsonl file, one row per input: id, text, prediction"

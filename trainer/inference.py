@@ -40,6 +40,7 @@ QUANTIZE = ("no", "int8")
 # Padding a batch to a multiple of 8 tokens lets a GPU's tensor cores take every matmul;
 # on a CPU it is only more tokens to compute (benchmarks/inference.py measures it).
 GPU_PAD_MULTIPLE = 8
+Prompt = str | list[dict]  # a text, or (sft) a conversation ending with the user's turn
 __all__ = ["PredictOptions", "Predictor", "WordTag", "merge_entities"]  # the public API
 
 
@@ -101,7 +102,7 @@ class Example:
     """One tokenized input; NER keeps which word each token belongs to and where it is."""
 
     index: int  # position in the input, to restore the order after sorting
-    text: str
+    text: Prompt
     ids: list[int]
     word_ids: list[int | None] = field(default_factory=list)
     offsets: list[tuple[int, int]] = field(default_factory=list)
@@ -330,8 +331,10 @@ class Predictor:
         self.served[name].model.set_adapter(name)
         self._serve(name)
 
-    def predict(self, texts: Sequence[str], options: PredictOptions | None = None) -> list[dict]:
-        """One result row per text, in input order (see tasks/heads.py for each task's keys)."""
+    def predict(self, texts: Sequence[Prompt], options: PredictOptions | None = None) -> list[dict]:
+        """One result row per text, in input order (see tasks/heads.py for each task's keys);
+        an sft model also takes conversations, lists of {role, content} ending with the
+        user's turn."""
         options = options or PredictOptions(precision=self.precision)
         options.check()
         self._quantize(options.quantize)
@@ -372,7 +375,7 @@ class Predictor:
 
     # --- batching ------------------------------------------------------------------------
 
-    def _encode(self, texts: Sequence[str], options: PredictOptions) -> list[Example]:
+    def _encode(self, texts: Sequence[Prompt], options: PredictOptions) -> list[Example]:
         """Token ids of every text: truncated to the trained `data.max_length`, except CLM
         prompts, which keep their end (the part the continuation follows)."""
         tagging, generating = self.head.word_offsets, self.head.generates
@@ -380,6 +383,11 @@ class Predictor:
             raise UserError(f"MODEL_DIR: {self.task} prediction needs a fast tokenizer (offsets)")
         if self.head.chat and getattr(self.tokenizer, "chat_template", None):
             encoded = {"input_ids": [self._chat_prompt(text) for text in texts]}
+        elif any(not isinstance(text, str) for text in texts):
+            raise UserError(
+                f"--input: chat messages need a chat template, and {self.task} model "
+                f"{self.cfg.model.name_or_path}'s tokenizer has none; give plain prompts"
+            )
         else:
             encoded = self.tokenizer(
                 list(texts),
@@ -401,12 +409,13 @@ class Predictor:
             examples.append(example)
         return examples
 
-    def _chat_prompt(self, text: str) -> list[int]:
-        """An sft model's prompt: the text as the user's turn, rendered by the template the
-        model was trained with (saved with its tokenizer), up to the assistant's turn."""
-        turn = [{"role": "user", "content": text}]
+    def _chat_prompt(self, prompt: Prompt) -> list[int]:
+        """An sft model's prompt: the conversation so far (a text: the user's turn),
+        rendered by the template the model was trained with (saved with its tokenizer), up
+        to the assistant's turn."""
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         rendered = self.tokenizer.apply_chat_template(
-            turn, add_generation_prompt=True, tokenize=True, return_dict=True
+            turns, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return rendered["input_ids"]
 

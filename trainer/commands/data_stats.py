@@ -16,7 +16,11 @@ Definitions, so that every figure can be checked by hand:
   capped at the model's maximum positions: at most 1% of the rows are truncated;
 - a duplicate row repeats the exact text of an earlier row of its split (NER: the words
   joined by spaces); `conflicting_labels` counts texts whose copies disagree on the label;
-- an empty row has an empty text, label or word list: training rejects it, this counts it.
+- an empty row has an empty text, label or word list: training rejects it, this counts it;
+- sft (`truncation`): of the rows over max_length, `answer_too_long` are those whose last
+  answer, from its first token to the row's end, leaves no room for a prompt token: both
+  policies drop them (counted in the run summary). keep_end cuts the start of the others;
+  drop drops every row over max_length. A duplicate repeats a whole conversation or pair.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import json
 import math
 from collections import defaultdict
 from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
 
 from trainer import atomic, progress
 from trainer.config import RunConfig
@@ -73,8 +79,11 @@ def read_for_stats(cfg: RunConfig) -> list[tuple[str, Split, list[str]]]:
 
 
 def row_text(row: dict) -> str:
-    """The text a row stands for (NER: its words joined by spaces)."""
-    return " ".join(row["tokens"]) if "tokens" in row else row["text"]
+    """The text a row stands for (NER: its words joined by spaces; sft: the whole
+    conversation or prompt/completion pair, as JSON)."""
+    if "tokens" in row:
+        return " ".join(row["tokens"])
+    return row["text"] if "text" in row else json.dumps(row, ensure_ascii=False, sort_keys=True)
 
 
 def percentile(ordered: list[int], p: float) -> int:
@@ -132,7 +141,12 @@ def label_balance(split: Split, spec: TaskSpec) -> dict[str, dict]:
 
 
 def split_stats(
-    split: Split, empty: list[str], lengths: list[int], cfg: RunConfig, cap: int | None
+    split: Split,
+    empty: list[str],
+    lengths: list[int],
+    cfg: RunConfig,
+    cap: int | None,
+    tokenizer: PreTrainedTokenizerBase,
 ) -> dict:
     """Every figure of one split (see the module docstring for the definitions)."""
     spec = TASKS[cfg.task]
@@ -147,14 +161,19 @@ def split_stats(
             "packed_blocks": packed_blocks(lengths, max_length),
         }
     truncated = sum(length > max_length for length in lengths)
-    return stats | {
+    stats |= {
         "truncated_rows": truncated,
         "truncated_share": round(truncated / len(lengths), 4) if lengths else 0.0,
         "suggested_max_length": suggest_max_length(stats["tokens"]["p99"], cap)
         if lengths
         else None,
-        "labels": label_balance(split, spec),
     }
+    if spec.truncation is not None:  # sft: what each data.truncation policy does
+        stats["truncation"] = spec.truncation(tokenizer, split.rows, cfg.data)
+    if not spec.has_labels:
+        del stats["conflicting_labels"]
+        return stats
+    return stats | {"labels": label_balance(split, spec)}
 
 
 def overlap(train: Split, validation: Split) -> dict:
@@ -193,7 +212,7 @@ def data_stats(cfg: RunConfig) -> dict:
         "max_length": cfg.data.max_length,
         "model_max_positions": cap,
         "splits": {
-            name: split_stats(split, empty, lengths[name], cfg, cap)
+            name: split_stats(split, empty, lengths[name], cfg, cap, tokenizer)
             for name, split, empty in splits
         },
         "overlap": overlap(splits[0][1], splits[1][1]) if len(splits) == 2 else None,
@@ -225,11 +244,23 @@ def _table_rows(report: dict) -> list[tuple[str, list]]:
         )
     )
     rows.append(("suggested max_length", [s["suggested_max_length"] for s in splits]))
-    labels = list(dict.fromkeys(label for s in splits for label in s["labels"]))
+    if "truncation" in splits[0]:
+        rows += _truncation_rows([s["truncation"] for s in splits])
+    labels = list(dict.fromkeys(label for s in splits for label in s.get("labels", {})))
     for label in labels:
         cells = [s["labels"].get(label, {"count": 0, "share": 0.0}) for s in splits]
         rows.append((f"label {label}", [_count_share(c["count"], c["share"]) for c in cells]))
     return rows
+
+
+def _truncation_rows(counts: list[dict]) -> list[tuple[str, list]]:
+    """sft: the rows over max_length as each data.truncation policy treats them."""
+    return [
+        ("keep_end: prompt cut", [c["keep_end"]["prompt_cut"] for c in counts]),
+        ("keep_end: dropped", [c["keep_end"]["dropped"] for c in counts]),
+        ("drop: dropped", [c["drop"]["dropped"] for c in counts]),
+        ("answer alone too long", [c["answer_too_long"] for c in counts]),
+    ]
 
 
 def format_report(report: dict) -> str:

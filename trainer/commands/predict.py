@@ -14,18 +14,20 @@ from pathlib import Path
 
 from trainer.atomic import write_text
 from trainer.config import DataConfig
-from trainer.data.read import ID_COLUMN, TEXT_WITH_ID, read_split
+from trainer.data.read import ID_COLUMN, TEXT_WITH_ID, RowFormat, read_split
 from trainer.errors import UserError
 from trainer.inference import PredictOptions, Predictor
 from trainer.model.saved import DEFAULT_ADAPTER, SavedModel
+from trainer.tasks.registry import task_spec
 
 INPUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")
 
 
-def read_inputs(source: str, data: DataConfig) -> list[dict]:
+def read_inputs(source: str, data: DataConfig, rows: RowFormat = TEXT_WITH_ID) -> list[dict]:
     """The inputs, each `{"text"}` plus its `id`: the text from `data.text_column` of a
     csv/tsv/jsonl/json/parquet file, with the row's `id` column when it has one, or one
-    text per non-blank line of a .txt file, whose id is its line number."""
+    text per non-blank line of a .txt file, whose id is its line number. An sft model's
+    rows (`rows`, its prediction head's) may hold `{"messages"}` instead of the text."""
     path = Path(source).expanduser()
     if path.is_dir():
         raise UserError(f"--input: {source} is a directory; name a file in it")
@@ -34,7 +36,7 @@ def read_inputs(source: str, data: DataConfig) -> list[dict]:
     if path.suffix.lower() not in INPUT_SUFFIXES:
         raise UserError(f"--input: {path.name}: expected one of {', '.join(INPUT_SUFFIXES)}")
     # read as plain text: only the text column is needed and checked (no labels, no tags)
-    return read_split(str(path), "--input", TEXT_WITH_ID, data).rows
+    return read_split(str(path), "--input", rows, data).rows
 
 
 def parse_adapters(items: Sequence[str]) -> list[tuple[str, str]]:
@@ -117,10 +119,13 @@ def predict_file(
         raise UserError(f"--output: {target} is a directory; name the .jsonl file to write")
     pairs = parse_adapters(adapter_items)
     primary = _primary(model_dir, pairs)
-    inputs = read_inputs(source, _serving(primary, pairs, use).run_config(overrides).data)
+    cfg = _serving(primary, pairs, use).run_config(overrides)
+    inputs = read_inputs(source, cfg.data, task_spec(cfg).prediction.inputs)
     predictor = _loaded(primary, pairs, overrides, options.precision, use)
     started = time.perf_counter()
-    predictions = predictor.predict([row["text"] for row in inputs], options)
+    predictions = predictor.predict(
+        [row.get("messages", row.get("text")) for row in inputs], options
+    )
     seconds = time.perf_counter() - started
     rows = [with_input(one, given) for one, given in zip(predictions, inputs, strict=True)]
     write_jsonl(Path(target), rows)
@@ -128,10 +133,11 @@ def predict_file(
 
 
 def with_input(prediction: dict, given: dict) -> dict:
-    """A prediction row led by its input's `id` (when it has one) and `text`, so that the
-    output stands on its own and joins back to the input."""
+    """A prediction row led by its input's `id` (when it has one) and `text` (or
+    `messages`), so that the output stands on its own and joins back to the input."""
     head = {ID_COLUMN: given[ID_COLUMN]} if ID_COLUMN in given else {}
-    return {**head, "text": given["text"], **prediction}
+    asked = {key: given[key] for key in ("text", "messages") if key in given}
+    return {**head, **asked, **prediction}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

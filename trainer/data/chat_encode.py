@@ -15,7 +15,10 @@ so the model learns to stop: a final answer whose tokens hold no EOS gets one ap
 A row longer than `data.max_length` keeps its end (`data.truncation: keep_end`: the last
 answer stays whole and the start of the conversation goes) or is dropped (`drop`, counted
 in the run summary). Cutting the end instead, as a plain `truncation=True` does, would
-train a long prompt's row on nothing, or on an answer that never ends.
+train a long prompt's row on nothing, or on an answer that never ends. A row whose last
+answer alone leaves no room for a token of its prompt is dropped under either policy (and
+counted): no policy can keep it whole, and its tail alone would teach an answer to nothing.
+`trainer data-stats` reports how many rows each policy cuts or drops (`truncation_counts`).
 """
 
 from __future__ import annotations
@@ -126,12 +129,15 @@ def encode_chat(
     `data.truncation`."""
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     for row, where in zip(split.rows, split.where, strict=True):
-        tokens = row_tokens(tokenizer, row, data.last_turn_only, data.train_on_prompt)
+        tokens = row_tokens(tokenizer, row, data.last_turn_only)
         if not any(tokens.trained):
             raise UserError(f"{split.key}: {where}: no answer token to train on")
-        if len(tokens.ids) > data.max_length:
-            if data.truncation == "drop":
-                continue
+        fit = overflow(tokens, data.max_length)
+        if fit == ANSWER_TOO_LONG or (fit == PROMPT_CUT and data.truncation == "drop"):
+            continue
+        if data.train_on_prompt:
+            tokens.trained = [True] * len(tokens.ids)
+        if fit == PROMPT_CUT:
             tokens = Tokens(tokens.ids[-data.max_length :], tokens.trained[-data.max_length :])
         columns["input_ids"].append(tokens.ids)
         columns["labels"].append(
@@ -139,8 +145,8 @@ def encode_chat(
         )
     if not columns["input_ids"]:
         raise UserError(
-            f"{split.key}: every row is longer than data.max_length={data.max_length} and "
-            "data.truncation=drop drops them all"
+            f"{split.key}: every row is longer than data.max_length={data.max_length}, and "
+            f"data.truncation={data.truncation} drops them all (trainer data-stats counts them)"
         )
     if data.packing:
         columns = pack(columns, data.max_length)
@@ -165,6 +171,46 @@ def pack(columns: dict[str, list], max_length: int) -> dict[str, list]:
         packed["labels"][-1] += [IGNORE_INDEX, *labels[1:]]
         packed["example_lengths"][-1].append(len(ids))
     return packed
+
+
+# What data.max_length does to a row (`overflow`)
+FITS, PROMPT_CUT, ANSWER_TOO_LONG = "fits", "prompt cut", "answer too long"
+
+
+def answer_start(tokens: Tokens) -> int:
+    """Where the last answer begins: the first of the last run of target tokens."""
+    start = max(i for i, on in enumerate(tokens.trained) if on)
+    while start > 0 and tokens.trained[start - 1]:
+        start -= 1
+    return start
+
+
+def overflow(tokens: Tokens, max_length: int) -> str:
+    """FITS; PROMPT_CUT: keeping the last max_length tokens keeps the last answer whole with
+    at least one token before it (so that its first token is predicted); ANSWER_TOO_LONG:
+    it does not. `tokens` are the answers' targets (not data.train_on_prompt's)."""
+    if len(tokens.ids) <= max_length:
+        return FITS
+    return PROMPT_CUT if len(tokens.ids) - answer_start(tokens) < max_length else ANSWER_TOO_LONG
+
+
+def truncation_counts(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict], data: DataConfig
+) -> dict:
+    """What each data.truncation policy makes of the rows over data.max_length: keep_end
+    cuts the prompts of those whose last answer fits and drops the others (whose answer
+    alone is too long, which drop drops too); drop drops them all."""
+    fits = [
+        overflow(row_tokens(tokenizer, row, data.last_turn_only), data.max_length) for row in rows
+    ]
+    over, hopeless = sum(f != FITS for f in fits), fits.count(ANSWER_TOO_LONG)
+    return {
+        "rows_over_max_length": over,
+        "answer_too_long": hopeless,
+        "keep_end": {"prompt_cut": over - hopeless, "dropped": hopeless},
+        "drop": {"dropped": over},
+        "policy": data.truncation,
+    }
 
 
 def chat_token_counts(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trainer.data.read import EmptyValue, RowFormat
+from trainer.data.read import ID_COLUMN, TEXT_WITH_ID, EmptyValue, RowFormat
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
@@ -99,3 +99,25 @@ def chat_row(row: dict, where: str, cfg: DataConfig) -> dict:
 
 
 CHAT = RowFormat("chat", chat_row)
+
+
+def prompt_row(row: dict, where: str, cfg: DataConfig) -> dict:
+    """What `trainer predict` answers: a conversation so far (`data.messages_column`), whose
+    last turn is the user's, or a plain text taken as the user's turn; plus its `id`."""
+    if cfg.messages_column not in row:
+        return TEXT_WITH_ID.check(row, where, cfg)
+    turns = _messages(row[cfg.messages_column], where, cfg.messages_column)
+    if not turns or turns[-1]["role"] != "user":
+        raise UserError(
+            f"{where}: '{cfg.messages_column}' must end with a user turn, the one to answer"
+        )
+    return {"messages": turns, **({ID_COLUMN: row[ID_COLUMN]} if ID_COLUMN in row else {})}
+
+
+# sft predictions: conversations or plain prompts (a .txt file: one prompt per line)
+CHAT_PROMPT = RowFormat(
+    "chat prompt",
+    prompt_row,
+    plain_text_suffixes=TEXT_WITH_ID.plain_text_suffixes,
+    read_plain_text=TEXT_WITH_ID.read_plain_text,
+)

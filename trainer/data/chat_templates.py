@@ -46,6 +46,9 @@ LLAMA3 = (
     "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 NAMED = {"chatml": CHATML, "llama-3": LLAMA3}
+# Tokens that end an assistant's turn in the well-known templates (ChatML, Llama 3, Phi,
+# Gemma): generation stops at one when the template writes it and it is one token.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 def template_text(name_or_file: str) -> str:
@@ -84,3 +87,15 @@ def require_template(tokenizer: PreTrainedTokenizerBase, key: str) -> str:
 def has_generation_markers(template: str) -> bool:
     """Whether the template marks the assistant's tokens itself ({% generation %})."""
     return "generation" in template and "endgeneration" in template
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, eos: int | list[int] | None) -> list[int]:
+    """Where an answer ends: EOS (the tokenizer's, and the model's generation config's
+    `eos`) and the template's end-of-turn token, which chat models' tokenizers do not
+    always name as EOS (Llama 3's base tokenizer ends text with <|end_of_text|>)."""
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    ids.append(tokenizer.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    vocabulary = tokenizer.get_vocab()
+    ids += [vocabulary[token] for token in END_OF_TURN if token in template and token in vocabulary]
+    return sorted({i for i in ids if i is not None})

@@ -44,7 +44,7 @@ class PreparedData:
     validation: datasets.Dataset | None
     label_names: list[str] | None
     cache: dict  # status (hit, built, off), folder, seconds
-    dropped_rows: dict[str, int]  # rows data.truncation=drop left out, per split
+    dropped_rows: dict[str, int]  # sft rows left out for their length, per split
 
 
 def source_key(number: int, count: int) -> str:
@@ -86,6 +86,14 @@ def _fingerprint(source: str, key: str, cfg: RunConfig) -> list:
     return [[path.name, cache.file_digest(path)] for path in files]
 
 
+def examples_in(split: datasets.Dataset) -> int:
+    """The examples an encoded split holds: its rows, or (sft's data.packing) the examples
+    packed into them."""
+    if "example_lengths" in split.column_names:
+        return sum(len(lengths) for lengths in split["example_lengths"])
+    return len(split)
+
+
 def data_key(cfg: RunConfig) -> str:
     """The part of the cache key that the data and the settings decide."""
     sources = [] if cfg.data.streaming else train_sources(cfg.data)
@@ -101,8 +109,13 @@ def data_key(cfg: RunConfig) -> str:
             ],
             "validation": data.validation and _fingerprint(data.validation, "data.validation", cfg),
             "validation_split": split if data.validation_split else None,
-            "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
+            "columns": [
+                *(data.text_column, data.label_column, data.tokens_column, data.tags_column),
+                *(data.prompt_column, data.completion_column, data.messages_column),
+            ],
             "max_length": data.max_length,
+            # sft: which tokens are targets, and how rows meet max_length
+            "answers": [data.train_on_prompt, data.last_turn_only, data.truncation, data.packing],
             # sentence pairs are drawn with the seed when they are made
             "next_sentence_seed": cfg.train.seed if cfg.mlm.next_sentence else None,
         }
@@ -136,6 +149,29 @@ def task_tokenizer(
     return tokenizer
 
 
+def _dropped_rows(cfg: RunConfig, entry: cache.Entry) -> dict[str, int]:
+    """Rows per split that sft encoding left out for their length (data.truncation=drop,
+    or an answer alone too long), each split's count logged as a warning; packed tasks'
+    blocks are no rows to count."""
+    if task_spec(cfg).packed:
+        return {}
+    dropped = {
+        name: rows - examples_in(entry.splits[name])
+        for name, rows in entry.meta["rows"].items()
+        if rows > examples_in(entry.splits[name])
+    }
+    for name, count in dropped.items():
+        logger.warning(
+            "%s: %d rows over data.max_length=%d dropped (data.truncation=%s; `trainer "
+            "data-stats` counts what each policy keeps)",
+            name,
+            count,
+            cfg.data.max_length,
+            cfg.data.truncation,
+        )
+    return dropped
+
+
 def prepare_data(
     cfg: RunConfig, load_tokenizer: Callable[[], PreTrainedTokenizerBase]
 ) -> tuple[PreparedData, PreTrainedTokenizerBase]:
@@ -166,16 +202,7 @@ def prepare_data(
         entry = cache.load_entry(folder)
     logger.debug("tokenized data: cache %s (%s)", status, folder or "data.cache_dir is null")
     count = sum(name.startswith("train-") for name in entry.splits)
-    # rows data.truncation=drop left out; packed tasks' blocks are no rows to count
-    dropped = (
-        {}
-        if task_spec(cfg).packed
-        else {
-            name: rows - len(entry.splits[name])
-            for name, rows in entry.meta["rows"].items()
-            if rows > len(entry.splits[name])
-        }
-    )
+    dropped = _dropped_rows(cfg, entry)
     return PreparedData(
         [entry.splits[f"train-{i}"] for i in range(count)],
         entry.splits.get("validation"),

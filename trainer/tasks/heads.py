@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from trainer.data.chat_templates import stop_token_ids
 from trainer.tasks.tag_schemes import decode, resolve
 
 if TYPE_CHECKING:
@@ -101,9 +102,13 @@ def fill_masks(predictor: Predictor, chunk, inputs, options) -> list[dict]:
 
 
 def generate(predictor: Predictor, chunk, inputs, options) -> list[dict]:
-    """`generated`: the continuation of each prompt (greedy at temperature 0)."""
+    """`generated`: the continuation of each prompt (greedy at temperature 0); an answer of
+    a chat model stops at EOS or at the template's end of turn."""
     sampling = options.temperature > 0
     settings = {"temperature": options.temperature, "top_p": options.top_p} if sampling else {}
+    if predictor.head.chat:
+        eos = predictor.model.generation_config.eos_token_id
+        settings["eos_token_id"] = stop_token_ids(predictor.tokenizer, eos)
     output = predictor.model.generate(
         **inputs,
         max_new_tokens=options.max_new_tokens,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from trainer.data.chat_rows import CHAT
+from trainer.data.chat_rows import CHAT, CHAT_PROMPT
 from trainer.data.chat_templates import set_chat_template
 from trainer.tasks import clm, heads
 from trainer.tasks.spec import PredictionHead, TaskSpec
@@ -49,6 +49,13 @@ def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
     return chat_token_counts(tokenizer, rows)
 
 
+def truncation(tokenizer: PreTrainedTokenizerBase, rows: list[dict], data: DataConfig) -> dict:
+    """Rows each data.truncation policy cuts or drops (see data/chat_encode.py)."""
+    from trainer.data.chat_encode import truncation_counts
+
+    return truncation_counts(tokenizer, rows, data)
+
+
 SFT = TaskSpec(
     name="sft",
     auto_class="AutoModelForCausalLM",
@@ -60,7 +67,7 @@ SFT = TaskSpec(
     loss=clm.loss,  # CLM's next-token loss; the labels hold the answers only
     make_metrics=clm.metrics,
     lengths=lengths,
-    prediction=PredictionHead(heads.generate, generates=True, chat=True),
+    prediction=PredictionHead(heads.generate, generates=True, chat=True, inputs=CHAT_PROMPT),
     peft_task_type="CAUSAL_LM",
     # every linear layer, as QLoRA's paper found necessary to match full fine-tuning
     lora_targets="all-linear",
@@ -68,4 +75,5 @@ SFT = TaskSpec(
     shifted_targets=True,
     pipeline_tag="text-generation",
     prepare_tokenizer=set_chat_template,
+    truncation=truncation,
 )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from trainer.data.read import RowFormat
+from trainer.data.read import TEXT_WITH_ID, RowFormat
 
 if TYPE_CHECKING:
     import datasets
@@ -68,6 +68,7 @@ class PredictionHead:
     word_offsets: bool = False  # NER: each token keeps its word and its character span
     generates: bool = False  # CLM: prompts are padded on the left and keep their end
     chat: bool = False  # sft: a prompt is the user's turn, rendered by the chat template
+    inputs: RowFormat = TEXT_WITH_ID  # what a row of predict's --input holds
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ class TaskSpec:
     check_model_config: Callable[[PretrainedConfig], None] | None = None  # before loading
     # before its first use in training (sft: data.chat_template goes onto the tokenizer)
     prepare_tokenizer: Callable[[PreTrainedTokenizerBase, DataConfig], None] | None = None
+    # sft (data-stats): what each data.truncation policy does to the rows over max_length
+    truncation: Callable[[PreTrainedTokenizerBase, list[dict], DataConfig], dict] | None = None
 
     @property
     def has_labels(self) -> bool:
