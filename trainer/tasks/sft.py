@@ -49,6 +49,15 @@ def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
     return chat_token_counts(tokenizer, rows)
 
 
+def eval_prompt(
+    tokenizer: PreTrainedTokenizerBase, row: dict, data: DataConfig
+) -> tuple[list[int], str | None] | None:
+    """The prompt before the row's last answer, and that answer (data/chat_encode.py)."""
+    from trainer.data.chat_encode import eval_prompt as chat_prompt
+
+    return chat_prompt(tokenizer, row, data)
+
+
 SFT = TaskSpec(
     name="sft",
     auto_class="AutoModelForCausalLM",
@@ -68,4 +77,6 @@ SFT = TaskSpec(
     shifted_targets=True,
     pipeline_tag="text-generation",
     prepare_tokenizer=set_chat_template,
+    eval_prompt=eval_prompt,
+    answer_metrics=("exact_match", "contains"),
 )
