@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING
+from pathlib import Path
 from typing import Any
 
 from launch.guard import check_train_environment
@@ -79,6 +80,7 @@ def format_results(results: dict) -> str:
         for name, row in zip(labels, results["confusion_matrix"], strict=True):
             lines.append(f"{name:>{width}}" + "".join(f"{v:>{width + 1}}" for v in row))
     shown = ("accuracy", "f1", "precision", "recall", "perplexity", "nsp_accuracy", "loss")
+    shown += ("exact_match", "contains")
     lines += [f"{k:>12}: {results[k]:.4f}" for k in shown if isinstance(results.get(k), float)]
     lines.append(json.dumps(results))
     return "\n".join(lines)
@@ -212,9 +214,12 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from trainer.commands.report import make_report
+    from trainer.commands.report import latest_samples, make_report, samples_section
 
     print(make_report(args.run_dir, args.out))
+    # the latest generated answers (eval.generate) are read here too, not only in report.md
+    for line in samples_section(latest_samples(Path(args.run_dir) / "samples.jsonl")):
+        print(line)
     return 0
 
 

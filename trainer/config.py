@@ -48,6 +48,7 @@ from trainer.input_checks import check_inputs
 from trainer.security import redact, untrusted_resume
 from trainer.tasks import tag_schemes
 from trainer.tasks.registry import TASKS, task_spec
+from trainer.tasks.spec import TaskSpec
 from trainer.trackers import check_log_trackers
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml
 
@@ -109,6 +110,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.lr": cfg.train.lr,
         "eval.batch_size": cfg.eval.batch_size,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
         "log.every_steps": cfg.log.every_steps,
         "train.max_nonfinite_in_a_row": cfg.train.max_nonfinite_in_a_row,
@@ -122,6 +124,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "train.weight_decay": cfg.train.weight_decay,
         "train.max_grad_norm": cfg.train.max_grad_norm,
         "eval.every_steps": cfg.eval.every_steps,
+        "eval.generate": cfg.eval.generate,
         "eval.early_stopping_patience": cfg.eval.early_stopping_patience,
         "eval.early_stopping_min_delta": cfg.eval.early_stopping_min_delta,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
@@ -202,14 +205,35 @@ def _check_data_extras(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"data.augment.synonyms: file not found: {augment.synonyms}")
 
 
+def _check_generation(cfg: RunConfig, spec: TaskSpec, errors: list[str]) -> None:
+    """eval.generate needs a task whose model answers prompts; the answer scores it adds
+    (exact_match, contains) may pick the best model only while it is on."""
+    generates = cfg.eval.generate > 0
+    if generates and not spec.prediction.generates:
+        tasks = " or ".join(name for name, task in TASKS.items() if task.prediction.generates)
+        errors.append(
+            f"eval.generate: only for task {tasks} (models that generate), not '{cfg.task}'"
+        )
+    if cfg.eval.metric is None:
+        return
+    if generates and cfg.eval.metric in spec.answer_metrics:
+        return
+    if cfg.eval.metric in spec.answer_metrics:
+        errors.append(
+            f"eval.metric: {cfg.eval.metric} scores generated answers, only with eval.generate > 0"
+        )
+        return
+    _choice(errors, "eval.metric", cfg.eval.metric, spec.metrics)
+
+
 def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, errors: list[str]):
     """Checks across keys; the training-only ones are skipped for `trainer evaluate`."""
     if not cfg.model.name_or_path:
         errors.append("model.name_or_path: required (a hub id or a local model folder)")
     if cfg.mlm.next_sentence and cfg.task != "mlm":
         errors.append(f"mlm.next_sentence: only with task mlm (task is '{cfg.task}')")
-    elif cfg.task in TASKS and cfg.eval.metric is not None:
-        _choice(errors, "eval.metric", cfg.eval.metric, task_spec(cfg).metrics)
+    elif cfg.task in TASKS:
+        _check_generation(cfg, task_spec(cfg), errors)
     if cfg.mlm.next_sentence and cfg.peft.method != "none":
         errors.append("mlm.next_sentence: the pretraining heads train in full; not with peft")
     if cfg.mlm.next_sentence and cfg.data.streaming:
@@ -238,6 +262,8 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
     has_validation = bool(cfg.data.validation or cfg.data.validation_split)
     if cfg.eval.early_stopping_patience and not has_validation:
         errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
+    if cfg.eval.generate > 0 and not has_validation:
+        errors.append("eval.generate: needs data.validation or validation_split")
     if cfg.task in TASKS:
         _check_data_extras(cfg, errors)
 

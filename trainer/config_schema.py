@@ -171,6 +171,10 @@ class EvalConfig:
     early_stopping_min_share: float = _field(0.5, "No early stop before this share of steps.")
     metric: str | None = _field(None, "Metric that picks the best model (task default if unset).")
     batch_size: int = _field(32, "Examples per evaluation forward pass on one process.")
+    generate: int = _field(
+        0, "sft/clm: answer the first N validation prompts at each evaluation (samples.jsonl)."
+    )
+    max_new_tokens: int = _field(64, "eval.generate: most tokens generated per prompt.")
 
 
 @dataclass

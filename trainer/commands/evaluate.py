@@ -1,7 +1,8 @@
 """`trainer evaluate`: score any saved model folder on a data file.
 
 A run's `final/` carries the config it was trained with (columns, max_length, task), so
-it needs no options; a plain Hugging Face folder needs at least `task=...` when its
+it needs no options (`eval.generate=N` also answers the first N rows' prompts and, for
+sft, scores the answers); a plain Hugging Face folder needs at least `task=...` when its
 architecture does not say (e.g. a base `BertModel` scored with `task=mlm`).
 """
 
@@ -16,6 +17,7 @@ from trainer.errors import UserError
 from trainer.model.load import load_tokenizer, warn_random_head
 from trainer.model.saved import SavedModel
 from trainer.run.evaluation import evaluate
+from trainer.run.samples import answer_scores, generate_samples, prompts_of
 from trainer.tasks.registry import task_spec
 
 
@@ -41,8 +43,9 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     )
     if not saved.is_adapter:  # an adapter carries the head it trained
         warn_random_head(model, f"MODEL_DIR: {model_dir}", spec.name, "these scores are noise")
+    model = accelerator.prepare(model)
     results = evaluate(
-        accelerator.prepare(model),
+        model,
         examples,
         spec.make_collator(tokenizer, cfg),
         spec,
@@ -51,4 +54,10 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
         cfg.eval.batch_size,
         cfg.train.seed,
     )
+    if cfg.eval.generate > 0:  # the first N rows' prompts answered, as at evaluation in training
+        prompts = prompts_of(split, spec, tokenizer, cfg.data, cfg.eval.generate)
+        samples = generate_samples(
+            model, prompts, tokenizer, accelerator, cfg.eval.max_new_tokens, cfg.eval.batch_size
+        )
+        results |= {**answer_scores(samples), "samples": samples}
     return {"task": cfg.task, "examples": len(examples), **results}

@@ -1,10 +1,11 @@
 """`trainer report`: a run directory as PNG plots and one `report.md` that a person can read.
 
 It reads only what a run leaves (metrics.jsonl, eval_results.json, run_summary.json,
-config.yaml), never the model, so it is fast, works on a copy of the run folder on a laptop,
-and works while the run is still training: whatever is not there yet is left out and the
-report says so. matplotlib is imported here only, and drawn through the Agg canvas with no
-pyplot state, so the command needs no display and `trainer --help` does not pay for it.
+config.yaml, samples.jsonl), never the model, so it is fast, works on a copy of the run
+folder on a laptop, and works while the run is still training: whatever is not there yet
+is left out and the report says so. matplotlib is imported here only, and drawn through the
+Agg canvas with no pyplot state, so the command needs no display and `trainer --help` does
+not pay for it.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class RunRecords:
     summary: dict | None = None
     results: dict | None = None  # eval_results.json: present once the run finished
     wall_s: float | None = None
+    samples: list[dict] = field(default_factory=list)  # samples.jsonl: the latest step's
 
 
 # --- reading the run -------------------------------------------------------------------
@@ -128,7 +130,17 @@ def read_run(run_dir: str | Path) -> RunRecords:
     records.summary = _read_json(folder / "run_summary.json")
     records.results = _read_json(folder / "eval_results.json")
     records.wall_s = _wall_seconds(folder)
+    records.samples = latest_samples(folder / "samples.jsonl")
     return records
+
+
+def latest_samples(path: Path) -> list[dict]:
+    """The records of the latest evaluation in samples.jsonl (eval.generate); none without."""
+    if not path.is_file():
+        return []
+    records = read_records(path)
+    latest = max((record["step"] for record in records), default=None)
+    return [record for record in records if record["step"] == latest]
 
 
 def training_seconds(steps: list[dict]) -> float | None:
@@ -367,6 +379,30 @@ def _metrics_section(run: RunRecords) -> list[str]:
     ]
 
 
+def _cell(text: str | None, width: int, keep_end: bool = False) -> str:
+    """One line of a table cell, at most `width` characters: newlines shown as ⏎, pipes
+    escaped; a prompt keeps its end (the question), an answer its start."""
+    if text is None:
+        return ""
+    flat = text.replace("\n", "⏎").replace("|", "\\|")
+    if len(flat) <= width:
+        return flat
+    return "…" + flat[-(width - 1) :] if keep_end else flat[: width - 1] + "…"
+
+
+def samples_section(samples: list[dict], width: int = 60) -> list[str]:
+    """The latest evaluation's generated answers next to their prompts and references."""
+    if not samples:
+        return []
+    lines = [f"## Samples (step {samples[0]['step']})", "", "| prompt | reference | generated |"]
+    lines.append("|---|---|---|")
+    for sample in samples:
+        prompt = _cell(sample.get("prompt"), width, keep_end=True)
+        reference = _cell(sample.get("reference"), width)
+        lines.append(f"| {prompt} | {reference} | {_cell(sample.get('generated'), width)} |")
+    return lines
+
+
 def _config_section(run: RunRecords) -> list[str]:
     """The key settings as a table, then the whole config.yaml folded away."""
     if run.config_text is None:
@@ -399,7 +435,10 @@ def render_markdown(run: RunRecords, images: dict[str, str]) -> str:
     lines = [f"# Run report: {run.run_dir.resolve().name}", "", f"Run directory: `{run.run_dir}`"]
     lines += ["", *_status_lines(run), "", "## Overview", ""]
     lines += _table(("", ""), _overview_rows(run))
-    lines += ["", *_metrics_section(run), "", "## Plots", ""]
+    lines += ["", *_metrics_section(run), ""]
+    if run.samples:
+        lines += [*samples_section(run.samples), ""]
+    lines += ["## Plots", ""]
     for name, caption in images.items():
         lines += [f"### {caption}", "", f"![{caption}]({name})", ""]
     task = TASKS.get((run.summary or {}).get("task") or _setting(run.config, "task"))

@@ -217,3 +217,25 @@ def chat_token_counts(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> l
     """Tokens per row as `encode_chat` makes them, before truncation (which tokens are
     targets does not change how many there are)."""
     return [len(row_tokens(tokenizer, row).ids) for row in rows]
+
+
+def eval_prompt(
+    tokenizer: PreTrainedTokenizerBase, row: dict, data: DataConfig
+) -> tuple[list[int], str | None] | None:
+    """The tokens the model saw in training before the row's last answer (for a
+    prompt/completion row: before the completion; for messages: before the last assistant
+    turn, ending with the template's generation prompt), cut as `encode_chat` cuts the
+    row, and that answer's text: what eval.generate asks and scores. None for a row that
+    `data.truncation=drop` leaves out, or one whose answer alone fills data.max_length."""
+    tokens = row_tokens(tokenizer, row, last_only=True)
+    if len(tokens.ids) > data.max_length:
+        if data.truncation == "drop":
+            return None
+        tokens = Tokens(tokens.ids[-data.max_length :], tokens.trained[-data.max_length :])
+    start = tokens.trained.index(True)
+    if start == 0:
+        return None
+    if "messages" in row:
+        answers = [turn["content"] for turn in row["messages"] if turn["role"] == "assistant"]
+        return tokens.ids[:start], answers[-1]
+    return tokens.ids[:start], row["completion"].removesuffix(tokenizer.eos_token)

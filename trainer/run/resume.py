@@ -56,6 +56,8 @@ SAFE_TO_CHANGE = frozenset(
         "log.project",
         "eval.every_steps",
         "eval.batch_size",
+        "eval.generate",
+        "eval.max_new_tokens",
         "eval.early_stopping_patience",
         "eval.early_stopping_min_delta",
         "eval.early_stopping_min_share",

@@ -161,6 +161,7 @@ def _set_aside_previous(run_dir: Path) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (
         "metrics.jsonl",
+        "samples.jsonl",
         "checkpoints",
         "eval_results.json",
         "best",

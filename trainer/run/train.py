@@ -28,6 +28,7 @@ from trainer.run.evaluation import evaluate
 from trainer.run.forward import to_device
 from trainer.run.records import finite
 from trainer.run.resume import checkpoint_dir, rotate, truncate_metrics
+from trainer.run.samples import SAMPLES_NAME, Prompt, record_samples, validation_prompts
 from trainer.run.setup import Run, set_up
 from trainer.run.step import Requests, StepSums, optimizer_step
 from trainer.run.stop import Preempted, StopFlag
@@ -143,11 +144,12 @@ class Loop:
     stop_flag: StopFlag
     last_save: float = field(default_factory=time.monotonic)
     saved_step: int = -1  # the step of the newest checkpoint: never saved twice
+    prompts: list[Prompt] = field(default_factory=list)  # eval.generate's, in row order
 
     @classmethod
     def start(cls, run: Run, stop_flag: StopFlag) -> Loop:
-        """Fresh, or from the checkpoint being resumed (metrics.jsonl is cut back to its
-        step, so the continued log has no duplicated or missing steps)."""
+        """Fresh, or from the checkpoint being resumed (metrics.jsonl and samples.jsonl are
+        cut back to its step, so the continued log has no duplicated or missing steps)."""
         state, best = LoopState(), Best(run.cfg.eval_metric)
         since_log = StepSums.zeros(len(run.spec.extra_heads), run.accelerator.device)
         if run.resume_from is not None:
@@ -162,6 +164,7 @@ class Loop:
                 run.stream.load_state_dict([rank["stream"] for rank in ranks])
             if run.accelerator.is_main_process:
                 truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
+                truncate_metrics(run.run_dir / SAMPLES_NAME, state.step)
                 logger.info("resuming from %s (step %d)", run.resume_from, state.step)
         max_time = run.cfg.train.max_time
         stop_flag.limit_time(parse_duration(max_time) if max_time else None)
@@ -178,7 +181,10 @@ class Loop:
             resumed,
         )
         saved_step = state.step if resumed else -1
-        return cls(run, state, best, since_log, log, stop_flag, saved_step=saved_step)
+        prompts = validation_prompts(run.cfg, run.spec, run.tokenizer)
+        return cls(
+            run, state, best, since_log, log, stop_flag, saved_step=saved_step, prompts=prompts
+        )
 
     # --- one optimizer step, and the faults it may bring
     def step(self, batches) -> Requests:
@@ -289,6 +295,8 @@ class Loop:
                 run.cfg.eval.batch_size,
                 run.cfg.train.seed,
             )
+            if self.prompts:  # eval.generate: answered, kept in samples.jsonl, scored
+                results |= record_samples(run, self.prompts, state.step)
             scalars = {f"eval_{k}": v for k, v in results.items() if isinstance(v, float)}
             self.log.write({"step": state.step, **scalars})
             if self.best.update(results, state.step, run.cfg.eval.early_stopping_min_delta):

@@ -62,6 +62,15 @@ def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
     return document_token_counts(documents(tokenizer, [row["text"] for row in rows]))
 
 
+def eval_prompt(
+    tokenizer: PreTrainedTokenizerBase, row: dict, data: DataConfig
+) -> tuple[list[int], str | None] | None:
+    """A validation text's first data.max_length tokens, continued by eval.generate; raw
+    text has no reference answer to score. None for a text of no tokens."""
+    ids = tokenizer(row["text"])["input_ids"][: data.max_length]
+    return (ids, None) if ids else None
+
+
 CLM = TaskSpec(
     name="clm",
     auto_class="AutoModelForCausalLM",
@@ -79,4 +88,5 @@ CLM = TaskSpec(
     peft_task_type="CAUSAL_LM",
     shifted_targets=True,
     documents=documents,
+    eval_prompt=eval_prompt,
 )

@@ -56,6 +56,15 @@ def truncation(tokenizer: PreTrainedTokenizerBase, rows: list[dict], data: DataC
     return truncation_counts(tokenizer, rows, data)
 
 
+def eval_prompt(
+    tokenizer: PreTrainedTokenizerBase, row: dict, data: DataConfig
+) -> tuple[list[int], str | None] | None:
+    """The prompt before the row's last answer, and that answer (data/chat_encode.py)."""
+    from trainer.data.chat_encode import eval_prompt as chat_prompt
+
+    return chat_prompt(tokenizer, row, data)
+
+
 SFT = TaskSpec(
     name="sft",
     auto_class="AutoModelForCausalLM",
@@ -76,4 +85,8 @@ SFT = TaskSpec(
     pipeline_tag="text-generation",
     prepare_tokenizer=set_chat_template,
     truncation=truncation,
+
+
+    eval_prompt=eval_prompt,
+    answer_metrics=("exact_match", "contains"),
 )

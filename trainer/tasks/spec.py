@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mlm_loss", "nsp_loss"})
 
 Loss = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]  # (logits, labels[, weight])
+# (tokenizer, row, data) -> the prompt's token ids and the reference answer (None: the row
+# has none), or None when the row gives no prompt (data.truncation=drop drops it)
+EvalPrompt = Callable[..., "tuple[list[int], str | None] | None"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,11 @@ class TaskSpec:
     prepare_tokenizer: Callable[[PreTrainedTokenizerBase, DataConfig], None] | None = None
     # sft (data-stats): what each data.truncation policy does to the rows over max_length
     truncation: Callable[[PreTrainedTokenizerBase, list[dict], DataConfig], dict] | None = None
+    # eval.generate (tasks whose prediction head generates): a validation row's prompt
+    eval_prompt: EvalPrompt | None = None
+    # what eval.generate adds to the metrics where the rows carry reference answers (sft);
+    # higher is better, and eval.metric may name them while eval.generate is on
+    answer_metrics: tuple[str, ...] = ()
 
     @property
     def has_labels(self) -> bool:
