@@ -85,8 +85,6 @@ SFT = TaskSpec(
     pipeline_tag="text-generation",
     prepare_tokenizer=set_chat_template,
     truncation=truncation,
-
-
     eval_prompt=eval_prompt,
     answer_metrics=("exact_match", "contains"),
 )
