@@ -86,6 +86,19 @@ def _fingerprint(source: str, key: str, cfg: RunConfig) -> list:
     return [[path.name, cache.file_digest(path)] for path in files]
 
 
+# sft's settings that change the encoded rows, not only how they are batched: which columns
+# hold the turns, which tokens are targets, how a long row is cut, whether rows are packed
+CHAT_KEYS = (
+    "prompt_column",
+    "completion_column",
+    "messages_column",
+    "train_on_prompt",
+    "last_turn_only",
+    "truncation",
+    "packing",
+)
+
+
 def data_key(cfg: RunConfig) -> str:
     """The part of the cache key that the data and the settings decide."""
     sources = [] if cfg.data.streaming else train_sources(cfg.data)
@@ -103,6 +116,7 @@ def data_key(cfg: RunConfig) -> str:
             "validation_split": split if data.validation_split else None,
             "columns": [data.text_column, data.label_column, data.tokens_column, data.tags_column],
             "max_length": data.max_length,
+            "chat": [getattr(data, name) for name in CHAT_KEYS],
             # sentence pairs are drawn with the seed when they are made
             "next_sentence_seed": cfg.train.seed if cfg.mlm.next_sentence else None,
         }
