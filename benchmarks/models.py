@@ -79,3 +79,70 @@ def build_bert(folder: Path, layers: int, hidden: int, heads: int, intermediate:
     AutoModelForMaskedLM.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_files()).save_pretrained(folder)
     return folder
+
+
+def sft_corpus(path: Path) -> list[str]:
+    """Every turn's text of an sft jsonl file (messages or prompt/completion rows): what the
+    tiny chat model's tokenizer is trained on, so that the data's words are whole tokens."""
+    import json
+
+    texts = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        turns = row.get("messages") or [{"content": row["prompt"]}, {"content": row["completion"]}]
+        texts += [turn["content"] for turn in turns]
+    return texts
+
+
+def build_llama_chat(
+    folder: Path, corpus: list[str], layers: int = 4, hidden: int = 256, vocab_size: int = 512
+) -> Path:
+    """A random Llama (`layers`, `hidden`, heads of 64, SwiGLU 8/3 wide, untied head) with a
+    byte-level BPE tokenizer trained on `corpus` with ChatML's special tokens (EOS is
+    <|im_end|>, the end of every turn, padding <|endoftext|>), and the engine's ChatML
+    template, whose generation markers TRL's `assistant_only_loss` needs. As
+    tests/tiny_models.py's build_llama_chat, at a size whose step time is not all overhead."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    from trainer.data.chat_templates import CHATML
+
+    if (folder / "config.json").is_file():
+        return folder
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(
+        [*corpus, "system user assistant"],
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=1024,
+    )
+    tokenizer.chat_template = CHATML
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=-(-hidden * 8 // 3 // 64) * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 64),
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

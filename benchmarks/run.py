@@ -40,6 +40,7 @@ SECTIONS = {
     "hardware": "hardware",
     "optimisations": "optimisations",
     "quality": "quality",
+    "sft": "sft",
 }
 EXTRA = {  # with --only
     s: s for s in ("data_pipeline", "augmentation", "qlora_layout", "multitask_adapters")
@@ -107,6 +108,11 @@ def goals(sections: dict[str, dict]) -> list[str]:
                 GPT2_MFU_GOAL,
                 "{:.1%}",
             )
+    if "sft" in sections and "result" in sections["sft"]:
+        from benchmarks import sft
+
+        for goal, value, _ in sft.goals(sections["sft"]["result"]):
+            add(goal, value, sft.PACKING_GOAL, "{:.2f}×")
     head = ["", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     return [*head, *rows] if rows else []
 

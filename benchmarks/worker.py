@@ -21,6 +21,7 @@ WORKERS = {
     "naive": ("benchmarks.inference", "naive_job"),
     "cli": ("benchmarks.qlora_layout", "cli_variant"),
     "multitask": ("benchmarks.multitask_adapters", "load_job"),
+    "trl_sft": ("benchmarks.sft", "trl_job"),
 }
 
 

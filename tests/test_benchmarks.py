@@ -25,6 +25,7 @@ from benchmarks import (
     optimisations,
     quality,
     run as runner,
+    sft,
 )
 from benchmarks.comparison import SENTIMENT, ratios
 
@@ -287,3 +288,59 @@ def test_multitask_adapters_section_quick_on_the_tiny_bert(tiny_bert, tmp_path):
     assert shared["base_bytes"] < 0.4 * separate["base_bytes"]  # one base instead of three
     text = multitask_adapters.markdown({"bases": {"tiny": result}})
     assert text.startswith("## Adapters of 3 tasks") and "| shared | 3 |" in text
+
+
+# --- sft ---------------------------------------------------------------------------------------
+
+
+def test_sft_scores_exact_match_and_normalised_contains():
+    answers = ["ant", " Owl.", "grape bat", "two three", "ants", "Kiwi fig"]
+    references = ["ant", "owl", "grape", "three", "ant", "kiwi fig"]
+    found = sft.scores(answers, references)
+    assert found["exact_match"] == pytest.approx(1 / 6)  # only "ant"; spaces around are cut
+    assert found["contains"] == pytest.approx(5 / 6)  # whole words: "ants" is not "ant"
+
+
+TINY_SFT = sft.Form(layers=1, hidden=64, max_length=96, batch_size=8, steps=2, rounds=1,
+                    quality_layers=1, quality_hidden=64, epochs=1, prompts=4, max_new_tokens=4,
+                    train_rows=48)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sft_result(tmp_path_factory) -> dict:
+    """The sft section run once at a tiny size (every process real: 4 throughput runs, 3
+    trainings, 4 predictions)."""
+    return json_round_trip(sft.run(True, tmp_path_factory.mktemp("sft"), form=TINY_SFT))
+
+
+@pytest.mark.slow
+def test_sft_section_trains_both_sides_alike_and_renders(sft_result):
+    runs = sft_result["throughput"]
+    assert list(runs) == ["ours unpacked", "TRL unpacked", "ours packed", "TRL packed"]
+    assert all(r["tokens_per_s"] > 0 and r["timed_steps"] == 1 for r in runs.values())
+    # unpacked, both sides draw the same seeded batches of the same rows and train the
+    # same tokens from the same weights: the same batches, padding and losses
+    ours, trl = runs["ours unpacked"], runs["TRL unpacked"]
+    assert ours["tokens_per_step"] == trl["tokens_per_step"]
+    assert ours["pad_share"] == pytest.approx(trl["pad_share"], abs=1e-9)
+    assert ours["first_loss"] == pytest.approx(trl["first_loss"], abs=1e-4)
+    assert ours["last_loss"] == pytest.approx(trl["last_loss"], abs=1e-3)
+    assert runs["TRL packed"]["pad_share"] == 0.0  # padding-free: one row per batch
+    assert runs["ours packed"]["pad_share"] < ours["pad_share"] / 2
+    assert runs["ours packed"]["tokens_per_step"] > 2 * ours["tokens_per_step"]
+    assert 0.05 < sft_result["data"]["answer_share"] < 0.3 and sft_result["data"]["rows"] == 48
+
+    quality = sft_result["quality"]
+    methods = quality["methods"]
+    assert list(methods) == ["full", "lora", "qlora"] and quality["prompts"] == 4
+    assert methods["lora"]["trainable_parameters"] == methods["qlora"]["trainable_parameters"]
+    assert methods["lora"]["trainable_parameters"] < methods["full"]["trainable_parameters"] / 2
+    for found in [quality["before"], *(m["after"] for m in methods.values())]:
+        assert 0 <= found["exact_match"] <= found["contains"] <= 1
+
+    text = sft.markdown(sft_result)
+    assert text.startswith("## Supervised fine-tuning")
+    assert all(f"| {way} |" in text for way in runs)
+    assert "| ours packed / TRL packed |" in text and "| qlora | 0.01 |" in text
+    goals = runner.goals({"sft": {"result": sft_result}})
+    assert sum("sft ours packed" in row for row in goals) == 2

@@ -240,3 +240,25 @@ def test_the_default_cache_follows_hf_home_then_xdg_cache_home(setup, monkeypatc
     assert data.cache["status"] == "built"
     assert Path(data.cache["folder"]).parent == tmp_path / "hf" / "trainer" / "data"
     assert DataConfig().cache_dir == "auto"
+
+
+def test_sft_settings_that_change_the_rows_make_a_new_key(tmp_path, tiny_llama_chat):
+    """Packing, the loss on the prompt and truncation change sft's encoded rows: a run with
+    one of them changed on the same cache builds its own entry (a packed run once read an
+    unpacked run's rows, which have no example lengths)."""
+    train = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"reverse: good day {i}", "completion": f" {i} day good"} for i in range(6)]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        f"task: sft\noutput_dir: {tmp_path / 'run'}\nmodel:\n  name_or_path: {tiny_llama_chat}\n"
+        f"data:\n  train: {train}\n  max_length: 64\n"
+    )
+    unpacked = prepare(config)
+    assert unpacked.cache["status"] == "built" and "example_lengths" not in unpacked.train[0][0]
+    packed = prepare(config, "data.packing=true")
+    assert packed.cache["status"] == "built" and packed.cache["folder"] != unpacked.cache["folder"]
+    assert len(packed.train[0]) < len(rows) and "example_lengths" in packed.train[0][0]
+    for setting in ("train_on_prompt=true", "truncation=drop", "last_turn_only=true"):
+        assert prepare(config, f"data.{setting}").cache["status"] == "built"
+    assert prepare(config, "data.packing=true").cache["status"] == "hit"
