@@ -269,14 +269,21 @@ def test_a_packed_example_has_the_loss_it_has_alone(tiny_llama_chat, attention, 
         spans.append(
             [range(s, s + n) for s, n in zip(starts, example["example_lengths"], strict=True)]
         )
-    together = example_losses(model, batch, spans)
-    single = [
-        example_losses(
+    # packing reorders the examples (longest first): each is matched to itself by its tokens
+    packed_ids = [
+        tuple(e["input_ids"][i] for i in span)
+        for e, row in zip(packed, spans, strict=True)
+        for span in row
+    ]
+    together = dict(zip(packed_ids, example_losses(model, batch, spans), strict=True))
+    single = {
+        tuple(e["input_ids"]): example_losses(
             model, PaddingCollator(tokenizer.pad_token_id)([e]), [[range(len(e["input_ids"]))]]
         )[0]
         for e in alone
-    ]
-    assert together == pytest.approx(single, abs=1e-5)
+    }
+    assert len(single) == len(alone) and together.keys() == single.keys()
+    assert [together[k] for k in single] == pytest.approx(list(single.values()), abs=1e-5)
     _, count = next_token_loss(model(**model_inputs(batch)).logits, batch["labels"])
     assert count == sum(sum(1 for x in e["labels"][1:] if x != -100) for e in alone)
 

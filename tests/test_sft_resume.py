@@ -40,7 +40,7 @@ EXACT = {
 # (rows, settings): packed, about 3 examples share a row
 SHAPES = {
     "unpacked": (60, {"data.max_length": 48}),
-    "packed": (150, {"data.packing": "true", "data.max_length": 128}),
+    "packed": (180, {"data.packing": "true", "data.max_length": 128}),
 }
 
 

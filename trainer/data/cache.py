@@ -37,7 +37,8 @@ from trainer import atomic
 from trainer.errors import UserError
 
 # Bump when the encoders change what they produce for the same input.
-FORMAT_VERSION = 2  # 2: sft drops a row whose last answer alone exceeds max_length
+# 2: sft drops a row whose last answer alone exceeds max_length; 3: sft packs best-fit
+FORMAT_VERSION = 3
 META_NAME = "meta.json"
 # Digests of corpus files, memoised per node (see `file_digest`)
 DIGESTS_DIR = Path(tempfile.gettempdir()) / "trainer-file-digests"
