@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
 REFERENCE_FREE = frozenset({"simpo", "orpo"})
 
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "mlm_loss", "nsp_loss"})
 
 Loss = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]  # (logits, labels[, weight])
+# (model, batch) -> (loss sum, its target count, the sums of the spec's `logged` values)
+Objective = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,23 @@ class TaskSpec:
     check_model_config: Callable[[PretrainedConfig], None] | None = None  # before loading
     # before its first use in training (sft: data.chat_template goes onto the tokenizer)
     prepare_tokenizer: Callable[[PreTrainedTokenizerBase, DataConfig], None] | None = None
+    # An objective over whole sequences that replaces forward + `loss` (preference pairs:
+    # it scores chosen and rejected, and may hold a reference model), built once the model
+    # is: (run config, model, device, sharded) -> Objective.
+    make_objective: Callable[..., Objective] | None = None
+    # what an objective's loss is normalised by, counted in a batch before the forward
+    # pass (pairs); None: the labelled tokens
+    count_targets: Callable[[dict], torch.Tensor] | None = None
+    logged: tuple[str, ...] = ()  # values an objective sums per target, logged as means
+
+    def targets(self, batch: dict, weight: Any = None) -> Any:
+        """Targets in a batch before the forward pass (for the accumulation-window total):
+        the labelled tokens (by class weight), or what `count_targets` counts."""
+        if self.count_targets is not None:
+            return self.count_targets(batch)
+        from trainer.tasks.losses import count_targets
+
+        return count_targets(batch["labels"], self.shifted_targets, weight)
 
     @property
     def has_labels(self) -> bool:
