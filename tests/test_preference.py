@@ -252,7 +252,6 @@ def test_a_bad_row_stops_the_run_with_one_error_line(tmp_path, tiny_llama_chat, 
     ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "simpo", "orpo"])
 def test_each_objective_trains_and_logs_its_rewards(tmp_path, tiny_llama_chat, loss):
     train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(32, 0))
@@ -279,7 +278,6 @@ def test_each_objective_trains_and_logs_its_rewards(tmp_path, tiny_llama_chat, l
     assert 0.0 <= results["rewards/accuracy"] <= 1.0
 
 
-@pytest.mark.slow
 def test_the_loss_is_per_pair_over_the_window_whatever_the_micro_batches(tmp_path, tiny_llama_chat):
     """8 pairs as 1 x 8 or 4 x 2 micro-batches: the same loss, rewards and gradient norm
     (pairs of different lengths, so a mean per micro-batch would differ)."""
