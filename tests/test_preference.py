@@ -293,3 +293,27 @@ def test_the_loss_is_per_pair_over_the_window_whatever_the_micro_batches(tmp_pat
         for key in ("loss", "grad_norm", "rewards/chosen", "rewards/margin", "logps/rejected"):
             assert one[key] == pytest.approx(other[key], abs=1e-5), key
     assert runs[8][1]["rewards/margin"] != 0.0
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path, tiny_llama_chat):
+    """Stopped after step 4 (a checkpoint), the log every 3 steps: the rewards summed but
+    not yet logged at the stop travel in the checkpoint, and the frozen reference is the
+    initial model again, not the checkpoint's. The resumed run's log and weights are the
+    uninterrupted run's."""
+    from interrupted_runs import comparable, final_weights, stop_in_process
+
+    from trainer.run.stop import EXIT_PREEMPTED
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(24, 4))
+    settings = {"train.max_steps": 6, "log.every_steps": 3, "checkpoint.every_steps": 2}
+    runs = {}
+    for name in ("whole", "cut"):
+        runs[name] = preference_config(tmp_path / name, tiny_llama_chat, train_file, **settings)
+    assert train(runs["whole"]) == 0
+    assert stop_in_process(runs["cut"][0], 4, *runs["cut"][1:]) == EXIT_PREEMPTED
+    assert train(runs["cut"]) == 0
+    whole, cut = tmp_path / "whole" / "run", tmp_path / "cut" / "run"
+    assert comparable(cut) == comparable(whole)
+    assert [r["step"] for r in comparable(cut)] == [3, 6]
+    weights = final_weights(cut)
+    assert all(torch.equal(weights[k], v) for k, v in final_weights(whole).items())
