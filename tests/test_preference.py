@@ -317,3 +317,30 @@ def test_a_stopped_run_resumes_exactly(tmp_path, tiny_llama_chat):
     assert [r["step"] for r in comparable(cut)] == [3, 6]
     weights = final_weights(cut)
     assert all(torch.equal(weights[k], v) for k, v in final_weights(whole).items())
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_train_the_same_pairs_alike(tmp_path, tiny_llama_chat):
+    """Global batch 8 as 1 x (2 x 4) or 2 x (2 x 2) (gloo DDP on CPU): the same loss,
+    rewards and gradient norm at every step, the same evaluation, the same weights."""
+    from interrupted_runs import cli, final_weights
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(24, 5))
+    valid_file = write_jsonl(tmp_path / "valid.jsonl", pair_rows(7, 6))  # uneven over 2
+    settings = {"train.max_steps": 4, "train.micro_batch_size": 2, "eval.every_steps": 4,
+                "data.validation": str(valid_file)}  # fmt: skip
+    records = {}
+    for processes in (1, 2):
+        argv = preference_config(tmp_path / str(processes), tiny_llama_chat, train_file, **settings)
+        command = ("train",) if processes == 1 else ("launch",)
+        extra = () if processes == 1 else ("--cluster", "cpu-2proc")
+        assert cli(*command, argv[0], *extra, *argv[1:]) == 0
+        records[processes] = read_metrics(tmp_path / str(processes) / "run")
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
+            "eval_loss", "eval_rewards/margin", "eval_logps/chosen")  # fmt: skip
+    for one, two in zip(records[1], records[2], strict=True):
+        for key in keys:
+            if key in one:
+                assert one[key] == pytest.approx(two[key], abs=1e-5), key
+    one, two = (final_weights(tmp_path / str(n) / "run") for n in (1, 2))
+    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
