@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
-from make_rules import RULES, WORDS  # noqa: E402 (the sft rules, one definition)
+from make_rules import RULES, WORDS  # the sft rules, one definition
 
 
 def preference_pair(rng: random.Random) -> dict:

@@ -132,6 +132,13 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return model(**model_inputs(batch) | without_cache(model)).logits
 
 
+def holds_frozen_copy(cfg: RunConfig) -> bool:
+    """Whether the reference is a second model: a reference objective in full fine-tuning."""
+    from trainer.tasks.preference_losses import REFERENCE_FREE
+
+    return cfg.peft.method == "none" and cfg.preference.loss not in REFERENCE_FREE
+
+
 def make_objective(
     cfg: RunConfig, model: torch.nn.Module, device: torch.device, sharded: bool
 ) -> PairObjective:
@@ -144,10 +151,8 @@ def make_objective(
 
     p = cfg.preference
     settings = PairSettings(p.loss, p.beta, p.label_smoothing, p.simpo_gamma, p.orpo_lambda)
-    if p.loss in REFERENCE_FREE:
-        return PairObjective(settings, None, adapter_off=False)
-    if cfg.peft.method != "none":
-        return PairObjective(settings, None, adapter_off=True)
+    if not holds_frozen_copy(cfg):  # SimPO/ORPO: none; LoRA/QLoRA: the adapter off
+        return PairObjective(settings, None, adapter_off=p.loss not in REFERENCE_FREE)
     if sharded:
         raise UserError(
             f"preference.loss: {p.loss} in full fine-tuning under ZeRO-3/FSDP would need a "
@@ -179,4 +184,6 @@ PREFERENCE_TASK = TaskSpec(
     make_objective=make_objective,
     count_targets=pair_count,
     logged=LOGGED,
+    sequences_per_example=2,
+    frozen_copy=holds_frozen_copy,
 )

@@ -114,6 +114,10 @@ class TaskSpec:
     # pass (pairs); None: the labelled tokens
     count_targets: Callable[[dict], torch.Tensor] | None = None
     logged: tuple[str, ...] = ()  # values an objective sums per target, logged as means
+    sequences_per_example: int = 1  # preference: a pair is two sequences in one forward
+    # whether a run holds a frozen copy of the initial model next to the trained one
+    # (preference: DPO/IPO in full fine-tuning), for `trainer plan`'s memory
+    frozen_copy: Callable[[RunConfig], bool] | None = None
 
     def targets(self, batch: dict, weight: Any = None) -> Any:
         """Targets in a batch before the forward pass (for the accumulation-window total):
