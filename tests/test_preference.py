@@ -344,3 +344,36 @@ def test_one_and_two_processes_train_the_same_pairs_alike(tmp_path, tiny_llama_c
                 assert one[key] == pytest.approx(two[key], abs=1e-5), key
     one, two = (final_weights(tmp_path / str(n) / "run") for n in (1, 2))
     assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+
+
+def test_a_lora_run_exports_merged_as_the_adapter_scores(tmp_path, tiny_llama_chat, chat_tokenizer):
+    """`trainer export --merge` of a preference LoRA run: a plain causal LM whose answer
+    log-probabilities are the adapter's, not the base's (the run did move them)."""
+    from interrupted_runs import cli
+
+    from trainer.config import PeftConfig
+    from trainer.model.saved import SavedModel
+    from trainer.tasks.preference import PREFERENCE_TASK
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(16, 7))
+    argv = preference_config(
+        tmp_path, tiny_llama_chat, train_file, **{"peft.method": "lora", "train.max_steps": 4}
+    )
+    assert train(argv) == 0
+    final, merged_dir = tmp_path / "run" / "final", tmp_path / "merged"
+    assert cli("export", tmp_path / "run", "--merge", "--out", merged_dir) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    adapted = SavedModel.read(final).load(
+        PREFERENCE_TASK, chat_tokenizer, PeftConfig(method="lora"), "no", seed=0
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_chat)
+    encoded = encode_pairs(_split(pair_rows(4, 8)), chat_tokenizer, DataConfig())
+    batch = PairCollator(chat_tokenizer.pad_token_id)([encoded[i] for i in range(4)])
+
+    def logps(model):
+        with torch.no_grad():
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            return sequence_logps(model.eval()(**inputs).logits, batch["labels"])[0]
+
+    assert torch.allclose(logps(merged), logps(adapted), atol=1e-4)
+    assert not torch.allclose(logps(merged), logps(base), atol=1e-3)
