@@ -185,7 +185,7 @@ def _cfg(**preference) -> RunConfig:
 
 def test_full_fine_tuning_holds_a_frozen_copy_and_reference_free_objectives_none(tiny_llama_chat):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_chat)
-    objective = make_objective(_cfg(), model, torch.device("cpu"), sharded=False)
+    objective = make_objective(_cfg(), model, torch.device("cpu"), sharded=False, data=None)
     reference = objective.reference
     assert reference is not model and not reference.training
     assert not any(p.requires_grad for p in reference.parameters())
@@ -193,12 +193,12 @@ def test_full_fine_tuning_holds_a_frozen_copy_and_reference_free_objectives_none
         torch.equal(a, b) for a, b in zip(reference.parameters(), model.parameters(), strict=True)
     )
     for loss in ("simpo", "orpo"):
-        free = make_objective(_cfg(loss=loss), model, torch.device("cpu"), sharded=False)
+        free = make_objective(_cfg(loss=loss), model, torch.device("cpu"), sharded=False, data=None)
         assert free.reference is None and not free.adapter_off
     with pytest.raises(
         UserError, match=r"preference\.loss: dpo in full fine-tuning under ZeRO-3/FSDP"
     ):
-        make_objective(_cfg(), model, torch.device("cpu"), sharded=True)
+        make_objective(_cfg(), model, torch.device("cpu"), sharded=True, data=None)
 
 
 def test_under_lora_the_reference_is_the_base_with_the_adapter_off(tiny_llama_chat, chat_tokenizer):
@@ -211,7 +211,7 @@ def test_under_lora_the_reference_is_the_base_with_the_adapter_off(tiny_llama_ch
     )
     cfg = _cfg()
     cfg.peft.method = "lora"
-    objective = make_objective(cfg, model, torch.device("cpu"), sharded=False)
+    objective = make_objective(cfg, model, torch.device("cpu"), sharded=False, data=None)
     assert objective.reference is None and objective.adapter_off
     encoded = encode_pairs(_split([CHAT]), chat_tokenizer, DataConfig())
     batch = PairCollator(chat_tokenizer.pad_token_id)([encoded[0]])
@@ -377,3 +377,35 @@ def test_a_lora_run_exports_merged_as_the_adapter_scores(tmp_path, tiny_llama_ch
 
     assert torch.allclose(logps(merged), logps(adapted), atol=1e-4)
     assert not torch.allclose(logps(merged), logps(base), atol=1e-3)
+
+
+def test_precomputed_reference_scores_train_as_the_frozen_copy_does(tmp_path, tiny_llama_chat):
+    """preference.precompute_reference: one pass of the initial model over the pairs
+    before training, then no second model; the log (loss, rewards, evaluation) is the
+    frozen copy's."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(16, 9))
+    valid_file = write_jsonl(tmp_path / "valid.jsonl", pair_rows(5, 10))
+    settings = {"train.max_steps": 4, "data.validation": str(valid_file), "eval.every_steps": 2}
+    records = {}
+    for precompute in ("false", "true"):
+        argv = preference_config(
+            tmp_path / precompute, tiny_llama_chat, train_file,
+            **settings, **{"preference.precompute_reference": precompute})  # fmt: skip
+        assert train(argv) == 0
+        records[precompute] = read_metrics(tmp_path / precompute / "run")
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "eval_rewards/margin")
+    for copy, scores in zip(records["false"], records["true"], strict=True):
+        for key in keys:
+            if key in copy:
+                assert copy[key] == pytest.approx(scores[key], abs=1e-6), key
+    assert records["true"][-1]["eval_rewards/margin"] != 0.0
+
+
+def test_precompute_reference_is_refused_where_there_is_no_copy_to_replace():
+    from trainer.config import build_config
+
+    raw = {"task": "preference", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    for extra in ({"peft": {"method": "lora"}}, {"preference": {"loss": "simpo"}}):
+        preference = {"precompute_reference": True, **extra.get("preference", {})}
+        with pytest.raises(UserError, match=r"preference\.precompute_reference: replaces"):
+            build_config({**raw, **extra, "preference": preference}, for_training=True)

@@ -49,6 +49,7 @@ from trainer.global_batch import fit_micro_batch
 from trainer.input_checks import check_inputs
 from trainer.security import redact, untrusted_resume
 from trainer.tasks import tag_schemes
+from trainer.tasks.preference import needs_frozen_reference
 from trainer.tasks.registry import TASKS, task_spec
 from trainer.trackers import check_log_trackers
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml
@@ -247,6 +248,11 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
         errors.append("eval.early_stopping_patience: needs data.validation or validation_split")
     if cfg.task in TASKS:
         _check_data_extras(cfg, errors)
+    if cfg.preference.precompute_reference and not needs_frozen_reference(cfg):
+        errors.append(
+            "preference.precompute_reference: replaces the frozen reference copy of full "
+            "fine-tuning with dpo/ipo; LoRA/QLoRA (the adapter disabled) and simpo/orpo hold none"
+        )
 
 
 def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:

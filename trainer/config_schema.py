@@ -131,6 +131,11 @@ class PreferenceConfig:
     label_smoothing: float = _field(0.0, "dpo: share of pairs taken as mislabelled, [0, 0.5).")
     simpo_gamma: float = _field(0.5, "simpo: target reward margin.")
     orpo_lambda: float = _field(0.1, "orpo: weight of the odds-ratio term next to the SFT loss.")
+    precompute_reference: bool = _field(
+        False,
+        "dpo/ipo in full fine-tuning: score every pair with the initial model once before "
+        "training, so that training holds one model (no frozen copy).",
+    )
 
 
 @dataclass

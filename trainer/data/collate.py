@@ -208,8 +208,13 @@ class PairCollator:
     def __call__(self, examples: list[Example]) -> Batch:
         ids = [e["input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
         labels = [e["labels"] for e in examples] + [e["rejected_labels"] for e in examples]
-        return {
+        batch = {
             "input_ids": _pad(ids, self.pad_token_id),
             "attention_mask": _pad([[1] * len(seq) for seq in ids], 0),
             "labels": _pad(labels, IGNORE_INDEX),
         }
+        if "ref_chosen_logps" in examples[0]:  # precomputed reference scores, same order
+            scores = [e["ref_chosen_logps"] for e in examples]
+            scores += [e["ref_rejected_logps"] for e in examples]
+            batch["ref_logps"] = torch.tensor(scores, dtype=torch.float32)
+        return batch

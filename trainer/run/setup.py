@@ -447,6 +447,11 @@ def set_up(cfg: RunConfig) -> Run:
     if data.label_names is not None and cfg.data.class_weights != "none":
         counts = target_counts(data.train, data.label_names)  # a pass over every label
         weights = resolve_class_weights(cfg.data.class_weights, counts, data.label_names)
+    sharded = shards_weights(accelerator)
+    model = build_model(cfg, spec, tokenizer, data.label_names, sharded)
+    objective = None  # before `prepare` and the examples: it may score the encoded data
+    if spec.make_objective is not None:
+        objective = spec.make_objective(cfg, model, accelerator.device, sharded, data)
     if cfg.data.streaming:
         stream, examples = train_stream(cfg, spec, tokenizer, accelerator), None
         plan = StreamPlan(cfg.gradient_accumulation_steps(world_size), cfg.train.max_steps)
@@ -454,12 +459,6 @@ def set_up(cfg: RunConfig) -> Run:
         examples = training_examples(datasets.concatenate_datasets(data.train), tokenizer, cfg)
         stream, plan = None, batch_plan(cfg, data, len(examples), accelerator)
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
-
-    sharded = shards_weights(accelerator)
-    model = build_model(cfg, spec, tokenizer, data.label_names, sharded)
-    objective = None  # built before `prepare`: a frozen reference copies the initial weights
-    if spec.make_objective is not None:
-        objective = spec.make_objective(cfg, model, accelerator.device, sharded)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)

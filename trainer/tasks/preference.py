@@ -99,7 +99,10 @@ class PairObjective:
         logps, tokens = sequence_logps(_logits(model, batch), batch["labels"])
         pairs = logps.shape[0] // 2
         scored = PairLogps(logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:])
-        if self.adapter_off or self.reference is not None:
+        if "ref_logps" in batch:  # precomputed (preference.precompute_reference)
+            ref = batch["ref_logps"]
+            scored.ref_chosen, scored.ref_rejected = ref[:pairs], ref[pairs:]
+        elif self.adapter_off or self.reference is not None:
             ref = self.reference_logps(model, batch)
             scored.ref_chosen, scored.ref_rejected = ref[:pairs], ref[pairs:]
         loss, chosen, rejected = pair_losses(scored, self.settings)
@@ -126,24 +129,54 @@ class PairObjective:
             return sequence_logps(_logits(scorer, batch), batch["labels"])[0]
 
 
+def with_reference(scorer: PairObjective, pairs: datasets.Dataset, batch_size: int):
+    """`pairs` with the reference's summed answer log-probabilities of each side
+    (ref_chosen_logps, ref_rejected_logps), scored in order, in eval mode. The padding id
+    is immaterial: padding is masked from attention and from the labels."""
+    from trainer import progress
+    from trainer.data.collate import PairCollator
+
+    model, collate = scorer.reference, PairCollator(0)
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    chosen, rejected = [], []
+    starts = range(0, len(pairs), batch_size)
+    for start in progress.bar(starts, desc="score reference", unit="batch", leave=False):
+        batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
+        scores = scorer.reference_logps(model, {k: v.to(device) for k, v in batch.items()})
+        half = len(scores) // 2
+        chosen += scores[:half].tolist()
+        rejected += scores[half:].tolist()
+    model.train(was_training)
+    return pairs.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
 def _logits(model, batch: dict) -> torch.Tensor:
     from trainer.run.forward import model_inputs, without_cache
 
     return model(**model_inputs(batch) | without_cache(model)).logits
 
 
-def holds_frozen_copy(cfg: RunConfig) -> bool:
-    """Whether the reference is a second model: a reference objective in full fine-tuning."""
+def needs_frozen_reference(cfg: RunConfig) -> bool:
+    """Whether the reference is the initial model apart from the trained one: a reference
+    objective in full fine-tuning (a frozen copy, or its precomputed scores)."""
     from trainer.tasks.preference_losses import REFERENCE_FREE
 
     return cfg.peft.method == "none" and cfg.preference.loss not in REFERENCE_FREE
 
 
+def holds_frozen_copy(cfg: RunConfig) -> bool:
+    """Whether training holds a second model: a frozen reference not precomputed."""
+    return needs_frozen_reference(cfg) and not cfg.preference.precompute_reference
+
+
 def make_objective(
-    cfg: RunConfig, model: torch.nn.Module, device: torch.device, sharded: bool
+    cfg: RunConfig, model: torch.nn.Module, device: torch.device, sharded: bool, data
 ) -> PairObjective:
     """The objective of preference.loss and its reference: none for SimPO and ORPO; the
-    adapter switched off under LoRA/QLoRA; else a frozen copy of `model` as it is now."""
+    adapter switched off under LoRA/QLoRA; else `model` as it is now (the initial model):
+    a frozen copy, or with preference.precompute_reference its scores of every pair,
+    added to the encoded `data` (PreparedData) as columns that the collator batches."""
     import copy
 
     from trainer.errors import UserError
@@ -151,8 +184,14 @@ def make_objective(
 
     p = cfg.preference
     settings = PairSettings(p.loss, p.beta, p.label_smoothing, p.simpo_gamma, p.orpo_lambda)
-    if not holds_frozen_copy(cfg):  # SimPO/ORPO: none; LoRA/QLoRA: the adapter off
+    if not needs_frozen_reference(cfg):  # SimPO/ORPO: none; LoRA/QLoRA: the adapter off
         return PairObjective(settings, None, adapter_off=p.loss not in REFERENCE_FREE)
+    if p.precompute_reference:
+        scorer = PairObjective(settings, model.to(device), adapter_off=False)
+        data.train = [with_reference(scorer, split, cfg.eval.batch_size) for split in data.train]
+        if data.validation is not None:
+            data.validation = with_reference(scorer, data.validation, cfg.eval.batch_size)
+        return PairObjective(settings, None, adapter_off=False)
     if sharded:
         raise UserError(
             f"preference.loss: {p.loss} in full fine-tuning under ZeRO-3/FSDP would need a "

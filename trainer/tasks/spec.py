@@ -108,7 +108,8 @@ class TaskSpec:
     prepare_tokenizer: Callable[[PreTrainedTokenizerBase, DataConfig], None] | None = None
     # An objective over whole sequences that replaces forward + `loss` (preference pairs:
     # it scores chosen and rejected, and may hold a reference model), built once the model
-    # is: (run config, model, device, sharded) -> Objective.
+    # is: (run config, model, device, sharded, PreparedData) -> Objective; it may add
+    # columns to the encoded data (precomputed reference scores).
     make_objective: Callable[..., Objective] | None = None
     # what an objective's loss is normalised by, counted in a batch before the forward
     # pass (pairs); None: the labelled tokens
