@@ -362,6 +362,8 @@ def test_a_lora_run_exports_merged_as_the_adapter_scores(tmp_path, tiny_llama_ch
     assert train(argv) == 0
     final, merged_dir = tmp_path / "run" / "final", tmp_path / "merged"
     assert cli("export", tmp_path / "run", "--merge", "--out", merged_dir) == 0
+    # scores are against the starting model, which a saved folder lacks: one line, exit 2
+    assert cli("evaluate", final, "--data", train_file) == 2
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     adapted = SavedModel.read(final).load(
         PREFERENCE_TASK, chat_tokenizer, PeftConfig(method="lora"), "no", seed=0
