@@ -99,11 +99,10 @@ class PairObjective:
         logps, tokens = sequence_logps(_logits(model, batch), batch["labels"])
         pairs = logps.shape[0] // 2
         scored = PairLogps(logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:])
-        if "ref_logps" in batch:  # precomputed (preference.precompute_reference)
-            ref = batch["ref_logps"]
-            scored.ref_chosen, scored.ref_rejected = ref[:pairs], ref[pairs:]
-        elif self.adapter_off or self.reference is not None:
+        ref = batch.get("ref_logps")  # precomputed (preference.precompute_reference)
+        if ref is None and (self.adapter_off or self.reference is not None):
             ref = self.reference_logps(model, batch)
+        if ref is not None:
             scored.ref_chosen, scored.ref_rejected = ref[:pairs], ref[pairs:]
         loss, chosen, rejected = pair_losses(scored, self.settings)
         values = [
