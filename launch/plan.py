@@ -259,7 +259,7 @@ def scores_the_vocabulary(cfg: RunConfig) -> bool:
 
 def activation_bytes(params: ParamCount, cfg: RunConfig, precision: str, recompute: bool) -> float:
     """Activations kept for the backward pass of one micro batch (module docstring)."""
-    b, s = cfg.train.micro_batch_size, cfg.data.max_length
+    b, s = cfg.train.micro_batch_size * TASKS[cfg.task].sequences_per_example, cfg.data.max_length
     h, a, layers = params.hidden, params.heads, params.layers
     one_layer = s * b * h * LAYER_BYTES_PER_TOKEN_AND_WIDTH + ATTENTION_BYTES * a * s * s * b
     kept = layers * 2 * s * b * h + one_layer if recompute else layers * one_layer
@@ -282,16 +282,25 @@ def memory_rows(job: Job, params: ParamCount) -> tuple[list[MemoryRow], str]:
     if chosen.name not in [s.name for s in strategies]:
         strategies.append(chosen)
     dtype, peft = cfg.model.dtype, cfg.peft.method
-    rows = [
-        MemoryRow(
-            s.name,
-            *state_bytes(params, s, job.precision, dtype, peft),
-            activations,
-            host_bytes(params, s, profile, job.precision),
-        )
-        for s in strategies
-    ]
+    rows = []
+    for s in strategies:
+        weights, grads, optimizer = state_bytes(params, s, job.precision, dtype, peft)
+        weights += reference_bytes(job, params)
+        host = host_bytes(params, s, profile, job.precision)
+        rows.append(MemoryRow(s.name, weights, grads, optimizer, activations, host))
     return rows, chosen.name
+
+
+def reference_bytes(job: Job, params: ParamCount) -> float:
+    """A task's frozen copy of the initial model (preference: DPO/IPO in full fine-tuning),
+    whole on every device in the dtype the model loads in; 0 when the run holds none."""
+    frozen_copy = TASKS[job.cfg.task].frozen_copy
+    if frozen_copy is None or not frozen_copy(job.cfg):
+        return 0.0
+    widths = parameter_widths(
+        Strategy("ddp"), job.precision, job.cfg.model.dtype, "none", params.checkpoint_dtype
+    )
+    return float(params.total * widths[0])
 
 
 # --- the plan ------------------------------------------------------------------------------
@@ -432,6 +441,7 @@ def _memory_lines(plan: Plan) -> list[str]:
         "",
         f"memory per device (estimate; micro batch {cfg.train.micro_batch_size} x "
         f"{cfg.data.max_length} tokens; formulas: launch/plan.py)",
+        *_reference_lines(plan),
         f"  {'strategy':<22}{'weights':>12}{'grads':>12}{'optimizer':>12}"
         f"{'activations':>13}{'total':>12}{'host/node':>12}",
     ]
@@ -451,6 +461,16 @@ def _memory_lines(plan: Plan) -> list[str]:
         "50% for them)",
     ]
     return lines
+
+
+def _reference_lines(plan: Plan) -> list[str]:
+    """Whether the weights include a frozen reference copy, for a task that may hold one."""
+    if TASKS[plan.job.cfg.task].frozen_copy is None:
+        return []
+    held = reference_bytes(plan.job, plan.params)
+    if held:
+        return [f"  weights include a frozen reference copy of {human_bytes(held)} (not sharded)"]
+    return ["  no reference copy (LoRA/QLoRA: the adapter disabled; simpo/orpo: none)"]
 
 
 def render(plan: Plan) -> str:

@@ -4,6 +4,7 @@ profile combinations rejected in one line naming each key."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ import yaml
 
 from launch.accelerate_config import deepspeed_config, fsdp_settings
 from launch.job import resolve_job
-from launch.plan import QLORA_BYTES, human_bytes, make_plan
+from launch.plan import QLORA_BYTES, human_bytes, make_plan, render
 from trainer.cli import main
 from trainer.data.read import TEXT
 
@@ -411,3 +412,43 @@ def test_a_bad_profile_is_a_one_line_error(capsys, run_config, tmp_path):
         ["plan", run_config("mlm", train=BATCH_32), "--cluster", path],
         "offload_optimizer: offloading needs backend deepspeed",
     )
+
+
+def test_preference_counts_the_frozen_reference_copy_and_two_sequences_a_pair(
+    tmp_path, tiny_llama_chat
+):
+    """Full-fine-tuning DPO holds a second, frozen model (its weights again, unsharded);
+    under LoRA the reference is the base with the adapter off, and SimPO has none. A pair
+    is two sequences: the activations of a micro batch double."""
+    from test_preference import pair_rows
+
+    from trainer.tasks.registry import TASKS
+
+    rows = pair_rows(64, 0)
+    train = tmp_path / "pairs.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = tmp_path / "dpo.yaml"
+    config.write_text(
+        f"task: preference\nmodel: {{name_or_path: {tiny_llama_chat}}}\n"
+        f"data: {{train: {train}, cache_dir: null}}\n"
+        "train: {global_batch_size: 32, micro_batch_size: 4}\n"
+    )
+    full = make_plan(str(config), "8gpu-ddp", [])
+    n = full.params.total
+    lora = make_plan(str(config), "8gpu-ddp", ["peft.method=lora"])
+    simpo = make_plan(str(config), "8gpu-ddp", ["preference.loss=simpo"])
+    assert rows_by_name(full)["ddp"].weights == 4 * n + 4 * n
+    assert rows_by_name(simpo)["ddp"].weights == 4 * n
+    zero3 = rows_by_name(full)["zero3"].weights - rows_by_name(simpo)["zero3"].weights
+    assert zero3 == 4 * n  # the copy whole, in fp32 as it loads
+    # the bf16 base and the fp32 adapters, nothing more
+    lora_params = lora.params
+    expected = 2 * lora_params.frozen_other + 4 * lora_params.trainable
+    assert rows_by_name(lora)["ddp"].weights == expected
+    sft = dataclasses.replace(TASKS["preference"], sequences_per_example=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(TASKS, "preference", sft)
+        single = make_plan(str(config), "8gpu-ddp", ["preference.loss=simpo"])
+    assert rows_by_name(simpo)["ddp"].activations == 2 * rows_by_name(single)["ddp"].activations
+    assert "weights include a frozen reference copy" in render(full)
+    assert "no reference copy" in render(lora)

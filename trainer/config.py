@@ -25,6 +25,7 @@ from trainer.config_schema import (
     ON_NONFINITE as ON_NONFINITE,
     PEFT_METHODS as PEFT_METHODS,
     PRECISIONS as PRECISIONS,
+    PREFERENCE_LOSSES as PREFERENCE_LOSSES,
     SCHEDULERS as SCHEDULERS,
     TRUNCATIONS as TRUNCATIONS,
     WEIGHT_DTYPES as WEIGHT_DTYPES,
@@ -36,6 +37,7 @@ from trainer.config_schema import (
     MlmConfig as MlmConfig,
     ModelConfig as ModelConfig,
     PeftConfig as PeftConfig,
+    PreferenceConfig as PreferenceConfig,
     RunConfig as RunConfig,
     TrainConfig as TrainConfig,
 )
@@ -47,6 +49,7 @@ from trainer.global_batch import fit_micro_batch
 from trainer.input_checks import check_inputs
 from trainer.security import redact, untrusted_resume
 from trainer.tasks import tag_schemes
+from trainer.tasks.preference import needs_frozen_reference
 from trainer.tasks.registry import TASKS, task_spec
 from trainer.tasks.spec import TaskSpec
 from trainer.trackers import check_log_trackers
@@ -86,6 +89,7 @@ def _check_choices(cfg: RunConfig, errors: list[str]) -> None:
         _choice(errors, "model.dtype", cfg.model.dtype, WEIGHT_DTYPES)
     _choice(errors, "train.on_nonfinite", cfg.train.on_nonfinite, ON_NONFINITE)
     _choice(errors, "data.truncation", cfg.data.truncation, TRUNCATIONS)
+    _choice(errors, "preference.loss", cfg.preference.loss, PREFERENCE_LOSSES)
     if cfg.data.chat_template is not None:
         try:
             template_text(cfg.data.chat_template)
@@ -117,6 +121,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "train.collective_timeout": cfg.train.collective_timeout,
         "peft.r": cfg.peft.r,
         "peft.alpha": cfg.peft.alpha,
+        "preference.beta": cfg.preference.beta,
     }
     non_negative = {
         "train.epochs": cfg.train.epochs,
@@ -131,6 +136,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "checkpoint.every_minutes": cfg.checkpoint.every_minutes,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "data.augment.copies": cfg.data.augment.copies,
+        "preference.simpo_gamma": cfg.preference.simpo_gamma,
+        "preference.orpo_lambda": cfg.preference.orpo_lambda,
     }
     # written as "not (v > 0)" so that NaN fails too
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if not v > 0]
@@ -141,6 +148,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         ("train.warmup_ratio", cfg.train.warmup_ratio, 0, 1, False, True),
         ("eval.early_stopping_min_share", cfg.eval.early_stopping_min_share, 0, 1, False, False),
         ("train.layerwise_lr_decay", cfg.train.layerwise_lr_decay, 0, 1, True, False),
+        ("preference.label_smoothing", cfg.preference.label_smoothing, 0, 0.5, False, True),
         ("mlm.mask_probability", cfg.mlm.mask_probability, 0, 1, True, True),
         ("mlm.mask_token_fraction", cfg.mlm.mask_token_fraction, 0, 1, False, False),
         ("mlm.random_token_fraction", cfg.mlm.random_token_fraction, 0, 1, False, False),
@@ -266,6 +274,11 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
         errors.append("eval.generate: needs data.validation or validation_split")
     if cfg.task in TASKS:
         _check_data_extras(cfg, errors)
+    if cfg.preference.precompute_reference and not needs_frozen_reference(cfg):
+        errors.append(
+            "preference.precompute_reference: replaces the frozen reference copy of full "
+            "fine-tuning with dpo/ipo; LoRA/QLoRA (the adapter disabled) and simpo/orpo hold none"
+        )
 
 
 def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:

@@ -20,6 +20,7 @@ WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "auto")
 ON_NONFINITE = ("skip", "stop")
 CLASS_WEIGHTS = ("none", "auto")
 TRUNCATIONS = ("keep_end", "drop")
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
 AUGMENT_OPERATIONS = ("deletion", "swap", "insertion", "synonym_replacement")
 
 
@@ -83,6 +84,8 @@ class DataConfig:
     prompt_column: str = _field("prompt", "sft: column of prompts (text or chat messages).")
     completion_column: str = _field("completion", "sft: column of the prompts' answers.")
     messages_column: str = _field("messages", "sft: column of chat turns [{role, content}].")
+    chosen_column: str = _field("chosen", "preference: column of the preferred answers.")
+    rejected_column: str = _field("rejected", "preference: column of the dispreferred answers.")
     chat_template: str | None = _field(None, "sft: a Jinja file, chatml or llama-3; unset: own.")
     train_on_prompt: bool = _field(False, "sft: loss on every token, not the answers only.")
     last_turn_only: bool = _field(False, "sft: loss on the last assistant turn only.")
@@ -118,6 +121,20 @@ class MlmConfig:
     whole_word_masking: bool = _field(False, "Select whole words rather than single sub-tokens.")
     next_sentence: bool = _field(
         False, "Sentence pairs and a next-sentence head too (BERT pretraining: MLM + NSP)."
+    )
+
+
+@dataclass
+class PreferenceConfig:
+    loss: str = _field("dpo", "dpo | ipo | simpo | orpo (simpo and orpo need no reference).")
+    beta: float = _field(0.1, "DPO/IPO: strength of the pull to the reference; SimPO: scale.")
+    label_smoothing: float = _field(0.0, "dpo: share of pairs taken as mislabelled, [0, 0.5).")
+    simpo_gamma: float = _field(0.5, "simpo: target reward margin.")
+    orpo_lambda: float = _field(0.1, "orpo: weight of the odds-ratio term next to the SFT loss.")
+    precompute_reference: bool = _field(
+        False,
+        "dpo/ipo in full fine-tuning: score every pair with the initial model once before "
+        "training, so that training holds one model (no frozen copy).",
     )
 
 
@@ -202,6 +219,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -26,6 +26,11 @@ def score(model_dir: str, data: str, overrides: list[str]) -> dict:
     saved = SavedModel.read(model_dir)
     cfg = saved.run_config(overrides, evaluate_on=data)
     spec = task_spec(cfg)
+    if spec.make_objective is not None:  # its rewards are against the initial model
+        raise UserError(
+            f"MODEL_DIR: {cfg.task} models are scored against the model they started from, "
+            "which a saved folder does not hold; the run's eval_results.json has the scores"
+        )
     accelerator = Accelerator(cpu=cpu_only(), mixed_precision=cfg.train.precision)
     tokenizer = load_tokenizer(cfg.model, spec)
     label_names = None

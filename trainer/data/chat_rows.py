@@ -24,7 +24,7 @@ ROLES = ("system", "user", "assistant")
 ALPACA = ("instruction", "output")  # and an optional `input`
 
 
-def _messages(value: object, where: str, column: str) -> list[dict]:
+def checked_messages(value: object, where: str, column: str) -> list[dict]:
     """A list of {role, content} turns with known roles and string contents."""
     if not isinstance(value, list):
         raise UserError(f"{where}: '{column}' must be a list of {{role, content}} messages")
@@ -65,8 +65,8 @@ def _pair(row: dict, where: str, cfg: DataConfig) -> dict:
         if not completion.strip():
             raise EmptyValue(f"{where}: empty answer in column '{cfg.completion_column}'")
         return {"prompt": prompt, "completion": completion}
-    asked = _messages(prompt, where, cfg.prompt_column)
-    answered = _messages(completion, where, cfg.completion_column)
+    asked = checked_messages(prompt, where, cfg.prompt_column)
+    answered = checked_messages(completion, where, cfg.completion_column)
     if any(turn["role"] != "assistant" for turn in answered):
         raise UserError(f"{where}: '{cfg.completion_column}' may hold assistant turns only")
     return _checked_conversation(asked + answered, where, cfg.completion_column)
@@ -84,7 +84,7 @@ def _alpaca(row: dict, where: str) -> dict:
 def chat_row(row: dict, where: str, cfg: DataConfig) -> dict:
     """A row in one of the three formats, by the columns it has."""
     if cfg.messages_column in row:
-        turns = _messages(row[cfg.messages_column], where, cfg.messages_column)
+        turns = checked_messages(row[cfg.messages_column], where, cfg.messages_column)
         return _checked_conversation(turns, where, cfg.messages_column)
     if cfg.prompt_column in row:
         return _pair(row, where, cfg)
@@ -106,7 +106,7 @@ def prompt_row(row: dict, where: str, cfg: DataConfig) -> dict:
     last turn is the user's, or a plain text taken as the user's turn; plus its `id`."""
     if cfg.messages_column not in row:
         return TEXT_WITH_ID.check(row, where, cfg)
-    turns = _messages(row[cfg.messages_column], where, cfg.messages_column)
+    turns = checked_messages(row[cfg.messages_column], where, cfg.messages_column)
     if not turns or turns[-1]["role"] != "user":
         raise UserError(
             f"{where}: '{cfg.messages_column}' must end with a user turn, the one to answer"

@@ -195,3 +195,26 @@ class SentencePairCollator:
             "labels": _pad([labels.tolist() for _, labels in rows], IGNORE_INDEX),
             "next_sentence_label": torch.tensor([e["next_sentence_label"] for e in examples]),
         }
+
+
+@dataclass
+class PairCollator:
+    """Preference pairs as one batch: the chosen sequences, then the rejected ones in the
+    same order (rows i and i + pairs are one pair), padded to the longest of all, so that
+    one forward pass scores both sides."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        ids = [e["input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
+        labels = [e["labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+        batch = {
+            "input_ids": _pad(ids, self.pad_token_id),
+            "attention_mask": _pad([[1] * len(seq) for seq in ids], 0),
+            "labels": _pad(labels, IGNORE_INDEX),
+        }
+        if "ref_chosen_logps" in examples[0]:  # precomputed reference scores, same order
+            scores = [e["ref_chosen_logps"] for e in examples]
+            scores += [e["ref_rejected_logps"] for e in examples]
+            batch["ref_logps"] = torch.tensor(scores, dtype=torch.float32)
+        return batch

@@ -10,7 +10,7 @@ from trainer import progress
 from trainer.data.sampling import KeyedDataset, evaluation_batches
 from trainer.run.forward import forward, to_device
 from trainer.tasks.metrics import LossMetrics
-from trainer.tasks.spec import TaskSpec
+from trainer.tasks.spec import Objective, TaskSpec
 
 EVAL_EPOCH = -1  # MLM masks for evaluation come from this fixed "epoch": the same every time
 
@@ -25,8 +25,10 @@ def evaluate(
     accelerator: Accelerator,
     batch_size: int,
     seed: int,
+    objective: Objective | None = None,
 ) -> dict:
-    """Metrics over all of `examples`, each counted once across all processes."""
+    """Metrics over all of `examples`, each counted once across all processes. With a
+    spec's `objective` (preference pairs), the metrics take what it computes and logs."""
     was_training = model.training
     model.eval()
     keyed = KeyedDataset(examples, seed)
@@ -36,6 +38,12 @@ def evaluate(
     # leave=False: after training steps the bar goes, and the training bar below it stays
     for indices, is_real in progress.bar(batches, desc="evaluate", unit="batch", leave=False):
         batch = to_device(collator([keyed[(EVAL_EPOCH, i)] for i in indices]), accelerator.device)
+        if objective is not None:
+            with accelerator.autocast():
+                scored = objective(model, batch)
+            if is_real:
+                metrics.update_objective(*scored)
+            continue
         with accelerator.autocast():
             output, labels = forward(model, batch, spec.targets_only)
         logits = output[spec.logits_key]

@@ -70,7 +70,7 @@ from trainer.run.resume import (
 from trainer.run.rundir import claim_run_dir
 from trainer.run.tracker_runs import TRACKER_RUNS, log_with
 from trainer.tasks.registry import task_spec
-from trainer.tasks.spec import TaskSpec
+from trainer.tasks.spec import Objective, TaskSpec
 from trainer.yaml_sections import read_yaml
 
 logger = get_logger(__name__)
@@ -292,6 +292,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     class_weights: torch.Tensor | None
+    objective: Objective | None = None  # the spec's, when it has one (preference pairs)
 
     @property
     def label_names(self) -> list[str] | None:
@@ -447,6 +448,11 @@ def set_up(cfg: RunConfig) -> Run:
     if data.label_names is not None and cfg.data.class_weights != "none":
         counts = target_counts(data.train, data.label_names)  # a pass over every label
         weights = resolve_class_weights(cfg.data.class_weights, counts, data.label_names)
+    sharded = shards_weights(accelerator)
+    model = build_model(cfg, spec, tokenizer, data.label_names, sharded)
+    objective = None  # before `prepare` and the examples: it may score the encoded data
+    if spec.make_objective is not None:
+        objective = spec.make_objective(cfg, model, accelerator.device, sharded, data)
     if cfg.data.streaming:
         stream, examples = train_stream(cfg, spec, tokenizer, accelerator), None
         plan = StreamPlan(cfg.gradient_accumulation_steps(world_size), cfg.train.max_steps)
@@ -454,8 +460,6 @@ def set_up(cfg: RunConfig) -> Run:
         examples = training_examples(datasets.concatenate_datasets(data.train), tokenizer, cfg)
         stream, plan = None, batch_plan(cfg, data, len(examples), accelerator)
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
-
-    model = build_model(cfg, spec, tokenizer, data.label_names, shards_weights(accelerator))
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -478,4 +482,5 @@ def set_up(cfg: RunConfig) -> Run:
         optimizer,
         scheduler,
         None if weights is None else torch.tensor(weights, device=accelerator.device),
+        objective,
     )

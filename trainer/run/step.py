@@ -14,15 +14,15 @@ import torch
 from accelerate import Accelerator
 
 from trainer.run.forward import forward
-from trainer.tasks.losses import count_targets
-from trainer.tasks.spec import TaskSpec
+from trainer.tasks.spec import Objective, TaskSpec
 
 
 @dataclass
 class StepSums:
     """Sums over optimizer steps on this process (tensors on its device): the task's loss
     and targets, real (non-padding) tokens, positions (padding included), the gradient
-    norms (already equal on every process), and per extra head (NSP) its loss and targets."""
+    norms (already equal on every process), per extra head (NSP) its loss and targets, and
+    the values a spec's objective logs (preference rewards), summed per target."""
 
     loss: torch.Tensor
     targets: torch.Tensor
@@ -31,12 +31,14 @@ class StepSums:
     grad_norm: torch.Tensor
     head_loss: torch.Tensor  # one entry per extra head of the spec
     head_targets: torch.Tensor
+    logged: torch.Tensor  # one entry per name in the spec's `logged`
 
     @classmethod
-    def zeros(cls, heads: int, device: torch.device) -> StepSums:
+    def zeros(cls, heads: int, device: torch.device, logged: int = 0) -> StepSums:
         """Nothing summed yet."""
         scalars = [torch.zeros((), device=device) for _ in range(5)]
-        return cls(*scalars, torch.zeros(heads, device=device), torch.zeros(heads, device=device))
+        per_head = [torch.zeros(heads, device=device) for _ in range(2)]
+        return cls(*scalars, *per_head, torch.zeros(logged, device=device))
 
     def __iadd__(self, other: StepSums) -> StepSums:
         for f in fields(self):
@@ -51,10 +53,11 @@ class StepSums:
     def reduced(self, accelerator: Accelerator) -> StepSums:
         """The sums over all processes, in one all-reduce (the gradient norm as it is)."""
         summed = ("loss", "targets", "tokens", "positions")
-        packed = torch.cat([*(getattr(self, n).view(1) for n in summed), self.heads_flat()])
-        total = accelerator.reduce(packed, "sum")
-        heads = total[4:].view(-1, 2)
-        return StepSums(*total[:4], self.grad_norm, heads[:, 0], heads[:, 1])
+        scalars = [getattr(self, n).view(1) for n in summed]
+        total = accelerator.reduce(torch.cat([*scalars, self.heads_flat(), self.logged]), "sum")
+        heads = total[4 : 4 + 2 * len(self.head_loss)].view(-1, 2)
+        logged = total[4 + 2 * len(self.head_loss) :]
+        return StepSums(*total[:4], self.grad_norm, heads[:, 0], heads[:, 1], logged)
 
     def heads_flat(self) -> torch.Tensor:
         """[loss, targets] of each head in turn."""
@@ -62,16 +65,18 @@ class StepSums:
 
     def tolist(self) -> list[float]:
         """For checkpoints: [loss, targets, tokens, grad norm, positions, then loss and
-        targets of each head] (the order checkpoints have always used)."""
+        targets of each head, then the logged values] (the order checkpoints have always
+        used, the logged values last)."""
         scalars = [self.loss, self.targets, self.tokens, self.grad_norm, self.positions]
-        return [*(float(t) for t in scalars), *self.heads_flat().tolist()]
+        return [*(float(t) for t in scalars), *self.heads_flat().tolist(), *self.logged.tolist()]
 
     @classmethod
-    def from_list(cls, values: list[float], device: torch.device) -> StepSums:
-        """The sums a checkpoint saved with `tolist`."""
+    def from_list(cls, values: list[float], device: torch.device, logged: int = 0) -> StepSums:
+        """The sums a checkpoint saved with `tolist` (`logged`: how many values end it)."""
         t = torch.tensor(values, device=device)
-        heads = t[5:].view(-1, 2)
-        return cls(t[0], t[1], t[2], t[4], t[3], heads[:, 0].clone(), heads[:, 1].clone())
+        heads = t[5 : len(t) - logged].view(-1, 2)
+        tail = t[len(t) - logged :].clone()
+        return cls(t[0], t[1], t[2], t[4], t[3], heads[:, 0].clone(), heads[:, 1].clone(), tail)
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ def optimizer_step(
     max_grad_norm: float,
     requests: Requests = Requests(),
     class_weights: torch.Tensor | None = None,
+    objective: Objective | None = None,
 ) -> StepResult:
     """Forward/backward over the accumulation window, then clip and step.
 
@@ -117,22 +123,19 @@ def optimizer_step(
     backward, that decision comes before it (see `_poisoned_if`). With `class_weights` the
     targets count by their class weight (see data/class_weights.py)."""
     device = accelerator.device
-    heads = spec.extra_heads
-    targets = sum(count_targets(b["labels"], spec.shifted_targets, class_weights) for b in window)
-    head_counts = [sum(head.count(b) for b in window).float() for head in heads]
-    counts = torch.stack([targets.float(), *head_counts])
+    counts = _window_counts(window, spec, class_weights)
     all_counts = accelerator.reduce(counts.clone(), "sum").clamp(min=1)  # reduce is in place
     scales = accelerator.num_processes * len(window) / all_counts
     totals = torch.zeros(len(counts), device=device)  # loss sums: the task's, each head's
+    logged = torch.zeros(len(spec.logged), device=device)
     engine = deepspeed_engine(accelerator)
     decided = None
     for batch in window:
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                output, labels = forward(model, batch, spec.targets_only)
-            loss_sum, _ = spec.loss(output[spec.logits_key], labels, class_weights)
-            parts = torch.stack([loss_sum, *(head.loss(output, batch)[0] for head in heads)])
+                parts, values = _loss_parts(model, batch, spec, class_weights, objective)
             totals += parts.detach()
+            logged += values
             loss = (parts * scales).sum()
             if engine is not None and accelerator.sync_gradients:
                 decided = _agree(accelerator, totals, None, requests)
@@ -149,10 +152,33 @@ def optimizer_step(
     _update(accelerator, optimizer, scheduler, skipped)
     tokens = sum(real_tokens(b) for b in window).float()
     positions = tokens.new_tensor(sum(b["input_ids"].numel() for b in window))
-    sums = StepSums(totals[0], counts[0], tokens, positions, grad_norm, totals[1:], counts[1:])
+    sums = StepSums(
+        totals[0], counts[0], tokens, positions, grad_norm, totals[1:], counts[1:], logged
+    )
     if skipped:
         sums.zero_()
     return StepResult(sums, skipped, raised)
+
+
+def _window_counts(window: list[dict], spec: TaskSpec, class_weights) -> torch.Tensor:
+    """The window's targets on this process: the task's, then each extra head's."""
+    targets = sum(spec.targets(b, class_weights) for b in window)
+    head_counts = [sum(head.count(b) for b in window).float() for head in spec.extra_heads]
+    return torch.stack([targets.float(), *head_counts])
+
+
+def _loss_parts(
+    model, batch: dict, spec: TaskSpec, class_weights, objective: Objective | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's loss sums (the task's, then each extra head's) and the sums of the
+    values the objective logs (none without one)."""
+    if objective is not None:
+        loss_sum, _, values = objective(model, batch)
+        return loss_sum.view(1), values.detach()
+    output, labels = forward(model, batch, spec.targets_only)
+    loss_sum, _ = spec.loss(output[spec.logits_key], labels, class_weights)
+    parts = torch.stack([loss_sum, *(head.loss(output, batch)[0] for head in spec.extra_heads)])
+    return parts, loss_sum.new_zeros(0)
 
 
 def _update(accelerator: Accelerator, optimizer, scheduler, skipped: bool) -> None:

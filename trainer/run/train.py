@@ -151,7 +151,9 @@ class Loop:
         """Fresh, or from the checkpoint being resumed (metrics.jsonl and samples.jsonl are
         cut back to its step, so the continued log has no duplicated or missing steps)."""
         state, best = LoopState(), Best(run.cfg.eval_metric)
-        since_log = StepSums.zeros(len(run.spec.extra_heads), run.accelerator.device)
+        since_log = StepSums.zeros(
+            len(run.spec.extra_heads), run.accelerator.device, len(run.spec.logged)
+        )
         if run.resume_from is not None:
             loading = time.monotonic()
             saved, ranks = load_checkpoint(run.accelerator, run.resume_from, run.scheduler)
@@ -208,6 +210,7 @@ class Loop:
             run.cfg.train.max_grad_norm,
             Requests(stop=stop, save=save_due),
             run.class_weights,
+            run.objective,
         )
         self.stop_flag.budget.note_step(time.monotonic() - started)
         self.since_log += result.sums
@@ -294,6 +297,7 @@ class Loop:
                 run.accelerator,
                 run.cfg.eval.batch_size,
                 run.cfg.train.seed,
+                run.objective,
             )
             if self.prompts:  # eval.generate: answered, kept in samples.jsonl, scored
                 results |= record_samples(run, self.prompts, state.step)
@@ -395,20 +399,22 @@ def restored_sums(run: Run, saved: list[list[float]]) -> StepSums:
     each takes its own (the continuation is bitwise the same). On another count, process 0
     takes them all and the others none: the next log line all-reduces them to the same
     totals. The gradient norms are the same on every process, so each takes process 0's."""
-    accelerator, heads = run.accelerator, len(run.spec.extra_heads)
+    accelerator, heads, logged = run.accelerator, len(run.spec.extra_heads), len(run.spec.logged)
+    device = accelerator.device
     if len(saved) == accelerator.num_processes:
-        return StepSums.from_list(saved[accelerator.process_index], accelerator.device)
-    sums = StepSums.zeros(heads, accelerator.device)
+        return StepSums.from_list(saved[accelerator.process_index], device, logged)
+    sums = StepSums.zeros(heads, device, logged)
     if accelerator.is_main_process:
         for values in saved:
-            sums += StepSums.from_list(values, accelerator.device)
-    sums.grad_norm = StepSums.from_list(saved[0], accelerator.device).grad_norm
+            sums += StepSums.from_list(values, device, logged)
+    sums.grad_norm = StepSums.from_list(saved[0], device, logged).grad_norm
     return sums
 
 
 def log_record(run: Run, step: int, since_log: StepSums, seconds: float) -> dict:
     """One metrics.jsonl record from the sums since the last log (one all-reduce). With
-    extra heads, `loss` is the objective (the sum of the parts), each part logged too."""
+    extra heads, `loss` is the objective (the sum of the parts), each part logged too; an
+    objective's logged values (preference rewards) are means per target."""
     total = since_log.reduced(run.accelerator)
     steps = step % run.cfg.log.every_steps or run.cfg.log.every_steps
     tokens, positions = total.tokens.item(), total.positions.item()
@@ -417,6 +423,7 @@ def log_record(run: Run, step: int, since_log: StepSums, seconds: float) -> dict
         # a stream has no epochs: its passes over each source are per process
         "epoch": round(step / run.plan.steps_per_epoch, 4) if run.stream is None else None,
         **_losses(run.spec, total),
+        **_logged_means(run.spec, total),
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": total.grad_norm.item() / steps,
         "tokens": int(tokens),  # real (non-padding) tokens trained since the last log
@@ -438,6 +445,13 @@ def _losses(spec: TaskSpec, total: StepSums) -> dict[str, float]:
         return {"loss": means[0]}
     names = [spec.own_loss_name, *(head.name for head in spec.extra_heads)]
     return {"loss": sum(means), **{f"{n}_loss": m for n, m in zip(names, means, strict=True)}}
+
+
+def _logged_means(spec: TaskSpec, total: StepSums) -> dict[str, float]:
+    """The spec's logged values as means over the targets (pairs); NaN without any."""
+    targets = total.targets.item()
+    values = (total.logged / targets).tolist() if targets > 0 else [math.nan] * len(spec.logged)
+    return dict(zip(spec.logged, values, strict=True))
 
 
 def _stop_preempted(run: Run, reason: str, where: str = "at a saved checkpoint") -> None:

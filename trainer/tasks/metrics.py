@@ -157,3 +157,24 @@ class EntityMetrics(LossMetrics):
             "f1_per_type": dict(zip(self.types, per_type.tolist(), strict=True)),
         }
         return results
+
+
+class PairMetrics(LossMetrics):
+    """Preference pairs: the objective's loss per pair and the means per pair of what it
+    logs (rewards, reward accuracy and margin, answer log-probabilities)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names = names
+        self.logged = torch.zeros(len(names), dtype=torch.float64)
+
+    def update_objective(self, loss_sum, count, logged) -> None:
+        """Add one batch as the objective scored it."""
+        self.totals += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
+        self.logged += logged.detach().double().cpu()
+
+    def compute(self, sum_across: SumAcrossProcesses) -> dict:
+        """Reduce over processes; every value is a mean over all pairs."""
+        loss_sum, count = sum_across(self.totals).tolist()
+        logged = (sum_across(self.logged) / max(count, 1.0)).tolist()
+        return {"loss": loss_sum / max(count, 1.0), **dict(zip(self.names, logged, strict=True))}

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from trainer.tasks.classification import CLASSIFICATION
 from trainer.tasks.clm import CLM
 from trainer.tasks.mlm import MLM, pretraining
+from trainer.tasks.preference import PREFERENCE_TASK
 from trainer.tasks.sft import SFT
 from trainer.tasks.spec import TaskSpec
 from trainer.tasks.token_classification import TOKEN_CLASSIFICATION
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     from trainer.config import RunConfig
 
 TASKS: dict[str, TaskSpec] = {
-    spec.name: spec for spec in (MLM, CLM, CLASSIFICATION, TOKEN_CLASSIFICATION, SFT)
+    spec.name: spec
+    for spec in (MLM, CLM, CLASSIFICATION, TOKEN_CLASSIFICATION, SFT, PREFERENCE_TASK)
 }
 
 

@@ -34,6 +34,8 @@ Loss = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]  # (logits, labels[, w
 # (tokenizer, row, data) -> the prompt's token ids and the reference answer (None: the row
 # has none), or None when the row gives no prompt (data.truncation=drop drops it)
 EvalPrompt = Callable[..., "tuple[list[int], str | None] | None"]
+# (model, batch) -> (loss sum, its target count, the sums of the spec's `logged` values)
+Objective = Callable[..., "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,28 @@ class TaskSpec:
     # what eval.generate adds to the metrics where the rows carry reference answers (sft);
     # higher is better, and eval.metric may name them while eval.generate is on
     answer_metrics: tuple[str, ...] = ()
+    # An objective over whole sequences that replaces forward + `loss` (preference pairs:
+    # it scores chosen and rejected, and may hold a reference model), built once the model
+    # is: (run config, model, device, sharded, PreparedData) -> Objective; it may add
+    # columns to the encoded data (precomputed reference scores).
+    make_objective: Callable[..., Objective] | None = None
+    # what an objective's loss is normalised by, counted in a batch before the forward
+    # pass (pairs); None: the labelled tokens
+    count_targets: Callable[[dict], torch.Tensor] | None = None
+    logged: tuple[str, ...] = ()  # values an objective sums per target, logged as means
+    sequences_per_example: int = 1  # preference: a pair is two sequences in one forward
+    # whether a run holds a frozen copy of the initial model next to the trained one
+    # (preference: DPO/IPO in full fine-tuning), for `trainer plan`'s memory
+    frozen_copy: Callable[[RunConfig], bool] | None = None
+
+    def targets(self, batch: dict, weight: Any = None) -> Any:
+        """Targets in a batch before the forward pass (for the accumulation-window total):
+        the labelled tokens (by class weight), or what `count_targets` counts."""
+        if self.count_targets is not None:
+            return self.count_targets(batch)
+        from trainer.tasks.losses import count_targets
+
+        return count_targets(batch["labels"], self.shifted_targets, weight)
 
     @property
     def has_labels(self) -> bool:

@@ -1,0 +1,48 @@
+"""Writes the preference pairs in this folder (seeded: the same files every time).
+
+    python data/preference/make_pairs.py
+
+Each prompt names a rule and a few words (the rules of data/sft/make_rules.py). The chosen
+answer applies the named rule; the rejected one applies another rule to the same words, so
+both answers are made of the prompt's words and only the rule named tells them apart: a
+model must read the instruction to prefer the right one. Half the rows are plain text,
+half chat messages (a user turn, the answers as assistant turns)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
+from make_rules import RULES, WORDS  # the sft rules, one definition
+
+
+def preference_pair(rng: random.Random) -> dict:
+    """One prompt with the right rule's answer and another rule's (a different answer)."""
+    while True:
+        rule, other = rng.sample(list(RULES), 2)
+        words = rng.sample(WORDS, rng.randint(2, 5))
+        chosen, rejected = RULES[rule](words), RULES[other](words)
+        if chosen != rejected:
+            break
+    prompt = f"{rule}: {' '.join(words)}"
+    if rng.random() < 0.5:
+        return {"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected}
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent
+    rng = random.Random(2026)
+    write(here / "train.jsonl", [preference_pair(rng) for _ in range(1000)])
+    write(here / "validation.jsonl", [preference_pair(rng) for _ in range(200)])

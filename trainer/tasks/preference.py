@@ -1,0 +1,227 @@
+"""Preference tuning of causal LMs on chosen/rejected pairs: DPO and IPO against a
+reference model, SimPO and ORPO without one (the formulas: tasks/preference_losses.py).
+
+Rows are prompt / chosen / rejected (data/preference_rows.py), encoded through supervised
+fine-tuning's chat path (data/preference_encode.py). A micro-batch holds the chosen
+sequences and then the rejected ones, so one forward pass scores both sides; each side's
+log-probability sums its answer tokens only.
+
+The reference is never a second model where it need not be: under LoRA/QLoRA it is the
+policy with its adapter disabled; in full fine-tuning a frozen copy of the initial weights
+(on the same device, in the same dtype); for SimPO and ORPO there is none.
+
+The loss is a sum over pairs, and the loop divides it by the pairs of the whole
+accumulation window on all processes, as it divides token losses by tokens."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from trainer.data.chat_templates import set_chat_template
+from trainer.data.preference_rows import PREFERENCE
+from trainer.tasks import clm, heads
+from trainer.tasks.spec import PredictionHead, TaskSpec
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from trainer.config import DataConfig, RunConfig
+    from trainer.data.read import Split
+    from trainer.tasks.metrics import PairMetrics
+    from trainer.tasks.preference_losses import PairSettings
+
+# what the log and evaluation report, as TRL names it: means per pair
+LOGGED = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracy",
+    "rewards/margin",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def encode(
+    split: Split, tokenizer: PreTrainedTokenizerBase, names: list[str] | None, data: DataConfig
+) -> datasets.Dataset:
+    """Chosen and rejected token ids with answer-only labels (data/preference_encode.py)."""
+    from trainer.data.preference_encode import encode_pairs
+
+    return encode_pairs(split, tokenizer, data)
+
+
+def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig):
+    """Chosen rows then rejected rows, padded together."""
+    from trainer.data.collate import PairCollator
+
+    return PairCollator(tokenizer.pad_token_id)
+
+
+def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
+    """Tokens per pair: its longer side, before truncation."""
+    from trainer.data.preference_encode import pair_token_counts
+
+    return pair_token_counts(tokenizer, rows)
+
+
+def metrics(names: list[str] | None, data: DataConfig) -> PairMetrics:
+    """The loss per pair and the logged means."""
+    from trainer.tasks.metrics import PairMetrics
+
+    return PairMetrics(LOGGED)
+
+
+def pair_count(batch: dict) -> torch.Tensor:
+    """Pairs in a batch: half its rows."""
+    return batch["input_ids"].new_tensor(batch["input_ids"].shape[0] // 2)
+
+
+class PairObjective:
+    """The configured objective over a batch of pairs, with the reference it needs: a
+    frozen model, the policy with its adapter disabled, or none."""
+
+    def __init__(
+        self, settings: PairSettings, reference: torch.nn.Module | None, adapter_off: bool
+    ) -> None:
+        self.settings = settings
+        self.reference = reference
+        self.adapter_off = adapter_off  # the reference is the policy without its adapter
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(summed loss over pairs, pairs, sums per pair of the LOGGED values)."""
+        import torch
+
+        from trainer.tasks.preference_losses import PairLogps, pair_losses, sequence_logps
+
+        logps, tokens = sequence_logps(_logits(model, batch), batch["labels"])
+        pairs = logps.shape[0] // 2
+        scored = PairLogps(logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:])
+        ref = batch.get("ref_logps")  # precomputed (preference.precompute_reference)
+        if ref is None and (self.adapter_off or self.reference is not None):
+            ref = self.reference_logps(model, batch)
+        if ref is not None:
+            scored.ref_chosen, scored.ref_rejected = ref[:pairs], ref[pairs:]
+        loss, chosen, rejected = pair_losses(scored, self.settings)
+        values = [
+            chosen.sum(),
+            rejected.sum(),
+            (chosen > rejected).float().sum(),
+            (chosen - rejected).sum(),
+            scored.chosen.detach().sum(),
+            scored.rejected.detach().sum(),
+        ]
+        return loss.sum(), pair_count(batch), torch.stack(values).float()
+
+    def reference_logps(self, model, batch: dict) -> torch.Tensor:
+        """Per sequence: the reference's summed answer log-probability (no gradient)."""
+        import torch
+        from accelerate.utils import extract_model_from_parallel
+
+        from trainer.tasks.preference_losses import sequence_logps
+
+        scorer = self.reference or extract_model_from_parallel(model)
+        off = scorer.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            return sequence_logps(_logits(scorer, batch), batch["labels"])[0]
+
+
+def with_reference(scorer: PairObjective, pairs: datasets.Dataset, batch_size: int):
+    """`pairs` with the reference's summed answer log-probabilities of each side
+    (ref_chosen_logps, ref_rejected_logps), scored in order, in eval mode. The padding id
+    is immaterial: padding is masked from attention and from the labels."""
+    from trainer import progress
+    from trainer.data.collate import PairCollator
+
+    model, collate = scorer.reference, PairCollator(0)
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    chosen, rejected = [], []
+    starts = range(0, len(pairs), batch_size)
+    for start in progress.bar(starts, desc="score reference", unit="batch", leave=False):
+        batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
+        scores = scorer.reference_logps(model, {k: v.to(device) for k, v in batch.items()})
+        half = len(scores) // 2
+        chosen += scores[:half].tolist()
+        rejected += scores[half:].tolist()
+    model.train(was_training)
+    return pairs.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    from trainer.run.forward import model_inputs, without_cache
+
+    return model(**model_inputs(batch) | without_cache(model)).logits
+
+
+def needs_frozen_reference(cfg: RunConfig) -> bool:
+    """Whether the reference is the initial model apart from the trained one: a reference
+    objective in full fine-tuning (a frozen copy, or its precomputed scores)."""
+    from trainer.tasks.preference_losses import REFERENCE_FREE
+
+    return cfg.peft.method == "none" and cfg.preference.loss not in REFERENCE_FREE
+
+
+def holds_frozen_copy(cfg: RunConfig) -> bool:
+    """Whether training holds a second model: a frozen reference not precomputed."""
+    return needs_frozen_reference(cfg) and not cfg.preference.precompute_reference
+
+
+def make_objective(
+    cfg: RunConfig, model: torch.nn.Module, device: torch.device, sharded: bool, data
+) -> PairObjective:
+    """The objective of preference.loss and its reference: none for SimPO and ORPO; the
+    adapter switched off under LoRA/QLoRA; else `model` as it is now (the initial model):
+    a frozen copy, or with preference.precompute_reference its scores of every pair,
+    added to the encoded `data` (PreparedData) as columns that the collator batches."""
+    import copy
+
+    from trainer.errors import UserError
+    from trainer.tasks.preference_losses import REFERENCE_FREE, PairSettings
+
+    p = cfg.preference
+    settings = PairSettings(p.loss, p.beta, p.label_smoothing, p.simpo_gamma, p.orpo_lambda)
+    if not needs_frozen_reference(cfg):  # SimPO/ORPO: none; LoRA/QLoRA: the adapter off
+        return PairObjective(settings, None, adapter_off=p.loss not in REFERENCE_FREE)
+    if p.precompute_reference:
+        scorer = PairObjective(settings, model.to(device), adapter_off=False)
+        data.train = [with_reference(scorer, split, cfg.eval.batch_size) for split in data.train]
+        if data.validation is not None:
+            data.validation = with_reference(scorer, data.validation, cfg.eval.batch_size)
+        return PairObjective(settings, None, adapter_off=False)
+    if sharded:
+        raise UserError(
+            f"preference.loss: {p.loss} in full fine-tuning under ZeRO-3/FSDP would need a "
+            "sharded reference copy, which is not supported; use peft.method lora or qlora, "
+            "or preference.loss simpo or orpo"
+        )
+    reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    return PairObjective(settings, reference, adapter_off=False)
+
+
+PREFERENCE_TASK = TaskSpec(
+    name="preference",
+    auto_class="AutoModelForCausalLM",
+    architectures=(),  # a saved causal LM reads as clm; a preference run's folder says so
+    metrics=("loss", *LOGGED),
+    rows=PREFERENCE,
+    encode=encode,
+    make_collator=collator,
+    loss=clm.loss,  # not used in training or validation: the objective replaces it
+    make_metrics=metrics,
+    lengths=lengths,
+    prediction=PredictionHead(heads.generate, generates=True, chat=True),
+    peft_task_type="CAUSAL_LM",
+    lora_targets="all-linear",
+    required_tokens=("eos_token",),
+    shifted_targets=True,
+    pipeline_tag="text-generation",
+    prepare_tokenizer=set_chat_template,
+    make_objective=make_objective,
+    count_targets=pair_count,
+    logged=LOGGED,
+    sequences_per_example=2,
+    frozen_copy=holds_frozen_copy,
+)
