@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from trainer.data.chat_templates import set_chat_template
 from trainer.data.preference_rows import PREFERENCE
-from trainer.tasks import clm, heads
-from trainer.tasks.spec import PredictionHead, TaskSpec
+from trainer.tasks import clm
+from trainer.tasks.sft import SFT
+from trainer.tasks.spec import TaskSpec
 
 if TYPE_CHECKING:
     import datasets
@@ -212,7 +213,7 @@ PREFERENCE_TASK = TaskSpec(
     loss=clm.loss,  # not used in training or validation: the objective replaces it
     make_metrics=metrics,
     lengths=lengths,
-    prediction=PredictionHead(heads.generate, generates=True, chat=True),
+    prediction=SFT.prediction,  # a tuned model answers prompts or messages rows as sft's do
     peft_task_type="CAUSAL_LM",
     lora_targets="all-linear",
     required_tokens=("eos_token",),
