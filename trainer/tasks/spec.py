@@ -104,6 +104,9 @@ class TaskSpec:
     check_model_config: Callable[[PretrainedConfig], None] | None = None  # before loading
     # before its first use in training (sft: data.chat_template goes onto the tokenizer)
     prepare_tokenizer: Callable[[PreTrainedTokenizerBase, DataConfig], None] | None = None
+    # train.head_warmup_ratio when unset: the share of the steps in which only parameters
+    # the checkpoint lacked learn (benchmarks/dapt.py measured it downstream)
+    head_warmup_ratio: float = 0.0
 
     @property
     def has_labels(self) -> bool:
