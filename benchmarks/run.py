@@ -41,6 +41,7 @@ SECTIONS = {
     "optimisations": "optimisations",
     "quality": "quality",
     "sft": "sft",
+    "dapt": "dapt",
 }
 EXTRA = {  # with --only
     s: s for s in ("data_pipeline", "augmentation", "qlora_layout", "multitask_adapters")

@@ -123,6 +123,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "peft.alpha": cfg.peft.alpha,
         "preference.beta": cfg.preference.beta,
     }
+    if cfg.train.head_lr is not None:
+        positive["train.head_lr"] = cfg.train.head_lr
     non_negative = {
         "train.epochs": cfg.train.epochs,
         "train.max_steps": cfg.train.max_steps,
@@ -157,6 +159,8 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
             for op in AUGMENT_OPERATIONS
         ],
     ]
+    if cfg.train.head_warmup_ratio is not None:
+        bounded.append(("train.head_warmup_ratio", cfg.train.head_warmup_ratio, 0, 1, False, True))
     for key, value, low, high, low_open, high_open in bounded:
         above = value > low if low_open else value >= low
         below = value < high if high_open else value <= high

@@ -165,6 +165,12 @@ class TrainConfig:
     gradient_checkpointing: bool = _field(False, "Recompute activations to save memory.")
     compile: bool = _field(False, "torch.compile the model (inductor); costs minutes of compiling.")
     layerwise_lr_decay: float = _field(1.0, "LR factor per layer below the top (1.0: off).")
+    head_warmup_ratio: float | None = _field(
+        None,
+        "Share of the steps in which only the parameters the checkpoint lacked (a new head) "
+        "learn, the rest at LR 0; unset: the task's default (0 when nothing is new).",
+    )
+    head_lr: float | None = _field(None, "Peak LR of the newly initialised parameters; unset: lr.")
     seed: int = _field(42, "Seed for weights init, data order, masking and splits.")
     resume: str = _field("auto", "auto (newest complete checkpoint) | never | a checkpoint path.")
     resume_trusted: bool = _field(False, "Allow train.resume=PATH outside output_dir (pickles).")

@@ -98,14 +98,17 @@ def default_target_modules(model: torch.nn.Module) -> list[str] | str:
 
 
 NEW_MODULES = "_trainer_new_modules"  # on a loaded model: the modules its checkpoint lacked
+NEW_PARAMETERS = "_trainer_new_parameters"  # ... and those parameters, by name
 
 
 def record_new_modules(model: torch.nn.Module, missing_keys) -> None:
-    """Remember the modules whose parameters the checkpoint lacked (transformers drew them
-    at random), for `attach_adapter`."""
+    """Remember the parameters the checkpoint lacked (transformers drew them at random) and
+    their modules: for `attach_adapter`, and for the head warm-up (run/optim.py). A tied
+    weight (BERT's MLM decoder is the word embeddings) is loaded, so never among them."""
     parameters = dict(model.named_parameters())
-    modules = {key.rsplit(".", 1)[0] for key in missing_keys if key in parameters}
-    setattr(model, NEW_MODULES, sorted(modules))
+    new = sorted(key for key in missing_keys if key in parameters)
+    setattr(model, NEW_PARAMETERS, new)
+    setattr(model, NEW_MODULES, sorted({key.rsplit(".", 1)[0] for key in new}))
 
 
 def _new_modules_to_save(model: torch.nn.Module, to_save: list[str]) -> list[str]:

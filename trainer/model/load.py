@@ -228,7 +228,8 @@ def load_model(
                 **attention,
             ),
         )
-        adapters.record_new_modules(model, info["missing_keys"])
+        mismatched = {key for key, *_ in info.get("mismatched_keys", ())}  # re-drawn too
+        adapters.record_new_modules(model, {*info["missing_keys"], *mismatched})
         if quantization is not None:
             adapters.keep_4bit_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

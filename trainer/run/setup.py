@@ -58,7 +58,7 @@ from trainer.model.load import (
     warn_random_head,
 )
 from trainer.run.checkpoint import check_layout, promote_best, recover_replaced
-from trainer.run.optim import build_optimizer, build_scheduler
+from trainer.run.optim import HeadWarmup, build_optimizer, build_scheduler, head_warmup
 from trainer.run.resume import (
     COMMIT_NAME,
     config_change_problem,
@@ -292,6 +292,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     class_weights: torch.Tensor | None
+    head_warmup: HeadWarmup
     objective: Objective | None = None  # the spec's, when it has one (preference pairs)
 
     @property
@@ -354,7 +355,13 @@ class Run:
             "class_weights": None
             if self.class_weights is None
             else dict(zip(self.label_names, self.class_weights.tolist(), strict=True)),
-        } | ({"dropped_rows": self.data.dropped_rows} if self.data.dropped_rows else {})
+            **self.head_warmup.summary(),
+            **self._dropped(),
+        }
+
+    def _dropped(self) -> dict:
+        """Rows dropped on the way to a batch, when there were any."""
+        return {"dropped_rows": self.data.dropped_rows} if self.data.dropped_rows else {}
 
 
 def _logical_numel(param: torch.nn.Parameter) -> int:
@@ -460,8 +467,9 @@ def set_up(cfg: RunConfig) -> Run:
         examples = training_examples(datasets.concatenate_datasets(data.train), tokenizer, cfg)
         stream, plan = None, batch_plan(cfg, data, len(examples), accelerator)
     total_steps = cfg.train.max_steps or cfg.train.epochs * plan.steps_per_epoch
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, total_steps)
+    warmup = head_warmup(model, cfg.train, spec.head_warmup_ratio, total_steps)
+    optimizer = build_optimizer(model, cfg.train, frozenset(warmup.names))
+    scheduler = build_scheduler(optimizer, cfg.train, total_steps, warmup.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is None and accelerator.is_main_process:
         _set_aside_previous(run_dir)  # only now: a bad input found above leaves them as they were
@@ -482,5 +490,6 @@ def set_up(cfg: RunConfig) -> Run:
         optimizer,
         scheduler,
         None if weights is None else torch.tensor(weights, device=accelerator.device),
+        warmup,
         objective,
     )

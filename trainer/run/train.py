@@ -126,6 +126,8 @@ def _write_run_files(run: Run) -> None:
         with atomic.stop_on_failed_write(run.run_dir / "run_summary.json"):
             atomic.write_json(run.run_dir / "run_summary.json", finite(run.summary()), indent=2)
         logger.info(json.dumps(run.summary()))
+        if line := run.head_warmup.line():
+            logger.info(line)
         if run.cfg.model.trust_remote_code:
             logger.warning("model.trust_remote_code is on: code from the model repo runs here")
     run.accelerator.wait_for_everyone()

@@ -85,6 +85,7 @@ CLM = TaskSpec(
     prediction=PredictionHead(heads.generate, generates=True),
     pipeline_tag="text-generation",
     packed=True,
+    head_warmup_ratio=0.1,
     peft_task_type="CAUSAL_LM",
     shifted_targets=True,
     documents=documents,

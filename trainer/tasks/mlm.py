@@ -71,6 +71,7 @@ MLM = TaskSpec(
     prediction=PredictionHead(heads.fill_masks),
     pipeline_tag="fill-mask",
     packed=True,
+    head_warmup_ratio=0.1,
     required_tokens=("mask_token",),
     documents=documents,
     targets_only=True,
