@@ -144,6 +144,11 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
     # written as "not (v > 0)" so that NaN fails too
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if not v > 0]
     errors += [f"{k}: must be >= 0, got {v}" for k, v in non_negative.items() if not v >= 0]
+    _check_bounds(cfg, errors)
+
+
+def _check_bounds(cfg: RunConfig, errors: list[str]) -> None:
+    """Shares, probabilities and factors: numbers within an interval."""
     bounded = [  # key, value, low, high, is the low end open, is the high end open
         ("data.validation_split", cfg.data.validation_split, 0, 1, False, True),
         ("peft.dropout", cfg.peft.dropout, 0, 1, False, True),

@@ -139,6 +139,7 @@ class TaskSpec:
         from trainer.tasks.losses import count_targets
 
         return count_targets(batch["labels"], self.shifted_targets, weight)
+
     # train.head_warmup_ratio when unset: the share of the steps in which only parameters
     # the checkpoint lacked learn (benchmarks/dapt.py measured it downstream)
     head_warmup_ratio: float = 0.0
