@@ -40,6 +40,7 @@ SECTIONS = {
     "hardware": "hardware",
     "optimisations": "optimisations",
     "quality": "quality",
+    "quality-lm": "quality_lm",
 }
 EXTRA = {  # with --only
     s: s for s in ("data_pipeline", "augmentation", "qlora_layout", "multitask_adapters")
