@@ -212,9 +212,8 @@ def trainer(task: str, seed: int, form: Form, files: dict, model: Path, work_dir
         keep_final=True,
     )
     side = hf_reference.run_job(job, str(model), work_dir)
-    scored = score(
-        side["final_dir"], task, form, files["validation"], work_dir / f"hf-{task}-{seed}-score.log"
-    )
+    final = str(work_dir / f"hf-{job.name}" / "final")  # where run_job saved it
+    scored = score(final, task, form, files["validation"], work_dir / f"hf-{job.name}-score.log")
     return {
         "perplexity": scored["perplexity"],
         "own_perplexity": side["metrics"]["perplexity"],
@@ -308,6 +307,12 @@ def markdown(result: dict[str, Any]) -> str:
         *load_warning(result["loads"]),
         "",
         *column_table(columns, rows),
+        "",
+        "The side's own figure: ours, its evaluation after training (MLM: with the recipe's "
+        "whole-word masking); Trainer's, exp of its eval_loss, which for CLM "
+        f"divides each block's summed loss by all {form.block} positions while "
+        f"{form.block - 1} are predicted (measured: exactly {form.block - 1}/{form.block} of "
+        "the token-mean loss), so it reads low; for MLM its masks are drawn afresh.",
         "",
         "| goal | met |",
         "|---|---|",
