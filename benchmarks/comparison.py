@@ -54,6 +54,7 @@ class Job:
     max_grad_norm: float = 1.0
     seed: int = 42
     ours_grouped: bool = False  # ours with data.group_by_length (off by default, as Trainer's)
+    keep_final: bool = False  # the reference side saves its model (to score it as ours is)
 
 
 SENTIMENT = Job(

@@ -61,7 +61,7 @@ def train(spec: dict) -> dict[str, Any]:
     output = trainer.train()
     evaluation = trainer.evaluate()
     final_dir = None
-    if job.peft != "none":  # the adapter's size is compared
+    if job.peft != "none" or job.keep_final:  # LoRA: its size is compared; or to be scored
         final_dir = str(out_dir / "final")
         trainer.save_model(final_dir)  # the adapter and modules_to_save
         tokenizer.save_pretrained(final_dir)  # as our engine's final/ has it
@@ -174,9 +174,10 @@ def classification_data(job: Job, tokenizer):
 def packed_data(job: Job, tokenizer):
     """Text files, blank lines skipped (as our reader does), concatenated and cut into full
     blocks of max_length as in run_mlm / run_clm. CLM documents end with the end-of-text
-    token, as our engine joins them; MLM keeps each one's [CLS] ... [SEP]."""
+    token, as our engine joins them, and every position of a block is a target; MLM keeps
+    each one's [CLS] ... [SEP]."""
     from datasets import load_dataset
-    from transformers import DataCollatorForLanguageModeling
+    from transformers import DataCollatorForLanguageModeling, default_data_collator
 
     def encode(batch: dict) -> dict:
         if job.task == "mlm":
@@ -190,11 +191,18 @@ def packed_data(job: Job, tokenizer):
         starts = range(0, usable, job.max_length)
         return {k: [t[i : i + job.max_length] for i in starts] for k, t in joined.items()}
 
+    def with_labels(examples: dict) -> dict:  # run_clm: every position is a target
+        return {**examples, "labels": [list(ids) for ids in examples["input_ids"]]}
+
     raw = load_dataset("text", data_files={"train": job.train, "validation": job.validation})
     raw = raw.filter(lambda row: bool(row["text"].strip()))
     data = raw.map(encode, batched=True, remove_columns=["text"]).map(blocks, batched=True)
-    mlm = job.task == "mlm"
-    return data, DataCollatorForLanguageModeling(tokenizer, mlm=mlm, mlm_probability=0.15)
+    if job.task == "mlm":
+        return data, DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    # run_clm's default_data_collator: it needs no padding token (a BPE tokenizer trained
+    # from scratch has none) and, unlike DataCollatorForLanguageModeling, never drops the
+    # targets of a padding token that is also the end-of-text one (GPT-2's usual pad = eos)
+    return data.map(with_labels, batched=True), default_data_collator
 
 
 def build_model(job: Job, model: str):

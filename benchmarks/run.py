@@ -40,6 +40,7 @@ SECTIONS = {
     "hardware": "hardware",
     "optimisations": "optimisations",
     "quality": "quality",
+    "quality-lm": "quality_lm",
     "sft": "sft",
     "dapt": "dapt",
 }
