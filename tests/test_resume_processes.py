@@ -179,7 +179,7 @@ def fake_run(processes: int, rank: int) -> SimpleNamespace:
         is_main_process=rank == 0,
         device=torch.device("cpu"),
     )
-    return SimpleNamespace(accelerator=accelerator, spec=SimpleNamespace(extra_heads=[]))
+    return SimpleNamespace(accelerator=accelerator, spec=SimpleNamespace(extra_heads=[], logged=()))
 
 
 def test_the_unlogged_sums_of_every_saving_process_are_kept():

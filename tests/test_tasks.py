@@ -46,8 +46,13 @@ def test_mlm_loss_matches_the_model_own_loss(tiny_bert):
 
 
 def test_task_table_covers_every_task():
-    assert set(TASKS) == {"mlm", "clm", "classification", "token-classification", "sft"}
+    assert set(TASKS) == {
+        *("mlm", "clm", "classification", "token-classification", "sft", "preference")
+    }
     assert TASKS["sft"].shifted_targets and not TASKS["sft"].has_labels
     assert TASKS["clm"].shifted_targets and not TASKS["mlm"].shifted_targets
     assert TASKS["classification"].has_labels and TASKS["token-classification"].has_labels
     assert not TASKS["mlm"].has_labels
+    assert (
+        TASKS["preference"].sequences_per_example == 2 and TASKS["sft"].sequences_per_example == 1
+    )
