@@ -18,7 +18,6 @@ stopping, and starts from the shipped model or from the TAPT run's final/ folder
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import random
@@ -29,8 +28,8 @@ from typing import Any
 
 from benchmarks import engine
 from benchmarks.common import ROOT, column_table, fmt, load_warning, run_measured
-from benchmarks.comparison import LABELS
 from benchmarks.models import model_path
+from benchmarks.quality import imdb_rows, write_rows
 
 DATA = Path(os.environ.get("STEADYTRAIN_IMDB", ROOT.parent / "shared" / "data" / "imdb"))
 TAPT_RECIPE = ROOT / "configs" / "mlm-domain-adaptive-pretraining.yaml"
@@ -91,29 +90,12 @@ FORMS = {
 # --- data ----------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the IMDB subset is missing (set STEADYTRAIN_IMDB)")
-    with path.open(newline="") as handle:
-        return [
-            {"text": r["text"], "label": LABELS[int(r["label"])]} for r in csv.DictReader(handle)
-        ]
-
-
-def _write_csv(path: Path, rows: list[dict[str, str]]) -> str:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["text", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(path)
-
-
 def split(form: Form, work_dir: Path) -> dict[str, str]:
     """tapt.txt (a review a line, no labels), labelled / validation csv (carved from IMDB
     train, seed 0, disjoint) and test csv."""
-    train = _rows(DATA / "train_4000.csv")
+    train = imdb_rows(DATA / "train_4000.csv")
     random.Random(0).shuffle(train)
-    test = _rows(DATA / "test_5000.csv")
+    test = imdb_rows(DATA / "test_5000.csv")
     random.Random(0).shuffle(test)
     if form.tapt_rows + form.validation_rows > len(train) or form.test_rows > len(test):
         raise ValueError("the form needs more IMDB rows than the subset holds")
@@ -125,9 +107,9 @@ def split(form: Form, work_dir: Path) -> dict[str, str]:
     validation = train[form.tapt_rows : form.tapt_rows + form.validation_rows]
     return {
         "tapt": str(tapt),
-        "labelled": _write_csv(work_dir / "labelled.csv", train[: form.labelled_rows]),
-        "validation": _write_csv(work_dir / "validation.csv", validation),
-        "test": _write_csv(work_dir / "test.csv", test[: form.test_rows]),
+        "labelled": write_rows(work_dir / "labelled.csv", train[: form.labelled_rows]),
+        "validation": write_rows(work_dir / "validation.csv", validation),
+        "test": write_rows(work_dir / "test.csv", test[: form.test_rows]),
     }
 
 

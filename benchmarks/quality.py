@@ -70,7 +70,7 @@ FORMS = {
 # --- data ----------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
+def imdb_rows(path: Path) -> list[dict[str, str]]:
     """IMDB rows as our engine and Trainer's side read them: text, and the label's name."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the IMDB subset is missing (set STEADYTRAIN_IMDB)")
@@ -80,7 +80,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         ]
 
 
-def _write(path: Path, rows: list[dict[str, str]]) -> str:
+def write_rows(path: Path, rows: list[dict[str, str]]) -> str:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["text", "label"])
         writer.writeheader()
@@ -90,17 +90,17 @@ def _write(path: Path, rows: list[dict[str, str]]) -> str:
 
 def split(form: Form, work_dir: Path) -> dict[str, str]:
     """train / validation (carved from IMDB train, seed 0) / test csv files for this form."""
-    train = _rows(DATA / "train_4000.csv")
+    train = imdb_rows(DATA / "train_4000.csv")
     random.Random(0).shuffle(train)
-    test = _rows(DATA / "test_5000.csv")
+    test = imdb_rows(DATA / "test_5000.csv")
     random.Random(0).shuffle(test)
     needed = form.train_rows + form.validation_rows
     if needed > len(train) or form.test_rows > len(test):
         raise ValueError(f"the form needs {needed} train and {form.test_rows} test rows")
     return {
-        "train": _write(work_dir / "train.csv", train[: form.train_rows]),
-        "validation": _write(work_dir / "validation.csv", train[form.train_rows : needed]),
-        "test": _write(work_dir / "test.csv", test[: form.test_rows]),
+        "train": write_rows(work_dir / "train.csv", train[: form.train_rows]),
+        "validation": write_rows(work_dir / "validation.csv", train[form.train_rows : needed]),
+        "test": write_rows(work_dir / "test.csv", test[: form.test_rows]),
     }
 
 
