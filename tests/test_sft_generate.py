@@ -178,7 +178,7 @@ def test_report_shows_the_latest_samples(generating_run, capsys):
     assert "## Samples (step 4)" in report and "## Samples (step 4)" in printed
     table = report.split("## Samples (step 4)")[1].split("##")[0]
     # a prompt keeps its end; newlines shown as ⏎, the template's pipes escaped
-    assert r": white melon kiwi cow<\|im_end\|>⏎<\|im_start\|>assistant⏎ | four |" in table
+    assert r"count: green bee<\|im_end\|>⏎<\|im_start\|>assistant⏎ | two |" in table
     assert table.count("\n| ") == 3  # header and the 2 samples of step 4, not step 2's
     long = samples_section([{"step": 1, "prompt": "p" * 100, "generated": "g" * 100}], 10)
     assert long[-1] == "| …ppppppppp |  | ggggggggg… |"

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
-from make_rules import RULES, WORDS  # the sft rules, one definition
+from make_rules import RULES, WORDS, asked  # the sft rules, one definition
 
 
 def preference_pair(rng: random.Random) -> dict:
@@ -41,8 +41,29 @@ def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def question(row: dict) -> str:
+    """A pair's prompt as text (its user turn for chat rows)."""
+    prompt = row["prompt"]
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def pairs(rng: random.Random, count: int, held_out: set[str]) -> list[dict]:
+    """`count` pairs whose prompts are not in `held_out`."""
+    rows: list[dict] = []
+    while len(rows) < count:
+        row = preference_pair(rng)
+        if question(row) not in held_out:
+            rows.append(row)
+    return rows
+
+
 if __name__ == "__main__":
     here = Path(__file__).parent
     rng = random.Random(2026)
-    write(here / "train.jsonl", [preference_pair(rng) for _ in range(1000)])
-    write(here / "validation.jsonl", [preference_pair(rng) for _ in range(200)])
+    # the held-out pairs ask nothing data/sft/train.jsonl asks, so that SFT then DPO
+    # (benchmarks/preference_rule.py) is scored on questions neither trained on
+    sft_rows = (here.parent / "sft" / "train.jsonl").read_text().splitlines()
+    asked_in_sft = set().union(*(asked(json.loads(line)) for line in sft_rows))
+    validation = pairs(rng, 200, asked_in_sft)
+    write(here / "train.jsonl", pairs(rng, 1000, {question(row) for row in validation}))
+    write(here / "validation.jsonl", validation)
