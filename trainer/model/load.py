@@ -28,7 +28,7 @@ from trainer.config import ModelConfig
 from trainer.devices import accelerator_type
 from trainer.errors import UserError
 from trainer.logs import get_logger
-from trainer.model import adapters, dtypes, hub, vocabulary
+from trainer.model import adapters, carried, dtypes, hub, vocabulary
 from trainer.tasks.spec import TaskSpec
 
 logger = get_logger(__name__)
@@ -197,7 +197,8 @@ def load_model(
     optionally quantized on load (QLoRA). A head whose size differs from the saved one
     (new labels) is re-initialised. `config`: the folder's config when already read;
     `dtype`: the weights' (trainer/model/dtypes.py), never left to transformers, whose
-    default is the checkpoint's own."""
+    default is the checkpoint's own. Base-model weights the task class has no place for
+    (a pooler under MLM) are kept for the saved folders (trainer/model/carried.py)."""
     config = config or load_model_config(cfg, label_names)
     if cfg.from_scratch and cfg.tokenizer:
         _fit_to_tokenizer(config, tokenizer)
@@ -230,6 +231,7 @@ def load_model(
         )
         mismatched = {key for key, *_ in info.get("mismatched_keys", ())}  # re-drawn too
         adapters.record_new_modules(model, {*info["missing_keys"], *mismatched})
+        carried.record(model, info["unexpected_keys"], _source(cfg), cfg.revision)
         if quantization is not None:
             adapters.keep_4bit_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
