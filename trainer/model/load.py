@@ -167,9 +167,14 @@ def check_max_length(cfg: ModelConfig, max_length: int) -> None:
 
 
 def check_document_isolation(model: torch.nn.Module) -> None:
-    """data.isolate_documents passes a 4-D attention mask and per-document position ids:
-    refuse a model whose forward takes no position ids, or whose attention kernel
-    (flash attention) takes no 4-D mask, rather than train it with the mask ignored."""
+    """data.isolate_documents and data.packing pass per-document position ids, with a 4-D
+    attention mask for eager and SDPA attention, or none for flash attention, which
+    transformers then runs on its variable-length path (data/collate.py
+    packs_by_position): refuse a model whose forward takes no position ids, or an
+    attention kernel that takes neither (flex attention), rather than train it with the
+    documents attending to each other."""
+    from transformers.utils.generic import is_flash_attention_requested
+
     forward = inspect.signature(model.forward).parameters
     if "position_ids" not in forward:
         raise UserError(
@@ -177,9 +182,10 @@ def check_document_isolation(model: torch.nn.Module) -> None:
             "turn it off for this model"
         )
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
-    if attention not in ("eager", "sdpa"):
+    if attention not in ("eager", "sdpa") and not is_flash_attention_requested(model.config):
         raise UserError(
-            f"data.isolate_documents: needs eager or sdpa attention, the model uses {attention}"
+            "data.isolate_documents: needs eager, sdpa or flash attention, the model uses "
+            f"{attention}"
         )
 
 
