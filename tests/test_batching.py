@@ -3,6 +3,7 @@ weighted sources set the epoch, packed documents can be kept from attending to e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -12,7 +13,8 @@ from interrupted_runs import cli
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from trainer.config import MlmConfig
-from trainer.data.collate import CausalLMCollator, MaskedLMCollator
+from trainer.data.collate import CausalLMCollator, MaskedLMCollator, packs_by_position
+from trainer.run.forward import model_inputs, without_cache
 
 
 def mean_pad_fraction(run_dir) -> float:
@@ -54,11 +56,16 @@ def test_two_weighted_sources_make_the_epoch(run_config, tmp_path, data_dir):
 # --- documents isolated inside packed blocks -------------------------------------------------
 
 
+NEEDS_FLASH_ATTN = pytest.mark.skipif(
+    importlib.util.find_spec("flash_attn") is None, reason="needs flash-attn (pip flash-attn)"
+)
 SETTINGS = [  # attention kernel, device, bf16 autocast
     ("sdpa", "cpu", False),
     ("eager", "cpu", False),
     pytest.param("sdpa", "cuda", True, marks=pytest.mark.gpu),
     pytest.param("eager", "cuda", True, marks=pytest.mark.gpu),
+    # one row, position ids only: flash attention's variable-length path (packs_by_position)
+    pytest.param("flash_attention_2", "cuda", True, marks=[pytest.mark.gpu, NEEDS_FLASH_ATTN]),
 ]
 
 
@@ -72,10 +79,12 @@ def test_an_isolated_document_is_computed_as_if_it_were_alone(
         (tiny_bert, AutoModelForMaskedLM) if task == "mlm" else (tiny_gpt2, AutoModelForCausalLM)
     )
     model = auto.from_pretrained(folder, attn_implementation=attention).to(device).eval()
+    by_position = packs_by_position(attention)
     first, second = "the film was great and long", "a boring day in Paris"
     if task == "mlm":
         docs = [tokenizer(text)["input_ids"] for text in (first, second)]
-        collate = MaskedLMCollator(tokenizer, MlmConfig(mask_probability=1e-9), isolate=True)
+        settings = MlmConfig(mask_probability=1e-9)
+        collate = MaskedLMCollator(tokenizer, settings, isolate=True, by_position=by_position)
         example = {
             "input_ids": docs[0] + docs[1],
             "special_tokens_mask": [0] * (len(docs[0]) + len(docs[1])),
@@ -85,19 +94,12 @@ def test_an_isolated_document_is_computed_as_if_it_were_alone(
     else:
         eos = tokenizer.eos_token_id
         docs = [tokenizer(text)["input_ids"] + [eos] for text in (first, second)]
-        collate = CausalLMCollator(eos)
+        collate = CausalLMCollator(eos, by_position=by_position)
         example = {"input_ids": docs[0] + docs[1]}
     batch = {key: value.to(device) for key, value in collate([example]).items()}
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        packed = (
-            model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"],
-            )
-            .logits[0, len(docs[0]) :]
-            .float()
-        )
+        inputs = model_inputs(batch) | without_cache(model)  # as training calls it
+        packed = model(**inputs).logits[0, len(docs[0]) :].float()
         alone = model(input_ids=torch.tensor([docs[1]], device=device)).logits[0].float()
         leaky = model(input_ids=batch["input_ids"]).logits[0, len(docs[0]) :].float()
     assert torch.allclose(packed, alone, atol=1e-5 if not bf16 else 2e-2)

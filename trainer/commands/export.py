@@ -23,7 +23,7 @@ from trainer import atomic
 from trainer.config import RunConfig, dump_yaml, to_dict
 from trainer.errors import UserError
 from trainer.logs import get_logger
-from trainer.model import adapters, dtypes, labelled_base
+from trainer.model import adapters, carried, dtypes, labelled_base
 from trainer.model.card import (
     CARD_NAME,
     CardFacts,
@@ -209,7 +209,9 @@ def _write_merged(saved: SavedModel, cfg: RunConfig, spec: TaskSpec, tokenizer, 
         raise UserError(
             f"merge check failed: max |logit difference| {difference:.3g} > {tolerance:g}"
         )
-    merged.save_pretrained(tmp, safe_serialization=True)
+    extra = carried.tensors(merged)  # a pooler the base model's task class has no place for
+    state_dict = {**extra, **merged.state_dict()} if extra else None
+    merged.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     return difference
 
 

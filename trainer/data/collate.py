@@ -52,14 +52,38 @@ class PaddingCollator:
         return batch
 
 
+def packs_by_position(attn_implementation: str | None) -> bool:
+    """Whether packed examples reach attention as one row of the micro-batch's tokens, with
+    position ids restarting in each example and no attention mask: flash attention (2, 3,
+    or a kernels-hub flash variant) takes no 4-D mask, and transformers sends it down its
+    variable-length path when the position ids of a single row restart
+    (modeling_flash_attention_utils._is_packed_sequence, which needs batch size 1).
+    Eager and SDPA (and unset: transformers' SDPA) get the 4-D block-diagonal mask, which
+    BERT's bidirectional attention needs (it builds none from position ids)."""
+    from transformers.utils.generic import is_flash_attention_requested
+
+    return is_flash_attention_requested(requested_attention_implementation=attn_implementation)
+
+
+def one_row(batch: Batch, real: torch.Tensor) -> Batch:
+    """The batch's `real` tokens (no padding) as a single row [1, tokens], end to end, with
+    their position ids and without the attention mask (see `packs_by_position`); every
+    position is a token (`real_mask`). Each row must already keep a target from crossing
+    into the next: next-token labels ignore every example's first token."""
+    row = {key: value[real][None] for key, value in batch.items() if key != "attention_mask"}
+    return row | {"real_mask": torch.ones_like(row["input_ids"])}
+
+
 @dataclass
 class PackedExamplesCollator:
     """Rows of packed examples (sft with data.packing), padded to the longest row of the
     micro-batch: each example attends only to itself, its position ids start at 0, and
     each padding position is an example of its own that no real token sees. `real_mask`
-    (not a model input) says which positions are tokens, for the tokens/s count."""
+    (not a model input) says which positions are tokens, for the tokens/s count. With
+    `by_position` (flash attention) the rows become one, without padding (`one_row`)."""
 
     pad_token_id: int
+    by_position: bool = False
 
     def __call__(self, examples: list[Example]) -> Batch:
         width = max(len(e["input_ids"]) for e in examples)
@@ -76,7 +100,7 @@ class PackedExamplesCollator:
                 offset += length
         lengths = torch.tensor([sum(e["example_lengths"]) for e in examples])
         batch["real_mask"] = (torch.arange(width)[None] < lengths[:, None]).long()
-        return batch | isolate_documents(starts, causal=True)
+        return isolated(batch, starts, causal=True, by_position=self.by_position)
 
 
 def isolate_documents(starts: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
@@ -91,19 +115,35 @@ def isolate_documents(starts: torch.Tensor, causal: bool) -> dict[str, torch.Ten
     allowed = document[:, :, None] == document[:, None, :]
     if causal:
         allowed &= torch.ones(length, length, dtype=torch.bool).tril()
-    here = torch.arange(length).expand_as(starts)
-    first = torch.where(starts, here, 0).cummax(-1).values
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return {"attention_mask": mask[:, None], "position_ids": here - first}
+    return {"attention_mask": mask[:, None], "position_ids": document_positions(starts)}
+
+
+def document_positions(starts: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at every document start (and at each row's start)."""
+    here = torch.arange(starts.shape[-1]).expand_as(starts)
+    first = torch.where(starts, here, 0).cummax(-1).values
+    return here - first
+
+
+def isolated(batch: Batch, starts: torch.Tensor, causal: bool, by_position: bool) -> Batch:
+    """`batch` with its documents isolated: under the 4-D mask, or (`by_position`) as one
+    row of its `real_mask` tokens with their position ids (`one_row`)."""
+    if not by_position:
+        return batch | isolate_documents(starts, causal)
+    real = batch.pop("real_mask", torch.ones_like(starts)).bool()
+    return one_row(batch | {"position_ids": document_positions(starts)}, real)
 
 
 @dataclass
 class CausalLMCollator:
     """Packed blocks need no padding; the targets are the inputs (shifted in the loss).
     With `eos_token_id` set, each document attends only to itself (a document ends at
-    its EOS token)."""
+    its EOS token); with `by_position` too (flash attention), the blocks become one row
+    (`one_row`) in which no block's first token is the target of the block before."""
 
     eos_token_id: int | None = None
+    by_position: bool = False
 
     def __call__(self, examples: list[Example]) -> Batch:
         input_ids = torch.tensor([e["input_ids"] for e in examples])
@@ -115,7 +155,9 @@ class CausalLMCollator:
         if self.eos_token_id is not None:
             starts = torch.zeros_like(input_ids, dtype=torch.bool)
             starts[:, 1:] = input_ids[:, :-1] == self.eos_token_id
-            batch |= isolate_documents(starts, causal=True)
+            if self.by_position:  # a block's first token: never a target within its block
+                batch["labels"][:, 0] = IGNORE_INDEX
+            return isolated(batch, starts, causal=True, by_position=self.by_position)
         return batch
 
 
@@ -124,11 +166,13 @@ class MaskedLMCollator:
     """BERT masking: select `mask_probability` of the tokens (or of the words), then replace
     `mask_token_fraction` of them by the mask token, `random_token_fraction` by a random
     token, and keep the rest. Only selected positions carry a label. With `isolate`, each
-    packed document (from its [CLS] token on) attends only to itself."""
+    packed document (from its [CLS] token on) attends only to itself; with `by_position`
+    too (flash attention), the blocks become one row (`one_row`)."""
 
     tokenizer: PreTrainedTokenizerBase
     settings: MlmConfig
     isolate: bool = False
+    by_position: bool = False
 
     def __call__(self, examples: list[Example]) -> Batch:
         rows = [self.mask(example) for example in examples]
@@ -140,7 +184,8 @@ class MaskedLMCollator:
         }
         if self.isolate:
             original = torch.tensor([e["input_ids"] for e in examples])  # before masking
-            batch |= isolate_documents(original == self.tokenizer.cls_token_id, causal=False)
+            starts = original == self.tokenizer.cls_token_id
+            return isolated(batch, starts, causal=False, by_position=self.by_position)
         return batch
 
     def mask(self, example: Example) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,14 +37,15 @@ WEIGHT_FORMATS = (
 )
 
 
-def _resolve(source: str, filename: str) -> str | None:
-    """The local path of `filename` of a base folder or hub id (the hub cache holds a hub
-    base once it was loaded), or None where the base has no such file."""
+def _resolve(source: str, filename: str, revision: str | None = None) -> str | None:
+    """The local path of `filename` of a base folder or hub id (at `revision`: the hub
+    cache holds a hub base once it was loaded), or None where the base has no such file."""
     from transformers.utils import cached_file
 
     return cached_file(
         source,
         filename,
+        revision=revision,
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
     )
@@ -58,20 +59,21 @@ def _keys(weights: str) -> list[str]:
     return list(torch.load(weights, map_location="cpu", mmap=True, weights_only=True))
 
 
-def weight_index(source: str) -> tuple[str, dict[str, str]] | None:
+def weight_index(source: str, revision: str | None = None) -> tuple[str, dict[str, str]] | None:
     """(index file name, tensor name -> absolute path of the file holding it) of the base's
-    own weights; None for a base without weight files (a model built from scratch)."""
+    own weights (at `revision` for a hub id); None for a base without weight files (a model
+    built from scratch)."""
     for index_name, single_name in WEIGHT_FORMATS:
-        index = _resolve(source, index_name)
+        index = _resolve(source, index_name, revision)
         if index is not None:
             shards = json.loads(Path(index).read_text())["weight_map"]
-            paths = {shard: _resolve(source, shard) for shard in set(shards.values())}
+            paths = {shard: _resolve(source, shard, revision) for shard in set(shards.values())}
             if None in paths.values():
                 return None
             return index_name, {
                 name: str(Path(paths[shard]).resolve()) for name, shard in shards.items()
             }
-        single = _resolve(source, single_name)
+        single = _resolve(source, single_name, revision)
         if single is not None:
             path = str(Path(single).resolve())
             return index_name, dict.fromkeys(_keys(path), path)

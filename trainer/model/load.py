@@ -28,7 +28,7 @@ from trainer.config import ModelConfig
 from trainer.devices import accelerator_type
 from trainer.errors import UserError
 from trainer.logs import get_logger
-from trainer.model import adapters, dtypes, hub, vocabulary
+from trainer.model import adapters, carried, dtypes, hub, vocabulary
 from trainer.tasks.spec import TaskSpec
 
 logger = get_logger(__name__)
@@ -167,9 +167,14 @@ def check_max_length(cfg: ModelConfig, max_length: int) -> None:
 
 
 def check_document_isolation(model: torch.nn.Module) -> None:
-    """data.isolate_documents passes a 4-D attention mask and per-document position ids:
-    refuse a model whose forward takes no position ids, or whose attention kernel
-    (flash attention) takes no 4-D mask, rather than train it with the mask ignored."""
+    """data.isolate_documents and data.packing pass per-document position ids, with a 4-D
+    attention mask for eager and SDPA attention, or none for flash attention, which
+    transformers then runs on its variable-length path (data/collate.py
+    packs_by_position): refuse a model whose forward takes no position ids, or an
+    attention kernel that takes neither (flex attention), rather than train it with the
+    documents attending to each other."""
+    from transformers.utils.generic import is_flash_attention_requested
+
     forward = inspect.signature(model.forward).parameters
     if "position_ids" not in forward:
         raise UserError(
@@ -177,9 +182,10 @@ def check_document_isolation(model: torch.nn.Module) -> None:
             "turn it off for this model"
         )
     attention = getattr(model.config, "_attn_implementation", None) or "eager"
-    if attention not in ("eager", "sdpa"):
+    if attention not in ("eager", "sdpa") and not is_flash_attention_requested(model.config):
         raise UserError(
-            f"data.isolate_documents: needs eager or sdpa attention, the model uses {attention}"
+            "data.isolate_documents: needs eager, sdpa or flash attention, the model uses "
+            f"{attention}"
         )
 
 
@@ -197,7 +203,8 @@ def load_model(
     optionally quantized on load (QLoRA). A head whose size differs from the saved one
     (new labels) is re-initialised. `config`: the folder's config when already read;
     `dtype`: the weights' (trainer/model/dtypes.py), never left to transformers, whose
-    default is the checkpoint's own."""
+    default is the checkpoint's own. Base-model weights the task class has no place for
+    (a pooler under MLM) are kept for the saved folders (trainer/model/carried.py)."""
     config = config or load_model_config(cfg, label_names)
     if cfg.from_scratch and cfg.tokenizer:
         _fit_to_tokenizer(config, tokenizer)
@@ -230,6 +237,7 @@ def load_model(
         )
         mismatched = {key for key, *_ in info.get("mismatched_keys", ())}  # re-drawn too
         adapters.record_new_modules(model, {*info["missing_keys"], *mismatched})
+        carried.record(model, info["unexpected_keys"], _source(cfg), cfg.revision)
         if quantization is not None:
             adapters.keep_4bit_layout(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

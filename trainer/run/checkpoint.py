@@ -18,12 +18,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from huggingface_hub import ModelCard
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
 from trainer import atomic
 from trainer.config import RunConfig, dump_yaml
 from trainer.errors import TrainingFailed, UserError
-from trainer.model import adapters, labelled_base
+from trainer.model import adapters, carried, labelled_base
 from trainer.model.card import write_card
 from trainer.model.saved import CHECKPOINT_MODEL, RUN_CONFIG_NAME
 from trainer.run.resume import LOOP_STATE_NAME, read_loop_state, sync_tree, write_commit
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 
 SCHEDULER_NAME = "scheduler.pt"
 WEIGHTS_NAME = "model.safetensors"  # Accelerate's and save_pretrained's, for one model
+# a checkpoint's model/ with carried tensors: the linked weights, then those tensors
+CARRIED_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -112,7 +116,10 @@ def _write_model(
     card: ModelCard | None = None,
 ) -> None:
     """The files of a model folder in `tmp`, which becomes `home` (an adapter's base/ is
-    named by that path); an empty `state_dict` writes everything but the weights."""
+    named by that path); an empty `state_dict` writes everything but the weights. A full
+    model's weights include what it carries from its source (trainer/model/carried.py)."""
+    if state_dict and not adapters.is_peft_model(unwrapped):
+        state_dict = {**carried.tensors(unwrapped), **state_dict}
     unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if adapters.is_peft_model(unwrapped):
@@ -203,10 +210,29 @@ def _write_checkpoint_model(
     write = (unwrapped, state_dict, run.tokenizer, target, run.cfg, home)
     reason = _attempt(folder, _write_model, *write)
     if reason is None and not adapter:
-        reason = _attempt(folder, os.link, partial / WEIGHTS_NAME, target / WEIGHTS_NAME)
+        extra = carried.tensors(unwrapped)
+        reason = _attempt(folder, _link_weights, partial / WEIGHTS_NAME, target, extra)
     if reason is None:
         reason = _attempt(folder, sync_tree, target)
     return reason
+
+
+def _link_weights(weights: Path, model_dir: Path, extra: dict[str, torch.Tensor]) -> None:
+    """Hard-link the checkpoint's `weights` into `model_dir`; with tensors the model carries
+    from its source (a pooler the MLM model has no place for), as the first of two shards
+    next to a second holding those, joined by the index transformers loads: a folder
+    holding `model.safetensors` would be read as one file, the carried shard ignored."""
+    if not extra:
+        os.link(weights, model_dir / WEIGHTS_NAME)
+        return
+    own, carried_shard = CARRIED_SHARDS
+    os.link(weights, model_dir / own)
+    save_file(extra, model_dir / carried_shard, metadata={"format": "pt"})
+    with safe_open(str(weights), framework="pt") as handle:
+        weight_map = dict.fromkeys(handle.keys(), own)
+    weight_map.update(dict.fromkeys(extra, carried_shard))
+    index = {"metadata": {}, "weight_map": weight_map}
+    atomic.write_json(model_dir / f"{WEIGHTS_NAME}.index.json", index)
 
 
 def _write_state(

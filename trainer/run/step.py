@@ -244,5 +244,5 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Tokens that are not padding: a padded batch's attention mask says which, or for
     packed sft rows under a 4-D document mask their `real_mask`; packed MLM/CLM blocks
     have no padding."""
-    mask = batch.get("real_mask", batch["attention_mask"])
+    mask = batch["real_mask"] if "real_mask" in batch else batch["attention_mask"]
     return mask.sum() if mask.dim() == 2 else mask.new_tensor(batch["input_ids"].numel())

@@ -28,10 +28,12 @@ def encode(
 
 
 def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> CausalLMCollator:
-    """Blocks with next-token labels; with data.isolate_documents, a mask per document."""
-    from trainer.data.collate import CausalLMCollator
+    """Blocks with next-token labels; with data.isolate_documents, attention per document
+    (a mask, or flash attention's variable-length path: data/collate.py packs_by_position)."""
+    from trainer.data.collate import CausalLMCollator, packs_by_position
 
-    return CausalLMCollator(tokenizer.eos_token_id if cfg.data.isolate_documents else None)
+    eos = tokenizer.eos_token_id if cfg.data.isolate_documents else None
+    return CausalLMCollator(eos, packs_by_position(cfg.model.attn_implementation))
 
 
 def loss(logits: Any, labels: Any, weight: Any = None) -> tuple[Any, Any]:

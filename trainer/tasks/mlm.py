@@ -30,10 +30,12 @@ def encode(
 
 
 def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig) -> MaskedLMCollator:
-    """Masking per example and epoch (80/10/10, optionally whole words)."""
-    from trainer.data.collate import MaskedLMCollator
+    """Masking per example and epoch (80/10/10, optionally whole words); with
+    data.isolate_documents, attention per document (data/collate.py packs_by_position)."""
+    from trainer.data.collate import MaskedLMCollator, packs_by_position
 
-    return MaskedLMCollator(tokenizer, cfg.mlm, cfg.data.isolate_documents)
+    by_position = packs_by_position(cfg.model.attn_implementation)
+    return MaskedLMCollator(tokenizer, cfg.mlm, cfg.data.isolate_documents, by_position)
 
 
 def metrics(names: list[str] | None, data: DataConfig) -> LossMetrics:

@@ -34,11 +34,13 @@ def encode(
 
 def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig):
     """Rows padded per micro-batch; with data.packing, packed rows whose examples attend
-    only to themselves (block-diagonal causal mask, position ids restarting)."""
-    from trainer.data.collate import PackedExamplesCollator, PaddingCollator
+    only to themselves (position ids restarting, and a block-diagonal causal mask; under
+    flash attention its variable-length path instead: data/collate.py packs_by_position)."""
+    from trainer.data.collate import PackedExamplesCollator, PaddingCollator, packs_by_position
 
     if cfg.data.packing:
-        return PackedExamplesCollator(tokenizer.pad_token_id)
+        by_position = packs_by_position(cfg.model.attn_implementation)
+        return PackedExamplesCollator(tokenizer.pad_token_id, by_position)
     return PaddingCollator(tokenizer.pad_token_id)
 
 
