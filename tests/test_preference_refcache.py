@@ -7,13 +7,15 @@ refused before the launch, naming precompute_reference."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import write_jsonl
+from conftest import REPO, write_jsonl
 from interrupted_runs import assert_same_tensors, comparable, final_weights, stop_in_process
 from test_preference import pair_rows, preference_config, train
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -268,3 +270,35 @@ def test_zero3_on_cpu_scores_with_the_prepared_model_and_trains_as_a_plain_run(
         reference_weights = AutoModelForCausalLM.from_pretrained(plain / "final").state_dict()
         for name, tensor in reference_weights.items():
             assert (weights[name] - tensor).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.gpu
+def test_fsdp2_on_a_gpu_scores_with_the_prepared_model_and_trains_as_a_plain_run(
+    tmp_path, tiny_llama_chat, pairs
+):
+    """FSDP2 (GPU only: Accelerate runs FSDP on no CPU process group) loads the weights on
+    the first process only (cpu_ram_efficient_loading) and shards them in `prepare`, so the
+    scores come from the prepared model, as under ZeRO-3; the run is the plain run's to the
+    order of the GPU kernels' sums (test_cuda_runs.py's 1e-4)."""
+    from test_cuda_runs import losses
+
+    from launch.job import accelerate_command, resolve_job, write_launch_files
+
+    plain = run(tmp_path / "plain", tiny_llama_chat, pairs, tmp_path / "plain-cache")
+    fsdp = tmp_path / "fsdp2.yaml"
+    fsdp.write_text(yaml.safe_dump({"device": "gpu", "precision": "no", "backend": "fsdp"}))
+    argv = preference_config(
+        tmp_path / "fsdp", tiny_llama_chat, pairs["train"], **PRECOMPUTE,
+        **{"data.validation": pairs["data.validation"], "train.max_steps": 4,
+           "eval.every_steps": 2, "eval.batch_size": 2},
+    )  # fmt: skip
+    job = resolve_job(argv[0], str(fsdp), argv[1:])
+    config_file, _ = write_launch_files(job)
+    command = accelerate_command(job, config_file, "0", "127.0.0.1", "29480")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((job.run_dir / "run_summary.json").read_text())
+    assert summary["distributed_type"] == "FSDP"
+    assert summary["data_cache"]["reference_scores"] == "built"
+    assert losses(job.run_dir) == pytest.approx(losses(plain), rel=1e-4)

@@ -52,6 +52,8 @@ def reference_scores(
     from trainer import progress
     from trainer.data.collate import PairCollator
 
+    if not len(pairs):
+        return []
     inner, collate = extract_model_from_parallel(model), PairCollator(0)
     was_training, kept = inner.training, len(rows)
     inner.eval()
