@@ -170,6 +170,33 @@ def test_a_run_stopped_mid_epoch_resumes_exactly_reading_its_scores(
     assert_same_tensors(final_weights(cut), final_weights(whole))
 
 
+@pytest.mark.slow
+def test_two_processes_score_once_and_train_as_one(tmp_path, tiny_llama_chat, pairs):
+    """`trainer launch` on two CPU processes (gloo DDP) with a fresh cache: one of them
+    scores and publishes while the other waits on the lock and reads, one score folder and
+    no builder's copy left; the run is the one-process run's to 1e-5, as in
+    test_preference.py's 1 vs 2 process test (the gradient all-reduce sums in another
+    order)."""
+    from interrupted_runs import cli
+
+    one = run(tmp_path / "one", tiny_llama_chat, pairs, tmp_path / "one-cache")
+    cache = tmp_path / "two-cache"
+    argv = preference_config(
+        tmp_path / "two", tiny_llama_chat, pairs["train"], **PRECOMPUTE,
+        **{"data.validation": pairs["data.validation"], "train.max_steps": 4,
+           "eval.every_steps": 2, "eval.batch_size": 2, "data.cache_dir": str(cache)},
+    )  # fmt: skip
+    assert cli("launch", argv[0], "--cluster", "cpu-2proc", *argv[1:]) == 0
+    two = tmp_path / "two" / "run"
+    assert scores_status(two) in ("built", "hit")  # whichever process came first built
+    folder = score_folder(cache)
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]
+    for got, want in zip(comparable(two), comparable(one), strict=True):
+        for key, value in want.items():
+            if key not in ("tokens_per_s", "pad_fraction", "tokens"):
+                assert got[key] == pytest.approx(value, abs=1e-5), (got["step"], key)
+
+
 # --- sharded weights ----------------------------------------------------------------------
 
 
