@@ -5,11 +5,15 @@ training so that training holds one model.
 The scores are kept in the tokenization cache, inside the entry of the encoded pairs they
 belong to (data/cache.py `derived_entry`), keyed by that entry and by everything else that
 decides them: the model section, the weights files, the dtype the weights are in, the
-precision, the device type, torch's version and the scoring batch size (padding changes
-the shapes of the matrix products). A later start, a resume, or another rank of the node
-reads them instead of scoring again; they are the same floats either way, so a run trains
-bitwise alike whether they were read or computed. With data.cache_dir null they are
-computed at every start, as they always were."""
+precision, the device type, torch's version, the scoring batch size and how many processes
+share the pairs (both move the padding, so the shapes of the matrix products). A later
+start, a resume, or another rank of the node reads them instead of scoring again; they are
+the same floats either way, so a run trains bitwise alike whether they were read or
+computed. With data.cache_dir null they are computed at every start, as they always were.
+
+Where the weights are whole on each process, the initial model scores every pair before
+training; under ZeRO-3/FSDP, which shard the weights as they load, the prepared model
+does, each process a contiguous share of the pairs (`add_sharded_reference_scores`)."""
 
 from __future__ import annotations
 
@@ -96,8 +100,12 @@ def weights_identity(cfg: RunConfig) -> object:
     return [[p.name, cache.file_digest(p)] for p in sorted(folder.iterdir()) if p.is_file()]
 
 
-def scores_key(cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> dict:
-    """Everything besides the encoded pairs (the entry's own key) that decides the scores."""
+def scores_key(
+    cfg: RunConfig, model: torch.nn.Module, device: torch.device, shares: int = 1
+) -> dict:
+    """Everything besides the encoded pairs (the entry's own key) that decides the scores.
+    `shares`: the processes that split the pairs between them (sharded weights), which
+    moves the batches' boundaries and so their padding."""
     import dataclasses
 
     import torch
@@ -111,6 +119,7 @@ def scores_key(cfg: RunConfig, model: torch.nn.Module, device: torch.device) -> 
         "device": device.type,
         "torch": torch.__version__,
         "batch_size": cfg.eval.batch_size,
+        "shares": shares,
     }
 
 
@@ -182,12 +191,13 @@ def add_sharded_reference_scores(
     from trainer.data import cache
 
     folder, device = data.cache.get("folder"), accelerator.device
-    key = scores_key(cfg, extract_model_from_parallel(model), device) if folder else None
+    inner, world = extract_model_from_parallel(model), accelerator.num_processes
+    key = scores_key(cfg, inner, device, world) if folder else None
     derived = cache.derived_folder(Path(folder), "reference", key) if folder else None
     if derived is not None and all(gather_object([cache.is_cached(derived)])):
         _attach(data, cache.load_entry(derived).splits, "hit")
         return
-    world, rank, batch = accelerator.num_processes, accelerator.process_index, cfg.eval.batch_size
+    rank, batch = accelerator.process_index, cfg.eval.batch_size
     splits = {}
     for name, split in _splits(data).items():
         share = math.ceil(len(split) / world)
