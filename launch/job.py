@@ -20,6 +20,7 @@ from launch.profiles import ClusterProfile, load_profile
 from launch.user_files import check_deepspeed, deepspeed_values, merge_accelerate, read_user_file
 from trainer.config import RunConfig, build_config
 from trainer.errors import UserError
+from trainer.tasks.registry import TASKS
 from trainer.yaml_sections import apply_overrides, build_section, read_yaml
 
 
@@ -194,6 +195,11 @@ def combination_errors(cfg: RunConfig, profile: ClusterProfile, precision: str) 
             f"{profile.name} already sets fsdp.activation_checkpointing; checkpointing twice "
             "recomputes every layer twice, turn one off"
         )
+    spec = TASKS.get(cfg.task)  # a task whose run can't have its weights sharded
+    shards = profile.backend == "fsdp" or (profile.backend, profile.zero_stage) == ("deepspeed", 3)
+    error = spec.sharding_error(cfg) if shards and spec and spec.sharding_error else None
+    if error is not None:
+        errors.append(f"{error} (profile {profile.name} shards the weights)")
     return errors
 
 

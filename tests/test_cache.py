@@ -262,3 +262,40 @@ def test_sft_settings_that_change_the_rows_make_a_new_key(tmp_path, tiny_llama_c
     for setting in ("train_on_prompt=true", "truncation=drop", "last_turn_only=true"):
         assert prepare(config, f"data.{setting}").cache["status"] == "built"
     assert prepare(config, "data.packing=true").cache["status"] == "hit"
+
+
+# --- values derived from an entry (a preference run's reference scores) ---------------------
+
+
+def test_derived_values_are_built_by_one_of_several_processes_and_read_by_the_others(tmp_path):
+    """Two builders at once (as two ranks of a node): one builds under the lock, the other
+    waits and reads what it published; a damaged copy is rebuilt, never read."""
+    import threading
+
+    import datasets
+
+    entry, key, builds = tmp_path / "entry", {"model": "m"}, []
+
+    def build() -> trainer.data.cache.Entry:
+        builds.append(1)
+        time.sleep(0.3)  # long enough for the other to be waiting on the lock
+        return trainer.data.cache.Entry({"train-0": datasets.Dataset.from_dict({"x": [1.5]})}, {})
+
+    results = []
+
+    def builder() -> None:
+        results.append(trainer.data.cache.derived_entry(entry, "reference", key, build))
+
+    threads = [threading.Thread(target=builder) for _ in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1 and sorted(cached for _, cached in results) == [False, True]
+    assert [e.splits["train-0"]["x"] for e, _ in results] == [[1.5], [1.5]]
+    folder = trainer.data.cache.derived_folder(entry, "reference", key)
+    assert [p.name for p in folder.parent.iterdir() if p.is_dir()] == [folder.name]  # no tmp
+    assert trainer.data.cache.derived_folder(entry, "reference", {"model": "n"}) != folder
+    (folder / trainer.data.cache.META_NAME).write_text("{")  # half-written
+    _, cached = trainer.data.cache.derived_entry(entry, "reference", key, build)
+    assert not cached and len(builds) == 2

@@ -134,7 +134,8 @@ class PreferenceConfig:
     precompute_reference: bool = _field(
         False,
         "dpo/ipo in full fine-tuning: score every pair with the initial model once before "
-        "training, so that training holds one model (no frozen copy).",
+        "training (kept in the data cache), so that training holds one model (no frozen "
+        "copy); the way to dpo/ipo in full under ZeRO-3/FSDP.",
     )
 
 

@@ -26,6 +26,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,3 +191,26 @@ def lock(cache_dir: Path, name: str) -> FileLock:
     except OSError as err:  # read-only, not permitted, a file in the way (config checks most)
         raise UserError(f"data.cache_dir: can't create {cache_dir}: {err.strerror}") from None
     return FileLock(str(cache_dir / f"{name}.lock"))
+
+
+def derived_folder(entry: Path, name: str, key: object) -> Path:
+    """Where values computed from an entry's splits by more than the tokenizer go (a
+    preference run's reference scores, which the model decides too): inside the entry, so
+    that they go when the data they belong to goes, named by a digest of their own key."""
+    return entry / "derived" / f"{name}-{digest(key)[:20]}"
+
+
+def derived_entry(
+    entry: Path, name: str, key: object, build: Callable[[], Entry]
+) -> tuple[Entry, bool]:
+    """Derived values (see `derived_folder`) as an entry is kept: published with its file
+    list last, a damaged or half-written one rebuilt, never read; one builder per node at
+    a time while the node's others wait, then read what it wrote. Returns the entry and
+    whether it was already cached."""
+    folder = derived_folder(entry, name, key)
+    with lock(folder.parent, folder.name):
+        cached = is_cached(folder)
+        if not cached:
+            set_aside(folder)
+            save_entry(build(), folder)
+    return load_entry(folder), cached

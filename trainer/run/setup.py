@@ -471,6 +471,8 @@ def set_up(cfg: RunConfig) -> Run:
     optimizer = build_optimizer(model, cfg.train, frozenset(warmup.names))
     scheduler = build_scheduler(optimizer, cfg.train, total_steps, warmup.steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if spec.after_prepare is not None and spec.after_prepare(cfg, model, accelerator, data):
+        examples = training_examples(datasets.concatenate_datasets(data.train), tokenizer, cfg)
     if resume_from is None and accelerator.is_main_process:
         _set_aside_previous(run_dir)  # only now: a bad input found above leaves them as they were
     return Run(

@@ -129,28 +129,6 @@ class PairObjective:
             return sequence_logps(_logits(scorer, batch), batch["labels"])[0]
 
 
-def with_reference(scorer: PairObjective, pairs: datasets.Dataset, batch_size: int):
-    """`pairs` with the reference's summed answer log-probabilities of each side
-    (ref_chosen_logps, ref_rejected_logps), scored in order, in eval mode. The padding id
-    is immaterial: padding is masked from attention and from the labels."""
-    from trainer import progress
-    from trainer.data.collate import PairCollator
-
-    model, collate = scorer.reference, PairCollator(0)
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
-    chosen, rejected = [], []
-    starts = range(0, len(pairs), batch_size)
-    for start in progress.bar(starts, desc="score reference", unit="batch", leave=False):
-        batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
-        scores = scorer.reference_logps(model, {k: v.to(device) for k, v in batch.items()})
-        half = len(scores) // 2
-        chosen += scores[:half].tolist()
-        rejected += scores[half:].tolist()
-    model.train(was_training)
-    return pairs.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
-
-
 def _logits(model, batch: dict) -> torch.Tensor:
     from trainer.run.forward import model_inputs, without_cache
 
@@ -170,34 +148,69 @@ def holds_frozen_copy(cfg: RunConfig) -> bool:
     return needs_frozen_reference(cfg) and not cfg.preference.precompute_reference
 
 
+def pair_settings(cfg: RunConfig) -> PairSettings:
+    """The preference section's numbers, as the loss formulas take them."""
+    from trainer.tasks.preference_losses import PairSettings
+
+    p = cfg.preference
+    return PairSettings(p.loss, p.beta, p.label_smoothing, p.simpo_gamma, p.orpo_lambda)
+
+
+def sharding_error(cfg: RunConfig) -> str | None:
+    """Why a frozen copy of the model can't sit next to ZeRO-3/FSDP's sharded one, and what
+    to set instead (checked with the profile by `trainer launch`, and at start-up); None
+    where the run holds no copy."""
+    if not holds_frozen_copy(cfg):
+        return None
+    return (
+        f"preference.loss: {cfg.preference.loss} in full fine-tuning under ZeRO-3/FSDP would "
+        "need a sharded frozen reference copy, which is not supported; set "
+        "preference.precompute_reference: true (the reference scored once before training), "
+        "or use peft.method lora or qlora, or preference.loss simpo or orpo"
+    )
+
+
+def after_prepare(cfg: RunConfig, model, accelerator, data) -> bool:
+    """Under ZeRO-3/FSDP: the precomputed reference scores that make_objective left out,
+    from the prepared model (tasks/preference_reference.py). Returns whether it added them
+    to `data`."""
+    from trainer.tasks.preference_reference import COLUMNS, add_sharded_reference_scores
+
+    if not (cfg.preference.precompute_reference and needs_frozen_reference(cfg)):
+        return False
+    if COLUMNS[0] in data.train[0].column_names:  # scored before `prepare`: not sharded
+        return False
+    scorer = PairObjective(pair_settings(cfg), None, adapter_off=False)  # scores `model`
+    add_sharded_reference_scores(cfg, scorer, model, accelerator, data)
+    return True
+
+
 def make_objective(
     cfg: RunConfig, model: torch.nn.Module, device: torch.device, sharded: bool, data
 ) -> PairObjective:
     """The objective of preference.loss and its reference: none for SimPO and ORPO; the
     adapter switched off under LoRA/QLoRA; else `model` as it is now (the initial model):
     a frozen copy, or with preference.precompute_reference its scores of every pair,
-    added to the encoded `data` (PreparedData) as columns that the collator batches."""
+    added to the encoded `data` (PreparedData) as columns that the collator batches, kept
+    in the data cache (tasks/preference_reference.py); under ZeRO-3/FSDP, whose weights
+    are sharded from loading on, they are scored once the model is prepared."""
     import copy
 
     from trainer.errors import UserError
-    from trainer.tasks.preference_losses import REFERENCE_FREE, PairSettings
+    from trainer.tasks.preference_losses import REFERENCE_FREE
 
-    p = cfg.preference
-    settings = PairSettings(p.loss, p.beta, p.label_smoothing, p.simpo_gamma, p.orpo_lambda)
+    p, settings = cfg.preference, pair_settings(cfg)
     if not needs_frozen_reference(cfg):  # SimPO/ORPO: none; LoRA/QLoRA: the adapter off
         return PairObjective(settings, None, adapter_off=p.loss not in REFERENCE_FREE)
     if p.precompute_reference:
-        scorer = PairObjective(settings, model.to(device), adapter_off=False)
-        data.train = [with_reference(scorer, split, cfg.eval.batch_size) for split in data.train]
-        if data.validation is not None:
-            data.validation = with_reference(scorer, data.validation, cfg.eval.batch_size)
+        if not sharded:  # else scored once the model is prepared (after_prepare)
+            from trainer.tasks.preference_reference import add_reference_scores
+
+            scorer = PairObjective(settings, model.to(device), adapter_off=False)
+            add_reference_scores(cfg, scorer, device, data)
         return PairObjective(settings, None, adapter_off=False)
     if sharded:
-        raise UserError(
-            f"preference.loss: {p.loss} in full fine-tuning under ZeRO-3/FSDP would need a "
-            "sharded reference copy, which is not supported; use peft.method lora or qlora, "
-            "or preference.loss simpo or orpo"
-        )
+        raise UserError(sharding_error(cfg))
     reference = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     return PairObjective(settings, reference, adapter_off=False)
 
@@ -221,8 +234,10 @@ PREFERENCE_TASK = TaskSpec(
     pipeline_tag="text-generation",
     prepare_tokenizer=set_chat_template,
     make_objective=make_objective,
+    after_prepare=after_prepare,
     count_targets=pair_count,
     logged=LOGGED,
     sequences_per_example=2,
     frozen_copy=holds_frozen_copy,
+    sharding_error=sharding_error,
 )

@@ -122,6 +122,11 @@ class TaskSpec:
     # is: (run config, model, device, sharded, PreparedData) -> Objective; it may add
     # columns to the encoded data (precomputed reference scores).
     make_objective: Callable[..., Objective] | None = None
+    # once Accelerate prepared the model: (run config, prepared model, accelerator,
+    # PreparedData) -> whether it added columns to the encoded data (preference: the
+    # reference scores make_objective could not compute from the weights ZeRO-3/FSDP shard
+    # at loading, which only the prepared model runs)
+    after_prepare: Callable[..., bool] | None = None
     # what an objective's loss is normalised by, counted in a batch before the forward
     # pass (pairs); None: the labelled tokens
     count_targets: Callable[[dict], torch.Tensor] | None = None
@@ -130,6 +135,9 @@ class TaskSpec:
     # whether a run holds a frozen copy of the initial model next to the trained one
     # (preference: DPO/IPO in full fine-tuning), for `trainer plan`'s memory
     frozen_copy: Callable[[RunConfig], bool] | None = None
+    # why the run can't train with weights that ZeRO-3/FSDP shard, or None (preference: a
+    # frozen copy next to the sharded model), for `trainer launch` to say before the start
+    sharding_error: Callable[[RunConfig], str | None] | None = None
 
     def targets(self, batch: dict, weight: Any = None) -> Any:
         """Targets in a batch before the forward pass (for the accumulation-window total):
