@@ -140,6 +140,7 @@ def _check_ranges(cfg: RunConfig, errors: list[str]) -> None:
         "data.augment.copies": cfg.data.augment.copies,
         "preference.simpo_gamma": cfg.preference.simpo_gamma,
         "preference.orpo_lambda": cfg.preference.orpo_lambda,
+        "preference.sft_weight": cfg.preference.sft_weight,
     }
     # written as "not (v > 0)" so that NaN fails too
     errors += [f"{k}: must be > 0, got {v}" for k, v in positive.items() if not v > 0]
@@ -288,6 +289,8 @@ def _check_consistency(cfg: RunConfig, world_size: int, for_training: bool, erro
             "preference.precompute_reference: replaces the frozen reference copy of full "
             "fine-tuning with dpo/ipo; LoRA/QLoRA (the adapter disabled) and simpo/orpo hold none"
         )
+    if cfg.preference.sft_weight and cfg.preference.loss == "orpo":
+        errors.append("preference.sft_weight: orpo has its own SFT term (orpo_lambda weighs it)")
 
 
 def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:

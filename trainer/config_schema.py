@@ -131,6 +131,11 @@ class PreferenceConfig:
     label_smoothing: float = _field(0.0, "dpo: share of pairs taken as mislabelled, [0, 0.5).")
     simpo_gamma: float = _field(0.5, "simpo: target reward margin.")
     orpo_lambda: float = _field(0.1, "orpo: weight of the odds-ratio term next to the SFT loss.")
+    sft_weight: float = _field(
+        0.0,
+        "dpo/ipo/simpo: weight of the chosen answer's NLL per token added to each pair's "
+        "loss (RPO; TRL's loss_type [sigmoid, sft]), which keeps the chosen answers likely.",
+    )
     precompute_reference: bool = _field(
         False,
         "dpo/ipo in full fine-tuning: score every pair with the initial model once before "

@@ -153,7 +153,9 @@ def pair_settings(cfg: RunConfig) -> PairSettings:
     from trainer.tasks.preference_losses import PairSettings
 
     p = cfg.preference
-    return PairSettings(p.loss, p.beta, p.label_smoothing, p.simpo_gamma, p.orpo_lambda)
+    return PairSettings(
+        p.loss, p.beta, p.label_smoothing, p.simpo_gamma, p.orpo_lambda, p.sft_weight
+    )
 
 
 def sharding_error(cfg: RunConfig) -> str | None:
