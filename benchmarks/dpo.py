@@ -336,9 +336,10 @@ def trl_job(spec: dict) -> dict[str, Any]:
 
 
 def measures(windows: list[dict], losses: list[float], measured: Measured) -> dict[str, Any]:
-    """Tokens/s, step time and the padding share over every step but the first; the first
-    and last losses (both sides start at log 2: the policy is its reference) and the run's
-    wall time and peak RSS."""
+    """Tokens/s, step time and the padding share over every step but the first; the tokens
+    and the time since the start of training at each step; the first and last losses (both
+    sides start at log 2: the policy is its reference) and the run's wall time and peak
+    RSS."""
     timed = steady_throughput(windows)
     positions = sum(w["positions"] for w in windows[1:])
     return {
@@ -348,6 +349,7 @@ def measures(windows: list[dict], losses: list[float], measured: Measured) -> di
         "tokens_per_step": timed["timed_tokens"] / timed["timed_steps"],
         "pad_share": 1 - timed["timed_tokens"] / positions if positions else 0.0,
         "tokens": [w["tokens"] for w in windows],
+        "elapsed_s": [w["elapsed_s"] for w in windows],  # per step: bursts of other load show
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "wall_s": measured.wall_s,

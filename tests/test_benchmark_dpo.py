@@ -91,6 +91,9 @@ def test_dpo_section_trains_both_sides_alike_and_renders(dpo_result):
     assert len(tokens) == TINY.steps and all(r["tokens"] == tokens for r in runs.values())
     for name, r in runs.items():
         assert r["tokens_per_s"] > 0 and r["timed_steps"] == TINY.steps - 1, name
+        assert len(r["elapsed_s"]) == TINY.steps and sorted(r["elapsed_s"]) == r["elapsed_s"]
+        timed = r["elapsed_s"][-1] - r["elapsed_s"][0]
+        assert r["tokens_per_s"] == pytest.approx(sum(tokens[1:]) / timed, rel=1e-9), name
         assert r["peak_rss_mb"] > 100 and r["pad_share"] == runs["TRL full"]["pad_share"]
         assert r["first_loss"] == pytest.approx(math.log(2), abs=1e-6), name  # policy = ref
     # the reference's scores precomputed or from a frozen copy: the same training, each side
