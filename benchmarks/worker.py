@@ -22,6 +22,7 @@ WORKERS = {
     "cli": ("benchmarks.qlora_layout", "cli_variant"),
     "multitask": ("benchmarks.multitask_adapters", "load_job"),
     "trl_sft": ("benchmarks.sft", "trl_job"),
+    "trl_dpo": ("benchmarks.dpo", "trl_job"),
 }
 
 
