@@ -106,6 +106,28 @@ def test_pair_losses_rewards_follow_trl():
     )
 
 
+def test_sft_weight_adds_the_chosen_nll_per_token_and_leaves_the_rewards():
+    """RPO (Pang et al. 2024, eq. 4): DPO + alpha * -log p(y_w | x) / |y_w|, per pair."""
+    plain = pair_losses(_logps(), PairSettings("dpo", beta=0.1))
+    loss, chosen, rejected = pair_losses(_logps(), PairSettings("dpo", beta=0.1, sft_weight=0.5))
+    nll = [-p / n for p, n in zip(POLICY_C, LEN_C, strict=True)]
+    assert (loss - plain[0]).tolist() == pytest.approx([0.5 * v for v in nll])
+    assert chosen.tolist() == plain[1].tolist() and rejected.tolist() == plain[2].tolist()
+
+
+def test_sft_weight_with_orpo_is_refused():
+    from trainer.config import build_config
+    from trainer.errors import UserError
+
+    raw = {"task": "preference", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}}
+    raw["preference"] = {"loss": "orpo", "sft_weight": 1.0}
+    with pytest.raises(UserError, match="preference.sft_weight: orpo has its own SFT term"):
+        build_config(raw, for_training=True)
+    raw["preference"] = {"sft_weight": -1.0}
+    with pytest.raises(UserError, match="preference.sft_weight: must be >= 0, got -1.0"):
+        build_config(raw, for_training=False)
+
+
 def test_sequence_logps_sums_the_labelled_next_tokens_only():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
