@@ -45,7 +45,9 @@ SECTIONS = {
     "dapt": "dapt",
 }
 EXTRA = {  # with --only
-    s: s for s in ("data_pipeline", "augmentation", "qlora_layout", "multitask_adapters", "dpo")
+    **{s: s for s in ("data_pipeline", "augmentation", "qlora_layout", "multitask_adapters")},
+    "dpo": "dpo",
+    "preference": "preference_rule",
 }
 THROUGHPUT_GOAL = 1.3  # ours / Trainer, useful tokens/s, every job (on CPU)
 INFERENCE_GOAL = 20.0  # trainer predict / naive loop
