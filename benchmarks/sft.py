@@ -18,9 +18,7 @@ the assistant turns only), each side in a fresh process.
    block-diagonal mask. Measured over every step but the first (warm-up): all real
    (non-padding) tokens/s, answer tokens/s, and the padding share (padding positions / all
    positions). TRL's tokens are counted in its collator's batches; our engine logs real
-   tokens and the padding share per step, and its answer tokens are its real tokens times
-   the data's answer share (the same for both sides: tests/test_sft_trl.py checks that both
-   train on the same tokens).
+   tokens, answer tokens (`targets`) and the padding share per step.
 2. **Quality.** configs/sft-{full,lora,qlora}.yaml as shipped but for the model, the data
    (packed), the budget and the learning rate (the recipes' are for a pretrained 0.5B
    model; a randomly initialised tiny one needs larger steps), on a Llama of
@@ -133,7 +131,7 @@ def answer_share(model: Path, train: Path, max_length: int) -> dict[str, float]:
 
 
 def ours_throughput(
-    model: Path, train: Path, form: Form, packing: bool, share: float, work_dir: Path
+    model: Path, train: Path, form: Form, packing: bool, work_dir: Path
 ) -> dict[str, Any]:
     """`trainer train` (task sft) for `form.steps` steps, logging every step."""
     name = f"ours-{'packed' if packing else 'unpacked'}"
@@ -161,7 +159,7 @@ def ours_throughput(
     windows = run.windows
     for window in windows:  # padding positions from the logged share
         window["positions"] = window["tokens"] / (1 - window["pad_fraction"])
-        window["answers"] = window["tokens"] * share
+        window["answers"] = window["targets"]
     return measures(windows, run.measured.wall_s, [w["loss"] for w in windows])
 
 
@@ -386,7 +384,7 @@ def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]
             print(f"[sft] throughput, round {round_ + 1}: {way} ...", flush=True)
             loads.append(os.getloadavg()[0])
             if side == "ours":
-                found = ours_throughput(model, train, form, packing, data["answer_share"], work_dir)
+                found = ours_throughput(model, train, form, packing, work_dir)
             else:
                 found = trl_throughput(model, train, form, packing, work_dir)
             rounds = [*runs.get(way, {}).get("rounds_tokens_per_s", []), found["tokens_per_s"]]
@@ -514,8 +512,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"(the first is warm-up, not timed), lr {form.lr:g}, fp32, one process; the fastest "
         f"of {form.rounds} round(s) per run, the runs interleaved. TRL: its "
         "defaults but for bf16 and gradient checkpointing (both off, as ours), "
-        "`assistant_only_loss=True`, packing with its default `bfd` (padding-free). Ours: "
-        "answer tokens/s = its real tokens/s × the data's answer share; TRL's are counted.",
+        "`assistant_only_loss=True`, packing with its default `bfd` (padding-free). Answer "
+        "tokens counted on both sides.",
         *load_warning(result["loads"]),
         "",
         *table(head, rows),

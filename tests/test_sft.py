@@ -297,6 +297,12 @@ def test_a_packed_run_trains(tmp_path, tiny_llama_chat):
     assert summary["train_examples"] < 96 / 2  # rows of several examples
     assert records[-1]["loss"] < records[0]["loss"] - 0.3
     assert all(r["pad_fraction"] < 0.35 for r in records)
+    # the logged targets are the answer tokens: every row's, once an epoch
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_chat)
+    answers = sum(
+        sum(row_tokens(tokenizer, row).trained) for row in reverse_rows(96, 0, "messages")
+    )
+    assert sum(r["targets"] for r in records) == 6 * answers
 
 
 def test_predict_renders_the_saved_template_as_a_chat_pipeline_does(tmp_path, tiny_llama_chat):

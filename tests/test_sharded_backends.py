@@ -27,7 +27,7 @@ from launch.local import node_command, profile_environment
 from trainer.cli import main
 from trainer.run.resume import checkpoint_dir
 
-VOLATILE = ("elapsed_s", "tokens_per_s")
+VOLATILE = ("elapsed_s", "tokens_per_s", "targets_per_s")
 NO_DROPOUT = {"config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
 
 

@@ -431,6 +431,9 @@ def log_record(run: Run, step: int, since_log: StepSums, seconds: float) -> dict
         "tokens": int(tokens),  # real (non-padding) tokens trained since the last log
         "tokens_per_s": tokens / max(seconds, 1e-9),
         "pad_fraction": 1 - tokens / positions if positions > 0 else 0.0,
+        # the loss's targets (sft: answer tokens; classification: examples; preference: pairs)
+        "targets": total.targets.item(),
+        "targets_per_s": total.targets.item() / max(seconds, 1e-9),
     }
     if run.accelerator.device.type == "cuda":  # this process's peak since the start
         record["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
