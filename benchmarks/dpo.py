@@ -286,7 +286,7 @@ def trl_job(spec: dict) -> dict[str, Any]:
     import datasets
     import transformers
 
-    from benchmarks.hf_reference import step_clock
+    from benchmarks.hf_reference import counted_training
 
     form = Form(**spec["form"])
     transformers.logging.set_verbosity_error()
@@ -310,26 +310,14 @@ def trl_job(spec: dict) -> dict[str, Any]:
         processing_class=transformers.AutoTokenizer.from_pretrained(spec["model"]),
         peft_config=peft_config,
     )
-    counts: list[dict[str, int]] = []
-    collate = trainer.data_collator
 
-    def counted(examples):
-        batch = collate(examples)
-        counts.append(
-            {"tokens": int(batch["attention_mask"].sum()), "positions": batch["input_ids"].numel()}
-        )
-        return batch
+    def count(batch) -> dict[str, int]:
+        return {
+            "tokens": int(batch["attention_mask"].sum()),
+            "positions": batch["input_ids"].numel(),
+        }
 
-    trainer.data_collator = counted  # the train dataloader is built in train()
-    clock = step_clock()
-    trainer.add_callback(clock)
-    trainer.train()
-    windows = [
-        {"step": i + 1, "elapsed_s": clock.times[i + 1] - clock.times[0], **counts[i]}
-        for i in range(len(clock.times) - 1)
-    ]
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"windows": windows, "losses": losses}
+    return counted_training(trainer, count)
 
 
 # --- both ----------------------------------------------------------------------------------

@@ -116,6 +116,32 @@ def step_clock():
     return StepClock()
 
 
+def counted_training(trainer, count) -> dict:
+    """Train a TRL trainer, noting per step the time since the start and `count(batch)` of
+    the batch its collator made (the collator is wrapped before `train()` builds the
+    dataloader); the windows, as our engine logs them, and the logged losses."""
+    counts: list[dict] = []
+    collate = trainer.data_collator
+
+    def counted(examples):
+        batch = collate(examples)
+        counts.append(count(batch))
+        return batch
+
+    trainer.data_collator = counted
+    clock = step_clock()
+    trainer.add_callback(clock)
+    trainer.train()
+    windows = [
+        {"step": i + 1, "elapsed_s": clock.times[i + 1] - clock.times[0], **counts[i]}
+        for i in range(len(clock.times) - 1)
+    ]
+    return {
+        "windows": windows,
+        "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],
+    }
+
+
 def training_arguments(job: Job, out_dir: Path):
     """TrainingArguments with the job's settings; one evaluation, after training."""
     from transformers import TrainingArguments

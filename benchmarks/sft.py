@@ -204,7 +204,7 @@ def trl_job(spec: dict) -> dict[str, Any]:
     import transformers
     from trl import SFTConfig, SFTTrainer
 
-    from benchmarks.hf_reference import step_clock
+    from benchmarks.hf_reference import counted_training
 
     form, out_dir = Form(**spec["form"]), Path(spec["out_dir"])
     transformers.logging.set_verbosity_error()
@@ -231,28 +231,15 @@ def trl_job(spec: dict) -> dict[str, Any]:
         train_dataset=datasets.Dataset.from_list(read_jsonl(Path(spec["train"]))),
         processing_class=transformers.AutoTokenizer.from_pretrained(spec["model"]),
     )
-    counts: list[dict[str, int]] = []
-    collate = trainer.data_collator
 
-    def counted(examples):
-        batch = collate(examples)
+    def count(batch) -> dict[str, int]:
         mask = batch.get("attention_mask")
         positions = batch["input_ids"].numel()
         real = int(mask.sum()) if mask is not None else positions  # padding-free: no padding
         answers = int((batch["labels"][:, 1:] != -100).sum())
-        counts.append({"tokens": real, "positions": positions, "answers": answers})
-        return batch
+        return {"tokens": real, "positions": positions, "answers": answers}
 
-    trainer.data_collator = counted  # the train dataloader is built in train()
-    clock = step_clock()
-    trainer.add_callback(clock)
-    trainer.train()
-    windows = [
-        {"step": i + 1, "elapsed_s": clock.times[i + 1] - clock.times[0], **counts[i]}
-        for i in range(len(clock.times) - 1)
-    ]
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"windows": windows, "losses": losses}
+    return counted_training(trainer, count)
 
 
 # --- quality -------------------------------------------------------------------------------
