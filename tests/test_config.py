@@ -192,7 +192,7 @@ def test_data_layout_options_are_checked_against_the_task():
     message = error_of(
         minimal(data={"streaming": True, "validation_split": 0.1, "isolate_documents": True})
     )
-    assert "data.streaming: only for mlm and clm" in message
+    assert "data.streaming: only for mlm, clm, sft (the other tasks' sets" in message
     assert "data.streaming: a stream has no known length; set train.max_steps" in message
     assert "data.validation_split: not with streaming" in message
     assert "data.isolate_documents: only for mlm and clm" in message

@@ -298,14 +298,17 @@ def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:
     packed = cfg.task in TASKS and TASKS[cfg.task].packed
     packing_tasks = _tasks_where("packed", " and ")
     if cfg.data.streaming:
-        if not packed:
+        if not (cfg.task in TASKS and TASKS[cfg.task].stream_blocks):
             errors.append(
-                f"data.streaming: only for {packing_tasks} (fine-tuning sets fit in memory)"
+                f"data.streaming: only for {_tasks_where('stream_blocks', ', ')} (the other "
+                "tasks' sets fit in memory)"
             )
         if not cfg.train.max_steps:
             errors.append("data.streaming: a stream has no known length; set train.max_steps")
         if cfg.data.validation_split:
             errors.append("data.validation_split: not with streaming; name data.validation")
+        if cfg.data.group_by_length and not packed:
+            errors.append("data.group_by_length: not with streaming (rows come in file order)")
     if cfg.data.group_by_length and packed:
         errors.append(
             f"data.group_by_length: {_tasks_where('packed', '/')} blocks are packed to "

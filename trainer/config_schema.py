@@ -92,8 +92,8 @@ class DataConfig:
     truncation: str = _field("keep_end", "sft, a row over max_length: keep_end | drop.")
     packing: bool = _field(False, "sft: examples packed into max_length rows, attention apart.")
     max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
-    streaming: bool = _field(False, "MLM/CLM: read, tokenize and pack train on the fly.")
-    shuffle_buffer: int = _field(1000, "Streaming: packed blocks in the seeded shuffle buffer.")
+    streaming: bool = _field(False, "MLM/CLM/sft: read, tokenize and pack train on the fly.")
+    shuffle_buffer: int = _field(1000, "Streaming: blocks (sft: rows) in the shuffle buffer.")
     cache_dir: str | None = _field(
         "auto",
         "Tokenized-data cache shared by ranks and nodes; auto: $HF_HOME/trainer/data, else "

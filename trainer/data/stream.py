@@ -26,14 +26,17 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from trainer.config import DataConfig
 from trainer.data.collate import example_seed
 from trainer.data.encode import Columns, Packer
 from trainer.data.read import load_hub, source_files
 from trainer.data.sampling import hash_seed
 from trainer.errors import UserError
 from trainer.text_files import strip_bom
+
+if TYPE_CHECKING:
+    from trainer.config import DataConfig
 
 READ_BATCH = 64  # documents tokenized per tokenizer call
 STREAM_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -48,7 +51,7 @@ def _decode(line: bytes, path: Path, offset: int) -> str:
         raise UserError(f"{path.name} at byte {offset}: not UTF-8 text") from None
 
 
-def _text_lines(path: Path, offset: int, column: str) -> Iterator[tuple[str | None, int]]:
+def text_lines(path: Path, offset: int, column: str) -> Iterator[tuple[str | None, int]]:
     """Non-blank lines from a byte offset, each with the offset after it."""
     with path.open("rb") as handle:
         handle.seek(offset)
@@ -61,7 +64,7 @@ def _text_lines(path: Path, offset: int, column: str) -> Iterator[tuple[str | No
 def _json_lines(path: Path, offset: int, column: str) -> Iterator[tuple[str | None, int]]:
     """The text column of JSON lines; a line is parsed only when it is this rank's (the
     caller passes None-texts through untouched), so unowned rows cost no parsing."""
-    for line, after in _text_lines(path, offset, column):
+    for line, after in text_lines(path, offset, column):
         yield _JsonText(line, column, path, offset), after
         offset = after
 
@@ -89,30 +92,40 @@ class _JsonText:
         return f"{self.path.name} at byte {self.offset}"
 
 
-def _parquet_rows(path: Path, offset: int, column: str) -> Iterator[tuple[str | None, int]]:
-    """The text column of a parquet file from row `offset`, one row group at a time."""
+def parquet_rows(path: Path, offset: int, column: str | None) -> Iterator[tuple[object, int]]:
+    """The text column of a parquet file (None: whole rows, as dicts) from row `offset`,
+    one row group at a time."""
     import pyarrow.parquet as pq
 
     reader = pq.ParquetFile(path)
-    if column not in reader.schema_arrow.names:
+    if column is not None and column not in reader.schema_arrow.names:
         raise UserError(f"{path.name}: no column '{column}'")
     first = 0
     for group in range(reader.num_row_groups):
         size = reader.metadata.row_group(group).num_rows
         if first + size > offset:
-            texts = reader.read_row_group(group, columns=[column]).column(0).to_pylist()
+            if column is None:
+                values = reader.read_row_group(group).to_pylist()
+            else:
+                values = reader.read_row_group(group, columns=[column]).column(0).to_pylist()
             for index in range(max(0, offset - first), size):
-                yield texts[index], first + index + 1
+                yield values[index], first + index + 1
         first += size
 
 
-READERS = {".txt": _text_lines, ".jsonl": _json_lines, ".parquet": _parquet_rows}
+READERS = {".txt": text_lines, ".jsonl": _json_lines, ".parquet": parquet_rows}
+
+
+def _start() -> dict:
+    """A stream's position before its first row (`kept`: the rows of this pass it kept)."""
+    return {"pass": 0, "file": 0, "offset": 0, "row": 0, "kept": 0}
 
 
 @dataclass
 class RowStream:
     """One shard's texts from one source, pass after pass, from a saved position (`rank`
-    is the shard, `world_size` the number of shards)."""
+    is the shard, `world_size` the number of shards). What a row becomes is `_kept`'s (and
+    `_hub_kept`'s) to say: here its text; sft's stream (data/chat_stream.py) encodes it."""
 
     source: str
     key: str
@@ -120,23 +133,28 @@ class RowStream:
     rank: int
     world_size: int
     seed: int
-    position: dict = field(default_factory=lambda: {"pass": 0, "file": 0, "offset": 0, "row": 0})
+    position: dict = field(default_factory=_start)
+    suffixes: ClassVar[tuple[str, ...]] = STREAM_SUFFIXES
 
     def __post_init__(self) -> None:
         self.files = source_files(self.source, self.key)
         for path in self.files or []:
-            if path.suffix.lower() not in STREAM_SUFFIXES:
-                raise UserError(f"{self.key}: {path.name}: streaming reads .txt, .jsonl, .parquet")
+            if path.suffix.lower() not in self.suffixes:
+                raise UserError(
+                    f"{self.key}: {path.name}: streaming reads {', '.join(self.suffixes)}"
+                )
 
-    def texts(self) -> Iterator[str]:
-        """Endless: a new pass starts (with a new file order) where the last one ended."""
+    def texts(self) -> Iterator:
+        """Endless: a new pass starts (with a new file order) where the last one ended. A
+        pass that leaves this shard nothing is an error (it would be read forever)."""
         while True:
             try:
                 yield from self._hub_pass() if self.files is None else self._file_pass()
+                if not self.position["kept"]:
+                    raise UserError(self._nothing_kept())
             except UserError as err:  # read on the fly: name the source as read_split does
                 raise UserError(f"{self.key}: {err}") from None
-            self.position.update({"pass": self.position["pass"] + 1, "file": 0, "offset": 0})
-            self.position["row"] = 0
+            self.position.update({**_start(), "pass": self.position["pass"] + 1})
 
     def file_order(self, number: int) -> list[Path]:
         """The files of pass `number`, in a seeded order (the same on every rank)."""
@@ -149,23 +167,46 @@ class RowStream:
         order = self.file_order(position["pass"])
         while position["file"] < len(order):
             path = order[position["file"]]
-            read = READERS[path.suffix.lower()]
-            for text, after in read(path, position["offset"], self.data.text_column):
+            for raw, after in self._read(path, position["offset"]):
                 mine = position["row"] % self.world_size == self.rank
                 position["row"] += 1
                 position["offset"] = after
-                if mine:
-                    yield _checked(text.text() if isinstance(text, _JsonText) else text, path)
+                if mine and (item := self._kept(raw, path, after)) is not None:
+                    position["kept"] += 1
+                    yield item
             position.update({"file": position["file"] + 1, "offset": 0})
 
-    def _hub_pass(self) -> Iterator[str]:
+    def _hub_pass(self) -> Iterator:
         from datasets.distributed import split_dataset_by_node
 
         stream = load_hub(self.source, self.data, streaming=True)
         mine = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
         for row in mine.skip(self.position["offset"]):
             self.position["offset"] += 1
-            yield _checked(row.get(self.data.text_column), Path(self.source))
+            if (item := self._hub_kept(row, self.position["offset"])) is not None:
+                self.position["kept"] += 1
+                yield item
+
+    def _read(self, path: Path, offset: int) -> Iterator[tuple[object, int]]:
+        """A file's rows from `offset` (bytes, or rows of parquet), each with the offset
+        after it."""
+        return READERS[path.suffix.lower()](path, offset, self.data.text_column)
+
+    def _kept(self, raw: object, path: Path, after: int) -> object | None:
+        """What the stream yields for one of its file rows (None: nothing), read up to
+        `after`: its text."""
+        return _checked(raw.text() if isinstance(raw, _JsonText) else raw, path)
+
+    def _hub_kept(self, row: dict, number: int) -> object | None:
+        """What the stream yields for the `number`-th hub row of its shard: its text."""
+        return _checked(row.get(self.data.text_column), Path(self.source))
+
+    def _nothing_kept(self) -> str:
+        """Why a whole pass left this shard no row."""
+        return (
+            f"{self.source}: a whole pass holds no row for shard {self.rank} of "
+            f"{self.world_size} (fewer rows than the run's first processes)"
+        )
 
 
 def _checked(text, path: Path) -> str:
@@ -174,13 +215,30 @@ def _checked(text, path: Path) -> str:
     return text
 
 
+class Blocks(Protocol):
+    """What makes a source's blocks of its documents: `Packer` (MLM/CLM), or sft's packed
+    or unpacked examples (data/chat_stream.py); its state is JSON-able."""
+
+    def add(self, documents: Columns) -> Columns:
+        """The blocks ready once `documents` join what it holds."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What it holds (keys other than `position` and `pending`)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`."""
+        ...
+
+
 @dataclass
 class SourceBlocks:
     """One source's rows tokenized and packed into blocks, with its position."""
 
     rows: RowStream
-    documents: Callable[[list[str]], Columns]
-    packer: Packer
+    documents: Callable[[list], Columns]
+    packer: Blocks
     pending: list[dict] = field(default_factory=list)
 
     def blocks(self) -> Iterator[dict]:
@@ -203,9 +261,34 @@ class SourceBlocks:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state_dict()`."""
-        self.rows.position = dict(state["position"])
+        # a position saved before `kept` was counted kept some row: its pass is not empty
+        self.rows.position = {"kept": 1, **state["position"]}
         self.packer.load_state_dict(state)
         self.pending = state["pending"]
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """Which rows a stream reads: shard `index` of `count` of train source `path` (named
+    `key` in messages), in the file orders of run seed `seed`."""
+
+    path: str
+    key: str
+    index: int
+    count: int
+    seed: int
+
+    def rows(self, data: DataConfig) -> RowStream:
+        """Its texts."""
+        return RowStream(self.path, self.key, data, self.index, self.count, self.seed)
+
+
+def document_blocks(
+    documents: Callable[[list[str]], Columns], data: DataConfig, source: ShardSource
+) -> SourceBlocks:
+    """MLM/CLM: the source's texts as `documents` tokenize them, packed into max_length
+    blocks (the rest carried into the next)."""
+    return SourceBlocks(source.rows(data), documents, Packer(data.max_length))
 
 
 class ShardStream:

@@ -31,7 +31,6 @@ from transformers import PreTrainedTokenizerBase
 from trainer.config import RunConfig, to_dict, world_size_from_env
 from trainer.data.augment import training_examples
 from trainer.data.class_weights import resolve_class_weights, target_counts
-from trainer.data.encode import Packer
 from trainer.data.prepare import PreparedData, prepare_data, source_key
 from trainer.data.sampling import (
     LENGTH_WINDOW_BATCHES,
@@ -43,7 +42,7 @@ from trainer.data.sampling import (
     StreamPlan,
 )
 from trainer.data.sources import train_sources
-from trainer.data.stream import RowStream, ShardStream, SourceBlocks, TrainStream
+from trainer.data.stream import ShardSource, ShardStream, TrainStream
 from trainer.devices import cpu_only
 from trainer.errors import UserError
 from trainer.logs import get_logger
@@ -416,10 +415,10 @@ def train_stream(
     def shard(index: int, count: int) -> ShardStream:
         seed = cfg.train.seed
         blocks = [
-            SourceBlocks(
-                RowStream(s.path, source_key(i, len(sources)), cfg.data, index, count, seed),
-                lambda texts: spec.documents(tokenizer, texts),
-                Packer(cfg.data.max_length),
+            spec.stream_blocks(
+                tokenizer,
+                cfg.data,
+                ShardSource(s.path, source_key(i, len(sources)), index, count, seed),
             )
             for i, s in enumerate(sources)
         ]

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from trainer.config import DataConfig, RunConfig
     from trainer.data.collate import CausalLMCollator
     from trainer.data.read import Split
+    from trainer.data.stream import ShardSource, SourceBlocks
     from trainer.tasks.metrics import LossMetrics
 
 
@@ -57,6 +58,15 @@ def documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict:
     return clm_documents(tokenizer, texts)
 
 
+def stream_blocks(
+    tokenizer: PreTrainedTokenizerBase, data: DataConfig, source: ShardSource
+) -> SourceBlocks:
+    """data.streaming: the source's texts as `documents`, packed into blocks as they come."""
+    from trainer.data.stream import document_blocks
+
+    return document_blocks(lambda texts: documents(tokenizer, texts), data, source)
+
+
 def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
     """Tokens per document, its EOS included."""
     from trainer.data.encode import document_token_counts
@@ -90,6 +100,6 @@ CLM = TaskSpec(
     head_warmup_ratio=0.1,
     peft_task_type="CAUSAL_LM",
     shifted_targets=True,
-    documents=documents,
+    stream_blocks=stream_blocks,
     eval_prompt=eval_prompt,
 )

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from trainer.config import DataConfig, RunConfig
     from trainer.data.collate import MaskedLMCollator, SentencePairCollator
     from trainer.data.read import Split
+    from trainer.data.stream import ShardSource, SourceBlocks
     from trainer.tasks.metrics import LossMetrics, PretrainingMetrics
 
 
@@ -52,6 +53,15 @@ def documents(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> dict:
     return mlm_documents(tokenizer, texts)
 
 
+def stream_blocks(
+    tokenizer: PreTrainedTokenizerBase, data: DataConfig, source: ShardSource
+) -> SourceBlocks:
+    """data.streaming: the source's texts as `documents`, packed into blocks as they come."""
+    from trainer.data.stream import document_blocks
+
+    return document_blocks(lambda texts: documents(tokenizer, texts), data, source)
+
+
 def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
     """Tokens per document, special tokens included."""
     from trainer.data.encode import document_token_counts
@@ -75,7 +85,7 @@ MLM = TaskSpec(
     packed=True,
     head_warmup_ratio=0.1,
     required_tokens=("mask_token",),
-    documents=documents,
+    stream_blocks=stream_blocks,
     targets_only=True,
 )
 
@@ -136,7 +146,7 @@ def pretraining(seed: int) -> TaskSpec:
         make_collator=pair_collator,
         make_metrics=pretraining_metrics,
         packed=False,
-        documents=None,
+        stream_blocks=None,
         logits_key="prediction_logits",
         extra_heads=(NEXT_SENTENCE,),
         own_loss_name="mlm",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from trainer.config import DataConfig, RunConfig
     from trainer.data.read import Split
+    from trainer.data.stream import ShardSource, SourceBlocks
 
 
 def encode(
@@ -42,6 +43,16 @@ def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig):
         by_position = packs_by_position(cfg.model.attn_implementation)
         return PackedExamplesCollator(tokenizer.pad_token_id, by_position)
     return PaddingCollator(tokenizer.pad_token_id)
+
+
+def stream_blocks(
+    tokenizer: PreTrainedTokenizerBase, data: DataConfig, source: ShardSource
+) -> SourceBlocks:
+    """data.streaming: rows checked and encoded as in memory, packed as they come with
+    data.packing (data/chat_stream.py)."""
+    from trainer.data.chat_stream import example_blocks
+
+    return example_blocks(tokenizer, data, source)
 
 
 def lengths(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> list[int]:
@@ -89,4 +100,5 @@ SFT = TaskSpec(
     truncation=truncation,
     eval_prompt=eval_prompt,
     answer_metrics=("exact_match", "contains"),
+    stream_blocks=stream_blocks,
 )

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from trainer.config import DataConfig, RunConfig
     from trainer.data.read import Split
+    from trainer.data.stream import ShardSource, SourceBlocks
     from trainer.tasks.metrics import LossMetrics
 
 # Metrics (of any task) where lower is better; the best model minimises them.
@@ -101,8 +102,11 @@ class TaskSpec:
     lora_targets: str | None = None  # peft.target_modules when unset; None: peft's default
     required_tokens: tuple[str, ...] = ()  # tokenizer attributes the task cannot do without
     shifted_targets: bool = False  # CLM: position t predicts token t + 1
-    # MLM/CLM: texts to per-document token columns, packed on the fly when streaming
-    documents: Callable[[PreTrainedTokenizerBase, list[str]], dict] | None = None
+    # data.streaming: one shard of a train source as blocks made on the fly (MLM/CLM: packed
+    # documents; sft: its examples, packed with data.packing); None: read into memory
+    stream_blocks: (
+        Callable[[PreTrainedTokenizerBase, DataConfig, ShardSource], SourceBlocks] | None
+    ) = None
     logits_key: str = "logits"  # where the model output holds the logits `loss` reads
     extra_heads: tuple[SequenceHead, ...] = ()
     own_loss_name: str = ""  # with extra heads: the name `loss` is logged under (mlm_loss)
