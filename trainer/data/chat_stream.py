@@ -14,13 +14,13 @@ attention and position ids, as in memory (the collator's `example_lengths`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from trainer.data.chat_encode import all_dropped, best_fit, encoded_example, packed_rows
 from trainer.data.chat_rows import chat_row
+from trainer.data.read import json_object
 from trainer.data.stream import RowStream, ShardSource, SourceBlocks, parquet_rows, text_lines
 from trainer.errors import UserError
 
@@ -60,7 +60,7 @@ class ChatRowStream(RowStream):
         if isinstance(raw, dict):  # parquet: `after` is the row's number
             return self._example(raw, f"{path.name} row {after}")
         try:
-            return self._example(_json_object(str(raw)), UNPLACED)
+            return self._example(json_object(str(raw), UNPLACED), UNPLACED)
         except UserError as err:  # counting lines costs a read of the file: only now
             place = f"{path.name} line {line_number(path, after)}"
             raise UserError(str(err).replace(UNPLACED, place, 1)) from None
@@ -81,17 +81,6 @@ class ChatRowStream(RowStream):
         if self.position.get("dropped"):
             return all_dropped(self.source, self.data)
         return super()._nothing_kept()
-
-
-def _json_object(line: str) -> dict:
-    """A JSON line as a row, checked as the in-memory reader checks it."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{UNPLACED}: not valid JSON ({err.msg})") from None
-    if not isinstance(row, dict):
-        raise UserError(f"{UNPLACED}: expected a JSON object")
-    return row
 
 
 def line_number(path: Path, after: int) -> int:

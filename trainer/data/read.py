@@ -52,17 +52,23 @@ def _read_delimited(path: Path, delimiter: str) -> Iterator[tuple[str, dict]]:
         yield f"{path.name} row {number}", row
 
 
+def json_object(line: str, where: str) -> dict:
+    """A JSON line as a row (an object), or an error naming `where` (in memory and
+    streamed alike)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    return row
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     for number, line in enumerate(decoded_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path.name} line {number}: expected a JSON object")
-        yield f"{path.name} line {number}", row
+        if line.strip():
+            where = f"{path.name} line {number}"
+            yield where, json_object(line, where)
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, dict]]:
