@@ -107,9 +107,12 @@ def split(form: Form, work_dir: Path) -> dict[str, str]:
 # --- the two sides -------------------------------------------------------------------------
 
 
-def ours(method: str, seed: int, form: Form, files: dict, work_dir: Path) -> dict[str, Any]:
-    """One recipe as shipped, at the budget, then `trainer evaluate` of its final/ on test."""
-    name = f"ours-{method}-{seed}"
+def ours(
+    method: str, seed: int, form: Form, files: dict, work_dir: Path, augment: dict | None = None
+) -> dict[str, Any]:
+    """One recipe as shipped, at the budget (`augment`: with these data.augment settings),
+    then `trainer evaluate` of its final/ on test."""
+    name = f"ours-{method}{'-eda' if augment else ''}-{seed}"
     settings = {
         "model": {"name_or_path": model_path()},
         "data": {
@@ -117,6 +120,7 @@ def ours(method: str, seed: int, form: Form, files: dict, work_dir: Path) -> dic
             "validation": files["validation"],
             "max_length": form.max_length,
             "cache_dir": str(work_dir / "cache"),
+            **({"augment": augment} if augment else {}),
         },
         "train": {"epochs": form.epochs, "global_batch_size": form.batch_size, "seed": seed},
         "log": {"trackers": []},

@@ -41,6 +41,7 @@ SECTIONS = {
     "optimisations": "optimisations",
     "quality": "quality",
     "quality-lm": "quality_lm",
+    "small-data": "small_data",
     "sft": "sft",
     "dapt": "dapt",
 }
