@@ -318,8 +318,8 @@ def _check_data_layout(cfg: RunConfig, errors: list[str]) -> None:
         errors.append(f"data.isolate_documents: only for {packing_tasks} (packed documents)")
     if cfg.data.packing and cfg.task in TASKS and TASKS[cfg.task].packed:
         errors.append("data.packing: this task packs its texts already (see isolate_documents)")
-    elif cfg.data.packing and cfg.task != "sft":
-        errors.append("data.packing: only for task sft")
+    elif cfg.data.packing and not (cfg.task in TASKS and TASKS[cfg.task].packs_examples):
+        errors.append(f"data.packing: only for {_tasks_where('packs_examples', ' and ')}")
 
 
 def world_size_from_env() -> int:

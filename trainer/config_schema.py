@@ -90,7 +90,9 @@ class DataConfig:
     train_on_prompt: bool = _field(False, "sft: loss on every token, not the answers only.")
     last_turn_only: bool = _field(False, "sft: loss on the last assistant turn only.")
     truncation: str = _field("keep_end", "sft, a row over max_length: keep_end | drop.")
-    packing: bool = _field(False, "sft: examples packed into max_length rows, attention apart.")
+    packing: bool = _field(
+        False, "sft: examples (preference: sequences) packed into max_length rows, attention apart."
+    )
     max_length: int = _field(128, "Tokens per example; MLM/CLM pack texts into blocks this long.")
     streaming: bool = _field(False, "MLM/CLM/sft: read, tokenize and pack train on the fly.")
     shuffle_buffer: int = _field(1000, "Streaming: blocks (sft: rows) in the shuffle buffer.")

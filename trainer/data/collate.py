@@ -86,6 +86,11 @@ class PackedExamplesCollator:
     by_position: bool = False
 
     def __call__(self, examples: list[Example]) -> Batch:
+        batch, starts = self.padded(examples)
+        return isolated(batch, starts, causal=True, by_position=self.by_position)
+
+    def padded(self, examples: list[Example]) -> tuple[Batch, torch.Tensor]:
+        """The rows padded, with where each example (and each padding position) starts."""
         width = max(len(e["input_ids"]) for e in examples)
         batch = {
             "input_ids": _pad([e["input_ids"] for e in examples], self.pad_token_id),
@@ -100,7 +105,7 @@ class PackedExamplesCollator:
                 offset += length
         lengths = torch.tensor([sum(e["example_lengths"]) for e in examples])
         batch["real_mask"] = (torch.arange(width)[None] < lengths[:, None]).long()
-        return isolated(batch, starts, causal=True, by_position=self.by_position)
+        return batch, starts
 
 
 def isolate_documents(starts: torch.Tensor, causal: bool) -> dict[str, torch.Tensor]:
@@ -258,8 +263,47 @@ class PairCollator:
             "attention_mask": _pad([[1] * len(seq) for seq in ids], 0),
             "labels": _pad(labels, IGNORE_INDEX),
         }
-        if "ref_chosen_logps" in examples[0]:  # precomputed reference scores, same order
-            scores = [e["ref_chosen_logps"] for e in examples]
-            scores += [e["ref_rejected_logps"] for e in examples]
-            batch["ref_logps"] = torch.tensor(scores, dtype=torch.float32)
-        return batch
+        return batch | reference_scores(examples)
+
+
+@dataclass
+class PackedPairCollator:
+    """Preference pairs packed (data.packing): the micro-batch's chosen sequences, then its
+    rejected ones (sequences i and i + pairs are one pair), placed best-fit decreasing into
+    rows of at most `max_length` tokens, each sequence attending only to itself with its
+    own position ids, as sft's packed examples (PackedExamplesCollator; under flash
+    attention one row, `by_position`). `sequence_index` says which sequence each position
+    holds (-1: padding), so that the per-sequence sums come out in the order of the padded
+    batch (PairCollator) and the objective reads them alike."""
+
+    pad_token_id: int
+    max_length: int
+    by_position: bool = False
+
+    def __call__(self, examples: list[Example]) -> Batch:
+        from trainer.data.chat_encode import best_fit, packed_rows
+
+        ids = [e["input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
+        labels = [e["labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+        rows = best_fit([len(sequence) for sequence in ids], self.max_length)
+        packed = packed_rows({"input_ids": ids, "labels": labels}, rows)
+        batch, starts = PackedExamplesCollator(self.pad_token_id).padded(
+            [dict(zip(packed, row, strict=True)) for row in zip(*packed.values(), strict=True)]
+        )
+        index = torch.full_like(batch["input_ids"], -1)
+        for row, sequences in enumerate(rows):
+            offset = 0
+            for sequence in sequences:
+                index[row, offset : offset + len(ids[sequence])] = sequence
+                offset += len(ids[sequence])
+        batch = isolated(batch | {"sequence_index": index}, starts, True, self.by_position)
+        return batch | reference_scores(examples)
+
+
+def reference_scores(examples: list[Example]) -> Batch:
+    """Precomputed reference scores of the pairs' sequences (preference.precompute_reference),
+    chosen then rejected, or nothing."""
+    if "ref_chosen_logps" not in examples[0]:
+        return {}
+    scores = [e["ref_chosen_logps"] for e in examples] + [e["ref_rejected_logps"] for e in examples]
+    return {"ref_logps": torch.tensor(scores, dtype=torch.float32)}

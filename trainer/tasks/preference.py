@@ -55,9 +55,13 @@ def encode(
 
 
 def collator(tokenizer: PreTrainedTokenizerBase, cfg: RunConfig):
-    """Chosen rows then rejected rows, padded together."""
-    from trainer.data.collate import PairCollator
+    """Chosen rows then rejected rows, padded together; with data.packing, packed into
+    max_length rows, each sequence attending to itself alone."""
+    from trainer.data.collate import PackedPairCollator, PairCollator, packs_by_position
 
+    if cfg.data.packing:
+        by_position = packs_by_position(cfg.model.attn_implementation)
+        return PackedPairCollator(tokenizer.pad_token_id, cfg.data.max_length, by_position)
     return PairCollator(tokenizer.pad_token_id)
 
 
@@ -76,7 +80,9 @@ def metrics(names: list[str] | None, data: DataConfig) -> PairMetrics:
 
 
 def pair_count(batch: dict) -> torch.Tensor:
-    """Pairs in a batch: half its rows."""
+    """Pairs in a batch: half its sequences (its rows, unless packed)."""
+    if "sequence_index" in batch:
+        return (batch["sequence_index"].max() + 1) // 2
     return batch["input_ids"].new_tensor(batch["input_ids"].shape[0] // 2)
 
 
@@ -97,7 +103,9 @@ class PairObjective:
 
         from trainer.tasks.preference_losses import PairLogps, pair_losses, sequence_logps
 
-        logps, tokens = sequence_logps(_logits(model, batch), batch["labels"])
+        logps, tokens = sequence_logps(
+            _logits(model, batch), batch["labels"], batch.get("sequence_index")
+        )
         pairs = logps.shape[0] // 2
         scored = PairLogps(logps[:pairs], logps[pairs:], tokens[:pairs], tokens[pairs:])
         ref = batch.get("ref_logps")  # precomputed (preference.precompute_reference)
@@ -126,7 +134,8 @@ class PairObjective:
         scorer = self.reference or extract_model_from_parallel(model)
         off = scorer.disable_adapter() if self.adapter_off else contextlib.nullcontext()
         with torch.no_grad(), off:
-            return sequence_logps(_logits(scorer, batch), batch["labels"])[0]
+            logits = _logits(scorer, batch)
+            return sequence_logps(logits, batch["labels"], batch.get("sequence_index"))[0]
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
@@ -242,4 +251,5 @@ PREFERENCE_TASK = TaskSpec(
     sequences_per_example=2,
     frozen_copy=holds_frozen_copy,
     sharding_error=sharding_error,
+    packs_examples=True,
 )

@@ -134,14 +134,24 @@ def _objective(
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, sequence_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the summed log-probability of its labelled tokens (position t predicts
     token t + 1) and how many there were. Log-probabilities in fp32 whatever the logits'
-    dtype: a bf16 log-softmax over the vocabulary loses the small differences DPO trains on."""
+    dtype: a bf16 log-softmax over the vocabulary loses the small differences DPO trains on.
+    A sequence is a row, or with `sequence_index` (packed rows: the sequence each position
+    holds) the positions of that number; no sum crosses two sequences, because a packed
+    sequence's first token is never a target."""
     from trainer.data.encode import IGNORE_INDEX
 
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1), mask.sum(-1)
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    if sequence_index is None:
+        return picked.sum(-1), mask.sum(-1)
+    where = sequence_index[:, 1:].clamp(min=0).flatten()
+    count = int(sequence_index.max()) + 1
+    sums = picked.new_zeros(count).index_add_(0, where, picked.flatten())
+    return sums, mask.new_zeros(count, dtype=torch.long).index_add_(0, where, mask.flatten().long())

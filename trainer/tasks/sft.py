@@ -101,4 +101,5 @@ SFT = TaskSpec(
     eval_prompt=eval_prompt,
     answer_metrics=("exact_match", "contains"),
     stream_blocks=stream_blocks,
+    packs_examples=True,
 )

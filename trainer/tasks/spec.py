@@ -96,6 +96,8 @@ class TaskSpec:
     prediction: PredictionHead
     pipeline_tag: str  # the Hub's and transformers.pipeline's name for the task (model cards)
     packed: bool = False  # texts are packed into max_length blocks (MLM, CLM)
+    # data.packing: examples (sft) or the pairs' sequences (preference) packed into rows
+    packs_examples: bool = False
     augmentable: bool = False  # EDA edits of whole texts keep the label (data.augment)
     peft_task_type: str | None = None  # peft's TaskType; None: the generic PeftModel
     modules_to_save: tuple[str, ...] = ()  # trained in full next to a LoRA adapter (heads)
