@@ -172,10 +172,10 @@ def trainer(method: str, seed: int, form: Form, files: dict, work_dir: Path) -> 
 SIDES = {"ours": ours, "Trainer": trainer}
 
 
-def run(quick: bool, work_dir: Path) -> dict[str, Any]:
+def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]:
     """Every method, side and seed, interleaved (ours then Trainer for each seed) so that a
     change in background load hits both sides alike."""
-    form = FORMS[quick]
+    form = form or FORMS[quick]
     files = split(form, work_dir)
     runs: dict[str, dict[str, list[dict]]] = {m: {s: [] for s in SIDES} for m in RECIPES}
     loads = []

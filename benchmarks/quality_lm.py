@@ -33,7 +33,6 @@ import json
 import os
 import random
 import statistics
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,7 @@ class Form:
     vocab_size: int = 8000
     layers: int = 4
     width: int = 256
+    tasks: tuple[str, ...] = ("clm", "mlm")
 
 
 FORMS = {
@@ -225,33 +225,24 @@ def trainer(task: str, seed: int, form: Form, files: dict, model: Path, work_dir
 SIDES = {"ours": ours, "Trainer": trainer}
 
 
-def run(quick: bool, work_dir: Path) -> dict[str, Any]:
-    """Both tasks and sides, seed by seed; a seed's four runs at once, in their own
-    processes, so that they share whatever load the machine has (and, on a busy machine,
-    finish in a quarter of the time). Their wall times are therefore not speeds."""
-    form = FORMS[quick]
+def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]:
+    """The form's tasks and both sides, seed by seed, one run at a time: two torch
+    processes on the same cores slow each other far more than twice (10-20x measured on 2
+    cores), so runs side by side would measure the contention."""
+    form = form or FORMS[quick]
     files = texts(form, work_dir)
-    runs: dict[str, dict[str, list[dict]]] = {t: {s: [] for s in SIDES} for t in RECIPES}
-    models = {t: train_tokenizer(t, form, files["train"], work_dir) for t in RECIPES}
+    runs: dict[str, dict[str, list[dict]]] = {t: {s: [] for s in SIDES} for t in form.tasks}
+    models = {t: train_tokenizer(t, form, files["train"], work_dir) for t in form.tasks}
     loads = []
     for seed in form.seeds:
-        starts = {
-            t: build_model(
-                t, form, models[t], work_dir / f"{t}-init-{form.train_texts}-{seed}", seed
-            )
-            for t in RECIPES
-        }
-        print(f"[quality-lm] seed {seed}: {', '.join(RECIPES)}, ours and Trainer ...", flush=True)
-        before = os.getloadavg()[0]
-        with ThreadPoolExecutor(max_workers=len(RECIPES) * len(SIDES)) as pool:
-            pending = {
-                (t, s): pool.submit(f, t, seed, form, files, starts[t], work_dir)
-                for t in RECIPES
-                for s, f in SIDES.items()
-            }
-        for (task, side), future in pending.items():
-            runs[task][side].append(future.result())
-        loads.append(max(before, os.getloadavg()[0]))
+        for task in form.tasks:
+            folder = work_dir / f"{task}-init-{form.train_texts}-{seed}"
+            start = build_model(task, form, models[task], folder, seed)
+            for side, function in SIDES.items():
+                print(f"[quality-lm] seed {seed}: {task}, {side} ...", flush=True)
+                before = os.getloadavg()[0]
+                runs[task][side].append(function(task, seed, form, files, start, work_dir))
+                loads.append(max(before, os.getloadavg()[0]))
     return {"form": asdict(form), "runs": runs, "loads": loads}
 
 
@@ -279,7 +270,10 @@ def goals(runs: dict) -> list[tuple[str, bool]]:
 
 def markdown(result: dict[str, Any]) -> str:
     """Settings, one row per task and side, then the goals."""
-    form, runs = Form(**{**result["form"], "seeds": tuple(result["form"]["seeds"])}), result["runs"]
+    stored = result["form"]
+    form = Form(
+        **{**stored, "seeds": tuple(stored["seeds"]), "tasks": tuple(runs := result["runs"])}
+    )
     rows = [(t, s, runs[t][s]) for t in runs for s in runs[t]]
     columns = [
         ("task", lambda r: r[0]),
@@ -299,8 +293,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{form.width}, from one seeded random init per seed for both sides; "
         f"{form.block}-token packed blocks, {form.steps} steps, batch {form.batch_size}, peak "
         f"lr {form.lr:g}, seeds {list(form.seeds)}. Ours: "
-        f"`{RECIPES['clm'].name}` and `{RECIPES['mlm'].name}` as shipped (schedule, warm-up, "
-        "weight decay, masking), evaluated once at the end. Trainer: its defaults (linear "
+        f"{' and '.join(f'`{RECIPES[t].name}`' for t in form.tasks)} as shipped (schedule, "
+        "warm-up, weight decay, masking), evaluated once at the end. Trainer: its defaults (linear "
         "decay, no warm-up, no weight decay, token masking). Perplexity: both final models "
         "scored by `trainer evaluate`, exp of the mean loss over every predicted token (MLM: "
         "BERT's 15% token masking, the same masks for both sides).",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks import hf_reference, quality_lm, run as runner
@@ -96,8 +96,8 @@ def test_trainer_clm_side_predicts_every_position_with_or_without_a_padding_toke
 
 
 def test_run_gives_every_task_side_and_seed_its_own_result(tmp_path, monkeypatch):
-    """A seed's runs go at once; each result lands under its own task and side, in seed
-    order, and the tokenizer is trained once per task."""
+    """Each result lands under its own task and side, in seed order, and the tokenizer is
+    trained once per task; a form may name one task."""
     form = quality_lm.Form(train_texts=2, validation_texts=1, steps=1, seeds=(7, 8))
     monkeypatch.setitem(quality_lm.FORMS, True, form)
     monkeypatch.setattr(quality_lm, "texts", lambda form, work: {"train": "t", "validation": "v"})
@@ -118,4 +118,6 @@ def test_run_gives_every_task_side_and_seed_its_own_result(tmp_path, monkeypatch
         {"side": "hf", "model": "mlm-init-2-8"},
     ]
     assert result["runs"]["clm"]["ours"][1] == {"side": "ours", "model": "clm-init-2-8"}
-    assert len(result["loads"]) == 2
+    assert len(result["loads"]) == 8  # one a run
+    only = quality_lm.run(True, tmp_path, form=replace(form, tasks=("clm",)))
+    assert list(only["runs"]) == ["clm"] and len(only["runs"]["clm"]["ours"]) == 2
