@@ -1,6 +1,6 @@
-"""benchmarks/small_data.py without training: each seed runs the three arms on the quality
-section's rows, EDA reaching the run config as data.augment, and the table and checks it
-renders from a stored result."""
+"""benchmarks/small_data.py without training: each seed runs the four arms on the quality
+section's rows (the longer arm with 3x the epochs), EDA reaching the run config as
+data.augment, and the table and checks it renders from a stored result."""
 
 from __future__ import annotations
 
@@ -30,18 +30,19 @@ def test_every_seed_runs_the_three_arms_on_the_same_rows(tmp_path, monkeypatch):
     calls = []
 
     def fake(method, seed, form, files, work_dir, augment=None):
-        calls.append((method, seed, dict(augment or {}), files["train"]))
+        calls.append((method, seed, dict(augment or {}), form.epochs, files["train"]))
         return _record(0.5, 1)
 
     monkeypatch.setattr(quality, "ours", fake)
     form = replace(small_data.FORMS[False], train_rows=40, validation_rows=10, test_rows=20)
     result = small_data.run(False, tmp_path, form=form)
     eda = {"copies": 2, "synonyms": str(small_data.SYNONYMS)}
-    assert [(m, s, a) for m, s, a, _ in calls] == [
-        (method, seed, augment)
+    assert [call[:4] for call in calls] == [
+        (method, seed, augment, epochs)
         for seed in (0, 1, 2)
-        for method, augment in (("lora", {}), ("full", {}), ("lora", eda))
-    ]
+        for method, augment, epochs in (("lora", {}, 4), ("full", {}, 4), ("lora", eda, 4),
+                                        ("lora", {}, 12))
+    ]  # fmt: skip
     assert len({train for *_, train in calls}) == 1
     assert {arm: len(runs) for arm, runs in result["runs"].items()} == dict.fromkeys(
         small_data.ARMS, 3
@@ -79,11 +80,13 @@ def test_markdown_and_checks_follow_the_means():
             "LoRA": [_record(0.80, 10), _record(0.84, 10)],
             "full": [_record(0.81, 100), _record(0.81, 100)],
             "LoRA + EDA": [_record(0.79, 10), _record(0.80, 10)],
+            "LoRA, 3x epochs": [_record(0.78, 10), _record(0.80, 10)],
         },
     }
     assert small_data.goals(result["runs"]) == [
         ("LoRA ≥ full (0.8200 vs 0.8100)", True),
         ("LoRA + EDA > LoRA (0.7950 vs 0.8200)", False),
+        ("LoRA + EDA > LoRA, 3x epochs (0.7950 vs 0.7900)", True),
     ]
     text = small_data.markdown(json.loads(json.dumps(result)))
     assert text.startswith("## Small data (scenario B): 500 IMDB rows")

@@ -119,3 +119,30 @@ def test_packing_is_for_the_tasks_that_pack_examples():
     cfg = build_config(minimal(task="preference", data=data), world_size=1)
     assert cfg.data.packing
     assert "data.packing: only for sft and preference" in error_of(minimal(data=data))
+
+
+@pytest.mark.gpu
+def test_flash_attention_scores_packed_pairs_as_the_padded_batch(pairs, tiny_llama_chat):
+    """flash_attention_2 on one row of the pairs' sequences (its variable-length kernel,
+    from the position ids) against the padded batch under SDPA, both bf16 on the GPU: the
+    sums within bf16 rounding."""
+    pytest.importorskip("flash_attn")
+    tokenizer, examples = pairs
+    padded = PairCollator(tokenizer.pad_token_id)(examples)
+    packed = PackedPairCollator(tokenizer.pad_token_id, MAX_LENGTH, by_position=True)(examples)
+    scores = {}
+    for attention, batch in (("sdpa", padded), ("flash_attention_2", packed)):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_llama_chat, attn_implementation=attention, dtype=torch.bfloat16
+        )
+        model = model.to("cuda").eval()
+        batch = {k: v.to("cuda") for k, v in batch.items()}
+        inputs = {
+            k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")
+        }
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits
+        scores[attention] = sequence_logps(logits, batch["labels"], batch.get("sequence_index"))[
+            0
+        ].cpu()
+    assert torch.allclose(scores["flash_attention_2"], scores["sdpa"], rtol=1e-2, atol=0.1)

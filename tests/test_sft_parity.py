@@ -1,7 +1,8 @@
 """1 process vs 2 (cpu-2proc: torchrun over gloo) for sft: with the same global batch, the
 same loss curve and the same final weights. Rows hold different numbers of answer tokens,
 so the loss must be a mean over the answer tokens of the step on both processes, not a
-mean of the processes' means."""
+mean of the processes' means. And DeepSpeed ZeRO-2/3 (its CPU accelerator) trains a packed
+sft run as a plain run does."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 from interrupted_runs import cli
 from test_launch import assert_same_training
 from test_sft import reverse_rows, sft_config, write_jsonl
+
+from launch.job import resolve_job
 
 SETTINGS = {
     "train.max_steps": 4,
@@ -43,3 +46,24 @@ def test_two_processes_train_an_sft_run_like_one(tmp_path, tiny_llama_chat, shap
     assert [s["accumulation_steps"] for s in summaries] == [4, 2]
     assert summaries[0]["train_examples"] == summaries[1]["train_examples"]
     assert_same_training(tmp_path / "two" / "run", tmp_path / "one" / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_cpu_trains_a_packed_sft_run_like_a_plain_one(tmp_path, tiny_llama_chat, stage):
+    """Started as `trainer launch` starts it, on one process (DeepSpeed's CPU accelerator
+    starts no group of two here): the loss curve and final weights of the plain run, up to
+    the rounding of ZeRO's flat partitions."""
+    from test_sharded_backends import cpu_profile, run_launched
+
+    rows, packing = SHAPES["packed"]
+    train_file = write_jsonl(tmp_path / "train.jsonl", reverse_rows(rows, 9, "messages"))
+    plain = sft_config(tmp_path / "plain", tiny_llama_chat, train_file, **SETTINGS, **packing)
+    assert cli("train", *plain) == 0
+    argv = sft_config(tmp_path / "zero", tiny_llama_chat, train_file, **SETTINGS, **packing)
+    profile = cpu_profile(tmp_path, f"zero{stage}", backend="deepspeed", zero_stage=stage)
+    job = resolve_job(argv[0], str(profile), argv[1:])
+    run_launched(job, 29490 + stage)
+    summary = json.loads((job.run_dir / "run_summary.json").read_text())
+    assert summary["distributed_type"] == "DEEPSPEED"  # not a plain run under another name
+    assert_same_training(job.run_dir, tmp_path / "plain" / "run")
