@@ -42,15 +42,15 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
 
 
-def assert_same_training(run: Path, reference: Path) -> None:
-    """Same loss curve (rel 1e-5) and the same final weights (atol 1e-6)."""
+def assert_same_training(run: Path, reference: Path, atol: float = 1e-6) -> None:
+    """Same loss curve (rel 1e-5) and the same final weights (to `atol`)."""
     got, expected = losses(run), losses(reference)
     assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, len(got) + 1))
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
     ours, theirs = (load_file(r / "final" / "model.safetensors") for r in (run, reference))
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(ours[key], theirs[key], atol=atol, rtol=0, msg=key)
 
 
 @pytest.fixture(scope="module")

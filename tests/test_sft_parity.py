@@ -53,7 +53,8 @@ def test_two_processes_train_an_sft_run_like_one(tmp_path, tiny_llama_chat, shap
 def test_zero_on_cpu_trains_a_packed_sft_run_like_a_plain_one(tmp_path, tiny_llama_chat, stage):
     """Started as `trainer launch` starts it, on one process (DeepSpeed's CPU accelerator
     starts no group of two here): the loss curve and final weights of the plain run, up to
-    the rounding of ZeRO's flat partitions."""
+    the rounding of ZeRO's flat partitions (ZeRO-3: 1.5e-6 measured on weights near 1
+    after 4 Adam steps at lr 3e-3)."""
     from test_sharded_backends import cpu_profile, run_launched
 
     rows, packing = SHAPES["packed"]
@@ -66,4 +67,4 @@ def test_zero_on_cpu_trains_a_packed_sft_run_like_a_plain_one(tmp_path, tiny_lla
     run_launched(job, 29490 + stage)
     summary = json.loads((job.run_dir / "run_summary.json").read_text())
     assert summary["distributed_type"] == "DEEPSPEED"  # not a plain run under another name
-    assert_same_training(job.run_dir, tmp_path / "plain" / "run")
+    assert_same_training(job.run_dir, tmp_path / "plain" / "run", atol=1e-5)
