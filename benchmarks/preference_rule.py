@@ -7,27 +7,40 @@ DPO than after SFT alone.
 1. **The model**: a random Llama built from config (benchmarks/models.py's
    build_llama_chat: `layers` x `hidden`, a byte-level BPE tokenizer trained on data/sft's
    turns, ChatML).
-2. **SFT**: configs/sft-full.yaml on data/sft/train.jsonl (8,000 conversations, packed),
-   lr 1e-3, for each of `sft_epochs`: a short run that leaves errors for DPO to fix, and a
-   longer one.
+2. **SFT**: configs/sft-full.yaml (packed, lr 1e-3) for each stage's epochs, on one of two
+   sets of demonstrations:
+   - `clean`: data/sft/train.jsonl (8,000 conversations), every answer the result only;
+   - `pleasantries`: the same conversations, half of whose answers start with the
+     pleasantry the instruction rules out (data/preference/make_pairs.py's
+     `with_pleasantries`, seeded): demonstrations of which only some follow the rule, the
+     case preference tuning is for.
 3. **DPO** from each SFT model's final/, in full with the reference scored once before
    training (`preference.precompute_reference`), on data/preference/train.jsonl (1,000
-   pairs: the chosen answer applies the rule named, the rejected one another rule to the
-   same words), beta 0.1, lr `dpo_lr`, `dpo_epochs` epochs; once plain and once with
+   pairs: the chosen answer is the named rule's result only; the rejected one another
+   rule's, or the right result after the pleasantry), every pair as chat turns, the form
+   the SFT model answers in (a plain-text pair is not a conversation it was taught);
+   beta 0.1, lr `dpo_lr`, `dpo_epochs` epochs; once plain and once with
    `preference.sft_weight` (RPO's NLL term on the chosen answer).
 4. **Scores** on data/preference/validation.jsonl's 200 held-out pairs, whose prompts no
    training row of either file asks: the reward accuracy and margin of the last evaluation
    (the policy against its SFT start), and greedy answers (`trainer predict`, the prompt as
    the user's turn) of the random base, each SFT model and each DPO model: exact match of
-   the chosen answer, overall and per rule.
+   the chosen answer (the rule's result only), overall and per rule, and normalised
+   contains (the result anywhere in the answer: the rule applied, with or without the
+   pleasantry).
 
-`--quick` runs only the short SFT: about 3 minutes on 2 idle cores; the full form about 8.
+`--quick` runs only the 2-epoch SFT on the pleasantries: about 4 minutes on 2 idle cores;
+the full form (clean and pleasantries, 2 and 5 epochs each) about 25.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from benchmarks import engine, sft
@@ -44,7 +57,13 @@ class Form:
 
     layers: int = 2
     hidden: int = 256
-    sft_epochs: tuple[int, ...] = (2, 5)
+    # (the SFT demonstrations, epochs) of each stage: `clean` or `pleasantries`
+    stages: tuple[tuple[str, int], ...] = (
+        ("clean", 2),
+        ("clean", 5),
+        ("pleasantries", 2),
+        ("pleasantries", 5),
+    )
     sft_lr: float = 1e-3
     dpo_epochs: int = 4
     dpo_lr: float = 1e-4
@@ -56,7 +75,48 @@ class Form:
     prompts: int = 0  # held-out pairs scored; 0: all
 
 
-FORMS = {False: Form(), True: Form(sft_epochs=(2,))}
+FORMS = {False: Form(), True: Form(stages=(("pleasantries", 2),))}
+SOURCES = ("clean", "pleasantries")
+NEW_TOKENS = 32
+
+
+def make_pairs() -> ModuleType:
+    """data/preference/make_pairs.py, where the pleasantry is defined (a script beside its
+    data, not a package)."""
+    spec = importlib.util.spec_from_file_location("make_pairs", DATA / "make_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def demonstrations(source: str, form: Form, work_dir: Path) -> Path:
+    """The SFT rows of `source` (the form's first `train_rows` of them, if set)."""
+    clean = head(SFT_TRAIN, form, work_dir)
+    if source == "clean":
+        return clean
+    rows = [json.loads(line) for line in clean.read_text().splitlines()]
+    path = work_dir / "sft-pleasantries.jsonl"
+    changed = make_pairs().with_pleasantries(rows, random.Random(0))
+    path.write_text("".join(json.dumps(row) + "\n" for row in changed))
+    return path
+
+
+def as_chat(row: dict) -> dict:
+    """A pair as chat turns: the prompt the user's, each answer the assistant's."""
+    if not isinstance(row["prompt"], str):
+        return row
+    return {
+        "prompt": [{"role": "user", "content": row["prompt"]}],
+        **{k: [{"role": "assistant", "content": row[k].strip()}] for k in ("chosen", "rejected")},
+    }
+
+
+def chat_pairs(name: str, form: Form, work_dir: Path) -> Path:
+    """data/preference/`name` (train: its first `train_rows` pairs, if set) as chat turns."""
+    path = head(DATA / name, form, work_dir) if name == "train.jsonl" else DATA / name
+    out = work_dir / f"pairs-{name}"
+    out.write_text("".join(json.dumps(as_chat(row)) + "\n" for row in read_jsonl(path)))
+    return out
 
 
 def pair_texts() -> list[str]:
@@ -89,12 +149,12 @@ def head(source: Path, form: Form, work_dir: Path) -> Path:
     return path
 
 
-def sft_stage(model: Path, epochs: int, form: Form, work_dir: Path) -> Path:
-    """configs/sft-full.yaml for `epochs` epochs; its final/."""
+def sft_stage(model: Path, source: str, epochs: int, form: Form, work_dir: Path) -> Path:
+    """configs/sft-full.yaml on `source`'s demonstrations for `epochs` epochs; its final/."""
     settings = {
         "model": {"name_or_path": str(model)},
         "data": {
-            "train": str(head(SFT_TRAIN, form, work_dir)),
+            "train": str(demonstrations(source, form, work_dir)),
             "validation": None,
             "max_length": form.max_length,
             "packing": True,
@@ -109,7 +169,7 @@ def sft_stage(model: Path, epochs: int, form: Form, work_dir: Path) -> Path:
         },
         "log": {"every_steps": 10, "trackers": []},
     }
-    run = engine.train(work_dir / f"sft-{epochs}", settings, sft.RECIPES["full"])
+    run = engine.train(work_dir / f"sft-{source}-{epochs}", settings, sft.RECIPES["full"])
     return run.run_dir / "final"
 
 
@@ -119,8 +179,8 @@ def dpo_stage(start: Path, weight: float, form: Form, work_dir: Path, name: str)
         "task": "preference",
         "model": {"name_or_path": str(start)},
         "data": {
-            "train": str(head(DATA / "train.jsonl", form, work_dir)),
-            "validation": str(DATA / "validation.jsonl"),
+            "train": str(chat_pairs("train.jsonl", form, work_dir)),
+            "validation": str(chat_pairs("validation.jsonl", form, work_dir)),
             "max_length": form.max_length,
             "cache_dir": str(work_dir / "cache"),
         },
@@ -152,22 +212,26 @@ def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]
     form = form or FORMS[quick]
     prompts = held_out(form)
     model = build_llama_chat(work_dir / "model", sft_corpus(SFT_TRAIN), form.layers, form.hidden)
-    answers = sft.Form(max_new_tokens=12)
+    # room for the pleasantry and a five-word result: its characters are rare in the text
+    # the tokenizer was trained on, so it takes about 12 tokens alone
+    answers = sft.Form(max_new_tokens=NEW_TOKENS)
 
     def greedy(folder: Path, name: str, *extra: str) -> dict:
         found = sft.predict(folder, prompts, answers, work_dir / f"predict-{name}.log", *extra)
         return {k: found[k] for k in ("exact_match", "contains", "by_rule")}
 
     result: dict[str, Any] = {"form": asdict(form), "prompts": len(prompts)}
+    result["new_tokens"] = NEW_TOKENS
     result["base"] = greedy(model, "base", "task=sft")
     stages = []
-    for epochs in form.sft_epochs:
-        print(f"[preference] sft, {epochs} epoch(s) ...", flush=True)
-        final = sft_stage(model, epochs, form, work_dir)
-        stage: dict[str, Any] = {"sft_epochs": epochs, "sft": greedy(final, f"sft-{epochs}")}
+    for source, epochs in form.stages:
+        print(f"[preference] sft on {source}, {epochs} epoch(s) ...", flush=True)
+        final = sft_stage(model, source, epochs, form, work_dir)
+        stage: dict[str, Any] = {"source": source, "sft_epochs": epochs}
+        stage["sft"] = greedy(final, f"sft-{source}-{epochs}")
         stage["dpo"] = []
         for weight in form.sft_weights:
-            name = f"dpo-{epochs}-{weight:g}"
+            name = f"dpo-{source}-{epochs}-{weight:g}"
             print(f"[preference] {name} ...", flush=True)
             found = dpo_stage(final, weight, form, work_dir, name)
             found["after"] = greedy(Path(found.pop("final")), name)
@@ -187,15 +251,16 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
             name,
             *rewards,
             fmt(found["exact_match"], 3),
+            fmt(found["contains"], 3),
             *(fmt(found["by_rule"][r], 2) for r in rules),
         ]
 
     rows = [row("random base", ("", ""), result["base"])]
     for stage in result["stages"]:
-        epochs = stage["sft_epochs"]
-        rows.append(row(f"SFT {epochs} epoch(s)", ("", ""), stage["sft"]))
+        sft_name = f"SFT {stage['source']} {stage['sft_epochs']}"
+        rows.append(row(f"{sft_name} epoch(s)", ("", ""), stage["sft"]))
         for dpo in stage["dpo"]:
-            name = f"SFT {epochs} + DPO" + (
+            name = f"{sft_name} + DPO" + (
                 f" + NLL x{dpo['sft_weight']:g}" if dpo["sft_weight"] else ""
             )
             rewards = (fmt(dpo["reward_accuracy"], 3), fmt(dpo["reward_margin"], 2))
@@ -203,25 +268,48 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def goals(result: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The issue's two checks, per DPO run: held-out reward accuracy above 0.9, and greedy
+    answers following the rule (exact match) more often than after its SFT alone."""
+    found = []
+    for stage in result["stages"]:
+        before = stage["sft"]["exact_match"]
+        for dpo in stage["dpo"]:
+            name = f"SFT {stage['source']} {stage['sft_epochs']} + DPO" + (
+                f" + NLL x{dpo['sft_weight']:g}" if dpo["sft_weight"] else ""
+            )
+            after = dpo["after"]["exact_match"]
+            found.append((f"{name}: reward accuracy > 0.9", dpo["reward_accuracy"] > 0.9))
+            found.append((f"{name}: exact match {before:.3f} → {after:.3f}", after > before))
+    return found
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The settings, then one table: every model's held-out rewards and greedy answers."""
+    """The settings, one table of every model's held-out rewards and greedy answers, then
+    the goals."""
     form = result["form"]
     rules = list(result["base"]["by_rule"])
-    head_ = ["model", "reward accuracy", "reward margin", "exact match", *rules]
+    head_ = ["model", "reward accuracy", "reward margin", "exact match", "contains", *rules]
     return "\n".join(
         [
             "## Preference tuning after SFT: held-out rewards and greedy answers",
             "",
             f"A random {form['layers']}-layer Llama (hidden {form['hidden']}); SFT: "
-            f"configs/sft-full.yaml on data/sft/train.jsonl, packed, lr {form['sft_lr']:g}; DPO "
-            f"in full from each SFT model, the reference its start (precomputed), beta "
+            f"configs/sft-full.yaml, packed, lr {form['sft_lr']:g}, on data/sft/train.jsonl "
+            "(clean) or on the same conversations with half the answers after the "
+            "pleasantry 'Sure! The answer is: ' (pleasantries); DPO in full from each SFT "
+            "model, the reference its start (precomputed), beta "
             f"{form['beta']:g}, lr {form['dpo_lr']:g}, {form['dpo_epochs']} epochs of "
-            f"data/preference/train.jsonl, plain or with `preference.sft_weight` (RPO's NLL "
-            f"term). Scored on the {result['prompts']} held-out pairs of "
-            "data/preference/validation.jsonl (prompts no training row asks): the last "
-            "evaluation's reward accuracy and margin, and exact match of greedy answers "
-            "(`trainer predict`, 12 new tokens) with the chosen answer, overall and per rule.",
+            "data/preference/train.jsonl as chat turns, plain or with "
+            "`preference.sft_weight` (RPO's NLL term). Scored on the "
+            f"{result['prompts']} held-out pairs of data/preference/validation.jsonl (prompts "
+            "no training row asks): the last evaluation's reward accuracy and margin, and "
+            f"greedy answers (`trainer predict`, {result['new_tokens']} new tokens): "
+            "exact match of the chosen "
+            "answer overall and per rule, and contains (the result anywhere in the answer).",
             "",
             *table(head_, _rows(result)),
+            "",
+            *table(["goal", "met"], [[g, "yes" if met else "no"] for g, met in goals(result)]),
         ]
     )

@@ -3,10 +3,16 @@
     python data/preference/make_pairs.py
 
 Each prompt names a rule and a few words (the rules of data/sft/make_rules.py). The chosen
-answer applies the named rule; the rejected one applies another rule to the same words, so
-both answers are made of the prompt's words and only the rule named tells them apart: a
-model must read the instruction to prefer the right one. Half the rows are plain text,
-half chat messages (a user turn, the answers as assistant turns)."""
+answer applies the named rule and is the result only, as data/sft's system turn asks. The
+rejected one, in half the pairs, applies another rule to the same words, so that only the
+rule named tells the answers apart: a model must read the instruction to prefer the right
+one. In the other half it is the right result after a pleasantry (`PLEASANTRY`) that the
+instruction rules out. Half the rows are plain text, half chat messages (a user turn, the
+answers as assistant turns).
+
+`with_pleasantries` makes the supervised data that preference tuning is for: the same
+demonstrations, half of whose answers start with the pleasantry, as when two annotators
+wrote them and one did not follow the instruction (benchmarks/preference_rule.py)."""
 
 from __future__ import annotations
 
@@ -18,15 +24,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sft"))
 from make_rules import RULES, WORDS, asked  # the sft rules, one definition
 
+PLEASANTRY = "Sure! The answer is: "
+
 
 def preference_pair(rng: random.Random) -> dict:
-    """One prompt with the right rule's answer and another rule's (a different answer)."""
+    """One prompt with the right rule's answer, and either another rule's (a different
+    answer) or the right one after the pleasantry."""
     while True:
         rule, other = rng.sample(list(RULES), 2)
         words = rng.sample(WORDS, rng.randint(2, 5))
         chosen, rejected = RULES[rule](words), RULES[other](words)
         if chosen != rejected:
             break
+    if rng.random() < 0.5:
+        rejected = PLEASANTRY + chosen
     prompt = f"{rule}: {' '.join(words)}"
     if rng.random() < 0.5:
         return {"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected}
@@ -35,6 +46,21 @@ def preference_pair(rng: random.Random) -> dict:
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
     }
+
+
+def with_pleasantries(rows: list[dict], rng: random.Random) -> list[dict]:
+    """Conversations (data/sft's) with each assistant answer, by a coin toss, after the
+    pleasantry."""
+    changed = []
+    for row in rows:
+        turns = [
+            {**t, "content": PLEASANTRY + t["content"]}
+            if t["role"] == "assistant" and rng.random() < 0.5
+            else t
+            for t in row["messages"]
+        ]
+        changed.append({"messages": turns})
+    return changed
 
 
 def write(path: Path, rows: list[dict]) -> None:
