@@ -112,7 +112,7 @@ def ours(
 ) -> dict[str, Any]:
     """One recipe as shipped, at the budget (`augment`: with these data.augment settings),
     then `trainer evaluate` of its final/ on test."""
-    name = f"ours-{method}{'-eda' if augment else ''}-{seed}"
+    name = f"ours-{method}{'-eda' if augment else ''}-{form.epochs}ep-{seed}"
     settings = {
         "model": {"name_or_path": model_path()},
         "data": {
