@@ -186,10 +186,10 @@ def _slug(arm: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-")
 
 
-def run(quick: bool, work_dir: Path) -> dict[str, Any]:
+def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]:
     """Every arm for each seed, seeds outermost, so that a change in background load hits
-    the arms alike."""
-    form = FORMS[quick]
+    the arms alike. `form` replaces the quick/full one (a form between the two)."""
+    form = form or FORMS[quick]
     files = split(form, work_dir)
     arms = [*CORE_ARMS, *form.variants]
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
