@@ -11,9 +11,9 @@ Trainer's side trains on the same rows without validation (its default: no evalu
 last model) and is scored on the same test rows.
 
 The full form (3 seeds, 3,500 train rows, max_length 256) is hours of CPU on 2 cores and is
-meant for a GPU; `--quick` (one seed, 1,000 train rows, max_length 128) takes about 15
-minutes on 2 idle cores: big enough that a recipe's choices show (at 400 rows every side
-stays near chance).
+meant for a GPU; `--quick` (one seed, 1,000 train rows, max_length 128) took 28 minutes on
+2 idle AMD EPYC cores (no native bf16): big enough that a recipe's choices show (at 400 rows
+every side stays near chance).
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ counted alike: exp of the mean loss over every predicted token of the validation
 (CLM: each position's next token; MLM: the 15% of tokens BERT's token masking selects, the
 same masks for both). Each side's own figure is kept next to it.
 
-The full form (all 4,000 reviews, 500 to validate on, 300 steps, 3 seeds) takes about an
-hour per task on 2 CPU cores; `--quick` (1,000 reviews, 100, 40 steps, one seed) under
-10 minutes on an idle 2-core machine.
+The full form (all 4,000 reviews, 500 to validate on, 300 steps, 3 seeds) takes 20 to 30
+minutes per task on 2 idle CPU cores (one CLM seed, both sides and scoring: 6 to 10);
+`--quick` (1,000 reviews, 100, 40 steps, one seed) under 10 minutes.
 """
 
 from __future__ import annotations
