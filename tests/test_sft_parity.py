@@ -45,7 +45,8 @@ def test_two_processes_train_an_sft_run_like_one(tmp_path, tiny_llama_chat, shap
     assert [s["processes"] for s in summaries] == [1, 2]
     assert [s["accumulation_steps"] for s in summaries] == [4, 2]
     assert summaries[0]["train_examples"] == summaries[1]["train_examples"]
-    assert_same_training(tmp_path / "two" / "run", tmp_path / "one" / "run")
+    # the gradient all-reduce sums in another order: 1e-6 held on Intel, not on AMD EPYC
+    assert_same_training(tmp_path / "two" / "run", tmp_path / "one" / "run", atol=1e-5)
 
 
 @pytest.mark.slow
