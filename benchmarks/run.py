@@ -16,6 +16,7 @@ need an otherwise idle machine: the load average around each section is recorded
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
 import json
@@ -60,16 +61,30 @@ def section_module(name: str) -> ModuleType:
     return importlib.import_module(f"benchmarks.{(SECTIONS | EXTRA)[name]}")
 
 
-def run_section(name: str, quick: bool, work_dir: Path) -> dict[str, Any]:
+def seeded(module: ModuleType) -> bool:
+    """Whether a section's forms carry seeds, so that `--seeds` can replace them."""
+    forms = getattr(module, "FORMS", None)
+    return bool(forms) and all(
+        "seeds" in {f.name for f in dataclasses.fields(f)} for f in forms.values()
+    )
+
+
+def run_section(
+    name: str, quick: bool, work_dir: Path, seeds: tuple[int, ...] | None = None
+) -> dict[str, Any]:
     """One section, timed, with the load average around it; a failure (of its run or of
-    its Markdown) becomes the record's error."""
+    its Markdown) becomes the record's error. `seeds` replaces its form's seeds."""
     module = section_module(name)
     folder = (work_dir / name).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"load_before": os.getloadavg()[0]}
     start = time.perf_counter()
     try:
-        record["result"] = module.run(quick, folder)
+        if seeds is None:
+            record["result"] = module.run(quick, folder)
+        else:
+            form = dataclasses.replace(module.FORMS[quick], seeds=seeds)
+            record["result"] = module.run(quick, folder, form=form)
         module.markdown(record["result"])  # a result its own Markdown cannot show fails too
     except Exception as error:  # reported in the results; the other sections go on
         traceback.print_exc()
@@ -177,11 +192,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     choices = ", ".join([*SECTIONS, *EXTRA])
     parser.add_argument("--only", help=f"comma-separated sections of {choices}")
     parser.add_argument("--work-dir", type=Path, help="keep run folders here (default: tmp)")
+    parser.add_argument(
+        "--seeds",
+        help="comma-separated seeds replacing the form's (e.g. --quick --seeds 0,1,2: the quick "
+        "form's sizes, 3 seeds), for sections whose form has seeds",
+    )
     args = parser.parse_args(argv)
     args.sections = args.only.split(",") if args.only else list(SECTIONS)
     unknown = [s for s in args.sections if s not in SECTIONS and s not in EXTRA]
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(unknown)}; choose from {choices}")
+    if args.seeds is not None:
+        try:
+            args.seeds = tuple(int(seed) for seed in args.seeds.split(","))
+        except ValueError:
+            parser.error(f"--seeds: {args.seeds!r} is not a comma-separated list of integers")
+        unseeded = [s for s in args.sections if not seeded(section_module(s))]
+        if unseeded:
+            parser.error(f"--seeds: section(s) {', '.join(unseeded)} have no seeds to replace")
     return args
 
 
@@ -201,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         "sections": {},
     }
     partial = "" if args.sections == list(SECTIONS) else "-" + "-".join(args.sections)
+    if args.seeds is not None:  # apart from the same sections' run at the form's own seeds
+        partial += "-seeds-" + "-".join(str(seed) for seed in args.seeds)
     stem = RESULTS_DIR / f"{datetime.date.today().isoformat()}-{report['slug']}{partial}"
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work_dir = args.work_dir or Path(tmp)
         for name in args.sections:
             print(f"=== {name} ===", flush=True)
-            report["sections"][name] = run_section(name, args.quick, work_dir)
+            report["sections"][name] = run_section(name, args.quick, work_dir, args.seeds)
             print(f"=== {name}: wrote {write(report, stem)}", flush=True)
     failed = [name for name, s in report["sections"].items() if "error" in s]
     if failed:

@@ -11,7 +11,7 @@ import inspect
 import json
 import sys
 import types
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -219,6 +219,41 @@ def test_runner_names_a_partial_run_apart(fake_sections, tmp_path):
     assert md.stem.endswith("-ok")
     with pytest.raises(SystemExit):
         runner.parse_args(["--only", "nope"])
+
+
+def test_runner_seeds_replace_the_forms_seeds_and_name_the_file(monkeypatch, tmp_path):
+    """`--quick --seeds 0,1,2`: the quick form with its seeds replaced, in a file of its own;
+    a section without seeded forms is refused before anything runs."""
+
+    @dataclass(frozen=True)
+    class Form:
+        rows: int
+        seeds: tuple[int, ...]
+
+    def run(quick, work_dir, form=None):
+        form = form or module.FORMS[quick]
+        return {"rows": form.rows, "seeds": list(form.seeds)}
+
+    fake_section("fake_seeded", run, lambda r: f"## seeds {r['seeds']}")
+    module = sys.modules["benchmarks.fake_seeded"]
+    module.FORMS = {False: Form(100, (0, 1, 2)), True: Form(10, (0,))}
+    fake_section("fake_plain", lambda quick, work_dir: {}, lambda r: "## plain")
+    monkeypatch.setattr(runner, "SECTIONS", {"seeded": "fake_seeded", "plain": "fake_plain"})
+    monkeypatch.setattr(runner, "EXTRA", {})
+    monkeypatch.setattr(runner, "RESULTS_DIR", tmp_path / "results")
+    try:
+        assert runner.main(["--quick", "--only", "seeded", "--seeds", "3,4"]) == 0
+        with pytest.raises(SystemExit):
+            runner.parse_args(["--only", "seeded,plain", "--seeds", "3"])
+        with pytest.raises(SystemExit):
+            runner.parse_args(["--only", "seeded", "--seeds", "3,x"])
+    finally:
+        for name in ("fake_seeded", "fake_plain"):
+            sys.modules.pop(f"benchmarks.{name}")
+    [json_file] = (tmp_path / "results").glob("*.json")
+    assert json_file.stem.endswith("-seeded-seeds-3-4")
+    report = json.loads(json_file.read_text())
+    assert report["sections"]["seeded"]["result"] == {"rows": 10, "seeds": [3, 4]}
 
 
 def rows_of(path: str) -> list[dict]:
