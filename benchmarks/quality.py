@@ -12,8 +12,8 @@ last model) and is scored on the same test rows.
 
 The full form (3 seeds, 3,500 train rows, max_length 256) is hours of CPU on 2 cores and is
 meant for a GPU; `--quick` (one seed, 1,000 train rows, max_length 64, 500 test rows) is the
-smoke test of about 15 minutes: 1,000 rows are few enough that a recipe's choices show (at
-400 rows every side stays near chance). At max_length 128 and 800 test rows one seed took 28
+smoke test (8.4 minutes on 2 AMD EPYC cores, under the 15 asked); 1,000 rows, since at
+400 rows every side stays near chance. At max_length 128 and 800 test rows one seed took 28
 minutes on 2 idle AMD EPYC cores (no native bf16); the README's table is that form with 3
 seeds (`Form(1000, 200, 800, 128, (0, 1, 2))`).
 """
@@ -65,8 +65,8 @@ FORMS = {
     False: Form(
         train_rows=3500, validation_rows=500, test_rows=5000, max_length=256, seeds=(0, 1, 2)
     ),
-    # 15 minutes on 2 CPU cores: 1,000 rows still (at 400 every side stays near chance), the
-    # first 64 tokens of each review and 500 test rows
+    # 8.4 minutes on 2 CPU cores: 1,000 rows still (at 400 every side stays near chance),
+    # the first 64 tokens of each review and 500 test rows
     True: Form(train_rows=1000, validation_rows=200, test_rows=500, max_length=64, seeds=(0,)),
 }
 
