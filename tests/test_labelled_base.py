@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification, pipeline
 
 from trainer.inference import Predictor
 from trainer.run.checkpoint import saved_layout
-from trainer.run.resume import read_loop_state
+from trainer.run.resume import COMMIT_NAME, read_loop_state
 
 LABELS = ["negative", "neutral", "positive"]
 CUES = {"negative": "awful", "neutral": "room", "positive": "great"}
@@ -63,6 +63,8 @@ def test_the_three_standard_loaders_keep_labels_and_logits(run_config, three_lab
     assert cli("train", lora_run(run_config, three_labels, train={"max_steps": 3})) == 0
     final = tmp_path / "run" / "final"
     assert not (final / "config.json").exists()  # else transformers looks for full weights
+    links = list((final / "base").glob("weights-*.safetensors"))
+    assert links and all(link.is_symlink() for link in links)  # the original's, not copies
     ours = Predictor.load(str(final))
     expected = logits(ours.model, ours.tokenizer)
     id2label = dict(enumerate(LABELS))
@@ -118,7 +120,11 @@ def test_checkpoints_open_mid_run(run_config, three_labels, tmp_path, capsys):
         assert cli("evaluate", folder, "--data", validation) == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
-    checkpoint = scored(run_dir / "checkpoints" / "step-00000002")
+    checkpoint_dir = run_dir / "checkpoints" / "step-00000002"
+    manifest = json.loads((checkpoint_dir / COMMIT_NAME).read_text())["files"]
+    base_files = [name for name in manifest if "/base/" in name]
+    assert base_files and not [name for name in base_files if "weights-" in name]  # not ours
+    checkpoint = scored(checkpoint_dir)
     assert checkpoint["loss"] == pytest.approx(logged["eval_loss"], abs=1e-6)
     assert checkpoint["f1"] == pytest.approx(logged["eval_f1"], abs=1e-6)
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
@@ -126,6 +132,7 @@ def test_checkpoints_open_mid_run(run_config, three_labels, tmp_path, capsys):
     assert cli("export", run_dir, "--checkpoint", "2", "--out", merged, "--merge") == 0
     capsys.readouterr()
     assert scored(adapter) == checkpoint
+    assert all(link.is_symlink() for link in (adapter / "base").glob("weights-*"))
     assert scored(merged)["loss"] == pytest.approx(checkpoint["loss"], abs=1e-4)
     assert cli("export", run_dir, "--checkpoint", "step-9", "--out", tmp_path / "x") == 2
 

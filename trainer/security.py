@@ -85,5 +85,7 @@ def umask_modes(folder: Path) -> None:
     os.umask(umask)
     mode = 0o666 & ~umask
     for path in folder.rglob("*.safetensors"):
+        if path.is_symlink():  # an adapter's link to its base's weights: not ours to change
+            continue
         if path.is_file() and path.stat().st_mode & 0o777 != mode:
             path.chmod(mode)

@@ -8,10 +8,14 @@ transformers take the folder for a complete model and look for its weights). The
 base's config has no label names, and its default two labels do not fit a trained head of
 three or more. So the adapter names `final/base/` as its base: the original's config with
 the run's labels and head class, its tokenizer (pipeline reads the base's), and a weight
-index whose entries are the original's own weight files by absolute path: nothing is
+index whose shards are symbolic links to the original's own weight files: nothing is
 copied, and the folder loads wherever those files stay where they are (as a local base's
-path in an adapter always had to). The index metadata keeps the original base's name, which
-our own readers load and compare (trainer/model/saved.py).
+path in an adapter always had to). The links are there because transformers 5.25 refuses
+an index entry that leaves the folder (an absolute path or `..`: a hub repo's index must
+not reach into the disk) but follows links, which its own hub cache is made of. Our writers
+leave the links out of what they hash, flush and chmod (trainer/run/resume.py,
+trainer/security.py): those files are the original's. The index metadata keeps the
+original base's name, which our own readers load and compare (trainer/model/saved.py).
 """
 
 from __future__ import annotations
@@ -98,8 +102,16 @@ def write(peft_model, tokenizer: PreTrainedTokenizerBase, folder: Path, target: 
         del config.quantization_config  # the tools load the base in full precision
     config.save_pretrained(labelled)
     tokenizer.save_pretrained(labelled)
+    suffix = Path(dict(WEIGHT_FORMATS)[index_name]).suffix  # transformers reads it by name
+    links = {
+        path: f"weights-{n:05d}{suffix}"
+        for n, path in enumerate(sorted(set(weight_map.values())), 1)
+    }
+    for path, name in links.items():
+        (labelled / name).symlink_to(path)
+    shards = {tensor: links[path] for tensor, path in weight_map.items()}
     metadata = {ORIGINAL_KEY: source}
-    atomic.write_json(labelled / index_name, {"metadata": metadata, "weight_map": weight_map})
+    atomic.write_json(labelled / index_name, {"metadata": metadata, "weight_map": shards})
     point_adapter_at(folder, target / BASE_DIR)
 
 
@@ -130,5 +142,5 @@ def copy_to(folder: Path, tmp: Path, target: Path) -> None:
     """Copy `folder/base/` (when there is one) into `tmp`, which becomes `target`, and
     point the copied adapter at `target/base`."""
     if (folder / BASE_DIR).is_dir():
-        shutil.copytree(folder / BASE_DIR, tmp / BASE_DIR)
+        shutil.copytree(folder / BASE_DIR, tmp / BASE_DIR, symlinks=True)
         point_adapter_at(tmp, target / BASE_DIR)

@@ -109,14 +109,19 @@ def _piece_digests(paths: list[Path]) -> list[list[str]]:
     return [digests[index] for index in owner]
 
 
+def own_files(folder: Path) -> list[Path]:
+    """The files under `folder` that its writer wrote, sorted: not the links an adapter's
+    base/ holds to the original base's weights (trainer/model/labelled_base.py), which
+    belong to that base and would cost a hash of the whole base at every save."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def sync_tree(folder: Path) -> None:
     """Flush every file under `folder` and then its directories to disk: a commit marker or
     rename is durable only once the data it vouches for is. The weight files get the
     umask's mode first (trainer.security.umask_modes)."""
     umask_modes(folder)
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
+    for path in own_files(folder):
         try:
             handle = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -133,7 +138,7 @@ def sync_tree(folder: Path) -> None:
 def write_commit(folder: Path) -> None:
     """Write the manifest of every file in `folder`, atomically and durably, as its last
     file (the files themselves are synced before: `sync_tree`)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMMIT_NAME)
+    files = [p for p in own_files(folder) if p.name != COMMIT_NAME]
     manifest = {
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": digests}
         for p, digests in zip(files, _piece_digests(files), strict=True)
