@@ -18,6 +18,7 @@ stopping, and starts from the shipped model or from the TAPT run's final/ folder
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine
+from benchmarks import engine, kept
 from benchmarks.common import ROOT, column_table, fmt, load_warning, run_measured
 from benchmarks.models import model_path
 from benchmarks.quality import imdb_rows, write_rows
@@ -182,8 +183,14 @@ def finetune(name: str, start: str, seed: int, form: Form, files: dict, work_dir
     }
 
 
-def _slug(arm: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in arm.lower()).strip("-")
+def one_arm(arm: str, seed: int, form: Form, files: dict, work_dir: Path) -> dict[str, Any]:
+    """One arm's TAPT (none for fine-tuning alone) and fine-tuning from its result."""
+    record: dict[str, Any] = {"seed": seed}
+    start = model_path()
+    if ARMS[arm] is not None:
+        record["tapt"] = tapt(kept.slug(arm), ARMS[arm], seed, form, files, work_dir)
+        start = record["tapt"]["final"]
+    return record | finetune(kept.slug(arm), start, seed, form, files, work_dir)
 
 
 def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]:
@@ -198,13 +205,9 @@ def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]
         for arm in arms:
             print(f"[dapt] {arm}, seed {seed} ...", flush=True)
             before = os.getloadavg()[0]
-            record: dict[str, Any] = {"seed": seed}
-            start = model_path()
-            if ARMS[arm] is not None:
-                record["tapt"] = tapt(_slug(arm), ARMS[arm], seed, form, files, work_dir)
-                start = record["tapt"]["final"]
-            record |= finetune(_slug(arm), start, seed, form, files, work_dir)
-            runs[arm].append(record)
+            key = {"arm": arm, "seed": seed, "form": kept.form_key(form)}
+            compute = functools.partial(one_arm, arm, seed, form, files, work_dir)
+            runs[arm].append(kept.run(work_dir / f"{kept.slug(arm)}-{seed}.json", key, compute))
             loads.append(max(before, os.getloadavg()[0]))
     return {"form": asdict(form), "runs": runs, "loads": loads}
 

@@ -21,6 +21,7 @@ seeds (`Form(1000, 200, 800, 128, (0, 1, 2))`).
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine, hf_reference
+from benchmarks import engine, hf_reference, kept
 from benchmarks.common import ROOT, column_table, fmt, load_warning, run_measured
 from benchmarks.comparison import LABELS, LORA_LR, Job
 from benchmarks.models import model_path
@@ -178,7 +179,8 @@ SIDES = {"ours": ours, "Trainer": trainer}
 
 def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]:
     """Every method, side and seed, interleaved (ours then Trainer for each seed) so that a
-    change in background load hits both sides alike."""
+    change in background load hits both sides alike; a run finished by an earlier call with
+    the same work_dir and code is kept (benchmarks/kept.py)."""
     form = form or FORMS[quick]
     files = split(form, work_dir)
     runs: dict[str, dict[str, list[dict]]] = {m: {s: [] for s in SIDES} for m in RECIPES}
@@ -188,7 +190,10 @@ def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]
             for side, function in SIDES.items():
                 print(f"[quality] {method} seed {seed}: {side} ...", flush=True)
                 before = os.getloadavg()[0]
-                runs[method][side].append(function(method, seed, form, files, work_dir))
+                key = {"method": method, "side": side, "seed": seed, "form": kept.form_key(form)}
+                path = work_dir / f"{method}-{side}-{seed}.json"
+                compute = functools.partial(function, method, seed, form, files, work_dir)
+                runs[method][side].append(kept.run(path, key, compute))
                 loads.append(max(before, os.getloadavg()[0]))
     return {"form": asdict(form), "trainer_lr": TRAINER_LR, "runs": runs, "loads": loads}
 

@@ -29,6 +29,7 @@ minutes per task on 2 idle CPU cores (one CLM seed, both sides and scoring: 6 to
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import random
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import engine, hf_reference
+from benchmarks import engine, hf_reference, kept
 from benchmarks.common import ROOT, column_table, fmt, load_warning, run_measured
 from benchmarks.comparison import Job
 
@@ -225,6 +226,20 @@ def trainer(task: str, seed: int, form: Form, files: dict, model: Path, work_dir
 SIDES = {"ours": ours, "Trainer": trainer}
 
 
+def both_sides(
+    task: str, seed: int, form: Form, files: dict, tokenizer: Path, work_dir: Path
+) -> dict[str, dict]:
+    """Both sides from one model drawn for the seed: kept together (benchmarks/kept.py),
+    since a side of a rerun would start from another tokenizer's model."""
+    folder = work_dir / f"{task}-init-{form.train_texts}-{seed}"
+    start = build_model(task, form, tokenizer, folder, seed)
+    pair = {}
+    for side, function in SIDES.items():
+        print(f"[quality-lm] seed {seed}: {task}, {side} ...", flush=True)
+        pair[side] = function(task, seed, form, files, start, work_dir)
+    return pair
+
+
 def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]:
     """The form's tasks and both sides, seed by seed, one run at a time: two torch
     processes on the same cores slow each other far more than twice (10-20x measured on 2
@@ -236,13 +251,13 @@ def run(quick: bool, work_dir: Path, form: Form | None = None) -> dict[str, Any]
     loads = []
     for seed in form.seeds:
         for task in form.tasks:
-            folder = work_dir / f"{task}-init-{form.train_texts}-{seed}"
-            start = build_model(task, form, models[task], folder, seed)
-            for side, function in SIDES.items():
-                print(f"[quality-lm] seed {seed}: {task}, {side} ...", flush=True)
-                before = os.getloadavg()[0]
-                runs[task][side].append(function(task, seed, form, files, start, work_dir))
-                loads.append(max(before, os.getloadavg()[0]))
+            before = os.getloadavg()[0]
+            key = {"task": task, "seed": seed, "form": kept.form_key(form)}
+            compute = functools.partial(both_sides, task, seed, form, files, models[task], work_dir)
+            pair = kept.run(work_dir / f"{task}-{seed}.json", key, compute)
+            for side in SIDES:
+                runs[task][side].append(pair[side])
+            loads.append(max(before, os.getloadavg()[0]))
     return {"form": asdict(form), "runs": runs, "loads": loads}
 
 

@@ -21,13 +21,14 @@ takes, so that a gain of EDA's can be told from one of training longer.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks import quality
+from benchmarks import kept, quality
 from benchmarks.common import ROOT, column_table, fmt, load_warning
 
 SYNONYMS = ROOT / "data" / "sentiment" / "synonyms.tsv"
@@ -47,7 +48,8 @@ FORMS = {
 
 
 def run(quick: bool, work_dir: Path, form: quality.Form | None = None) -> dict[str, Any]:
-    """Every arm for each seed, arms interleaved per seed."""
+    """Every arm for each seed, arms interleaved per seed; a run finished by an earlier call
+    with the same work_dir and code is kept (benchmarks/kept.py)."""
     form = form or FORMS[quick]
     files = quality.split(form, work_dir)
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
@@ -57,7 +59,11 @@ def run(quick: bool, work_dir: Path, form: quality.Form | None = None) -> dict[s
             print(f"[small-data] {arm} seed {seed} ...", flush=True)
             before = os.getloadavg()[0]
             arm_form = replace(form, epochs=form.epochs * longer)
-            runs[arm].append(quality.ours(method, seed, arm_form, files, work_dir, augment))
+            key = {"arm": arm, "seed": seed, "form": kept.form_key(arm_form)}
+            compute = functools.partial(
+                quality.ours, method, seed, arm_form, files, work_dir, augment
+            )
+            runs[arm].append(kept.run(work_dir / f"{kept.slug(arm)}-{seed}.json", key, compute))
             loads.append(max(before, os.getloadavg()[0]))
     return {"form": asdict(form), "copies": COPIES, "runs": runs, "loads": loads}
 

@@ -22,6 +22,7 @@ from benchmarks import (
     hardware,
     hf_reference,
     inference,
+    kept,
     optimisations,
     quality,
     run as runner,
@@ -282,6 +283,37 @@ def test_quality_split_is_fixed_and_disjoint_and_names_the_labels(tmp_path, monk
                for rows in read.values() for r in rows)  # fmt: skip
     quality.split(form, work)  # every form's runs see the same rows
     assert rows_of(files["train"]) == read["train"]
+
+
+def test_quality_keeps_finished_runs_for_the_same_form_and_code(tmp_path, monkeypatch):
+    """A rerun in the same work dir (after a kill) runs only what is not finished: another
+    seed list reuses the seeds done; another max_length or other code runs all again."""
+    calls = []
+
+    def side(name):
+        def run_side(method, seed, form, files, work_dir):
+            calls.append((name, method, seed))
+            return {"accuracy": 0.5 + seed / 10, "side": name, "max_length": form.max_length}
+
+        return run_side
+
+    monkeypatch.setattr(quality, "SIDES", {"ours": side("ours"), "Trainer": side("Trainer")})
+    monkeypatch.setattr(quality, "split", lambda form, work_dir: {})
+    monkeypatch.setattr(kept, "code_version", lambda: "commit-a")
+    one = quality.Form(10, 2, 4, max_length=8, seeds=(0,))
+    first = quality.run(True, tmp_path, form=one)
+    assert len(calls) == 2 * len(quality.RECIPES)
+    calls.clear()
+    three = quality.run(True, tmp_path, form=replace(one, seeds=(0, 1, 2)))
+    assert {seed for _, _, seed in calls} == {1, 2} and len(calls) == 4 * len(quality.RECIPES)
+    for method, sides in first["runs"].items():
+        assert all(three["runs"][method][s][0] == sides[s][0] for s in sides)
+    for version, form in (("commit-a", replace(one, max_length=16)), ("commit-b", one)):
+        monkeypatch.setattr(kept, "code_version", lambda v=version: v)
+        calls.clear()
+        quality.run(True, tmp_path, form=form)
+        assert len(calls) == 2 * len(quality.RECIPES)
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_quality_goals_compare_means_over_seeds():
