@@ -252,6 +252,12 @@ def test_exponent_without_dot_is_a_float(tmp_path):
     assert isinstance(cfg.train.lr, float)
     assert isinstance(cfg.train.weight_decay, float)
     assert load_config(path, ["train.lr=3e-5"]).train.lr == pytest.approx(3e-5)
+    # a number-or-null field too (its 1e-3 was refused as a string)
+    cfg = load_config(path, ["train.head_lr=5e-5", "train.head_warmup_ratio=1e-1"])
+    assert (cfg.train.head_lr, cfg.train.head_warmup_ratio) == (pytest.approx(5e-5), 0.1)
+    assert load_config(path, ["train.head_lr=null"]).train.head_lr is None
+    with pytest.raises(UserError, match=r"train\.head_lr: expected a finite number, got inf"):
+        load_config(path, ["train.head_lr=.inf"])
 
 
 def test_overrides_are_parsed_as_yaml():

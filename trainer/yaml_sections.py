@@ -21,6 +21,8 @@ import yaml
 from trainer.errors import UserError
 from trainer.text_files import read_text
 
+UNIONS = (typing.Union, types.UnionType)  # `Optional[float]` and `float | None`
+
 
 def dotted_keys(cls: type, prefix: str = "") -> list[str]:
     """Every key of a (nested) config dataclass, sections included, as dotted names."""
@@ -98,7 +100,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
+    if origin in UNIONS:
         return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
@@ -137,6 +139,14 @@ def _integral(value: Any) -> Any:
     return value
 
 
+def _number_type(annotation: Any) -> type | None:
+    """float or int for a field that takes that number, alone or with null (`head_lr: float |
+    None`, whose `1e-3` YAML 1.1 reads as a string as much as `lr`'s); None for any other."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in UNIONS else ()
+    kinds = [a for a in args if a is not type(None)] or [annotation]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (float, int) else None
+
+
 def build_section(
     cls: type, values: Any, prefix: str, errors: list[str], root: type | None = None
 ) -> Any:
@@ -156,16 +166,17 @@ def build_section(
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = build_section(hints[key], value, dotted, errors, root)
             continue
-        if hints[key] is float:
+        number = _number_type(hints[key])
+        if number is float:
             value = yaml11_float(value)
-        elif hints[key] is int:
+        elif number is int:
             value = _integral(value)
         if key == "precision" and value is False:
             value = "no"  # YAML 1.1 reads a bare `no` as false
         if not _type_ok(value, hints[key]):
             errors.append(f"{dotted}: expected {_type_name(hints[key])}, got {value!r}")
-        elif hints[key] is float and not math.isfinite(value):  # `inf`, or 1e400 overflowing
+        elif number is float and value is not None and not math.isfinite(value):  # `inf`, 1e400
             errors.append(f"{dotted}: expected a finite number, got {value!r}")
         else:
-            kwargs[key] = float(value) if hints[key] is float else value
+            kwargs[key] = float(value) if number is float and value is not None else value
     return cls(**kwargs)
