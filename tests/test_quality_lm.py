@@ -118,6 +118,6 @@ def test_run_gives_every_task_side_and_seed_its_own_result(tmp_path, monkeypatch
         {"side": "hf", "model": "mlm-init-2-8"},
     ]
     assert result["runs"]["clm"]["ours"][1] == {"side": "ours", "model": "clm-init-2-8"}
-    assert len(result["loads"]) == 8  # one a run
+    assert len(result["loads"]) == 4  # one a seed and task (both sides together)
     only = quality_lm.run(True, tmp_path, form=replace(form, tasks=("clm",)))
     assert list(only["runs"]) == ["clm"] and len(only["runs"]["clm"]["ours"]) == 2
