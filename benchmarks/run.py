@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks.common import ROOT, machine_info, machine_slug
+from trainer import atomic
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 # `make bench`'s sections, in order: name -> module
@@ -166,19 +167,12 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file and a rename: a kill half-way leaves the previous
-    version, never a truncated file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write(report: dict[str, Any], stem: Path) -> Path:
-    """STEM.json and STEM.md; returns the .md path."""
+    """STEM.json and STEM.md, each atomically (a kill half-way leaves the previous version,
+    never a truncated file); returns the .md path."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    write_atomic(stem.with_suffix(".md"), render(report))
+    atomic.write_text(stem.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
+    atomic.write_text(stem.with_suffix(".md"), render(report))
     return stem.with_suffix(".md")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
+from trainer import atomic
 from trainer.errors import UserError
 
 LOCK_NAME = ".trainer.lock"  # the file flock() locks; empty
@@ -116,7 +117,7 @@ def take_lock(run_dir: Path) -> RunLock:
             break
         os.close(fd)  # a run released (and unlinked) it between our open and flock: again
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    _write_atomic(run_dir / OWNER_NAME, json.dumps(owner))
+    atomic.write_text(run_dir / OWNER_NAME, json.dumps(owner))
     _held = RunLock(run_dir, fd, created)
     return _held
 
@@ -152,12 +153,6 @@ def _same_file(fd: int, path: Path) -> bool:
         return os.fstat(fd).st_ino == path.stat().st_ino
     except FileNotFoundError:
         return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _missing_markers(folder: Path, ranks: int) -> list[int]:
@@ -196,7 +191,7 @@ def claim_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
 def _check_markers(accelerator: Accelerator, folder: Path) -> str | None:
     """Every process writes folder/RANK; the main one counts them (None: all there)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / str(accelerator.process_index), socket.gethostname())
+    atomic.write_text(folder / str(accelerator.process_index), socket.gethostname())
     hosts = gather_object([socket.gethostname()])
     verdict = [None]
     if accelerator.is_main_process:
